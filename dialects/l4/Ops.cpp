@@ -1,0 +1,299 @@
+//===- Ops.cpp - l4 dialect op verifiers and folds ------------------------===//
+//
+// Shape, dtype and attribute checks for every l4 op. Diagnostics name the
+// operand at fault and the value that was expected.
+//
+//===----------------------------------------------------------------------===//
+#include "l4c/Dialect/L4/L4Ops.h"
+#include "mlir/IR/Builders.h"
+#include "mlir/IR/BuiltinTypes.h"
+#include "mlir/IR/PatternMatch.h"
+
+using namespace mlir;
+using namespace l4c::l4;
+
+namespace {
+
+std::string shapeStr(ArrayRef<int64_t> shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i)
+    s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+/// Checks the rank of a ranked tensor value.
+LogicalResult expectRank(Operation *op, StringRef what, Value v, int64_t rank) {
+  auto t = cast<RankedTensorType>(v.getType());
+  if (t.getRank() != rank)
+    return op->emitOpError() << what << " must have rank " << rank << ", got "
+                             << shapeStr(t.getShape());
+  return success();
+}
+
+LogicalResult expectDim(Operation *op, StringRef what, Value v, int64_t dim,
+                        int64_t expected, StringRef why) {
+  auto t = cast<RankedTensorType>(v.getType());
+  if (t.getDimSize(dim) != expected)
+    return op->emitOpError() << what << " dimension " << dim << " must be "
+                             << expected << " (" << why << "), got "
+                             << t.getDimSize(dim);
+  return success();
+}
+
+LogicalResult expectShape(Operation *op, StringRef what, Value v,
+                          ArrayRef<int64_t> expected) {
+  auto t = cast<RankedTensorType>(v.getType());
+  if (t.getShape() != expected)
+    return op->emitOpError() << what << " must have shape "
+                             << shapeStr(expected) << ", got "
+                             << shapeStr(t.getShape());
+  return success();
+}
+
+LogicalResult expectSameElementType(Operation *op, StringRef what, Value v,
+                                    Value ref, StringRef refName) {
+  Type a = cast<RankedTensorType>(v.getType()).getElementType();
+  Type b = cast<RankedTensorType>(ref.getType()).getElementType();
+  if (a != b)
+    return op->emitOpError() << what << " element type " << a
+                             << " must match " << refName << " element type "
+                             << b;
+  return success();
+}
+
+ArrayRef<int64_t> shapeOf(Value v) {
+  return cast<RankedTensorType>(v.getType()).getShape();
+}
+
+/// positions must be [B, S] matching the leading dims of an activation.
+LogicalResult verifyPositions(Operation *op, Value positions, Value act) {
+  if (failed(expectRank(op, "positions", positions, 2)))
+    return failure();
+  return expectShape(op, "positions", positions, shapeOf(act).take_front(2));
+}
+
+} // namespace
+
+LogicalResult EmbeddingOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "table", getTable(), 2)) ||
+      failed(expectRank(op, "ids", getIds(), 2)))
+    return failure();
+  ArrayRef<int64_t> ids = shapeOf(getIds());
+  int64_t d = shapeOf(getTable())[1];
+  if (failed(expectShape(op, "result", getResult(), {ids[0], ids[1], d})))
+    return failure();
+  return expectSameElementType(op, "result", getResult(), getTable(), "table");
+}
+
+LogicalResult RmsNormOp::verify() {
+  Operation *op = getOperation();
+  if (getEps().convertToDouble() <= 0)
+    return emitOpError() << "eps must be positive, got "
+                         << getEps().convertToDouble();
+  if (failed(expectRank(op, "weight", getWeight(), 1)) ||
+      failed(expectDim(op, "weight", getWeight(), 0, shapeOf(getInput()).back(),
+                       "the input's last dimension")))
+    return failure();
+  if (getResult().getType() != getInput().getType())
+    return emitOpError() << "result type " << getResult().getType()
+                         << " must equal the input type "
+                         << getInput().getType();
+  return success();
+}
+
+LogicalResult L2NormOp::verify() {
+  if (getEps().convertToDouble() <= 0)
+    return emitOpError() << "eps must be positive, got "
+                         << getEps().convertToDouble();
+  return success();
+}
+
+LogicalResult LinearOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "weight", getWeight(), 2)))
+    return failure();
+  ArrayRef<int64_t> x = shapeOf(getInput()), w = shapeOf(getWeight());
+  if (x.empty())
+    return emitOpError() << "input must have rank >= 1";
+  if (x.back() != w[1])
+    return emitOpError() << "weight dimension 1 must be " << x.back()
+                         << " (the input's last dimension), got " << w[1];
+  SmallVector<int64_t> out(x.drop_back());
+  out.push_back(w[0]);
+  if (failed(expectShape(op, "result", getResult(), out)))
+    return failure();
+  return expectSameElementType(op, "result", getResult(), getInput(), "input");
+}
+
+LogicalResult ReshapeOp::verify() {
+  auto in = cast<RankedTensorType>(getInput().getType());
+  auto out = cast<RankedTensorType>(getResult().getType());
+  if (in.getElementType() != out.getElementType())
+    return emitOpError() << "result element type " << out.getElementType()
+                         << " must match the input's " << in.getElementType();
+  if (in.getNumElements() != out.getNumElements())
+    return emitOpError() << "result shape " << shapeStr(out.getShape())
+                         << " must hold as many elements as the input shape "
+                         << shapeStr(in.getShape());
+  return success();
+}
+
+OpFoldResult ReshapeOp::fold(FoldAdaptor) {
+  if (getInput().getType() == getResult().getType())
+    return getInput();
+  return {};
+}
+
+namespace {
+/// reshape(reshape(x)) -> reshape(x): a row-major view of a view is a view.
+struct FoldReshapeChain : public OpRewritePattern<ReshapeOp> {
+  using OpRewritePattern::OpRewritePattern;
+  LogicalResult matchAndRewrite(ReshapeOp op,
+                                PatternRewriter &rewriter) const override {
+    auto inner = op.getInput().getDefiningOp<ReshapeOp>();
+    if (!inner)
+      return rewriter.notifyMatchFailure(op, "input is not a reshape");
+    rewriter.replaceOpWithNewOp<ReshapeOp>(op, op.getType(), inner.getInput());
+    return success();
+  }
+};
+} // namespace
+
+void ReshapeOp::getCanonicalizationPatterns(RewritePatternSet &results,
+                                            MLIRContext *context) {
+  results.add<FoldReshapeChain>(context);
+}
+
+LogicalResult RopeOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "input", getInput(), 4)) ||
+      failed(verifyPositions(op, getPositions(), getInput())))
+    return failure();
+  if (shapeOf(getInput())[3] % 2 != 0)
+    return emitOpError() << "head dimension must be even, got "
+                         << shapeOf(getInput())[3];
+  if (getResult().getType() != getInput().getType())
+    return emitOpError() << "result type must equal the input type";
+  if (getTheta().convertToDouble() <= 0)
+    return emitOpError() << "theta must be positive";
+  if (getScaling() == RopeScaling::llama3) {
+    if (getFactor().convertToDouble() <= 0 ||
+        getLowFreqFactor().convertToDouble() <= 0 ||
+        getHighFreqFactor().convertToDouble() <= 0)
+      return emitOpError()
+             << "llama3 scaling needs positive factor, low_freq_factor and "
+                "high_freq_factor";
+    if (getOriginalMaxPositionAttr().getInt() <= 0)
+      return emitOpError() << "llama3 scaling needs original_max_position > 0";
+  }
+  return success();
+}
+
+LogicalResult TemperatureScaleOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "input", getInput(), 4)) ||
+      failed(verifyPositions(op, getPositions(), getInput())))
+    return failure();
+  if (getResult().getType() != getInput().getType())
+    return emitOpError() << "result type must equal the input type";
+  if (getFloorScale().convertToDouble() <= 0)
+    return emitOpError() << "floor_scale must be positive, got "
+                         << getFloorScale().convertToDouble();
+  return success();
+}
+
+LogicalResult KvCacheUpdateOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "cache", getCache(), 4)) ||
+      failed(expectRank(op, "update", getUpdate(), 4)) ||
+      failed(verifyPositions(op, getPositions(), getUpdate())))
+    return failure();
+  ArrayRef<int64_t> c = shapeOf(getCache()), u = shapeOf(getUpdate());
+  if (c[0] != u[0] || c[2] != u[2] || c[3] != u[3])
+    return emitOpError() << "update shape " << shapeStr(u)
+                         << " must match cache shape " << shapeStr(c)
+                         << " in batch, kv heads and head_dim";
+  if (u[1] > c[1])
+    return emitOpError() << "update length " << u[1]
+                         << " exceeds the cache length " << c[1];
+  if (getResult().getType() != getCache().getType())
+    return emitOpError() << "result type must equal the cache type";
+  return expectSameElementType(op, "update", getUpdate(), getCache(), "cache");
+}
+
+LogicalResult AttentionOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "query", getQuery(), 4)) ||
+      failed(expectRank(op, "key", getKey(), 4)) ||
+      failed(verifyPositions(op, getPositions(), getQuery())))
+    return failure();
+  ArrayRef<int64_t> q = shapeOf(getQuery()), k = shapeOf(getKey());
+  if (getValue().getType() != getKey().getType())
+    return emitOpError() << "value type " << getValue().getType()
+                         << " must equal the key type " << getKey().getType();
+  if (k[0] != q[0])
+    return emitOpError() << "key batch " << k[0] << " must equal query batch "
+                         << q[0];
+  if (k[3] != q[3])
+    return emitOpError() << "key head_dim " << k[3]
+                         << " must equal query head_dim " << q[3];
+  if (k[2] <= 0 || q[2] % k[2] != 0)
+    return emitOpError() << "query heads " << q[2]
+                         << " must be a multiple of kv heads " << k[2];
+  if (getChunkSizeAttr().getInt() < 0)
+    return emitOpError() << "chunk_size must be >= 0 (0 = full causal), got "
+                         << getChunkSizeAttr().getInt();
+  if (getScale().convertToDouble() <= 0)
+    return emitOpError() << "scale must be positive";
+  if (getResult().getType() != getQuery().getType())
+    return emitOpError() << "result type must equal the query type";
+  return expectSameElementType(op, "key", getKey(), getQuery(), "query");
+}
+
+LogicalResult RouterScoresOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "logits", getLogits(), 3)))
+    return failure();
+  int64_t e = shapeOf(getLogits())[2];
+  int64_t k = getTopKAttr().getInt();
+  if (k < 1 || k > e)
+    return emitOpError() << "top_k must be in [1, " << e
+                         << "] (the number of experts), got " << k;
+  return success();
+}
+
+LogicalResult MoeExpertsOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "input", getInput(), 3)) ||
+      failed(expectRank(op, "scores", getScores(), 3)) ||
+      failed(expectRank(op, "gate_up", getGateUp(), 3)) ||
+      failed(expectRank(op, "down", getDown(), 3)))
+    return failure();
+  ArrayRef<int64_t> x = shapeOf(getInput()), gu = shapeOf(getGateUp());
+  int64_t e = gu[0], d = x[2];
+  if (gu[2] % 2 != 0)
+    return emitOpError() << "gate_up dimension 2 must be even (gate | up), got "
+                         << gu[2];
+  int64_t i = gu[2] / 2;
+  if (failed(expectShape(op, "scores", getScores(), {x[0], x[1], e})) ||
+      failed(expectShape(op, "gate_up", getGateUp(), {e, d, 2 * i})) ||
+      failed(expectShape(op, "down", getDown(), {e, i, d})))
+    return failure();
+  if (getResult().getType() != getInput().getType())
+    return emitOpError() << "result type must equal the input type";
+  return success();
+}
+
+LogicalResult TakeLastOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "input", getInput(), 3)))
+    return failure();
+  ArrayRef<int64_t> x = shapeOf(getInput());
+  if (failed(expectShape(op, "result", getResult(), {x[0], 1, x[2]})))
+    return failure();
+  return expectSameElementType(op, "result", getResult(), getInput(), "input");
+}
+
+#define GET_OP_CLASSES
+#include "l4c/Dialect/L4/L4Ops.cpp.inc"

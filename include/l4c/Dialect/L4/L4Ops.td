@@ -1,0 +1,177 @@
+//===- L4Ops.td - l4 dialect operations ------------------------*- tablegen -*-===//
+//
+// One op per step of Llama4ForCausalLM's math (../spec/llama4.md). Each op
+// keeps the attributes that pin its exact semantics, so the CPU reference
+// backend and the CUDA code generator read the same facts.
+//
+//===----------------------------------------------------------------------===//
+#ifndef L4C_DIALECT_L4_OPS
+#define L4C_DIALECT_L4_OPS
+
+include "l4c/Dialect/L4/L4Base.td"
+include "mlir/Interfaces/InferTypeOpInterface.td"
+include "mlir/Interfaces/SideEffectInterfaces.td"
+include "mlir/IR/BuiltinAttributes.td"
+
+def L4_FloatTensor : RankedTensorOf<[F32, BF16, F16]>;
+def L4_IndexTensor : RankedTensorOf<[I64, I32]>;
+
+class L4_PureOp<string mnemonic, list<Trait> traits = []>
+    : L4_Op<mnemonic, !listconcat(traits, [Pure])> {
+  let assemblyFormat = "operands attr-dict `:` functional-type(operands, results)";
+  let hasVerifier = 1;
+}
+
+def L4_EmbeddingOp : L4_PureOp<"embedding"> {
+  let summary = "row gather from the embedding table";
+  let description = [{
+    `result[b, s, :] = table[ids[b, s], :]`. The table is `[vocab, hidden]`;
+    ids must lie in `[0, vocab)` (checked by the runtime on its inputs).
+  }];
+  let arguments = (ins L4_FloatTensor:$table, L4_IndexTensor:$ids);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_RmsNormOp : L4_PureOp<"rms_norm"> {
+  let summary = "RMSNorm over the last dimension, times a weight";
+  let description = [{
+    `y = (x * rsqrt(mean(x^2) + eps)).to(x.dtype) * weight`, the
+    normalisation computed in f32 (Llama4TextRMSNorm).
+  }];
+  let arguments = (ins L4_FloatTensor:$input, L4_FloatTensor:$weight, F64Attr:$eps);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_L2NormOp : L4_PureOp<"l2_norm", [SameOperandsAndResultType]> {
+  let summary = "weightless RMS normalisation (Llama 4's QK norm)";
+  let description = [{
+    `y = (x * rsqrt(mean(x^2) + eps)).to(x.dtype)` over the last dimension
+    (head_dim). HF names it L2Norm, yet it divides by the RMS.
+  }];
+  let arguments = (ins L4_FloatTensor:$input, F64Attr:$eps);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_LinearOp : L4_PureOp<"linear"> {
+  let summary = "y = x @ w^T with w in nn.Linear layout [out, in]";
+  let arguments = (ins L4_FloatTensor:$input, L4_FloatTensor:$weight);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_ReshapeOp : L4_PureOp<"reshape"> {
+  let summary = "reinterpret a tensor with another shape of equal size";
+  let description = [{
+    Row-major reinterpretation, used to view `[B, S, H*d]` as `[B, S, H, d]`
+    and back. Free after bufferization.
+  }];
+  let arguments = (ins AnyRankedTensor:$input);
+  let results = (outs AnyRankedTensor:$result);
+  let hasFolder = 1;
+  let hasCanonicalizer = 1;
+}
+
+def L4_RopeOp : L4_PureOp<"rope"> {
+  let summary = "rotary embedding on interleaved pairs (Meta/GPT-J layout)";
+  let description = [{
+    `x` is `[B, S, heads, d]`. Pair `(2j, 2j+1)` of every head is rotated by
+    `positions[b, s] * inv_freq[j]`, with `inv_freq[j] = theta^(-2j/d)` and,
+    for `scaling = llama3`, Llama 3's frequency scaling with `factor`,
+    `low_freq_factor`, `high_freq_factor` and `original_max_position`.
+  }];
+  let arguments = (ins L4_FloatTensor:$input, L4_IndexTensor:$positions,
+                   F64Attr:$theta, L4_RopeScalingAttr:$scaling,
+                   DefaultValuedAttr<F64Attr, "1.0">:$factor,
+                   DefaultValuedAttr<F64Attr, "1.0">:$low_freq_factor,
+                   DefaultValuedAttr<F64Attr, "1.0">:$high_freq_factor,
+                   DefaultValuedAttr<I64Attr, "0">:$original_max_position);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_TemperatureScaleOp : L4_PureOp<"temperature_scale"> {
+  let summary = "attention temperature tuning of the queries (NoPE layers)";
+  let description = [{
+    `q[b, s] *= log1p(floor((positions[b, s] + 1) / floor_scale)) * attn_scale + 1`,
+    computed in f32; `q` is `[B, S, H, d]`.
+  }];
+  let arguments = (ins L4_FloatTensor:$input, L4_IndexTensor:$positions,
+                   F64Attr:$floor_scale, F64Attr:$attn_scale);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_KvCacheUpdateOp : L4_PureOp<"kv_cache_update"> {
+  let summary = "write new keys or values into a cache at their positions";
+  let description = [{
+    `cache` is `[B, M, Hkv, d]`, `update` is `[B, S, Hkv, d]`; the result is
+    `cache` with `result[b, positions[b, s]] = update[b, s]`. Bufferizes in
+    place.
+  }];
+  let arguments = (ins L4_FloatTensor:$cache, L4_FloatTensor:$update,
+                   L4_IndexTensor:$positions);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_AttentionOp : L4_PureOp<"attention"> {
+  let summary = "scaled dot-product attention with GQA and a causal or chunked mask";
+  let description = [{
+    `q` is `[B, S, H, d]`, `k` and `v` are `[B, Skv, Hkv, d]` with key `j` at
+    absolute position `j`. Query `(b, s)` sits at `positions[b, s]` and may
+    attend key `j` when `j <= positions[b, s]` and, for `chunk_size > 0`,
+    `j / chunk_size == positions[b, s] / chunk_size`. Query head `h` reads
+    kv head `h / (H / Hkv)`. Scores are scaled by `scale`.
+  }];
+  let arguments = (ins L4_FloatTensor:$query, L4_FloatTensor:$key,
+                   L4_FloatTensor:$value, L4_IndexTensor:$positions,
+                   F64Attr:$scale, I64Attr:$chunk_size);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_RouterScoresOp : L4_PureOp<"router_scores", [SameOperandsAndResultType]> {
+  let summary = "sigmoid of the top-k router logits, zero elsewhere";
+  let description = [{
+    `logits` is `[B, S, E]`. Each token keeps its `top_k` largest logits
+    (ties to the lower index) and gets `sigmoid(logit)` there and 0 for the
+    other experts. No softmax, no renormalisation.
+  }];
+  let arguments = (ins L4_FloatTensor:$logits, I64Attr:$top_k);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_MoeExpertsOp : L4_PureOp<"moe_experts"> {
+  let summary = "routed experts: scaled input, SwiGLU FFN per expert, summed";
+  let description = [{
+    `x` is `[B, S, D]`, `scores` `[B, S, E]`, `gate_up` `[E, D, 2I]` (gate in
+    the first I columns), `down` `[E, I, D]`. Result:
+    `sum_e swiglu((x * scores[..., e]) @ gate_up[e]) @ down[e]`, where the
+    score scales the expert input (HF's Llama4TextMoe).
+  }];
+  let arguments = (ins L4_FloatTensor:$input, L4_FloatTensor:$scores,
+                   L4_FloatTensor:$gate_up, L4_FloatTensor:$down);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_SwigluOp : L4_PureOp<"swiglu", [SameOperandsAndResultType]> {
+  let summary = "up * silu(gate)";
+  let arguments = (ins L4_FloatTensor:$gate, L4_FloatTensor:$up);
+  let results = (outs L4_FloatTensor:$result);
+  let hasVerifier = 0;
+}
+
+def L4_AddOp : L4_PureOp<"add", [SameOperandsAndResultType, Commutative]> {
+  let summary = "elementwise sum (residual connections, shared + routed experts)";
+  let arguments = (ins L4_FloatTensor:$lhs, L4_FloatTensor:$rhs);
+  let results = (outs L4_FloatTensor:$result);
+  let hasVerifier = 0;
+}
+
+def L4_TakeLastOp : L4_PureOp<"take_last"> {
+  let summary = "the hidden state at each sequence's last valid position";
+  let description = [{
+    `[B, S, D] -> [B, 1, D]`, reading position `len - 1` where `len` is the
+    run-time sequence length; prefill uses it so only the last token's
+    logits are computed.
+  }];
+  let arguments = (ins L4_FloatTensor:$input);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+#endif // L4C_DIALECT_L4_OPS

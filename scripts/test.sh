@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Runs every test suite (lit, compiler unit tests, runtime unit tests) and
+# prints one summary; exits non-zero if any test failed.
+set -uo pipefail
+build=${1:-build}
+lit=/usr/lib/llvm-22/bin/lit
+passed=0 failed=0 status=0
+log=$(mktemp -d)
+trap 'rm -rf "$log"' EXIT
+
+count() { # name passed failed
+  printf '  %-22s %5d passed %5d failed\n' "$1" "$2" "$3" >>"$log/summary"
+  passed=$((passed + $2)); failed=$((failed + $3))
+  [ "$3" -eq 0 ] || status=1
+}
+
+gtest_suite() { # name binary
+  local name=$1 bin=$2 p f
+  if [ ! -x "$bin" ]; then count "$name (missing)" 0 1; return; fi
+  "$bin" --gtest_brief=1 >"$log/$name.log" 2>&1
+  local rc=$?
+  p=$(sed -n 's/.*\[  PASSED  \] \([0-9]*\) test.*/\1/p' "$log/$name.log" | tail -1)
+  f=$(sed -n 's/.*\[  FAILED  \] \([0-9]*\) test.*/\1/p' "$log/$name.log" | tail -1)
+  p=${p:-0}; f=${f:-0}
+  if [ $rc -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
+  [ "$f" -eq 0 ] || cat "$log/$name.log"
+  count "$name" "$p" "$f"
+}
+
+echo "== lit"
+"$lit" -sv "$build/test" 2>&1 | tee "$log/lit.log" | grep -vE '^(PASS|UNSUPPORTED): ' | tail -n 30
+lp=$(sed -n 's/^ *Passed *: *\([0-9]*\).*/\1/p' "$log/lit.log" | tail -1)
+lf=$(sed -n 's/^ *Failed *: *\([0-9]*\).*/\1/p' "$log/lit.log" | tail -1)
+count lit "${lp:-0}" "${lf:-0}"
+[ -n "$lp" ] || count "lit (did not run)" 0 1
+
+echo "== compiler unit tests"
+gtest_suite compiler-unit "$build/test/unit/l4c-unit-tests"
+echo "== runtime unit tests"
+gtest_suite runtime-unit "$build/runtime/l4c_runtime_tests"
+
+echo
+echo "summary:"
+cat "$log/summary"
+echo "$passed passed, $failed failed"
+exit $status

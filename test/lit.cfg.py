@@ -1,0 +1,21 @@
+# lit configuration for l4c: FileCheck tests of the dialects, passes, import
+# and the command-line tools.
+import os
+
+import lit.formats
+from lit.llvm import llvm_config
+
+config.name = "l4c"
+config.test_format = lit.formats.ShTest(not llvm_config.use_lit_shell)
+config.suffixes = [".mlir", ".test"]
+config.excludes = ["CMakeLists.txt", "lit.cfg.py", "lit.site.cfg.py", "data", "unit", "Inputs"]
+config.test_source_root = os.path.dirname(__file__)
+config.test_exec_root = os.path.join(config.l4c_obj_root, "test")
+
+config.substitutions.append(("%golden", os.path.join(config.l4c_src_root, "test", "data", "golden")))
+config.substitutions.append(("%testdata", os.path.join(config.l4c_src_root, "test", "data")))
+
+llvm_config.with_system_environment(["HOME", "TMPDIR"])
+llvm_config.use_default_substitutions()
+tool_dirs = [config.l4c_tools_dir, config.llvm_tools_dir]
+llvm_config.add_tool_substitutions(["l4c", "l4-opt", "l4-run", "python3"], tool_dirs)

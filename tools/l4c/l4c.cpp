@@ -1,0 +1,181 @@
+//===- l4c.cpp - the l4c compiler driver ----------------------------------===//
+//
+// `l4c compile MODEL ...` lowers a model description to IR (and, as the
+// pipeline grows, to a plan); `l4c explain MODEL` reports sizes and layer
+// structure.
+//
+//===----------------------------------------------------------------------===//
+#include "l4c/Import/Importer.h"
+#include "l4c/InitAll.h"
+#include "io/safetensors.h"
+#include "mlir/IR/DialectRegistry.h"
+#include "mlir/IR/MLIRContext.h"
+#include "mlir/IR/Verifier.h"
+#include "llvm/Support/CommandLine.h"
+#include "llvm/Support/FormatVariadic.h"
+#include "llvm/Support/InitLLVM.h"
+#include "llvm/Support/raw_ostream.h"
+#include <map>
+
+using namespace llvm;
+
+static cl::SubCommand compileCmd("compile", "compile a model description");
+static cl::SubCommand explainCmd("explain", "report a model's sizes and structure");
+
+static cl::opt<std::string> modelArg(cl::Positional, cl::Required,
+                                     cl::desc("<preset | config.json | checkpoint dir>"),
+                                     cl::sub(compileCmd), cl::sub(explainCmd));
+static cl::opt<std::string> programOpt("program", cl::init("forward"),
+                                       cl::desc("forward | generate | train"),
+                                       cl::sub(compileCmd));
+static cl::opt<int64_t> maxBatch("max-batch", cl::init(1),
+                                 cl::desc("largest batch the plan accepts"),
+                                 cl::sub(compileCmd));
+static cl::opt<int64_t> maxSeq("max-seq", cl::init(128),
+                               cl::desc("largest sequence (KV) length"),
+                               cl::sub(compileCmd));
+static cl::opt<std::string> precisionOpt("precision", cl::init("f32"),
+                                         cl::desc("f32 | bf16"),
+                                         cl::sub(compileCmd));
+static cl::opt<std::string> emitOpt("emit", cl::init("l4"),
+                                    cl::desc("what to print: l4"),
+                                    cl::sub(compileCmd));
+static cl::opt<int64_t> contextOpt("context", cl::init(8192),
+                                   cl::desc("context length for FLOP counts"),
+                                   cl::sub(explainCmd));
+
+static int fail(const Twine &msg) {
+  errs() << "l4c: error: " << msg << "\n";
+  return 1;
+}
+
+static std::string withCommas(int64_t v) {
+  std::string s = std::to_string(v), out;
+  int n = 0;
+  for (auto it = s.rbegin(); it != s.rend(); ++it) {
+    if (n && n % 3 == 0 && *it != '-')
+      out.push_back(',');
+    out.push_back(*it);
+    ++n;
+  }
+  return std::string(out.rbegin(), out.rend());
+}
+
+static std::string bytesStr(double b) {
+  const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (b >= 1024 && u < 4) {
+    b /= 1024;
+    ++u;
+  }
+  return formatv("{0:F2} {1}", b, units[u]).str();
+}
+
+static int runCompile() {
+  auto src = l4c::resolveModel(modelArg);
+  if (!src)
+    return fail(toString(src.takeError()));
+  l4c::ImportOptions opts;
+  auto program = l4c::parseProgram(programOpt);
+  if (!program)
+    return fail("--program must be forward, generate or train, got '" +
+                programOpt + "'");
+  auto precision = l4c::parsePrecision(precisionOpt);
+  if (!precision)
+    return fail("--precision must be f32 or bf16, got '" + precisionOpt + "'");
+  if (emitOpt != "l4")
+    return fail("--emit must be l4, got '" + emitOpt + "'");
+  opts.program = *program;
+  opts.precision = *precision;
+  opts.maxBatch = maxBatch;
+  opts.maxSeq = maxSeq;
+
+  mlir::DialectRegistry registry;
+  l4c::registerAllDialects(registry);
+  mlir::MLIRContext ctx(registry);
+  auto module = l4c::buildModule(ctx, src->config, opts);
+  if (!module)
+    return fail(toString(module.takeError()));
+  if (failed(mlir::verify(**module)))
+    return fail("internal error: the imported module does not verify");
+  (*module)->print(outs());
+  outs() << "\n";
+  return 0;
+}
+
+static int runExplain() {
+  auto src = l4c::resolveModel(modelArg);
+  if (!src)
+    return fail(toString(src.takeError()));
+  const l4c::Llama4Config &c = src->config;
+  l4c::ModelCounts n = l4c::countModel(c, contextOpt);
+  raw_ostream &os = outs();
+  os << "model: " << c.source << "\n";
+  os << formatv("  vocab {0}, hidden {1}, {2} layers, {3} heads / {4} kv heads "
+                "x head_dim {5}\n",
+                c.vocabSize, c.hiddenSize, c.numLayers, c.numHeads,
+                c.numKvHeads, c.headDim);
+  os << formatv("  {0} experts, top-{1}, expert/shared width {2}, dense MLP "
+                "width {3}\n",
+                c.numExperts, c.topK, c.intermediateSize, c.intermediateSizeMlp);
+  os << formatv("  rope {0} (theta {1}", c.rope.type, c.rope.theta);
+  if (c.rope.type == "llama3")
+    os << formatv(", factor {0}, low {1}, high {2}, original {3}",
+                  c.rope.factor, c.rope.lowFreqFactor, c.rope.highFreqFactor,
+                  c.rope.originalMaxPositionEmbeddings);
+  os << formatv("), chunk {0}, rms eps {1}, tied embeddings {2}\n",
+                c.attentionChunkSize, c.rmsNormEps,
+                c.tieWordEmbeddings ? "yes" : "no");
+  os << "parameters:\n";
+  os << "  total            " << withCommas(n.totalParams) << "\n";
+  os << "  active per token " << withCommas(n.activeParams)
+     << " (embedding table excluded)\n";
+
+  os << "weight bytes:\n";
+  if (!src->checkpointDir.empty()) {
+    l4c::io::Checkpoint ckpt;
+    if (auto st = l4c::io::Checkpoint::open(src->checkpointDir, ckpt, true);
+        !st.ok())
+      return fail(st.error);
+    std::map<std::string, double> perType;
+    for (const auto &e : ckpt.entries())
+      perType[l4c::io::dtypeName(e.info->dtype)] +=
+          double(e.info->end - e.info->begin);
+    for (const auto &[t, bytes] : perType)
+      os << formatv("  {0,-5} {1} (checkpoint)\n", t, bytesStr(bytes));
+  } else {
+    os << formatv("  F32   {0}\n  BF16  {1}\n", bytesStr(4.0 * n.totalParams),
+                  bytesStr(2.0 * n.totalParams));
+  }
+  os << formatv("flops per token at context {0}:\n", int64_t(contextOpt));
+  os << formatv("  forward  {0:F3} GFLOP\n  training {1:F3} GFLOP\n",
+                n.forwardFlopsPerToken / 1e9, n.trainFlopsPerToken / 1e9);
+
+  os << "layers:\n  layer  ffn                          attention          "
+        "rope  qk-norm  temperature\n";
+  for (int64_t i = 0; i < c.numLayers; ++i) {
+    std::string ffn =
+        c.isMoe(i) ? formatv("moe {0}x top-{1} + shared", c.numExperts, c.topK)
+                         .str()
+                   : formatv("dense {0}", c.intermediateSizeMlp).str();
+    std::string attn =
+        c.isChunked(i) ? formatv("chunked {0}", c.attentionChunkSize).str()
+                       : std::string("global");
+    os << formatv("  {0,5}  {1,-27}  {2,-17}  {3,-4}  {4,-7}  {5}\n", i, ffn,
+                  attn, c.usesRope(i) ? "yes" : "no",
+                  c.hasQkNorm(i) ? "yes" : "no",
+                  c.hasTemperature(i) ? "yes" : "no");
+  }
+  return 0;
+}
+
+int main(int argc, char **argv) {
+  InitLLVM init(argc, argv);
+  cl::ParseCommandLineOptions(argc, argv, "l4c: the Llama 4 compiler\n");
+  if (compileCmd)
+    return runCompile();
+  if (explainCmd)
+    return runExplain();
+  errs() << "l4c: expected a command: compile or explain (see l4c --help)\n";
+  return 1;
+}
