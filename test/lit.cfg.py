@@ -18,4 +18,5 @@ config.substitutions.append(("%testdata", os.path.join(config.l4c_src_root, "tes
 llvm_config.with_system_environment(["HOME", "TMPDIR"])
 llvm_config.use_default_substitutions()
 tool_dirs = [config.l4c_tools_dir, config.llvm_tools_dir]
-llvm_config.add_tool_substitutions(["l4c", "l4-opt", "l4-run", "python3"], tool_dirs)
+llvm_config.add_tool_substitutions(["l4c", "l4-opt", "l4-run", "l4-compare", "not", "count", "split-file", "FileCheck"], tool_dirs)
+config.substitutions.append(("%python", "/usr/bin/python3"))

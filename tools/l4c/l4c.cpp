@@ -7,6 +7,9 @@
 //===----------------------------------------------------------------------===//
 #include "l4c/Import/Importer.h"
 #include "l4c/InitAll.h"
+#include "l4c/Passes/Pipelines.h"
+#include "l4c/Plan/PlanWriter.h"
+#include "mlir/Pass/PassManager.h"
 #include "io/safetensors.h"
 #include "mlir/IR/DialectRegistry.h"
 #include "mlir/IR/MLIRContext.h"
@@ -37,9 +40,22 @@ static cl::opt<int64_t> maxSeq("max-seq", cl::init(128),
 static cl::opt<std::string> precisionOpt("precision", cl::init("f32"),
                                          cl::desc("f32 | bf16"),
                                          cl::sub(compileCmd));
-static cl::opt<std::string> emitOpt("emit", cl::init("l4"),
-                                    cl::desc("what to print: l4"),
-                                    cl::sub(compileCmd));
+static cl::opt<std::string> emitOpt(
+    "emit", cl::init(""),
+    cl::desc("print a stage instead of writing a plan: l4 | kernel"),
+    cl::sub(compileCmd));
+static cl::opt<std::string> outputOpt("o", cl::init(""),
+                                      cl::desc("the plan file to write"),
+                                      cl::value_desc("PLAN"),
+                                      cl::sub(compileCmd));
+static cl::opt<std::string> targetOpt("target", cl::init("cpu"),
+                                      cl::desc("cpu (CUDA arrives with the "
+                                               "GPU backend)"),
+                                      cl::sub(compileCmd));
+static cl::opt<bool> printLocs(
+    "print-locations", cl::init(false),
+    cl::desc("print each op's location (its HF module path) inline"),
+    cl::sub(compileCmd));
 static cl::opt<int64_t> contextOpt("context", cl::init(8192),
                                    cl::desc("context length for FLOP counts"),
                                    cl::sub(explainCmd));
@@ -83,8 +99,14 @@ static int runCompile() {
   auto precision = l4c::parsePrecision(precisionOpt);
   if (!precision)
     return fail("--precision must be f32 or bf16, got '" + precisionOpt + "'");
-  if (emitOpt != "l4")
-    return fail("--emit must be l4, got '" + emitOpt + "'");
+  if (emitOpt != "" && emitOpt != "l4" && emitOpt != "kernel")
+    return fail("--emit must be l4 or kernel, got '" + emitOpt + "'");
+  if (emitOpt.empty() && outputOpt.empty())
+    return fail("nothing to do: give -o PLAN or --emit=l4|kernel");
+  if (targetOpt != "cpu")
+    return fail("--target=" + targetOpt +
+                " is not supported yet (the CUDA code generator has not "
+                "landed); use --target=cpu");
   opts.program = *program;
   opts.precision = *precision;
   opts.maxBatch = maxBatch;
@@ -98,8 +120,38 @@ static int runCompile() {
     return fail(toString(module.takeError()));
   if (failed(mlir::verify(**module)))
     return fail("internal error: the imported module does not verify");
-  (*module)->print(outs());
-  outs() << "\n";
+  mlir::OpPrintingFlags printing;
+  if (printLocs)
+    printing.enableDebugInfo(/*enable=*/true, /*prettyForm=*/false)
+        .useLocalScope();
+  if (emitOpt == "l4") {
+    (*module)->print(outs(), printing);
+    outs() << "\n";
+    return 0;
+  }
+
+  mlir::PassManager pm(&ctx);
+  l4c::buildLowerToKernelPipeline(pm);
+  if (failed(pm.run(**module)))
+    return fail("lowering to kernels failed");
+  if (emitOpt == "kernel") {
+    (*module)->print(outs(), printing);
+    outs() << "\n";
+  }
+  if (outputOpt.empty())
+    return 0;
+  l4c::PlanOptions popts;
+  popts.programKind = programOpt;
+  popts.target = targetOpt;
+  popts.precision = precisionOpt;
+  popts.maxBatch = maxBatch;
+  popts.maxSeq = maxSeq;
+  if (Error e = l4c::writePlan(**module, src->config, popts, outputOpt))
+    return fail(toString(std::move(e)));
+  if (emitOpt.empty())
+    errs() << formatv("l4c: wrote {0} ({1} program, max batch {2}, max seq "
+                      "{3})\n",
+                      outputOpt, programOpt, int64_t(maxBatch), int64_t(maxSeq));
   return 0;
 }
 
@@ -123,7 +175,7 @@ static int runExplain() {
     os << formatv(", factor {0}, low {1}, high {2}, original {3}",
                   c.rope.factor, c.rope.lowFreqFactor, c.rope.highFreqFactor,
                   c.rope.originalMaxPositionEmbeddings);
-  os << formatv("), chunk {0}, rms eps {1}, tied embeddings {2}\n",
+  os << formatv("), chunk {0}, rms eps {1:e}, tied embeddings {2}\n",
                 c.attentionChunkSize, c.rmsNormEps,
                 c.tieWordEmbeddings ? "yes" : "no");
   os << "parameters:\n";

@@ -64,7 +64,8 @@ struct Llama4Config {
 /// Parses a config.json text (a Llama4TextConfig, or a Llama4Config whose
 /// `text_config` holds one). Applies HF's defaults and derivations, and rejects
 /// any value the compiler cannot honour with an error naming the field.
-llvm::Expected<Llama4Config> parseConfigJson(llvm::StringRef json, llvm::StringRef source);
+llvm::Expected<Llama4Config> parseConfigJson(llvm::StringRef json,
+                                             llvm::StringRef source);
 /// Reads `path` (a config.json file, or a directory holding one).
 llvm::Expected<Llama4Config> loadConfigFile(llvm::StringRef path);
 

@@ -1,0 +1,23 @@
+//===- Pipelines.h - l4c pass pipelines -----------------------------------===//
+//
+// The pipelines `l4c` runs, as functions over options, also registered for
+// l4-opt so every l4c run can be replayed there.
+//
+//===----------------------------------------------------------------------===//
+#ifndef L4C_PASSES_PIPELINES_H
+#define L4C_PASSES_PIPELINES_H
+
+#include "mlir/Pass/PassManager.h"
+
+namespace l4c {
+
+/// l4 IR -> kernel IR with every value placed in memory:
+/// canonicalize, cse, convert-l4-to-kernel, l4c-plan-memory.
+void buildLowerToKernelPipeline(mlir::OpPassManager &pm);
+
+/// Registers the pipelines above as `l4c-lower-to-kernel`.
+void registerPipelines();
+
+} // namespace l4c
+
+#endif // L4C_PASSES_PIPELINES_H

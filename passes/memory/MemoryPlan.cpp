@@ -1,0 +1,270 @@
+//===- MemoryPlan.cpp - static memory planning for plans ------------------===//
+//
+// Liveness over kernel order plus offset assignment in one arena; weights,
+// caches and program I/O get regions of their own.
+//
+//===----------------------------------------------------------------------===//
+#include "l4c/Passes/MemoryPlan.h"
+#include "l4c/Dialect/Kernel/KernelOps.h"
+#include "l4c/Dialect/L4/L4Ops.h"
+#include "mlir/IR/BuiltinTypes.h"
+#include <algorithm>
+#include <numeric>
+
+using namespace mlir;
+
+namespace l4c {
+
+llvm::StringRef regionName(MemRegion r) {
+  switch (r) {
+  case MemRegion::Arena:
+    return "arena";
+  case MemRegion::Weights:
+    return "weights";
+  case MemRegion::Cache:
+    return "cache";
+  case MemRegion::Io:
+    return "io";
+  }
+  return "";
+}
+
+static uint64_t alignUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+uint64_t assignOffsets(llvm::ArrayRef<Lifetime> values, uint64_t align,
+                       std::vector<uint64_t> &offsets) {
+  offsets.assign(values.size(), 0);
+  std::vector<size_t> order(values.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    if (values[a].size != values[b].size)
+      return values[a].size > values[b].size;
+    return values[a].end - values[a].start > values[b].end - values[b].start;
+  });
+  std::vector<size_t> placed;
+  uint64_t total = 0;
+  for (size_t i : order) {
+    const Lifetime &v = values[i];
+    uint64_t size = alignUp(std::max<uint64_t>(v.size, 1), align);
+    // Blocks already placed whose lifetime overlaps this one, by offset.
+    std::vector<std::pair<uint64_t, uint64_t>> busy;
+    for (size_t j : placed) {
+      const Lifetime &w = values[j];
+      if (w.start <= v.end && v.start <= w.end)
+        busy.push_back({offsets[j], offsets[j] + alignUp(std::max<uint64_t>(w.size, 1), align)});
+    }
+    std::sort(busy.begin(), busy.end());
+    uint64_t at = 0;
+    for (auto [lo, hi] : busy) {
+      if (at + size <= lo)
+        break;
+      at = std::max(at, hi);
+    }
+    offsets[i] = at;
+    total = std::max(total, at + size);
+    placed.push_back(i);
+  }
+  return total;
+}
+
+static uint64_t byteSize(Type t) {
+  auto tt = cast<RankedTensorType>(t);
+  uint64_t elt = std::max<uint64_t>(tt.getElementTypeBitWidth() / 8, 1);
+  return uint64_t(tt.getNumElements()) * elt;
+}
+
+namespace {
+
+/// Plans one function; weights and caches are placed module-wide.
+class FunctionPlanner {
+public:
+  FunctionPlanner(ModuleMemoryPlan &m, FunctionMemoryPlan &f) : m(m), f(f) {}
+  LogicalResult run(func::FuncOp fn);
+
+private:
+  Slot sharedSlot(llvm::StringMap<Slot> &table, StringRef name, Type t,
+                  MemRegion region, uint64_t &regionSize);
+  /// The value a view (reshape) or in-place update ultimately stores into.
+  Value root(Value v) {
+    auto it = aliasOf.find(v);
+    return it == aliasOf.end() ? v : root(it->second);
+  }
+
+  ModuleMemoryPlan &m;
+  FunctionMemoryPlan &f;
+  llvm::DenseMap<Value, Value> aliasOf;
+};
+
+} // namespace
+
+Slot FunctionPlanner::sharedSlot(llvm::StringMap<Slot> &table, StringRef name,
+                                 Type t, MemRegion region,
+                                 uint64_t &regionSize) {
+  auto it = table.find(name);
+  if (it != table.end())
+    return it->second;
+  Slot s{region, regionSize, byteSize(t)};
+  regionSize = alignUp(regionSize + s.size, kBufferAlign);
+  table[name] = s;
+  return s;
+}
+
+/// Dims of an activation: batch first, then seq unless the value holds one
+/// row per sequence (take_last and what follows it).
+static std::vector<DimKind> activationDims(Type t, bool hasSeq) {
+  auto tt = cast<RankedTensorType>(t);
+  std::vector<DimKind> d(tt.getRank(), DimKind::Static);
+  if (tt.getRank() >= 1)
+    d[0] = DimKind::Batch;
+  if (tt.getRank() >= 2 && hasSeq)
+    d[1] = DimKind::Seq;
+  return d;
+}
+
+static bool hasSeqDim(const std::vector<DimKind> &d) {
+  return d.size() >= 2 && d[1] == DimKind::Seq;
+}
+
+LogicalResult FunctionPlanner::run(func::FuncOp fn) {
+  Block &body = fn.getBody().front();
+  auto ret = cast<func::ReturnOp>(body.getTerminator());
+
+  // Arguments: run-time inputs, weights and caches.
+  for (BlockArgument arg : body.getArguments()) {
+    unsigned i = arg.getArgNumber();
+    if (auto w = fn.getArgAttrOfType<StringAttr>(i, "l4.weight")) {
+      f.slots[arg] = sharedSlot(m.weightSlots, w.getValue(), arg.getType(),
+                                MemRegion::Weights, m.weightsSize);
+      f.dims[arg] = std::vector<DimKind>(
+          cast<RankedTensorType>(arg.getType()).getRank(), DimKind::Static);
+    } else if (auto c = fn.getArgAttrOfType<StringAttr>(i, "l4.kv_cache")) {
+      f.slots[arg] = sharedSlot(m.cacheSlots, c.getValue(), arg.getType(),
+                                MemRegion::Cache, m.cacheSize);
+      f.dims[arg] = activationDims(arg.getType(), /*hasSeq=*/false);
+    } else {
+      Slot s{MemRegion::Io, f.ioSize, byteSize(arg.getType())};
+      f.ioSize = alignUp(f.ioSize + s.size, kBufferAlign);
+      f.slots[arg] = s;
+      f.dims[arg] = activationDims(arg.getType(), /*hasSeq=*/true);
+    }
+  }
+
+  // Kernel order, aliases and dims.
+  llvm::DenseMap<Operation *, int64_t> index;
+  int64_t n = 0;
+  for (Operation &op : body.without_terminator()) {
+    index[&op] = n++;
+    // An op's results have a seq dim when an activation operand has one.
+    bool seq = false;
+    for (Value v : op.getOperands()) {
+      auto it = f.dims.find(v);
+      if (it != f.dims.end() && hasSeqDim(it->second) &&
+          !(f.slots.count(v) && (f.slots[v].region == MemRegion::Weights ||
+                                 f.slots[v].region == MemRegion::Cache)))
+        seq = true;
+    }
+    if (auto reshape = dyn_cast<l4::ReshapeOp>(op)) {
+      aliasOf[reshape.getResult()] = reshape.getInput();
+      f.dims[reshape.getResult()] =
+          activationDims(reshape.getType(), seq);
+      continue;
+    }
+    auto group = dyn_cast<kernel::GroupOp>(op);
+    if (!group)
+      return op.emitOpError() << "memory planning expects only kernel.group "
+                                 "and l4.reshape ops; run convert-l4-to-kernel "
+                                 "first";
+    auto yield = cast<kernel::YieldOp>(group.getBody().front().getTerminator());
+    for (auto [res, yielded] : llvm::zip(group.getResults(), yield.getValues())) {
+      Operation *def = yielded.getDefiningOp();
+      bool rowPerSeq = def && isa<l4::TakeLastOp>(def);
+      f.dims[res] = activationDims(res.getType(), seq && !rowPerSeq);
+      if (auto upd = dyn_cast_or_null<l4::KvCacheUpdateOp>(def)) {
+        auto arg = dyn_cast<BlockArgument>(upd.getCache());
+        if (!arg || arg.getOwner() != &group.getBody().front())
+          return group.emitOpError() << "cache update must read a group input";
+        aliasOf[res] = group.getInputs()[arg.getArgNumber()];
+        f.dims[res] = f.dims[group.getInputs()[arg.getArgNumber()]];
+      }
+    }
+  }
+
+  // An in-place update must be the last reader of the cache it overwrites.
+  for (auto &[res, src] : aliasOf) {
+    auto group = res.getDefiningOp<kernel::GroupOp>();
+    if (!group)
+      continue;
+    for (Operation *user : src.getUsers())
+      if (user != group.getOperation() && user->getBlock() == &body &&
+          index.lookup(user) > index.lookup(group))
+        return group.emitOpError()
+               << "in-place cache update would clobber a value still read by "
+                  "a later kernel";
+  }
+
+  // Outputs go to the I/O region: the kernel producing one writes it there.
+  llvm::DenseMap<Value, Slot> outputSlot;
+  for (auto [i, v] : llvm::enumerate(ret.getOperands())) {
+    if (!fn.getResultAttrOfType<StringAttr>(i, "l4.output"))
+      continue;
+    Value r = root(v);
+    if (f.slots.count(r))
+      continue; // already placed (an input or weight returned as is)
+    Slot s{MemRegion::Io, f.ioSize, byteSize(r.getType())};
+    f.ioSize = alignUp(f.ioSize + s.size, kBufferAlign);
+    outputSlot[r] = s;
+  }
+
+  // Lifetimes of arena roots: definition to last use through views.
+  llvm::DenseMap<Value, Lifetime> life;
+  SmallVector<Value> roots;
+  for (Operation &op : body.without_terminator())
+    for (Value res : op.getResults()) {
+      Value r = root(res);
+      if (f.slots.count(r) || outputSlot.count(r) || r != res)
+        continue;
+      life[r] = Lifetime{index[&op], index[&op], byteSize(r.getType())};
+      roots.push_back(r);
+    }
+  for (Operation &op : body.getOperations())
+    for (Value v : op.getOperands()) {
+      auto it = life.find(root(v));
+      if (it == life.end())
+        continue;
+      int64_t at = isa<func::ReturnOp>(op) ? n : index[&op];
+      it->second.end = std::max(it->second.end, at);
+    }
+  std::vector<Lifetime> lifetimes;
+  for (Value r : roots)
+    lifetimes.push_back(life[r]);
+  std::vector<uint64_t> offsets;
+  f.arenaSize = assignOffsets(lifetimes, kBufferAlign, offsets);
+  for (auto [r, off] : llvm::zip(roots, offsets))
+    f.slots[r] = Slot{MemRegion::Arena, off, life[r].size};
+  for (auto &[r, s] : outputSlot)
+    f.slots[r] = s;
+
+  // Views and in-place results share their root's bytes.
+  for (Operation &op : body.without_terminator())
+    for (Value res : op.getResults()) {
+      Slot s = f.slots[root(res)];
+      s.size = byteSize(res.getType());
+      f.slots[res] = s;
+    }
+  return success();
+}
+
+FailureOr<ModuleMemoryPlan> planModuleMemory(ModuleOp module) {
+  ModuleMemoryPlan plan;
+  for (auto fn : module.getOps<func::FuncOp>()) {
+    FunctionMemoryPlan &f = plan.functions[fn.getSymName()];
+    FunctionPlanner planner(plan, f);
+    if (failed(planner.run(fn)))
+      return failure();
+    plan.arenaSize = std::max(plan.arenaSize, f.arenaSize);
+    plan.ioSize = std::max(plan.ioSize, f.ioSize);
+  }
+  return plan;
+}
+
+} // namespace l4c

@@ -1,0 +1,24 @@
+//===- Pipelines.cpp - l4c pass pipelines ---------------------------------===//
+//
+// One builder per pipeline, shared by l4c and l4-opt.
+//
+//===----------------------------------------------------------------------===//
+#include "l4c/Passes/Pipelines.h"
+#include "l4c/Conversion/Passes.h"
+#include "l4c/Passes/Passes.h"
+#include "mlir/Pass/PassRegistry.h"
+#include "mlir/Transforms/Passes.h"
+
+void l4c::buildLowerToKernelPipeline(mlir::OpPassManager &pm) {
+  pm.addPass(mlir::createCanonicalizerPass());
+  pm.addPass(mlir::createCSEPass());
+  pm.addPass(l4c::createConvertL4ToKernelPass());
+  pm.addPass(l4c::createPlanMemoryPass());
+}
+
+void l4c::registerPipelines() {
+  mlir::PassPipelineRegistration<>(
+      "l4c-lower-to-kernel",
+      "l4 IR to kernel groups with a memory plan (what l4c compile runs)",
+      [](mlir::OpPassManager &pm) { buildLowerToKernelPipeline(pm); });
+}

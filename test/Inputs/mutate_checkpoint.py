@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Writes a broken copy of a checkpoint folder for the l4c/l4-run error tests.
+
+usage: mutate_checkpoint.py SRC DST MODE [ARG...]
+  rename OLD NEW   rename a tensor
+  drop NAME        remove a tensor
+  halve NAME       keep the first half of a tensor's first dimension
+  truncate N       cut model.safetensors to N bytes
+Only the standard library is used (the safetensors layout is simple).
+"""
+import json
+import os
+import shutil
+import struct
+import sys
+
+
+def read(path):
+    with open(path, "rb") as f:
+        blob = f.read()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    data = blob[8 + n:]
+    tensors = {}
+    for name, t in header.items():
+        b, e = t["data_offsets"]
+        tensors[name] = (t["dtype"], t["shape"], data[b:e])
+    return tensors, meta
+
+
+def write(path, tensors, meta):
+    header, chunks, at = {}, [], 0
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + len(raw)]}
+        chunks.append(raw)
+        at += len(raw)
+    if meta is not None:
+        header["__metadata__"] = meta
+    text = json.dumps(header).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for c in chunks:
+            f.write(c)
+
+
+def main():
+    src, dst, mode, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+    shutil.rmtree(dst, ignore_errors=True)
+    os.makedirs(dst)
+    shutil.copy(os.path.join(src, "config.json"), dst)
+    model = os.path.join(dst, "model.safetensors")
+    if mode == "truncate":
+        with open(os.path.join(src, "model.safetensors"), "rb") as f:
+            blob = f.read()
+        with open(model, "wb") as f:
+            f.write(blob[: int(args[0])])
+        return
+    tensors, meta = read(os.path.join(src, "model.safetensors"))
+    if mode == "rename":
+        tensors = {(args[1] if k == args[0] else k): v for k, v in tensors.items()}
+    elif mode == "drop":
+        del tensors[args[0]]
+    elif mode == "halve":
+        dtype, shape, raw = tensors[args[0]]
+        shape = [shape[0] // 2] + shape[1:]
+        tensors[args[0]] = (dtype, shape, raw[: len(raw) // 2])
+    else:
+        sys.exit("unknown mode " + mode)
+    write(model, tensors, meta)
+
+
+if __name__ == "__main__":
+    main()
