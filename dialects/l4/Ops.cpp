@@ -295,5 +295,131 @@ LogicalResult TakeLastOp::verify() {
   return expectSameElementType(op, "result", getResult(), getInput(), "input");
 }
 
+//===----------------------------------------------------------------------===//
+// Training ops
+//===----------------------------------------------------------------------===//
+
+/// `v` must have exactly the type of `ref` (a gradient and its primal).
+static LogicalResult expectSameType(Operation *op, StringRef what, Value v,
+                                    StringRef refName, Value ref) {
+  if (v.getType() != ref.getType())
+    return op->emitOpError() << what << " type " << v.getType()
+                             << " must equal the " << refName << " type "
+                             << ref.getType();
+  return success();
+}
+
+LogicalResult CrossEntropyOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "logits", getLogits(), 3)) ||
+      failed(expectRank(op, "ids", getIds(), 2)))
+    return failure();
+  return expectShape(op, "ids", getIds(), shapeOf(getLogits()).take_front(2));
+}
+
+LogicalResult CrossEntropyGradOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "logits", getLogits(), 3)) ||
+      failed(expectShape(op, "ids", getIds(), shapeOf(getLogits()).take_front(2))))
+    return failure();
+  return expectSameType(op, "result", getResult(), "logits", getLogits());
+}
+
+LogicalResult LinearGradInputOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "weight", getWeight(), 2)))
+    return failure();
+  ArrayRef<int64_t> dy = shapeOf(getGrad()), w = shapeOf(getWeight());
+  if (dy.empty() || dy.back() != w[0])
+    return emitOpError() << "grad's last dimension must be " << w[0]
+                         << " (the weight's output size)";
+  SmallVector<int64_t> out(dy.drop_back());
+  out.push_back(w[1]);
+  return expectShape(op, "result", getResult(), out);
+}
+
+LogicalResult LinearGradWeightOp::verify() {
+  Operation *op = getOperation();
+  ArrayRef<int64_t> x = shapeOf(getInput()), dy = shapeOf(getGrad());
+  if (x.size() != dy.size() || x.empty() ||
+      x.drop_back() != dy.drop_back())
+    return emitOpError() << "input " << shapeStr(x) << " and grad "
+                         << shapeStr(dy)
+                         << " must agree in all but the last dimension";
+  return expectShape(op, "result", getResult(), {dy.back(), x.back()});
+}
+
+LogicalResult RmsNormGradOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectSameType(op, "grad", getGrad(), "input", getInput())) ||
+      failed(expectSameType(op, "input_grad", getInputGrad(), "input",
+                            getInput())))
+    return failure();
+  return expectSameType(op, "weight_grad", getWeightGrad(), "weight",
+                        getWeight());
+}
+
+LogicalResult L2NormGradOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectSameType(op, "grad", getGrad(), "input", getInput())))
+    return failure();
+  return expectSameType(op, "result", getResult(), "input", getInput());
+}
+
+LogicalResult AttentionGradOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "query", getQuery(), 4)) ||
+      failed(expectRank(op, "key", getKey(), 4)) ||
+      failed(verifyPositions(op, getPositions(), getQuery())) ||
+      failed(expectSameType(op, "value", getValue(), "key", getKey())) ||
+      failed(expectSameType(op, "grad", getGrad(), "query", getQuery())) ||
+      failed(expectSameType(op, "query_grad", getQueryGrad(), "query",
+                            getQuery())) ||
+      failed(expectSameType(op, "key_grad", getKeyGrad(), "key", getKey())) ||
+      failed(expectSameType(op, "value_grad", getValueGrad(), "value",
+                            getValue())))
+    return failure();
+  if (shapeOf(getQuery())[2] % shapeOf(getKey())[2] != 0)
+    return emitOpError() << "query heads must be a multiple of kv heads";
+  return success();
+}
+
+LogicalResult RouterScoresGradOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "logits", getLogits(), 3)) ||
+      failed(expectSameType(op, "grad", getGrad(), "logits", getLogits())) ||
+      failed(expectSameType(op, "result", getResult(), "logits", getLogits())))
+    return failure();
+  int64_t k = getTopKAttr().getInt(), e = shapeOf(getLogits())[2];
+  if (k < 1 || k > e)
+    return emitOpError() << "top_k must be in [1, " << e << "], got " << k;
+  return success();
+}
+
+LogicalResult MoeExpertsGradOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectSameType(op, "grad", getGrad(), "input", getInput())) ||
+      failed(expectSameType(op, "input_grad", getInputGrad(), "input",
+                            getInput())) ||
+      failed(expectSameType(op, "scores_grad", getScoresGrad(), "scores",
+                            getScores())) ||
+      failed(expectSameType(op, "gate_up_grad", getGateUpGrad(), "gate_up",
+                            getGateUp())))
+    return failure();
+  return expectSameType(op, "down_grad", getDownGrad(), "down", getDown());
+}
+
+LogicalResult EmbeddingGradOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "ids", getIds(), 2)) ||
+      failed(expectRank(op, "grad", getGrad(), 3)) ||
+      failed(expectRank(op, "result", getResult(), 2)))
+    return failure();
+  ArrayRef<int64_t> ids = shapeOf(getIds()), dy = shapeOf(getGrad());
+  if (failed(expectShape(op, "grad", getGrad(), {ids[0], ids[1], dy[2]})))
+    return failure();
+  return expectDim(op, "result", getResult(), 1, dy[2], "the hidden size");
+}
+
 #define GET_OP_CLASSES
 #include "l4c/Dialect/L4/L4Ops.cpp.inc"

@@ -77,13 +77,16 @@ def L4_RopeOp : L4_PureOp<"rope"> {
     `positions[b, s] * inv_freq[j]`, with `inv_freq[j] = theta^(-2j/d)` and,
     for `scaling = llama3`, Llama 3's frequency scaling with `factor`,
     `low_freq_factor`, `high_freq_factor` and `original_max_position`.
+    `inverse` rotates by the negated angle: the rotation's adjoint, used by
+    autodiff.
   }];
   let arguments = (ins L4_FloatTensor:$input, L4_IndexTensor:$positions,
                    F64Attr:$theta, L4_RopeScalingAttr:$scaling,
                    DefaultValuedAttr<F64Attr, "1.0">:$factor,
                    DefaultValuedAttr<F64Attr, "1.0">:$low_freq_factor,
                    DefaultValuedAttr<F64Attr, "1.0">:$high_freq_factor,
-                   DefaultValuedAttr<I64Attr, "0">:$original_max_position);
+                   DefaultValuedAttr<I64Attr, "0">:$original_max_position,
+                   DefaultValuedAttr<BoolAttr, "false">:$inverse);
   let results = (outs L4_FloatTensor:$result);
 }
 
@@ -171,6 +174,103 @@ def L4_TakeLastOp : L4_PureOp<"take_last"> {
     logits are computed.
   }];
   let arguments = (ins L4_FloatTensor:$input);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+//===----------------------------------------------------------------------===//
+// Training: loss and vector-Jacobian products (emitted by l4c-autodiff)
+//===----------------------------------------------------------------------===//
+
+def L4_CrossEntropyOp : L4_PureOp<"cross_entropy"> {
+  let summary = "mean next-token cross entropy (HF's shift convention)";
+  let description = [{
+    `logits` `[B, S, V]`, `ids` `[B, S]`. Position `t` predicts `ids[t + 1]`;
+    the last valid position and labels equal to -100 are ignored; the mean
+    is over the remaining positions of every sequence (run-time length).
+    Computed in f32; the result is a scalar.
+  }];
+  let arguments = (ins L4_FloatTensor:$logits, L4_IndexTensor:$ids);
+  let results = (outs 0DTensorOf<[F32]>:$loss);
+}
+
+def L4_CrossEntropyGradOp : L4_PureOp<"cross_entropy_grad"> {
+  let summary = "gradient of the mean cross entropy with respect to the logits";
+  let description = [{
+    `(softmax(logits) - onehot(next id)) / count` on labelled positions, 0
+    elsewhere; the loss is the differentiated root, so its seed is 1.
+  }];
+  let arguments = (ins L4_FloatTensor:$logits, L4_IndexTensor:$ids);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_LinearGradInputOp : L4_PureOp<"linear_grad_input"> {
+  let summary = "dx = dy @ w for y = x @ w^T";
+  let arguments = (ins L4_FloatTensor:$grad, L4_FloatTensor:$weight);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_LinearGradWeightOp : L4_PureOp<"linear_grad_weight"> {
+  let summary = "dw = dy^T @ x summed over all valid token rows";
+  let arguments = (ins L4_FloatTensor:$input, L4_FloatTensor:$grad);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_RmsNormGradOp : L4_PureOp<"rms_norm_grad"> {
+  let summary = "gradients of rms_norm with respect to its input and weight";
+  let arguments = (ins L4_FloatTensor:$input, L4_FloatTensor:$weight,
+                   L4_FloatTensor:$grad, F64Attr:$eps);
+  let results = (outs L4_FloatTensor:$input_grad, L4_FloatTensor:$weight_grad);
+}
+
+def L4_L2NormGradOp : L4_PureOp<"l2_norm_grad"> {
+  let summary = "gradient of the weightless QK norm";
+  let arguments = (ins L4_FloatTensor:$input, L4_FloatTensor:$grad, F64Attr:$eps);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_AttentionGradOp : L4_PureOp<"attention_grad"> {
+  let summary = "gradients of attention with respect to q, k and v";
+  let description = [{
+    Recomputes the softmax from `q`, `k`, `positions` (same mask and scale
+    as the forward op) and returns `dq` `[B, S, H, d]` and `dk`, `dv`
+    `[B, Skv, Hkv, d]`, summed over each GQA group.
+  }];
+  let arguments = (ins L4_FloatTensor:$query, L4_FloatTensor:$key,
+                   L4_FloatTensor:$value, L4_IndexTensor:$positions,
+                   L4_FloatTensor:$grad, F64Attr:$scale, I64Attr:$chunk_size);
+  let results = (outs L4_FloatTensor:$query_grad, L4_FloatTensor:$key_grad,
+                      L4_FloatTensor:$value_grad);
+}
+
+def L4_RouterScoresGradOp : L4_PureOp<"router_scores_grad"> {
+  let summary = "gradient through sigmoid top-k routing";
+  let description = [{
+    `dlogit = dscore * s * (1 - s)` for the selected experts, 0 for the
+    others; the selection itself carries no gradient.
+  }];
+  let arguments = (ins L4_FloatTensor:$logits, L4_FloatTensor:$grad, I64Attr:$top_k);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_MoeExpertsGradOp : L4_PureOp<"moe_experts_grad"> {
+  let summary = "gradients of the routed experts";
+  let arguments = (ins L4_FloatTensor:$input, L4_FloatTensor:$scores,
+                   L4_FloatTensor:$gate_up, L4_FloatTensor:$down,
+                   L4_FloatTensor:$grad);
+  let results = (outs L4_FloatTensor:$input_grad, L4_FloatTensor:$scores_grad,
+                      L4_FloatTensor:$gate_up_grad, L4_FloatTensor:$down_grad);
+}
+
+def L4_SwigluGradOp : L4_PureOp<"swiglu_grad"> {
+  let summary = "gradients of up * silu(gate)";
+  let arguments = (ins L4_FloatTensor:$gate, L4_FloatTensor:$up, L4_FloatTensor:$grad);
+  let results = (outs L4_FloatTensor:$gate_grad, L4_FloatTensor:$up_grad);
+  let hasVerifier = 0;
+}
+
+def L4_EmbeddingGradOp : L4_PureOp<"embedding_grad"> {
+  let summary = "scatter-add of the output gradient into the table's rows";
+  let arguments = (ins L4_IndexTensor:$ids, L4_FloatTensor:$grad);
   let results = (outs L4_FloatTensor:$result);
 }
 

@@ -1,0 +1,136 @@
+//===- l4-compare.cpp - compare two safetensors files by key --------------===//
+//
+// Checks l4-run outputs against reference data (the HF goldens, another
+// backend's output) and prints the measured errors, for golden tests.
+//
+//===----------------------------------------------------------------------===//
+#include "io/safetensors.h"
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+using namespace l4c::io;
+
+namespace {
+
+int usage() {
+  std::fprintf(stderr,
+               "usage: l4-compare ACTUAL EXPECTED [--tol KEY=LIMIT]... "
+               "[--exact KEY]...\n"
+               "  --tol:   max |actual - expected| <= LIMIT * max |expected|\n"
+               "  --exact: integer tensors must be identical\n");
+  return 2;
+}
+
+bool load(const Checkpoint &c, const std::string &key, DType as,
+          std::vector<char> &out, std::vector<int64_t> &shape,
+          const char *which) {
+  Checkpoint::Entry e;
+  if (!c.find(key, e)) {
+    std::fprintf(stderr, "l4-compare: error: %s has no tensor '%s'\n", which,
+                 key.c_str());
+    return false;
+  }
+  shape = e.info->shape;
+  uint64_t n = e.info->numel();
+  out.resize(n * dtypeSize(as));
+  Status st = c.read(key, as, out.data(), n);
+  if (!st.ok()) {
+    std::fprintf(stderr, "l4-compare: error: %s\n", st.error.c_str());
+    return false;
+  }
+  return true;
+}
+
+std::string shapeStr(const std::vector<int64_t> &s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i)
+    r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+} // namespace
+
+int main(int argc, char **argv) {
+  if (argc < 3)
+    return usage();
+  Checkpoint actual, expected;
+  for (auto [path, ck] : {std::pair{argv[1], &actual}, {argv[2], &expected}}) {
+    Status st = Checkpoint::open(path, *ck);
+    if (!st.ok()) {
+      std::fprintf(stderr, "l4-compare: error: %s\n", st.error.c_str());
+      return 2;
+    }
+  }
+  bool ok = true;
+  for (int i = 3; i < argc; ++i) {
+    std::string flag = argv[i];
+    if (i + 1 >= argc)
+      return usage();
+    std::string arg = argv[++i];
+    std::vector<char> a, e;
+    std::vector<int64_t> sa, se;
+    if (flag == "--tol") {
+      size_t eq = arg.find('=');
+      if (eq == std::string::npos)
+        return usage();
+      std::string key = arg.substr(0, eq);
+      double limit = std::atof(arg.c_str() + eq + 1);
+      if (!load(actual, key, DType::F32, a, sa, "actual") ||
+          !load(expected, key, DType::F32, e, se, "expected"))
+        return 2;
+      if (sa != se) {
+        std::printf("%s: shape %s, expected %s: FAIL\n", key.c_str(),
+                    shapeStr(sa).c_str(), shapeStr(se).c_str());
+        ok = false;
+        continue;
+      }
+      const float *pa = reinterpret_cast<const float *>(a.data());
+      const float *pe = reinterpret_cast<const float *>(e.data());
+      size_t n = a.size() / sizeof(float);
+      double maxErr = 0, maxRef = 0;
+      bool finite = true;
+      for (size_t k = 0; k < n; ++k) {
+        if (!std::isfinite(pa[k]))
+          finite = false;
+        maxErr = std::max(maxErr, std::fabs(double(pa[k]) - pe[k]));
+        maxRef = std::max(maxRef, std::fabs(double(pe[k])));
+      }
+      double rel = maxRef > 0 ? maxErr / maxRef : maxErr;
+      bool pass = finite && rel <= limit;
+      std::printf("%s: max abs err %.3e, max |expected| %.3e, ratio %.3e "
+                  "(limit %.1e)%s: %s\n",
+                  key.c_str(), maxErr, maxRef, rel, limit,
+                  finite ? "" : ", non-finite values", pass ? "ok" : "FAIL");
+      ok &= pass;
+    } else if (flag == "--exact") {
+      if (!load(actual, arg, DType::I64, a, sa, "actual") ||
+          !load(expected, arg, DType::I64, e, se, "expected"))
+        return 2;
+      size_t mismatches = 0, first = 0;
+      if (sa == se)
+        for (size_t k = 0; k < a.size() / 8; ++k)
+          if (std::memcmp(&a[k * 8], &e[k * 8], 8) != 0 && !mismatches++)
+            first = k;
+      bool pass = sa == se && mismatches == 0;
+      if (sa != se)
+        std::printf("%s: shape %s, expected %s: FAIL\n", arg.c_str(),
+                    shapeStr(sa).c_str(), shapeStr(se).c_str());
+      else
+        std::printf("%s: %zu of %zu differ%s: %s\n", arg.c_str(), mismatches,
+                    a.size() / 8,
+                    mismatches ? (" (first at flat index " +
+                                  std::to_string(first) + ")")
+                                     .c_str()
+                               : "",
+                    pass ? "ok" : "FAIL");
+      ok &= pass;
+    } else {
+      return usage();
+    }
+  }
+  return ok ? 0 : 1;
+}
