@@ -167,7 +167,7 @@ public:
     ids = b.getI64Type();
   }
 
-  enum class Kind { Forward, Prefill, Decode };
+  enum class Kind { Forward, Prefill, Decode, Train };
   func::FuncOp build(ModuleOp module, StringRef name, Kind kind);
 
 private:
@@ -269,7 +269,7 @@ Value ModelBuilder::attention(Value x, int64_t i) {
                                        q, positions,
                                        b.getF64FloatAttr(c.floorScale),
                                        b.getF64FloatAttr(c.attnScale));
-  if (kind != Kind::Forward) {
+  if (kind == Kind::Prefill || kind == Kind::Decode) {
     Value kc = cacheIn[2 * i], vc = cacheIn[2 * i + 1];
     k = l4::KvCacheUpdateOp::create(b, loc(p + "k_cache"), kc.getType(), kc, k,
                                     positions);
@@ -318,7 +318,7 @@ func::FuncOp ModelBuilder::build(ModuleOp module, StringRef name, Kind k) {
   positions = entry->addArgument(tensor({batch, seq}, ids), loc("positions"));
   cacheIn.clear();
   cacheNames.clear();
-  if (k != Kind::Forward) {
+  if (k == Kind::Prefill || k == Kind::Decode) {
     auto cacheType = tensor({batch, opts.maxSeq, c.numKvHeads, c.headDim});
     for (int64_t i = 0; i < c.numLayers; ++i)
       for (const char *kv : {"k", "v"}) {
@@ -351,6 +351,10 @@ func::FuncOp ModelBuilder::build(ModuleOp module, StringRef name, Kind k) {
   std::string head =
       c.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
   Value logits = linear(h, head, c.vocabSize, "lm_head");
+  if (k == Kind::Train)
+    logits = l4::CrossEntropyOp::create(
+        b, loc("loss"), RankedTensorType::get({}, b.getF32Type()), logits,
+        input);
 
   SmallVector<Value> results{logits};
   results.append(cacheOut.begin(), cacheOut.end());
@@ -370,7 +374,10 @@ func::FuncOp ModelBuilder::build(ModuleOp module, StringRef name, Kind k) {
     fn.setArgAttr(arg.getArgNumber(), l4::kWeightAttr,
                   b.getStringAttr(entryW.first()));
   }
-  fn.setResultAttr(0, l4::kOutputAttr, b.getStringAttr("logits"));
+  fn.setResultAttr(0, l4::kOutputAttr,
+                   b.getStringAttr(k == Kind::Train ? "loss" : "logits"));
+  if (k == Kind::Train)
+    fn->setAttr("l4.autodiff", b.getUnitAttr());
   return fn;
 }
 
@@ -384,9 +391,11 @@ buildModule(MLIRContext &ctx, const Llama4Config &c, const ImportOptions &opts) 
   if (opts.maxSeq < 1)
     return createStringError(formatv("--max-seq must be >= 1, got {0}",
                                      opts.maxSeq));
-  if (opts.program == Program::Train)
-    return createStringError("--program=train is not available yet: the "
-                             "autodiff pass has not landed");
+  if (opts.program == Program::Train && c.attentionDropout != 0)
+    return createStringError(formatv(
+        "{0}: attention_dropout {1} is not supported for training (l4c "
+        "trains without dropout)",
+        c.source, c.attentionDropout));
   ctx.loadDialect<l4::L4Dialect, func::FuncDialect>();
   OpBuilder b(&ctx);
   OwningOpRef<ModuleOp> module = ModuleOp::create(b.getUnknownLoc());
@@ -395,6 +404,8 @@ buildModule(MLIRContext &ctx, const Llama4Config &c, const ImportOptions &opts) 
   ModelBuilder mb(ctx, c, opts);
   if (opts.program == Program::Forward) {
     mb.build(*module, "forward", ModelBuilder::Kind::Forward);
+  } else if (opts.program == Program::Train) {
+    mb.build(*module, "train_step", ModelBuilder::Kind::Train);
   } else {
     mb.build(*module, "prefill", ModelBuilder::Kind::Prefill);
     mb.build(*module, "decode", ModelBuilder::Kind::Decode);

@@ -109,6 +109,9 @@ FailureOr<uint32_t> Writer::buffer(Value v, const FunctionMemoryPlan &f,
 static fb::Offset<pl::Attr> makeAttr(fb::FlatBufferBuilder &fbb,
                                      NamedAttribute a) {
   auto name = fbb.CreateString(a.getName().str());
+  // BoolAttr is an i1 IntegerAttr whose getInt() would give -1 for true.
+  if (auto flag = dyn_cast<BoolAttr>(a.getValue()))
+    return pl::CreateAttr(fbb, name, pl::AttrKind::Int, flag.getValue());
   if (auto f = dyn_cast<FloatAttr>(a.getValue()))
     return pl::CreateAttr(fbb, name, pl::AttrKind::Float, 0,
                           f.getValueAsDouble());

@@ -125,6 +125,40 @@ static bool hasSeqDim(const std::vector<DimKind> &d) {
   return d.size() >= 2 && d[1] == DimKind::Seq;
 }
 
+static std::vector<DimKind> staticDims(Type t) {
+  return std::vector<DimKind>(cast<RankedTensorType>(t).getRank(),
+                              DimKind::Static);
+}
+
+/// Dims of result `idx` of the l4 op `op`, from the dims of its operands.
+/// Parameter-shaped results (weight gradients) and the scalar loss have no
+/// run-time dims; in-place and gradient results mirror the operand they
+/// stand for; everything else follows its first token-major operand.
+static std::vector<DimKind>
+resultDims(Operation *op, unsigned idx,
+           llvm::ArrayRef<std::vector<DimKind>> operands) {
+  Type t = op->getResult(idx).getType();
+  auto like = [&](unsigned operand) {
+    std::vector<DimKind> d = operands[operand];
+    d.resize(cast<RankedTensorType>(t).getRank(), DimKind::Static);
+    return d;
+  };
+  if (isa<l4::LinearGradWeightOp, l4::EmbeddingGradOp, l4::CrossEntropyOp>(op) ||
+      (isa<l4::RmsNormGradOp>(op) && idx == 1) ||
+      (isa<l4::MoeExpertsGradOp>(op) && idx >= 2))
+    return staticDims(t);
+  if (isa<l4::KvCacheUpdateOp, l4::AddOp>(op))
+    return like(0);
+  if (isa<l4::AttentionGradOp>(op))
+    return like(idx == 0 ? 0 : 1);
+  if (isa<l4::TakeLastOp>(op))
+    return activationDims(t, /*hasSeq=*/false);
+  for (const std::vector<DimKind> &d : operands)
+    if (!d.empty() && d[0] == DimKind::Batch)
+      return activationDims(t, hasSeqDim(d));
+  return staticDims(t);
+}
+
 LogicalResult FunctionPlanner::run(func::FuncOp fn) {
   Block &body = fn.getBody().front();
   auto ret = cast<func::ReturnOp>(body.getTerminator());
@@ -154,19 +188,13 @@ LogicalResult FunctionPlanner::run(func::FuncOp fn) {
   int64_t n = 0;
   for (Operation &op : body.without_terminator()) {
     index[&op] = n++;
-    // An op's results have a seq dim when an activation operand has one.
-    bool seq = false;
-    for (Value v : op.getOperands()) {
-      auto it = f.dims.find(v);
-      if (it != f.dims.end() && hasSeqDim(it->second) &&
-          !(f.slots.count(v) && (f.slots[v].region == MemRegion::Weights ||
-                                 f.slots[v].region == MemRegion::Cache)))
-        seq = true;
-    }
     if (auto reshape = dyn_cast<l4::ReshapeOp>(op)) {
       aliasOf[reshape.getResult()] = reshape.getInput();
+      const std::vector<DimKind> &in = f.dims[reshape.getInput()];
       f.dims[reshape.getResult()] =
-          activationDims(reshape.getType(), seq);
+          in.empty() || in[0] != DimKind::Batch
+              ? staticDims(reshape.getType())
+              : activationDims(reshape.getType(), hasSeqDim(in));
       continue;
     }
     auto group = dyn_cast<kernel::GroupOp>(op);
@@ -174,11 +202,22 @@ LogicalResult FunctionPlanner::run(func::FuncOp fn) {
       return op.emitOpError() << "memory planning expects only kernel.group "
                                  "and l4.reshape ops; run convert-l4-to-kernel "
                                  "first";
-    auto yield = cast<kernel::YieldOp>(group.getBody().front().getTerminator());
+    Block &inner = group.getBody().front();
+    auto yield = cast<kernel::YieldOp>(inner.getTerminator());
+    // Dims inside the group: block arguments take their input's dims.
+    llvm::DenseMap<Value, std::vector<DimKind>> local;
+    for (auto [arg, in] : llvm::zip(inner.getArguments(), group.getInputs()))
+      local[arg] = f.dims[in];
+    for (Operation &innerOp : inner.without_terminator()) {
+      std::vector<std::vector<DimKind>> operandDims;
+      for (Value v : innerOp.getOperands())
+        operandDims.push_back(local[v]);
+      for (unsigned r = 0; r < innerOp.getNumResults(); ++r)
+        local[innerOp.getResult(r)] = resultDims(&innerOp, r, operandDims);
+    }
     for (auto [res, yielded] : llvm::zip(group.getResults(), yield.getValues())) {
       Operation *def = yielded.getDefiningOp();
-      bool rowPerSeq = def && isa<l4::TakeLastOp>(def);
-      f.dims[res] = activationDims(res.getType(), seq && !rowPerSeq);
+      f.dims[res] = local[yielded];
       if (auto upd = dyn_cast_or_null<l4::KvCacheUpdateOp>(def)) {
         auto arg = dyn_cast<BlockArgument>(upd.getCache());
         if (!arg || arg.getOwner() != &group.getBody().front())

@@ -10,6 +10,7 @@
 #include "mlir/Transforms/Passes.h"
 
 void l4c::buildLowerToKernelPipeline(mlir::OpPassManager &pm) {
+  pm.addPass(l4c::createAutodiffPass());
   pm.addPass(mlir::createCanonicalizerPass());
   pm.addPass(mlir::createCSEPass());
   pm.addPass(l4c::createConvertL4ToKernelPass());

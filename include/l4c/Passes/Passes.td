@@ -9,6 +9,37 @@
 include "mlir/Pass/PassBase.td"
 
 //===----------------------------------------------------------------------===//
+// Autodiff
+//===----------------------------------------------------------------------===//
+
+def AutodiffPass : Pass<"l4c-autodiff", "mlir::ModuleOp"> {
+  let summary = "reverse-mode differentiation of the loss with respect to every weight";
+  let description = [{
+    Each function marked `l4.autodiff` returns a scalar loss (an
+    `l4.cross_entropy`). The pass appends the backward computation, one
+    vector-Jacobian rule per l4 op, accumulating the adjoints of values used
+    more than once with `l4.add`, and returns the gradient of every
+    `l4.weight` argument as a new result named `grad.<HF name>`.
+
+    Before:
+    ```mlir
+    func.func @train_step(%ids: ..., %w: tensor<8x4xf32> {l4.weight = "w"}, ...)
+        -> (tensor<f32> {l4.output = "loss"}) attributes {l4.autodiff} {
+      %y = l4.linear %x, %w ...
+      %loss = l4.cross_entropy %y, %ids ...
+      return %loss
+    }
+    ```
+    After: the same forward, then
+    ```mlir
+      %dy = l4.cross_entropy_grad %y, %ids ...
+      %dw = l4.linear_grad_weight %x, %dy ...
+      return %loss, %dw   // {l4.output = "grad.w"}
+    ```
+  }];
+}
+
+//===----------------------------------------------------------------------===//
 // Memory
 //===----------------------------------------------------------------------===//
 

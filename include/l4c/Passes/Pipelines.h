@@ -12,7 +12,8 @@
 namespace l4c {
 
 /// l4 IR -> kernel IR with every value placed in memory:
-/// canonicalize, cse, convert-l4-to-kernel, l4c-plan-memory.
+/// l4c-autodiff (train programs), canonicalize, cse, convert-l4-to-kernel,
+/// l4c-plan-memory.
 void buildLowerToKernelPipeline(mlir::OpPassManager &pm);
 
 /// Registers the pipelines above as `l4c-lower-to-kernel`.

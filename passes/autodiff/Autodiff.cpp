@@ -1,0 +1,223 @@
+//===- Autodiff.cpp - reverse-mode autodiff of the l4 dialect -------------===//
+//
+// l4c-autodiff: walks a loss function backwards, applying one
+// vector-Jacobian rule per l4 op, and returns every weight's gradient.
+//
+//===----------------------------------------------------------------------===//
+#include "l4c/Dialect/L4/L4Ops.h"
+#include "l4c/Passes/Passes.h"
+#include "mlir/Dialect/Func/IR/FuncOps.h"
+#include "mlir/IR/Builders.h"
+#include "llvm/ADT/TypeSwitch.h"
+
+namespace l4c {
+#define GEN_PASS_DEF_AUTODIFFPASS
+#include "l4c/Passes/Passes.h.inc"
+} // namespace l4c
+
+using namespace mlir;
+using namespace l4c;
+
+namespace {
+
+/// Adjoints of the values of one function, accumulated as the backward
+/// sweep reaches each use.
+class Adjoints {
+public:
+  explicit Adjoints(OpBuilder &b) : b(b) {}
+
+  Value get(Value v) const { return adj.lookup(v); }
+
+  void accumulate(Location loc, Value v, Value g) {
+    if (!isa<FloatType>(cast<RankedTensorType>(v.getType()).getElementType()))
+      return; // ids and positions carry no gradient
+    auto it = adj.find(v);
+    if (it == adj.end()) {
+      adj[v] = g;
+      return;
+    }
+    it->second = l4::AddOp::create(b, loc, it->second, g);
+  }
+
+private:
+  OpBuilder &b;
+  DenseMap<Value, Value> adj;
+};
+
+/// Emits the vector-Jacobian product of `op` given its result adjoints.
+LogicalResult backprop(Operation *op, Adjoints &adj, OpBuilder &b) {
+  Location loc = op->getLoc();
+  auto grad = [&](unsigned i = 0) { return adj.get(op->getResult(i)); };
+  return llvm::TypeSwitch<Operation *, LogicalResult>(op)
+      .Case([&](l4::CrossEntropyOp ce) {
+        Value d = l4::CrossEntropyGradOp::create(b, loc, ce.getLogits().getType(),
+                                                 ce.getLogits(), ce.getIds());
+        adj.accumulate(loc, ce.getLogits(), d);
+        return success();
+      })
+      .Case([&](l4::LinearOp l) {
+        Value dy = grad();
+        adj.accumulate(loc, l.getInput(),
+                       l4::LinearGradInputOp::create(
+                           b, loc, l.getInput().getType(), dy, l.getWeight()));
+        adj.accumulate(loc, l.getWeight(),
+                       l4::LinearGradWeightOp::create(
+                           b, loc, l.getWeight().getType(), l.getInput(), dy));
+        return success();
+      })
+      .Case([&](l4::RmsNormOp n) {
+        auto g = l4::RmsNormGradOp::create(
+            b, loc, n.getInput().getType(), n.getWeight().getType(),
+            n.getInput(), n.getWeight(), grad(), n.getEpsAttr());
+        adj.accumulate(loc, n.getInput(), g.getInputGrad());
+        adj.accumulate(loc, n.getWeight(), g.getWeightGrad());
+        return success();
+      })
+      .Case([&](l4::L2NormOp n) {
+        adj.accumulate(loc, n.getInput(),
+                       l4::L2NormGradOp::create(b, loc, n.getType(),
+                                                n.getInput(), grad(),
+                                                n.getEpsAttr()));
+        return success();
+      })
+      .Case([&](l4::ReshapeOp r) {
+        adj.accumulate(loc, r.getInput(),
+                       l4::ReshapeOp::create(b, loc, r.getInput().getType(),
+                                             grad()));
+        return success();
+      })
+      .Case([&](l4::RopeOp r) {
+        // A rotation's adjoint is the rotation by the negated angle.
+        auto inv = l4::RopeOp::create(
+            b, loc, r.getType(), grad(), r.getPositions(), r.getThetaAttr(),
+            r.getScalingAttr(), r.getFactorAttr(), r.getLowFreqFactorAttr(),
+            r.getHighFreqFactorAttr(), r.getOriginalMaxPositionAttr(),
+            b.getBoolAttr(!r.getInverse()));
+        adj.accumulate(loc, r.getInput(), inv);
+        return success();
+      })
+      .Case([&](l4::TemperatureScaleOp t) {
+        // A per-position scalar multiply is its own adjoint.
+        adj.accumulate(loc, t.getInput(),
+                       l4::TemperatureScaleOp::create(
+                           b, loc, t.getType(), grad(), t.getPositions(),
+                           t.getFloorScaleAttr(), t.getAttnScaleAttr()));
+        return success();
+      })
+      .Case([&](l4::AttentionOp a) {
+        auto g = l4::AttentionGradOp::create(
+            b, loc, a.getQuery().getType(), a.getKey().getType(),
+            a.getValue().getType(), a.getQuery(), a.getKey(), a.getValue(),
+            a.getPositions(), grad(), a.getScaleAttr(), a.getChunkSizeAttr());
+        adj.accumulate(loc, a.getQuery(), g.getQueryGrad());
+        adj.accumulate(loc, a.getKey(), g.getKeyGrad());
+        adj.accumulate(loc, a.getValue(), g.getValueGrad());
+        return success();
+      })
+      .Case([&](l4::RouterScoresOp r) {
+        adj.accumulate(loc, r.getLogits(),
+                       l4::RouterScoresGradOp::create(b, loc, r.getType(),
+                                                      r.getLogits(), grad(),
+                                                      r.getTopKAttr()));
+        return success();
+      })
+      .Case([&](l4::MoeExpertsOp m) {
+        auto g = l4::MoeExpertsGradOp::create(
+            b, loc, m.getInput().getType(), m.getScores().getType(),
+            m.getGateUp().getType(), m.getDown().getType(), m.getInput(),
+            m.getScores(), m.getGateUp(), m.getDown(), grad());
+        adj.accumulate(loc, m.getInput(), g.getInputGrad());
+        adj.accumulate(loc, m.getScores(), g.getScoresGrad());
+        adj.accumulate(loc, m.getGateUp(), g.getGateUpGrad());
+        adj.accumulate(loc, m.getDown(), g.getDownGrad());
+        return success();
+      })
+      .Case([&](l4::SwigluOp s) {
+        auto g = l4::SwigluGradOp::create(b, loc, s.getType(), s.getType(),
+                                          s.getGate(), s.getUp(), grad());
+        adj.accumulate(loc, s.getGate(), g.getGateGrad());
+        adj.accumulate(loc, s.getUp(), g.getUpGrad());
+        return success();
+      })
+      .Case([&](l4::AddOp a) {
+        adj.accumulate(loc, a.getLhs(), grad());
+        adj.accumulate(loc, a.getRhs(), grad());
+        return success();
+      })
+      .Case([&](l4::EmbeddingOp e) {
+        adj.accumulate(loc, e.getTable(),
+                       l4::EmbeddingGradOp::create(b, loc,
+                                                   e.getTable().getType(),
+                                                   e.getIds(), grad()));
+        return success();
+      })
+      .Default([&](Operation *other) {
+        return other->emitOpError()
+               << "has no vector-Jacobian rule; it cannot appear in a "
+                  "differentiated function";
+      });
+}
+
+LogicalResult differentiate(func::FuncOp fn) {
+  Block &body = fn.getBody().front();
+  auto ret = cast<func::ReturnOp>(body.getTerminator());
+  if (ret.getNumOperands() != 1 ||
+      !ret.getOperand(0).getDefiningOp<l4::CrossEntropyOp>())
+    return fn.emitOpError()
+           << "a function marked l4.autodiff must return exactly one value, "
+              "an l4.cross_entropy loss";
+
+  OpBuilder b(ret);
+  Adjoints adj(b);
+  SmallVector<Operation *> forward;
+  for (Operation &op : body.without_terminator())
+    forward.push_back(&op);
+  // The loss is the root: its own op seeds the sweep.
+  for (Operation *op : llvm::reverse(forward)) {
+    bool reached = isa<l4::CrossEntropyOp>(op) && op->getResult(0) == ret.getOperand(0);
+    for (Value r : op->getResults())
+      reached |= bool(adj.get(r));
+    if (!reached)
+      continue;
+    // The rules assume every result has an adjoint; forward l4 ops have one
+    // result, so this only rejects IR that no importer produces.
+    for (Value r : op->getResults())
+      if (!adj.get(r) && !isa<l4::CrossEntropyOp>(op))
+        return op->emitOpError() << "result " << cast<OpResult>(r).getResultNumber()
+                                 << " does not reach the loss; partial "
+                                    "adjoints are not supported";
+    if (failed(backprop(op, adj, b)))
+      return failure();
+  }
+
+  SmallVector<Value> results{ret.getOperand(0)};
+  SmallVector<std::string> names;
+  for (BlockArgument arg : body.getArguments()) {
+    auto w = fn.getArgAttrOfType<StringAttr>(arg.getArgNumber(), "l4.weight");
+    if (!w)
+      continue;
+    Value g = adj.get(arg);
+    if (!g)
+      return fn.emitOpError() << "weight '" << w.getValue()
+                              << "' does not influence the loss";
+    results.push_back(g);
+    names.push_back(("grad." + w.getValue()).str());
+  }
+  ret->setOperands(results);
+  fn.setType(b.getFunctionType(fn.getArgumentTypes(),
+                               ValueRange(results).getTypes()));
+  for (auto [i, n] : llvm::enumerate(names))
+    fn.setResultAttr(i + 1, "l4.output", b.getStringAttr(n));
+  fn->removeAttr("l4.autodiff");
+  return success();
+}
+
+struct AutodiffPass : public l4c::impl::AutodiffPassBase<AutodiffPass> {
+  void runOnOperation() override {
+    for (auto fn : getOperation().getOps<func::FuncOp>())
+      if (fn->hasAttr("l4.autodiff") && failed(differentiate(fn)))
+        return signalPassFailure();
+  }
+};
+
+} // namespace
