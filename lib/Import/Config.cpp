@@ -718,3 +718,52 @@ ModelCounts l4c::countModel(const Llama4Config &c, int64_t ctx) {
   counts.trainFlopsPerToken = 3.0 * flops;
   return counts;
 }
+
+std::string l4c::configToJson(const Llama4Config &c) {
+  json::Array moe, noRope, types;
+  for (int64_t i = 0; i < c.numLayers; ++i) {
+    if (c.isMoe(i))
+      moe.push_back(i);
+    noRope.push_back(c.usesRope(i) ? 1 : 0);
+    types.push_back(c.isChunked(i) ? "chunked_attention" : "full_attention");
+  }
+  json::Object rope{{"rope_theta", c.rope.theta}, {"rope_type", c.rope.type}};
+  if (c.rope.type == "llama3") {
+    rope["factor"] = c.rope.factor;
+    rope["low_freq_factor"] = c.rope.lowFreqFactor;
+    rope["high_freq_factor"] = c.rope.highFreqFactor;
+    rope["original_max_position_embeddings"] =
+        c.rope.originalMaxPositionEmbeddings;
+  }
+  json::Object o{
+      {"architectures", json::Array{"Llama4ForCausalLM"}},
+      {"model_type", "llama4_text"},
+      {"vocab_size", c.vocabSize},
+      {"hidden_size", c.hiddenSize},
+      {"num_hidden_layers", c.numLayers},
+      {"num_attention_heads", c.numHeads},
+      {"num_key_value_heads", c.numKvHeads},
+      {"head_dim", c.headDim},
+      {"intermediate_size", c.intermediateSize},
+      {"intermediate_size_mlp", c.intermediateSizeMlp},
+      {"num_local_experts", c.numExperts},
+      {"num_experts_per_tok", c.topK},
+      {"hidden_act", "silu"},
+      {"rms_norm_eps", c.rmsNormEps},
+      {"attention_chunk_size", c.attentionChunkSize},
+      {"use_qk_norm", c.useQkNorm},
+      {"attn_temperature_tuning", c.attnTemperatureTuning},
+      {"floor_scale", c.floorScale},
+      {"attn_scale", c.attnScale},
+      {"attention_bias", false},
+      {"attention_dropout", c.attentionDropout},
+      {"tie_word_embeddings", c.tieWordEmbeddings},
+      {"max_position_embeddings", c.maxPositionEmbeddings},
+      {"moe_layers", std::move(moe)},
+      {"no_rope_layers", std::move(noRope)},
+      {"layer_types", std::move(types)},
+      {"rope_parameters", std::move(rope)},
+      {"dtype", "float32"},
+  };
+  return llvm::formatv("{0:2}", json::Value(std::move(o))).str();
+}

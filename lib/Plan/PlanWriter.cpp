@@ -247,7 +247,7 @@ LogicalResult Writer::addFunction(func::FuncOp fn) {
 std::string Writer::finish(const Llama4Config &c, const PlanOptions &opts) {
   auto model = pl::CreateModelInfo(fbb, fbb.CreateString(c.source),
                                    c.vocabSize, c.numLayers, c.hiddenSize,
-                                   fbb.CreateString(""));
+                                   fbb.CreateString(configToJson(c)));
   auto plan = pl::CreatePlan(
       fbb, kPlanVersion, model, fbb.CreateString(opts.programKind),
       fbb.CreateString(opts.target), fbb.CreateString(opts.precision),

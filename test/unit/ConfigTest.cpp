@@ -752,3 +752,38 @@ INSTANTIATE_TEST_SUITE_P(Cases, ConfigRejectField,
                          });
 
 } // namespace
+
+// configToJson writes every derived field, so reading it back gives the same
+// config: plans carry it to write HF-loadable checkpoints after training.
+TEST(ConfigJson, RoundTripsPresetsAndGoldens) {
+  std::vector<l4c::Llama4Config> configs;
+  for (const std::string &name : l4c::presetNames())
+    configs.push_back(cantFail(l4c::presetConfig(name)));
+  for (const char *c : {"scout-tiny", "maverick-tiny"})
+    configs.push_back(cantFail(l4c::loadConfigFile(
+        std::string(L4C_TEST_DATA_DIR) + "/golden/" + c + "/config.json")));
+  for (const l4c::Llama4Config &c : configs) {
+    std::string text = l4c::configToJson(c);
+    auto back = l4c::parseConfigJson(text, "round-trip");
+    ASSERT_TRUE(bool(back)) << llvm::toString(back.takeError()) << "\n" << text;
+    EXPECT_EQ(back->vocabSize, c.vocabSize);
+    EXPECT_EQ(back->hiddenSize, c.hiddenSize);
+    EXPECT_EQ(back->numKvHeads, c.numKvHeads);
+    EXPECT_EQ(back->headDim, c.headDim);
+    EXPECT_EQ(back->intermediateSizeMlp, c.intermediateSizeMlp);
+    EXPECT_EQ(back->topK, c.topK);
+    EXPECT_EQ(back->moeLayer, c.moeLayer);
+    EXPECT_EQ(back->ropeLayer, c.ropeLayer);
+    EXPECT_EQ(back->chunkedLayer, c.chunkedLayer);
+    EXPECT_EQ(back->rope.type, c.rope.type);
+    EXPECT_DOUBLE_EQ(back->rope.theta, c.rope.theta);
+    EXPECT_DOUBLE_EQ(back->rope.factor, c.rope.factor);
+    EXPECT_EQ(back->rope.originalMaxPositionEmbeddings,
+              c.rope.originalMaxPositionEmbeddings);
+    EXPECT_EQ(back->useQkNorm, c.useQkNorm);
+    EXPECT_EQ(back->attnTemperatureTuning, c.attnTemperatureTuning);
+    EXPECT_DOUBLE_EQ(back->floorScale, c.floorScale);
+    EXPECT_EQ(back->tieWordEmbeddings, c.tieWordEmbeddings);
+    EXPECT_EQ(back->attentionChunkSize, c.attentionChunkSize);
+  }
+}

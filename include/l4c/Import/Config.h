@@ -75,6 +75,11 @@ std::vector<std::string> presetNames();
 /// The preset `make run` uses.
 constexpr const char *kDefaultPreset = "llama4-tiny";
 
+/// The config as a Hugging Face config.json (model_type llama4_text) with
+/// every derived field written out, so parseConfigJson(configToJson(c))
+/// gives back c and transformers' Llama4ForCausalLM loads it.
+std::string configToJson(const Llama4Config &c);
+
 /// One parameter tensor of Llama4ForCausalLM, by HF name.
 struct ParamSpec {
   std::string name;
