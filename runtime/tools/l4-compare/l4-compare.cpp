@@ -19,9 +19,14 @@ namespace {
 int usage() {
   std::fprintf(stderr,
                "usage: l4-compare ACTUAL EXPECTED [--tol KEY=LIMIT]... "
-               "[--exact KEY]...\n"
+               "[--exact KEY]... [--grads REL_L2,MAX_RATIO] "
+               "[--adamw ABS]\n"
                "  --tol:   max |actual - expected| <= LIMIT * max |expected|\n"
-               "  --exact: integer tensors must be identical\n");
+               "  --exact: integer tensors must be identical\n"
+               "  --grads: every grad.* of EXPECTED: relative L2 error <= "
+               "REL_L2 and max abs error <= MAX_RATIO * max |expected|\n"
+               "  --adamw: every adamw.* of EXPECTED: abs error <= ABS where "
+               "|grad.*| > 1e-6\n");
   return 2;
 }
 
@@ -128,6 +133,85 @@ int main(int argc, char **argv) {
                                : "",
                     pass ? "ok" : "FAIL");
       ok &= pass;
+    } else if (flag == "--grads" || flag == "--adamw") {
+      double relLimit = 0, ratioLimit = 0, absLimit = 0;
+      if (flag == "--grads") {
+        if (std::sscanf(arg.c_str(), "%lf,%lf", &relLimit, &ratioLimit) != 2)
+          return usage();
+      } else {
+        absLimit = std::atof(arg.c_str());
+      }
+      std::string prefix = flag == "--grads" ? "grad." : "adamw.";
+      size_t tensors = 0, failures = 0;
+      double worstRel = 0, worstRatio = 0, worstAbs = 0;
+      std::string worstName;
+      for (const Checkpoint::Entry &ent : expected.entries()) {
+        const std::string &key = ent.info->name;
+        if (key.compare(0, prefix.size(), prefix) != 0)
+          continue;
+        ++tensors;
+        if (!load(actual, key, DType::F32, a, sa, "actual") ||
+            !load(expected, key, DType::F32, e, se, "expected"))
+          return 2;
+        if (sa != se) {
+          std::printf("%s: shape %s, expected %s: FAIL\n", key.c_str(),
+                      shapeStr(sa).c_str(), shapeStr(se).c_str());
+          ++failures;
+          continue;
+        }
+        const float *pa = reinterpret_cast<const float *>(a.data());
+        const float *pe = reinterpret_cast<const float *>(e.data());
+        size_t n = a.size() / sizeof(float);
+        bool bad = false;
+        if (flag == "--grads") {
+          double err2 = 0, ref2 = 0, maxErr = 0, maxRef = 0;
+          for (size_t k = 0; k < n; ++k) {
+            double d = double(pa[k]) - pe[k];
+            bad |= !std::isfinite(pa[k]);
+            err2 += d * d;
+            ref2 += double(pe[k]) * pe[k];
+            maxErr = std::max(maxErr, std::fabs(d));
+            maxRef = std::max(maxRef, std::fabs(double(pe[k])));
+          }
+          double rel = ref2 > 0 ? std::sqrt(err2 / ref2) : std::sqrt(err2);
+          double ratio = maxRef > 0 ? maxErr / maxRef : maxErr;
+          bad |= rel > relLimit || ratio > ratioLimit;
+          if (rel > worstRel)
+            worstRel = rel, worstName = key;
+          worstRatio = std::max(worstRatio, ratio);
+          if (bad)
+            std::printf("%s: rel L2 %.3e, max abs ratio %.3e: FAIL\n",
+                        key.c_str(), rel, ratio);
+        } else {
+          std::vector<char> g;
+          std::vector<int64_t> sg;
+          if (!load(expected, "grad." + key.substr(prefix.size()), DType::F32,
+                    g, sg, "expected"))
+            return 2;
+          const float *pg = reinterpret_cast<const float *>(g.data());
+          double maxErr = 0;
+          for (size_t k = 0; k < n; ++k)
+            if (std::fabs(pg[k]) > 1e-6)
+              maxErr = std::max(maxErr, std::fabs(double(pa[k]) - pe[k]));
+          bad = maxErr > absLimit;
+          if (maxErr > worstAbs)
+            worstAbs = maxErr, worstName = key;
+          if (bad)
+            std::printf("%s: max abs err %.3e: FAIL\n", key.c_str(), maxErr);
+        }
+        failures += bad;
+      }
+      if (flag == "--grads")
+        std::printf("grads: %zu tensors, worst rel L2 %.3e (%s), worst max abs "
+                    "ratio %.3e (limits %.1e, %.1e): %s\n",
+                    tensors, worstRel, worstName.c_str(), worstRatio, relLimit,
+                    ratioLimit, failures || !tensors ? "FAIL" : "ok");
+      else
+        std::printf("adamw: %zu tensors, worst abs err %.3e (%s) (limit "
+                    "%.1e): %s\n",
+                    tensors, worstAbs, worstName.c_str(), absLimit,
+                    failures || !tensors ? "FAIL" : "ok");
+      ok &= failures == 0 && tensors > 0;
     } else {
       return usage();
     }
