@@ -14,6 +14,7 @@ config.test_exec_root = os.path.join(config.l4c_obj_root, "test")
 
 config.substitutions.append(("%golden", os.path.join(config.l4c_src_root, "test", "data", "golden")))
 config.substitutions.append(("%testdata", os.path.join(config.l4c_src_root, "test", "data")))
+config.substitutions.append(("%extra", os.path.join(config.l4c_src_root, "test", "data", "golden-extra")))
 
 llvm_config.with_system_environment(["HOME", "TMPDIR"])
 llvm_config.use_default_substitutions()

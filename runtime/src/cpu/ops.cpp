@@ -19,8 +19,8 @@ namespace {
 
 class OpRunner {
 public:
-  OpRunner(const Plan &plan, uint8_t *const regions[4], const KernelDesc &kernel,
-           const OpDesc &op, size_t B, size_t T)
+  OpRunner(const Plan &plan, uint8_t *const regions[4],
+           const KernelDesc &kernel, const OpDesc &op, size_t B, size_t T)
       : plan(plan), regions(regions), kernel(kernel), op(op), B(B), T(T) {}
 
   Status run();
@@ -32,28 +32,38 @@ private:
   float *f32(const BufferDesc &b) const {
     return reinterpret_cast<float *>(regions[int(b.region)] + b.offset);
   }
-  float *f32(const BufferDesc &b, size_t batch) const { return f32(b) + batch * b.batchStride; }
+  float *f32(const BufferDesc &b, size_t batch) const {
+    return f32(b) + batch * b.batchStride;
+  }
   /// The live elements of batch entry `batch` of an index buffer, as int64.
-  const int64_t *indices(const BufferDesc &b, size_t batch, std::vector<int64_t> &scratch) const {
+  const int64_t *indices(const BufferDesc &b, size_t batch,
+                         std::vector<int64_t> &scratch) const {
     uint8_t *base = regions[int(b.region)] + b.offset;
     size_t n = b.activeElems(T);
     if (b.dtype == plan::DType::I64)
       return reinterpret_cast<const int64_t *>(base) + batch * b.batchStride;
-    const int32_t *src = reinterpret_cast<const int32_t *>(base) + batch * b.batchStride;
+    const int32_t *src =
+        reinterpret_cast<const int32_t *>(base) + batch * b.batchStride;
     scratch.assign(src, src + n);
     return scratch.data();
   }
   /// Live rows of `feat` elements per batch entry.
-  size_t rows(const BufferDesc &b, size_t feat) const { return b.activeElems(T) / feat; }
+  size_t rows(const BufferDesc &b, size_t feat) const {
+    return b.activeElems(T) / feat;
+  }
   /// True when the live rows of all batch entries are one contiguous block.
-  bool dense(const BufferDesc &b) const { return !b.hasSeq || T == size_t(b.shape[1]); }
+  bool dense(const BufferDesc &b) const {
+    return !b.hasSeq || T == size_t(b.shape[1]);
+  }
   Status fail(const std::string &msg) const {
-    return Status::fail(StatusCode::InvalidArgument, "kernel '" + kernel.name + "' op " +
-                                                         opKindName(op.kind) + ": " + msg);
+    return Status::fail(StatusCode::InvalidArgument,
+                        "kernel '" + kernel.name + "' op " +
+                            opKindName(op.kind) + ": " + msg);
   }
   /// Calls fn(firstBatch, count) once over all entries when every buffer's
   /// live rows are contiguous across the batch, else once per entry.
-  template <typename F> void batches(std::initializer_list<const BufferDesc *> bufs, F &&fn) {
+  template <typename F>
+  void batches(std::initializer_list<const BufferDesc *> bufs, F &&fn) {
     bool merged = true;
     for (const BufferDesc *b : bufs)
       merged = merged && dense(*b);
@@ -121,9 +131,9 @@ Status OpRunner::embedding() {
     size_t n = ids.activeElems(T);
     for (size_t i = 0; i < n; ++i)
       if (id[i] < 0 || uint64_t(id[i]) >= V)
-        return fail("id " + std::to_string(id[i]) + " at batch " + std::to_string(b) +
-                    " row " + std::to_string(i) + " is outside the table's " +
-                    std::to_string(V) + " rows");
+        return fail("id " + std::to_string(id[i]) + " at batch " +
+                    std::to_string(b) + " row " + std::to_string(i) +
+                    " is outside the table's " + std::to_string(V) + " rows");
     cpu::embedding(f32(table), D, id, n, f32(y, b));
   }
   return Status::success();
@@ -169,15 +179,17 @@ Status OpRunner::rotate() {
 
 Status OpRunner::cacheUpdate() {
   const BufferDesc &cache = in(0), &upd = in(1), &pos = in(2);
-  size_t M = size_t(cache.shape[1]), row = size_t(cache.shape[2] * cache.shape[3]);
+  size_t M = size_t(cache.shape[1]),
+         row = size_t(cache.shape[2] * cache.shape[3]);
   std::vector<int64_t> scratch;
   for (size_t b = 0; b < B; ++b) {
     const int64_t *p = indices(pos, b, scratch);
     size_t tokens = rows(upd, row);
     for (size_t s = 0; s < tokens; ++s) {
       if (p[s] < 0 || uint64_t(p[s]) >= M)
-        return fail("position " + std::to_string(p[s]) + " at batch " + std::to_string(b) +
-                    " is outside the cache's " + std::to_string(M) + " rows");
+        return fail("position " + std::to_string(p[s]) + " at batch " +
+                    std::to_string(b) + " is outside the cache's " +
+                    std::to_string(M) + " rows");
       std::memcpy(f32(cache, b) + size_t(p[s]) * row, f32(upd, b) + s * row,
                   row * sizeof(float));
     }
@@ -187,7 +199,8 @@ Status OpRunner::cacheUpdate() {
 
 Status OpRunner::attention() {
   const BufferDesc &q = in(0), &k = in(1), &v = in(2), &pos = in(3), &y = out();
-  size_t H = size_t(q.shape[2]), d = size_t(q.shape[3]), Hkv = size_t(k.shape[2]);
+  size_t H = size_t(q.shape[2]), d = size_t(q.shape[3]),
+         Hkv = size_t(k.shape[2]);
   size_t qw = H * d, kw = Hkv * d;
   std::vector<int64_t> scratch;
   for (size_t b = 0; b < B; ++b) {
@@ -200,17 +213,18 @@ Status OpRunner::attention() {
       int64_t maxPos = -1;
       for (size_t s = 0; s < Tq; ++s) {
         if (p[s] < 0)
-          return fail("negative position " + std::to_string(p[s]) + " at batch " +
-                      std::to_string(b));
+          return fail("negative position " + std::to_string(p[s]) +
+                      " at batch " + std::to_string(b));
         maxPos = std::max(maxPos, p[s]);
       }
       kvLen = size_t(maxPos + 1);
       if (kvLen > size_t(k.shape[1]))
-        return fail("position " + std::to_string(maxPos) + " at batch " + std::to_string(b) +
-                    " is outside the cache's " + std::to_string(k.shape[1]) + " rows");
+        return fail("position " + std::to_string(maxPos) + " at batch " +
+                    std::to_string(b) + " is outside the cache's " +
+                    std::to_string(k.shape[1]) + " rows");
     }
-    cpu::attention(f32(q, b), qw, p, Tq, f32(k, b), kw, f32(v, b), kw, kvLen, H, Hkv, d,
-                   op.chunkSize, float(op.scale), f32(y, b), qw);
+    cpu::attention(f32(q, b), qw, p, Tq, f32(k, b), kw, f32(v, b), kw, kvLen, H,
+                   Hkv, d, op.chunkSize, float(op.scale), f32(y, b), qw);
   }
   return Status::success();
 }
@@ -219,18 +233,20 @@ Status OpRunner::routerScores() {
   const BufferDesc &x = in(0), &y = out();
   size_t E = size_t(x.lastDim());
   batches({&x, &y}, [&](size_t b, size_t nb) {
-    cpu::routerScores(f32(x, b), nb * rows(x, E), E, size_t(op.topK), f32(y, b));
+    cpu::routerScores(f32(x, b), nb * rows(x, E), E, size_t(op.topK),
+                      f32(y, b));
   });
   return Status::success();
 }
 
 Status OpRunner::moeExperts() {
-  const BufferDesc &x = in(0), &scores = in(1), &gateUp = in(2), &down = in(3), &y = out();
+  const BufferDesc &x = in(0), &scores = in(1), &gateUp = in(2), &down = in(3),
+                   &y = out();
   size_t E = size_t(gateUp.shape[0]), D = size_t(gateUp.shape[1]),
          I = size_t(gateUp.shape[2] / 2);
   batches({&x, &scores, &y}, [&](size_t b, size_t nb) {
-    cpu::expertsForward(f32(x, b), f32(scores, b), f32(gateUp), f32(down), nb * rows(x, D), D, I,
-                        E, f32(y, b));
+    cpu::expertsForward(f32(x, b), f32(scores, b), f32(gateUp), f32(down),
+                        nb * rows(x, D), D, I, E, f32(y, b));
   });
   return Status::success();
 }
@@ -252,14 +268,16 @@ Status OpRunner::takeLast() {
   if (T == 0)
     return fail("no token to take");
   for (size_t b = 0; b < B; ++b)
-    std::memcpy(f32(y, b), f32(x, b) + (T - 1) * x.rowStride, x.rowStride * sizeof(float));
+    std::memcpy(f32(y, b), f32(x, b) + (T - 1) * x.rowStride,
+                x.rowStride * sizeof(float));
   return Status::success();
 }
 
 } // namespace
 
-Status runCpuOp(const Plan &plan, uint8_t *const regions[4], const KernelDesc &kernel,
-                const OpDesc &op, size_t B, size_t T) {
+Status runCpuOp(const Plan &plan, uint8_t *const regions[4],
+                const KernelDesc &kernel, const OpDesc &op, size_t B,
+                size_t T) {
   return OpRunner(plan, regions, kernel, op, B, T).run();
 }
 

@@ -1,0 +1,125 @@
+/*===- l4rt.h - C API of libl4rt, the l4c runtime -------------------------===*
+ *
+ * Loads an l4c execution plan, binds weights (a Hugging Face checkpoint or a
+ * seed) and runs forward passes or generation. Plain C, opaque handles,
+ * status codes; no call throws, and l4rt_last_error() explains a failure.
+ *
+ *===----------------------------------------------------------------------===*/
+#ifndef L4C_RUNTIME_L4RT_H
+#define L4C_RUNTIME_L4RT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define L4RT_API
+#else
+#define L4RT_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define L4RT_VERSION_MAJOR 0
+#define L4RT_VERSION_MINOR 1
+
+typedef enum l4rt_status {
+  L4RT_OK = 0,
+  L4RT_ERROR_INVALID_ARGUMENT = 1, /* bad inputs: ids, lengths, null pointers */
+  L4RT_ERROR_IO = 2,               /* a file could not be opened or read */
+  L4RT_ERROR_INVALID_PLAN = 3,     /* the plan failed verification */
+  L4RT_ERROR_UNSUPPORTED = 4, /* valid, but not something this build runs */
+  L4RT_ERROR_OUT_OF_MEMORY = 5,
+  L4RT_ERROR_INTERNAL = 6
+} l4rt_status;
+
+/* Opaque handles. A session keeps its plan alive, so the plan handle may be
+ * freed first. A session runs one call at a time (calls are serialised). */
+typedef struct l4rt_plan_s *l4rt_plan;
+typedef struct l4rt_session_s *l4rt_session;
+
+/* Facts about a loaded plan. The strings belong to the plan handle. */
+typedef struct l4rt_plan_summary {
+  uint32_t version;
+  const char *program_kind; /* "forward" | "generate" */
+  const char *target;       /* "cpu" | "cuda:sm_90a" */
+  const char *precision;    /* "f32" | "bf16" */
+  const char *model_source;
+  int64_t max_batch;
+  int64_t max_seq;
+  int64_t vocab_size;
+  uint64_t arena_size; /* bytes */
+  uint64_t weights_size;
+  uint64_t cache_size;
+  uint64_t io_size;
+  uint32_t num_kernels;
+  uint32_t num_buffers;
+  uint32_t num_weights; /* checkpoint tensors bound */
+} l4rt_plan_summary;
+
+/* Sampling instead of greedy decoding: softmax(logits / temperature) over the
+ * smallest set of tokens whose probability reaches top_p. */
+typedef struct l4rt_sampling {
+  float temperature; /* > 0 */
+  float top_p;       /* in (0, 1] */
+  uint64_t seed;     /* same seed, same tokens */
+} l4rt_sampling;
+
+/* Wall-clock split of the last l4rt_forward / l4rt_generate call. */
+typedef struct l4rt_timing {
+  double prefill_seconds; /* forward pass, or prefill + first token */
+  double decode_seconds;  /* the remaining tokens */
+  int64_t prefill_tokens; /* B * T */
+  int64_t decode_tokens;  /* B * (G - 1) */
+} l4rt_timing;
+
+/* The message of the last failed call on this thread ("" after a success).
+ * Valid until the next l4rt call on this thread. */
+L4RT_API const char *l4rt_last_error(void);
+/* "ok", "invalid argument", ... */
+L4RT_API const char *l4rt_status_string(l4rt_status status);
+
+/* Reads and verifies a plan file. */
+L4RT_API l4rt_status l4rt_plan_load(const char *path, l4rt_plan *out_plan);
+/* Verifies plan bytes held in memory (copied). */
+L4RT_API l4rt_status l4rt_plan_load_memory(const void *data, size_t size,
+                                           l4rt_plan *out_plan);
+L4RT_API void l4rt_plan_free(l4rt_plan plan);
+L4RT_API l4rt_status l4rt_plan_info(l4rt_plan plan,
+                                    l4rt_plan_summary *out_info);
+
+/* Allocates the plan's memory and fills its weights from the checkpoint
+ * `weights_dir` (a directory with model.safetensors or an index, or a single
+ * .safetensors file), or, when weights_dir is NULL, from random_seed:
+ * normal(0, 1/sqrt(fan_in)) matrices and ones for norm weights. */
+L4RT_API l4rt_status l4rt_session_create(l4rt_plan plan,
+                                         const char *weights_dir,
+                                         uint64_t random_seed,
+                                         l4rt_session *out_session);
+L4RT_API void l4rt_session_free(l4rt_session session);
+
+/* Runs a forward plan on ids [batch, seq]; logits_out receives
+ * [batch, seq, vocab_size] floats. */
+L4RT_API l4rt_status l4rt_forward(l4rt_session session, const int64_t *ids,
+                                  int64_t batch, int64_t seq,
+                                  float *logits_out);
+
+/* Continues ids [batch, seq] by max_new_tokens tokens, greedy when sampling
+ * is NULL. out_ids receives [batch, seq + max_new_tokens] (the prompt, then
+ * the new tokens) and *out_len the row length seq + max_new_tokens. Fails when
+ * seq + max_new_tokens exceeds the plan's max_seq. */
+L4RT_API l4rt_status l4rt_generate(l4rt_session session, const int64_t *ids,
+                                   int64_t batch, int64_t seq,
+                                   int64_t max_new_tokens,
+                                   const l4rt_sampling *sampling,
+                                   int64_t *out_ids, int64_t *out_len);
+
+L4RT_API l4rt_status l4rt_session_timing(l4rt_session session,
+                                         l4rt_timing *out_timing);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* L4C_RUNTIME_L4RT_H */

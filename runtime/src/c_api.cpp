@@ -1,0 +1,233 @@
+//===- c_api.cpp - the C API of libl4rt ----------------------------------===//
+//
+// Opaque handles over the C++ plan and session, status codes, and a
+// thread-local error message. Every entry point catches everything: no
+// exception crosses into C.
+//
+//===----------------------------------------------------------------------===//
+#include "executor.h"
+#include "l4c/runtime/l4rt.h"
+#include "plan.h"
+
+#include <exception>
+#include <new>
+#include <string>
+
+struct l4rt_plan_s {
+  std::shared_ptr<const l4c::rt::Plan> plan;
+};
+
+struct l4rt_session_s {
+  std::unique_ptr<l4c::rt::Session> session;
+};
+
+namespace {
+
+using l4c::rt::Status;
+using l4c::rt::StatusCode;
+
+thread_local std::string lastError;
+
+l4rt_status toC(StatusCode c) {
+  switch (c) {
+  case StatusCode::Ok:
+    return L4RT_OK;
+  case StatusCode::InvalidArgument:
+    return L4RT_ERROR_INVALID_ARGUMENT;
+  case StatusCode::Io:
+    return L4RT_ERROR_IO;
+  case StatusCode::InvalidPlan:
+    return L4RT_ERROR_INVALID_PLAN;
+  case StatusCode::Unsupported:
+    return L4RT_ERROR_UNSUPPORTED;
+  case StatusCode::OutOfMemory:
+    return L4RT_ERROR_OUT_OF_MEMORY;
+  case StatusCode::Internal:
+    return L4RT_ERROR_INTERNAL;
+  }
+  return L4RT_ERROR_INTERNAL;
+}
+
+l4rt_status report(const Status &s) {
+  lastError = s.message;
+  return toC(s.code);
+}
+
+l4rt_status invalid(const char *msg) {
+  lastError = msg;
+  return L4RT_ERROR_INVALID_ARGUMENT;
+}
+
+/// Runs fn, turning any escaping exception into a status.
+template <typename F> l4rt_status guarded(F &&fn) noexcept {
+  try {
+    lastError.clear();
+    return fn();
+  } catch (const std::bad_alloc &) {
+    lastError = "out of memory";
+    return L4RT_ERROR_OUT_OF_MEMORY;
+  } catch (const std::exception &e) {
+    try {
+      lastError = std::string("internal error: ") + e.what();
+    } catch (...) {
+    }
+    return L4RT_ERROR_INTERNAL;
+  } catch (...) {
+    lastError = "internal error: unknown exception";
+    return L4RT_ERROR_INTERNAL;
+  }
+}
+
+} // namespace
+
+extern "C" {
+
+const char *l4rt_last_error(void) { return lastError.c_str(); }
+
+const char *l4rt_status_string(l4rt_status status) {
+  switch (status) {
+  case L4RT_OK:
+    return "ok";
+  case L4RT_ERROR_INVALID_ARGUMENT:
+    return "invalid argument";
+  case L4RT_ERROR_IO:
+    return "i/o error";
+  case L4RT_ERROR_INVALID_PLAN:
+    return "invalid plan";
+  case L4RT_ERROR_UNSUPPORTED:
+    return "unsupported";
+  case L4RT_ERROR_OUT_OF_MEMORY:
+    return "out of memory";
+  case L4RT_ERROR_INTERNAL:
+    return "internal error";
+  }
+  return "unknown status";
+}
+
+l4rt_status l4rt_plan_load(const char *path, l4rt_plan *out_plan) {
+  return guarded([&] {
+    if (!path || !out_plan)
+      return invalid("l4rt_plan_load: path and out_plan must not be null");
+    *out_plan = nullptr;
+    std::shared_ptr<const l4c::rt::Plan> plan;
+    if (Status s = l4c::rt::Plan::load(path, plan); !s.ok())
+      return report(s);
+    *out_plan = new l4rt_plan_s{std::move(plan)};
+    return L4RT_OK;
+  });
+}
+
+l4rt_status l4rt_plan_load_memory(const void *data, size_t size,
+                                  l4rt_plan *out_plan) {
+  return guarded([&] {
+    if ((!data && size) || !out_plan)
+      return invalid(
+          "l4rt_plan_load_memory: data and out_plan must not be null");
+    *out_plan = nullptr;
+    const uint8_t *bytes = static_cast<const uint8_t *>(data);
+    std::shared_ptr<const l4c::rt::Plan> plan;
+    if (Status s = l4c::rt::Plan::fromBytes(
+            std::vector<uint8_t>(bytes, bytes + size), "<memory>", plan);
+        !s.ok())
+      return report(s);
+    *out_plan = new l4rt_plan_s{std::move(plan)};
+    return L4RT_OK;
+  });
+}
+
+void l4rt_plan_free(l4rt_plan plan) { delete plan; }
+
+l4rt_status l4rt_plan_info(l4rt_plan plan, l4rt_plan_summary *out) {
+  return guarded([&] {
+    if (!plan || !out)
+      return invalid("l4rt_plan_info: plan and out_info must not be null");
+    const l4c::rt::Plan &p = *plan->plan;
+    using l4c::plan::Region;
+    out->version = p.version;
+    out->program_kind = p.programKind.c_str();
+    out->target = p.target.c_str();
+    out->precision = p.precision.c_str();
+    out->model_source = p.modelSource.c_str();
+    out->max_batch = p.maxBatch;
+    out->max_seq = p.maxSeq;
+    out->vocab_size = p.vocabSize;
+    out->arena_size = p.regionSize[int(Region::Arena)];
+    out->weights_size = p.regionSize[int(Region::Weights)];
+    out->cache_size = p.regionSize[int(Region::Cache)];
+    out->io_size = p.regionSize[int(Region::Io)];
+    out->num_kernels = uint32_t(p.kernels.size());
+    out->num_buffers = uint32_t(p.buffers.size());
+    out->num_weights = uint32_t(p.weights.size());
+    return L4RT_OK;
+  });
+}
+
+l4rt_status l4rt_session_create(l4rt_plan plan, const char *weights_dir,
+                                uint64_t random_seed,
+                                l4rt_session *out_session) {
+  return guarded([&] {
+    if (!plan || !out_session)
+      return invalid(
+          "l4rt_session_create: plan and out_session must not be null");
+    *out_session = nullptr;
+    l4c::rt::SessionOptions opts;
+    if (weights_dir) {
+      opts.weightsPath = weights_dir;
+      if (opts.weightsPath.empty())
+        return invalid("l4rt_session_create: weights_dir is empty (pass NULL "
+                       "for random weights)");
+    }
+    opts.randomSeed = random_seed;
+    std::unique_ptr<l4c::rt::Session> session;
+    if (Status s = l4c::rt::Session::create(plan->plan, opts, session); !s.ok())
+      return report(s);
+    *out_session = new l4rt_session_s{std::move(session)};
+    return L4RT_OK;
+  });
+}
+
+void l4rt_session_free(l4rt_session session) { delete session; }
+
+l4rt_status l4rt_forward(l4rt_session session, const int64_t *ids,
+                         int64_t batch, int64_t seq, float *logits_out) {
+  return guarded([&] {
+    if (!session)
+      return invalid("l4rt_forward: session must not be null");
+    return report(session->session->forward(ids, batch, seq, logits_out));
+  });
+}
+
+l4rt_status l4rt_generate(l4rt_session session, const int64_t *ids,
+                          int64_t batch, int64_t seq, int64_t max_new_tokens,
+                          const l4rt_sampling *sampling, int64_t *out_ids,
+                          int64_t *out_len) {
+  return guarded([&] {
+    if (!session)
+      return invalid("l4rt_generate: session must not be null");
+    l4c::rt::Sampling s;
+    if (sampling) {
+      s.temperature = sampling->temperature;
+      s.topP = sampling->top_p;
+      s.seed = sampling->seed;
+    }
+    return report(session->session->generate(ids, batch, seq, max_new_tokens,
+                                             sampling ? &s : nullptr, out_ids,
+                                             out_len));
+  });
+}
+
+l4rt_status l4rt_session_timing(l4rt_session session, l4rt_timing *out) {
+  return guarded([&] {
+    if (!session || !out)
+      return invalid(
+          "l4rt_session_timing: session and out_timing must not be null");
+    l4c::rt::Timing t = session->session->lastTiming();
+    out->prefill_seconds = t.prefillSeconds;
+    out->decode_seconds = t.decodeSeconds;
+    out->prefill_tokens = t.prefillTokens;
+    out->decode_tokens = t.decodeTokens;
+    return L4RT_OK;
+  });
+}
+
+} // extern "C"

@@ -1,0 +1,491 @@
+//===- executor.cpp - sessions that run a plan on the CPU ----------------===//
+//
+// Region allocation, weight loading (checkpoint or seed), input validation,
+// program runs and the generation loop (greedy or seeded top-p sampling).
+//
+//===----------------------------------------------------------------------===//
+#include "executor.h"
+#include "cpu/kernels.h"
+#include "io/safetensors.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include <sys/mman.h>
+
+namespace l4c::rt {
+
+namespace {
+
+const char *regionLabel(plan::Region r) {
+  switch (r) {
+  case plan::Region::Arena:
+    return "arena";
+  case plan::Region::Weights:
+    return "weights";
+  case plan::Region::Cache:
+    return "cache";
+  case plan::Region::Io:
+    return "io";
+  }
+  return "?";
+}
+
+std::string shapeStr(const std::vector<int64_t> &shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i)
+    s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+/// splitmix64: seeds and per-tensor streams, identical on every platform
+/// (std::normal_distribution is not).
+uint64_t splitmix(uint64_t &state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+/// Uniform in [0, 1) with 53 random bits.
+double uniform(uint64_t &state) {
+  return double(splitmix(state) >> 11) * 0x1.0p-53;
+}
+
+uint64_t fnv1a(const std::string &s) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char c : s)
+    h = (h ^ c) * 0x100000001b3ull;
+  return h;
+}
+
+io::DType ioDType(plan::DType t) {
+  switch (t) {
+  case plan::DType::F32:
+    return io::DType::F32;
+  case plan::DType::BF16:
+    return io::DType::BF16;
+  case plan::DType::F16:
+    return io::DType::F16;
+  case plan::DType::I64:
+    return io::DType::I64;
+  case plan::DType::I32:
+    return io::DType::I32;
+  }
+  return io::DType::F32;
+}
+
+/// Draws from softmax(logits / temperature) restricted to the smallest set
+/// of most likely tokens whose mass reaches topP.
+int64_t sampleRow(const float *logits, size_t V, const Sampling &s,
+                  uint64_t &rng, std::vector<double> &prob,
+                  std::vector<uint32_t> &order) {
+  double maxL = -INFINITY;
+  for (size_t i = 0; i < V; ++i)
+    if (std::isfinite(logits[i]))
+      maxL = std::max(maxL, double(logits[i]));
+  prob.assign(V, 0.0);
+  double total = 0;
+  for (size_t i = 0; i < V; ++i)
+    if (std::isfinite(logits[i]))
+      total += prob[i] = std::exp((double(logits[i]) - maxL) / s.temperature);
+  if (!(total > 0)) {
+    int64_t best = 0;
+    cpu::argmaxRows(logits, 1, V, &best);
+    return best;
+  }
+  order.resize(V);
+  std::iota(order.begin(), order.end(), 0u);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](uint32_t a, uint32_t b) { return prob[a] > prob[b]; });
+  size_t keep = 0;
+  double kept = 0;
+  while (keep < V && (keep == 0 || kept < s.topP * total))
+    kept += prob[order[keep++]];
+  double u = uniform(rng) * kept;
+  for (size_t i = 0; i < keep; ++i) {
+    u -= prob[order[i]];
+    if (u < 0)
+      return order[i];
+  }
+  return order[keep - 1];
+}
+
+double seconds(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since)
+      .count();
+}
+
+} // namespace
+
+Status Session::create(std::shared_ptr<const Plan> plan,
+                       const SessionOptions &opts,
+                       std::unique_ptr<Session> &out) {
+  if (!plan)
+    return Status::fail(StatusCode::InvalidArgument, "no plan given");
+  std::unique_ptr<Session> s(new Session(std::move(plan)));
+  if (Status st = s->checkSupported(); !st.ok())
+    return st;
+  if (Status st = s->allocate(); !st.ok())
+    return st;
+  if (!opts.weightsPath.empty()) {
+    if (Status st = s->loadWeights(opts.weightsPath); !st.ok())
+      return st;
+  } else {
+    s->randomWeights(opts.randomSeed);
+  }
+  out = std::move(s);
+  return Status::success();
+}
+
+Session::~Session() {
+  for (Region &r : regions_)
+    if (r.base)
+      ::munmap(r.base, r.size);
+}
+
+Status Session::checkSupported() const {
+  const Plan &p = *plan_;
+  if (p.meshRanks != 1)
+    return Status::fail(
+        StatusCode::Unsupported,
+        p.label() + ": a mesh of " + std::to_string(p.meshRanks) +
+            " ranks needs the multi-rank runtime; the cpu executor runs one");
+  // The CPU kernels compute in f32; other float types would need a
+  // conversion at every op boundary.
+  auto check = [&](uint32_t i) -> Status {
+    const BufferDesc &b = p.buffers[i];
+    if (isFloat(b.dtype) && b.dtype != plan::DType::F32)
+      return Status::fail(
+          StatusCode::Unsupported,
+          p.label() + ": buffer " + std::to_string(i) + " '" + b.name +
+              "' has dtype " + dtypeName(b.dtype) +
+              "; the cpu executor runs f32 plans only (precision " +
+              p.precision + ")");
+    return Status::success();
+  };
+  for (const KernelDesc &k : p.kernels)
+    for (const OpDesc &op : k.ops) {
+      for (uint32_t b : op.operands)
+        if (Status s = check(b); !s.ok())
+          return s;
+      if (Status s = check(op.result); !s.ok())
+        return s;
+    }
+  for (const ProgramDesc &pr : p.programs)
+    if (Status s = check(uint32_t(pr.logits)); !s.ok())
+      return s;
+  return Status::success();
+}
+
+Status Session::allocate() {
+  // Anonymous mappings: page aligned (beyond the 64 bytes the kernels want),
+  // zero filled, and only pages that are touched cost memory.
+  for (int r = 0; r < 4; ++r) {
+    uint64_t size = plan_->regionSize[r];
+    if (size == 0)
+      continue;
+    void *m = size > SIZE_MAX / 2
+                  ? MAP_FAILED
+                  : ::mmap(nullptr, size_t(size), PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED)
+      return Status::fail(StatusCode::OutOfMemory,
+                          plan_->label() + ": cannot allocate the " +
+                              regionLabel(plan::Region(r)) + " region of " +
+                              std::to_string(size) + " bytes");
+    regions_[r] = {static_cast<uint8_t *>(m), size_t(size)};
+  }
+  return Status::success();
+}
+
+Status Session::loadWeights(const std::string &path) {
+  io::Checkpoint ckpt;
+  if (io::Status s = io::Checkpoint::open(path, ckpt); !s.ok())
+    return Status::fail(StatusCode::Io, s.error);
+  for (const WeightDesc &w : plan_->weights) {
+    const BufferDesc &b = plan_->buffers[w.buffer];
+    io::Checkpoint::Entry e;
+    if (!ckpt.find(w.hfName, e))
+      return Status::fail(StatusCode::InvalidArgument,
+                          path + ": tensor '" + w.hfName +
+                              "' is missing (the plan binds it to buffer " +
+                              std::to_string(w.buffer) + ")");
+    if (e.info->shape != b.shape)
+      return Status::fail(StatusCode::InvalidArgument,
+                          path + ": tensor '" + w.hfName + "' has shape " +
+                              shapeStr(e.info->shape) +
+                              " but the plan expects " + shapeStr(b.shape));
+    uint8_t *dst = regions_[int(b.region)].base + b.offset;
+    if (io::Status s = ckpt.read(w.hfName, ioDType(b.dtype), dst, b.numel);
+        !s.ok())
+      return Status::fail(StatusCode::InvalidArgument, s.error);
+  }
+  return Status::success();
+}
+
+void Session::randomWeights(uint64_t seed) {
+  // Each tensor draws from its own stream keyed by its name, so the values
+  // do not depend on binding order. Norm weights (rank 1) are ones; matrices
+  // are normal(0, 1/sqrt(fan_in)) with fan_in the input dim of nn.Linear
+  // [out, in] or of HF's input-major expert weights [E, in, out].
+  for (const WeightDesc &w : plan_->weights) {
+    const BufferDesc &b = plan_->buffers[w.buffer];
+    if (b.dtype != plan::DType::F32)
+      continue;
+    float *dst =
+        reinterpret_cast<float *>(regions_[int(b.region)].base + b.offset);
+    if (b.shape.size() == 1) {
+      std::fill(dst, dst + b.numel, 1.0f);
+      continue;
+    }
+    int64_t fanIn =
+        b.shape.size() == 2 ? b.shape[1] : b.shape[b.shape.size() - 2];
+    double stddev = 1.0 / std::sqrt(double(fanIn));
+    uint64_t state = seed ^ fnv1a(w.hfName);
+    splitmix(state);
+    for (uint64_t i = 0; i < b.numel; i += 2) {
+      // Box-Muller: two normals per pair of uniforms.
+      double u1 = 1.0 - uniform(state), u2 = uniform(state);
+      double r = std::sqrt(-2.0 * std::log(u1)), a = 2.0 * M_PI * u2;
+      dst[i] = float(r * std::cos(a) * stddev);
+      if (i + 1 < b.numel)
+        dst[i + 1] = float(r * std::sin(a) * stddev);
+    }
+  }
+}
+
+Status Session::checkIds(const int64_t *ids, int64_t B, int64_t T,
+                         int64_t ld) const {
+  if (!ids)
+    return Status::fail(StatusCode::InvalidArgument, "input_ids is null");
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t id = ids[b * ld + t];
+      if (id < 0 || id >= plan_->vocabSize)
+        return Status::fail(StatusCode::InvalidArgument,
+                            "input_ids[" + std::to_string(b) + ", " +
+                                std::to_string(t) +
+                                "] = " + std::to_string(id) +
+                                " is outside the vocabulary [0, " +
+                                std::to_string(plan_->vocabSize) + ")");
+    }
+  return Status::success();
+}
+
+Status Session::runProgram(const ProgramDesc &prog, const int64_t *ids,
+                           int64_t ldIds, int64_t B, int64_t T, int64_t pos0) {
+  const Plan &p = *plan_;
+  if (T > prog.seqCapacity)
+    return Status::fail(
+        StatusCode::InvalidArgument,
+        "sequence length " + std::to_string(T) + " exceeds the " + prog.name +
+            " program's capacity " + std::to_string(prog.seqCapacity));
+  uint8_t *bases[4];
+  for (int r = 0; r < 4; ++r)
+    bases[r] = regions_[r].base;
+  // Inputs: ids, then positions pos0 + s (the executor owns positions).
+  auto fill = [&](int64_t bufIdx, auto value) {
+    const BufferDesc &d = p.buffers[bufIdx];
+    uint8_t *base = bases[int(d.region)] + d.offset;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t s = 0; s < T; ++s) {
+        int64_t v = value(b, s);
+        uint64_t at = uint64_t(b) * d.batchStride + uint64_t(s);
+        if (d.dtype == plan::DType::I64)
+          reinterpret_cast<int64_t *>(base)[at] = v;
+        else
+          reinterpret_cast<int32_t *>(base)[at] = int32_t(v);
+      }
+  };
+  fill(prog.inputIds, [&](int64_t b, int64_t s) { return ids[b * ldIds + s]; });
+  if (prog.positions >= 0)
+    fill(prog.positions, [&](int64_t, int64_t s) { return pos0 + s; });
+  for (uint32_t k : prog.steps)
+    for (const OpDesc &op : p.kernels[k].ops)
+      if (Status s = runCpuOp(p, bases, p.kernels[k], op, size_t(B), size_t(T));
+          !s.ok())
+        return s;
+  return Status::success();
+}
+
+void Session::lastLogits(const ProgramDesc &prog, int64_t B, int64_t T,
+                         float *out) const {
+  const BufferDesc &d = plan_->buffers[prog.logits];
+  const float *lg =
+      reinterpret_cast<const float *>(regions_[int(d.region)].base + d.offset);
+  size_t V = size_t(d.lastDim());
+  size_t row = d.hasSeq ? size_t(T - 1) : 0;
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(out + b * V, lg + b * d.batchStride + row * V,
+                V * sizeof(float));
+}
+
+Status Session::forward(const int64_t *ids, int64_t B, int64_t T,
+                        float *logits) {
+  std::lock_guard<std::mutex> lock(mu_);
+  timing_ = Timing();
+  const Plan &p = *plan_;
+  const ProgramDesc *prog = p.program("forward");
+  if (!prog)
+    return Status::fail(StatusCode::InvalidArgument,
+                        p.label() +
+                            ": the plan has no forward program (program_kind " +
+                            p.programKind + "); use generate");
+  if (B < 1 || B > p.maxBatch)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "batch " + std::to_string(B) +
+                            " is outside the plan's range [1, " +
+                            std::to_string(p.maxBatch) + "] (max_batch)");
+  if (T < 1 || T > prog->seqCapacity)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "sequence length " + std::to_string(T) +
+                            " is outside the plan's range [1, " +
+                            std::to_string(prog->seqCapacity) + "] (max_seq)");
+  if (!logits)
+    return Status::fail(StatusCode::InvalidArgument, "logits output is null");
+  if (Status s = checkIds(ids, B, T, T); !s.ok())
+    return s;
+  const BufferDesc &d = p.buffers[prog->logits];
+  if (!d.hasSeq)
+    return Status::fail(
+        StatusCode::Unsupported,
+        p.label() + ": the forward program's logits hold one row per sequence, "
+                    "not one per token");
+  auto t0 = std::chrono::steady_clock::now();
+  if (Status s = runProgram(*prog, ids, T, B, T, 0); !s.ok())
+    return s;
+  const float *lg =
+      reinterpret_cast<const float *>(regions_[int(d.region)].base + d.offset);
+  size_t V = size_t(d.lastDim());
+  for (int64_t b = 0; b < B; ++b)
+    std::memcpy(logits + size_t(b * T) * V, lg + b * d.batchStride,
+                size_t(T) * V * sizeof(float));
+  timing_.prefillSeconds = seconds(t0);
+  timing_.prefillTokens = B * T;
+  return Status::success();
+}
+
+Status Session::generate(const int64_t *ids, int64_t B, int64_t T, int64_t G,
+                         const Sampling *sampling, int64_t *outIds,
+                         int64_t *outLen) {
+  std::lock_guard<std::mutex> lock(mu_);
+  timing_ = Timing();
+  const Plan &p = *plan_;
+  const ProgramDesc *prefill = p.program("prefill"),
+                    *decode = p.program("decode");
+  const ProgramDesc *fwd = p.program("forward");
+  bool cached = prefill && decode;
+  if (!cached && !fwd)
+    return Status::fail(
+        StatusCode::InvalidArgument,
+        p.label() +
+            ": the plan has neither prefill + decode nor forward programs");
+  if (B < 1 || B > p.maxBatch)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "batch " + std::to_string(B) +
+                            " is outside the plan's range [1, " +
+                            std::to_string(p.maxBatch) + "] (max_batch)");
+  if (T < 1)
+    return Status::fail(StatusCode::InvalidArgument, "prompt length " +
+                                                         std::to_string(T) +
+                                                         " must be at least 1");
+  if (G < 0)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "max_new_tokens " + std::to_string(G) + " is negative");
+  if (T + G > p.maxSeq)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "prompt of " + std::to_string(T) + " tokens + " +
+                            std::to_string(G) +
+                            " new tokens exceeds the plan's max_seq " +
+                            std::to_string(p.maxSeq));
+  if (!outIds || !outLen)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "output ids or length is null");
+  if (sampling &&
+      (!(sampling->temperature > 0) || !std::isfinite(sampling->temperature)))
+    return Status::fail(StatusCode::InvalidArgument,
+                        "temperature " + std::to_string(sampling->temperature) +
+                            " must be a positive number");
+  if (sampling && !(sampling->topP > 0 && sampling->topP <= 1))
+    return Status::fail(StatusCode::InvalidArgument,
+                        "top_p " + std::to_string(sampling->topP) +
+                            " must lie in (0, 1]");
+  if (Status s = checkIds(ids, B, T, T); !s.ok())
+    return s;
+  const ProgramDesc &first = cached ? *prefill : *fwd;
+  // Without a cache every step re-runs forward over the whole prefix.
+  int64_t longest = cached ? T : T + G - 1;
+  if (longest > first.seqCapacity)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "sequence length " + std::to_string(longest) +
+                            " exceeds the " + first.name +
+                            " program's capacity " +
+                            std::to_string(first.seqCapacity));
+
+  const int64_t L = T + G;
+  for (int64_t b = 0; b < B; ++b)
+    std::copy_n(ids + b * T, T, outIds + b * L);
+  *outLen = L;
+  if (G == 0)
+    return Status::success();
+
+  size_t V = size_t(p.buffers[first.logits].lastDim());
+  std::vector<float> last(size_t(B) * V);
+  std::vector<int64_t> next(static_cast<size_t>(B));
+  uint64_t rng = sampling ? sampling->seed : 0;
+  if (sampling)
+    splitmix(rng);
+  std::vector<double> prob;
+  std::vector<uint32_t> order;
+  auto pick = [&]() {
+    if (!sampling) {
+      cpu::argmaxRows(last.data(), size_t(B), V, next.data());
+      return;
+    }
+    for (int64_t b = 0; b < B; ++b)
+      next[b] = sampleRow(last.data() + b * V, V, *sampling, rng, prob, order);
+  };
+
+  auto t0 = std::chrono::steady_clock::now();
+  if (Status s = runProgram(first, outIds, L, B, T, 0); !s.ok())
+    return s;
+  lastLogits(first, B, T, last.data());
+  pick();
+  for (int64_t b = 0; b < B; ++b)
+    outIds[b * L + T] = next[b];
+  timing_.prefillSeconds = seconds(t0);
+  timing_.prefillTokens = B * T;
+
+  auto t1 = std::chrono::steady_clock::now();
+  for (int64_t len = T + 1; len < L; ++len) {
+    if (cached) {
+      // The newest token goes in at position len - 1; the cache holds the rest.
+      if (Status s = runProgram(*decode, next.data(), 1, B, 1, len - 1);
+          !s.ok())
+        return s;
+      lastLogits(*decode, B, 1, last.data());
+    } else {
+      if (Status s = runProgram(*fwd, outIds, L, B, len, 0); !s.ok())
+        return s;
+      lastLogits(*fwd, B, len, last.data());
+    }
+    pick();
+    for (int64_t b = 0; b < B; ++b)
+      outIds[b * L + len] = next[b];
+  }
+  timing_.decodeSeconds = seconds(t1);
+  timing_.decodeTokens = B * (G - 1);
+  return Status::success();
+}
+
+Timing Session::lastTiming() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return timing_;
+}
+
+} // namespace l4c::rt

@@ -1,0 +1,954 @@
+//===- plan.cpp - plan loader and verifier -------------------------------===//
+//
+// Nothing in a plan file is trusted: the FlatBuffers verifier runs before any
+// field is read, then every index, extent, attribute and aliasing rule the
+// executor relies on is checked, so a corrupted plan fails with a message.
+//
+//===----------------------------------------------------------------------===//
+#include "plan.h"
+#include "cpu/kernels.h"
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+
+namespace l4c::rt {
+
+const char *opKindName(OpKind k) {
+  switch (k) {
+  case OpKind::Embedding:
+    return "embedding";
+  case OpKind::RmsNorm:
+    return "rms_norm";
+  case OpKind::L2Norm:
+    return "l2_norm";
+  case OpKind::Linear:
+    return "linear";
+  case OpKind::Rope:
+    return "rope";
+  case OpKind::TemperatureScale:
+    return "temperature_scale";
+  case OpKind::KvCacheUpdate:
+    return "kv_cache_update";
+  case OpKind::Attention:
+    return "attention";
+  case OpKind::RouterScores:
+    return "router_scores";
+  case OpKind::MoeExperts:
+    return "moe_experts";
+  case OpKind::Swiglu:
+    return "swiglu";
+  case OpKind::Add:
+    return "add";
+  case OpKind::TakeLast:
+    return "take_last";
+  }
+  return "?";
+}
+
+size_t dtypeSize(plan::DType t) {
+  switch (t) {
+  case plan::DType::F32:
+  case plan::DType::I32:
+    return 4;
+  case plan::DType::BF16:
+  case plan::DType::F16:
+    return 2;
+  case plan::DType::I64:
+    return 8;
+  }
+  return 0;
+}
+
+const char *dtypeName(plan::DType t) {
+  switch (t) {
+  case plan::DType::F32:
+    return "f32";
+  case plan::DType::BF16:
+    return "bf16";
+  case plan::DType::F16:
+    return "f16";
+  case plan::DType::I64:
+    return "i64";
+  case plan::DType::I32:
+    return "i32";
+  }
+  return "?";
+}
+
+bool isFloat(plan::DType t) {
+  return t == plan::DType::F32 || t == plan::DType::BF16 ||
+         t == plan::DType::F16;
+}
+bool isIndex(plan::DType t) {
+  return t == plan::DType::I64 || t == plan::DType::I32;
+}
+
+const ProgramDesc *Plan::program(std::string_view name) const {
+  for (const ProgramDesc &p : programs)
+    if (p.name == name)
+      return &p;
+  return nullptr;
+}
+
+namespace {
+
+struct OpSpec {
+  const char *name;
+  OpKind kind;
+  unsigned operands;
+};
+
+constexpr OpSpec kOpSpecs[] = {
+    {"embedding", OpKind::Embedding, 2},
+    {"rms_norm", OpKind::RmsNorm, 2},
+    {"l2_norm", OpKind::L2Norm, 1},
+    {"linear", OpKind::Linear, 2},
+    {"rope", OpKind::Rope, 2},
+    {"temperature_scale", OpKind::TemperatureScale, 2},
+    {"kv_cache_update", OpKind::KvCacheUpdate, 3},
+    {"attention", OpKind::Attention, 4},
+    {"router_scores", OpKind::RouterScores, 1},
+    {"moe_experts", OpKind::MoeExperts, 4},
+    {"swiglu", OpKind::Swiglu, 2},
+    {"add", OpKind::Add, 2},
+    {"take_last", OpKind::TakeLast, 1},
+};
+
+std::string str(const flatbuffers::String *s) {
+  return s ? s->str() : std::string();
+}
+
+std::string shapeStr(const std::vector<int64_t> &shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i)
+    s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+const char *regionName(plan::Region r) {
+  switch (r) {
+  case plan::Region::Arena:
+    return "arena";
+  case plan::Region::Weights:
+    return "weights";
+  case plan::Region::Cache:
+    return "cache";
+  case plan::Region::Io:
+    return "io";
+  }
+  return "?";
+}
+
+bool overlaps(const BufferDesc &a, const BufferDesc &b) {
+  return a.region == b.region && a.offset < b.offset + b.size &&
+         b.offset < a.offset + a.size;
+}
+bool sameBytes(const BufferDesc &a, const BufferDesc &b) {
+  return a.region == b.region && a.offset == b.offset && a.size == b.size;
+}
+bool sameLayout(const BufferDesc &a, const BufferDesc &b) {
+  return a.shape == b.shape && a.dims == b.dims;
+}
+
+/// True when a (rows of fa elements) and b (rows of fb elements) walk the
+/// same tokens: same batch extent, same sequence structure, and as many rows
+/// per sequence position (or per batch entry) in each.
+bool tokenAligned(const BufferDesc &a, uint64_t fa, const BufferDesc &b,
+                  uint64_t fb) {
+  if (!a.hasBatch || !b.hasBatch || a.shape[0] != b.shape[0] ||
+      a.hasSeq != b.hasSeq)
+    return false;
+  if (a.hasSeq && a.shape[1] != b.shape[1])
+    return false;
+  uint64_t ua = a.hasSeq ? a.rowStride : a.batchStride;
+  uint64_t ub = b.hasSeq ? b.rowStride : b.batchStride;
+  if (fa == 0 || fb == 0 || ua % fa || ub % fb)
+    return false;
+  return ua / fa == ub / fb;
+}
+
+} // namespace
+
+/// Runs every check and fills the Plan's decoded fields. Friend of Plan.
+class PlanVerifier {
+public:
+  explicit PlanVerifier(Plan &p) : p(p) {}
+  Status run();
+
+private:
+  Status fail(const std::string &msg) const {
+    return Status::fail(StatusCode::InvalidPlan, p.label_ + ": " + msg);
+  }
+  std::string bufName(uint32_t i) const {
+    const std::string &n = p.buffers[i].name;
+    return "buffer " + std::to_string(i) + (n.empty() ? "" : " '" + n + "'");
+  }
+  Status checkHeader(const plan::Plan &fb);
+  Status checkBuffers(const plan::Plan &fb);
+  Status checkRegionAliasing(plan::Region region);
+  Status checkWeights(const plan::Plan &fb);
+  Status checkKernels(const plan::Plan &fb);
+  Status checkOp(const std::string &where, const plan::SemanticOp &op,
+                 OpDesc &out);
+  Status checkOpShapes(const std::string &where, OpDesc &d,
+                       const std::map<std::string, const plan::Attr *> &attrs);
+  Status checkPrograms(const plan::Plan &fb);
+
+  Plan &p;
+};
+
+Status PlanVerifier::run() {
+  const std::vector<uint8_t> &bytes = p.bytes_;
+  if (bytes.size() < 8 || !plan::PlanBufferHasIdentifier(bytes.data()))
+    return fail("not an l4c plan (file identifier is not \"L4CP\")");
+  if (bytes.size() >= FLATBUFFERS_MAX_BUFFER_SIZE)
+    return fail("plan of " + std::to_string(bytes.size()) +
+                " bytes is larger than 2 GiB");
+  flatbuffers::Verifier verifier(bytes.data(), bytes.size());
+  if (!plan::VerifyPlanBuffer(verifier))
+    return fail("corrupted plan: flatbuffers verification failed");
+  const plan::Plan &fb = *plan::GetPlan(bytes.data());
+  for (Status s : {checkHeader(fb), checkBuffers(fb)})
+    if (!s.ok())
+      return s;
+  for (plan::Region r : {plan::Region::Weights, plan::Region::Cache})
+    if (Status s = checkRegionAliasing(r); !s.ok())
+      return s;
+  if (Status s = checkWeights(fb); !s.ok())
+    return s;
+  if (Status s = checkKernels(fb); !s.ok())
+    return s;
+  return checkPrograms(fb);
+}
+
+Status PlanVerifier::checkHeader(const plan::Plan &fb) {
+  // The version decides how everything else is read, so it comes first.
+  p.version = fb.version();
+  if (p.version != kPlanVersion)
+    return fail("plan version " + std::to_string(p.version) +
+                " is not supported by this runtime (expects " +
+                std::to_string(kPlanVersion) + ")");
+  p.programKind = str(fb.program_kind());
+  p.target = str(fb.target());
+  p.precision = str(fb.precision());
+  if (p.programKind != "forward" && p.programKind != "generate")
+    return fail(
+        "program_kind '" + p.programKind +
+        "' is not supported by this runtime (expects forward or generate)");
+  p.maxBatch = fb.max_batch();
+  p.maxSeq = fb.max_seq();
+  if (p.maxBatch < 1 || p.maxSeq < 1)
+    return fail("max_batch " + std::to_string(p.maxBatch) + " and max_seq " +
+                std::to_string(p.maxSeq) + " must both be at least 1");
+  if (!fb.model())
+    return fail("model info is missing");
+  p.vocabSize = fb.model()->vocab_size();
+  p.modelSource = str(fb.model()->source());
+  if (p.vocabSize < 1)
+    return fail("model vocab_size " + std::to_string(p.vocabSize) +
+                " must be at least 1");
+  p.meshRanks = fb.mesh() ? fb.mesh()->ranks() : 1;
+  if (p.meshRanks < 1)
+    return fail("mesh ranks must be at least 1");
+  p.regionSize[int(plan::Region::Arena)] = fb.arena_size();
+  p.regionSize[int(plan::Region::Weights)] = fb.weights_size();
+  p.regionSize[int(plan::Region::Cache)] = fb.cache_size();
+  p.regionSize[int(plan::Region::Io)] = fb.io_size();
+  return Status::success();
+}
+
+Status PlanVerifier::checkBuffers(const plan::Plan &fb) {
+  if (!fb.buffers())
+    return fail("buffers are missing");
+  p.buffers.resize(fb.buffers()->size());
+  for (uint32_t i = 0; i < fb.buffers()->size(); ++i) {
+    const plan::Buffer *b = fb.buffers()->Get(i);
+    BufferDesc &d = p.buffers[i];
+    d.name = str(b->name());
+    std::string what = bufName(i);
+    if (int(b->region()) < 0 || int(b->region()) > int(plan::Region::Io))
+      return fail(what + ": unknown region " +
+                  std::to_string(int(b->region())));
+    if (dtypeSize(b->dtype()) == 0)
+      return fail(what + ": unknown dtype " + std::to_string(int(b->dtype())));
+    d.region = b->region();
+    d.dtype = b->dtype();
+    d.offset = b->offset();
+    d.size = b->size();
+    if (!b->shape() || b->shape()->size() == 0)
+      return fail(what + ": shape is missing");
+    if (!b->dims() || b->dims()->size() != b->shape()->size())
+      return fail(what + ": dims has " +
+                  std::to_string(b->dims() ? b->dims()->size() : 0) +
+                  " entries for a shape of rank " +
+                  std::to_string(b->shape()->size()));
+    d.shape.assign(b->shape()->begin(), b->shape()->end());
+    uint64_t numel = 1;
+    for (int64_t e : d.shape) {
+      if (e < 1)
+        return fail(what + ": shape " + shapeStr(d.shape) +
+                    " has an extent below 1");
+      if (__builtin_mul_overflow(numel, uint64_t(e), &numel))
+        return fail(what + ": shape " + shapeStr(d.shape) + " overflows");
+    }
+    d.numel = numel;
+    uint64_t bytes;
+    if (__builtin_mul_overflow(numel, uint64_t(dtypeSize(d.dtype)), &bytes) ||
+        bytes != d.size)
+      return fail(what + ": size " + std::to_string(d.size) +
+                  " does not match shape " + shapeStr(d.shape) + " of " +
+                  dtypeName(d.dtype));
+    if (d.offset % dtypeSize(d.dtype) != 0)
+      return fail(what + ": offset " + std::to_string(d.offset) +
+                  " is not a multiple of its " + dtypeName(d.dtype) +
+                  " element size");
+    uint64_t end;
+    uint64_t limit = p.regionSize[int(d.region)];
+    if (__builtin_add_overflow(d.offset, d.size, &end) || end > limit)
+      return fail(what + ": bytes [" + std::to_string(d.offset) + ", " +
+                  std::to_string(d.offset) + " + " + std::to_string(d.size) +
+                  ") lie outside the " + regionName(d.region) + " region of " +
+                  std::to_string(limit) + " bytes");
+    for (size_t k = 0; k < d.shape.size(); ++k) {
+      plan::DimKind dk = b->dims()->Get(k);
+      if (int(dk) < 0 || int(dk) > int(plan::DimKind::Seq))
+        return fail(what + ": dim " + std::to_string(k) + " has unknown kind " +
+                    std::to_string(int(dk)));
+      d.dims.push_back(dk);
+    }
+    // Token-major layout: batch first, then seq; nothing else is run-time.
+    for (size_t k = 0; k < d.dims.size(); ++k) {
+      if (d.dims[k] == plan::DimKind::Batch && k != 0)
+        return fail(what + ": batch dim at position " + std::to_string(k) +
+                    " (must be the first)");
+      if (d.dims[k] == plan::DimKind::Seq &&
+          (k != 1 || d.dims[0] != plan::DimKind::Batch))
+        return fail(what + ": seq dim at position " + std::to_string(k) +
+                    " (must follow the batch dim)");
+    }
+    d.hasBatch = d.dims[0] == plan::DimKind::Batch;
+    d.hasSeq = d.dims.size() > 1 && d.dims[1] == plan::DimKind::Seq;
+    if (d.hasBatch && d.shape[0] != p.maxBatch)
+      return fail(what + ": batch extent " + std::to_string(d.shape[0]) +
+                  " differs from max_batch " + std::to_string(p.maxBatch));
+    if (d.hasSeq && d.shape[1] > p.maxSeq)
+      return fail(what + ": seq extent " + std::to_string(d.shape[1]) +
+                  " exceeds max_seq " + std::to_string(p.maxSeq));
+    if (d.region == plan::Region::Weights && d.hasBatch)
+      return fail(what + ": a weights buffer cannot have a batch or seq dim");
+    d.batchStride = d.hasBatch ? numel / uint64_t(d.shape[0]) : numel;
+    d.rowStride = d.hasSeq ? d.batchStride / uint64_t(d.shape[1]) : 0;
+  }
+  return Status::success();
+}
+
+Status PlanVerifier::checkRegionAliasing(plan::Region region) {
+  // Weights and caches persist, so two buffers there either are the same
+  // bytes (a view, an in-place update) or do not touch.
+  std::vector<uint32_t> idx;
+  for (uint32_t i = 0; i < p.buffers.size(); ++i)
+    if (p.buffers[i].region == region)
+      idx.push_back(i);
+  std::sort(idx.begin(), idx.end(), [&](uint32_t a, uint32_t b) {
+    const BufferDesc &x = p.buffers[a], &y = p.buffers[b];
+    return x.offset != y.offset ? x.offset < y.offset : x.size < y.size;
+  });
+  uint64_t maxEnd = 0;
+  for (size_t k = 0; k < idx.size(); ++k) {
+    const BufferDesc &d = p.buffers[idx[k]];
+    if (k > 0 && sameBytes(d, p.buffers[idx[k - 1]]))
+      continue;
+    if (d.offset < maxEnd) {
+      uint32_t other = idx[k - 1];
+      for (size_t j = 0; j < k; ++j)
+        if (overlaps(p.buffers[idx[j]], d))
+          other = idx[j];
+      return fail(bufName(idx[k]) + " partially overlaps " + bufName(other) +
+                  " in the " + regionName(region) + " region");
+    }
+    maxEnd = std::max(maxEnd, d.offset + d.size);
+  }
+  return Status::success();
+}
+
+Status PlanVerifier::checkWeights(const plan::Plan &fb) {
+  if (!fb.weights())
+    return Status::success();
+  std::set<uint32_t> bound;
+  for (uint32_t i = 0; i < fb.weights()->size(); ++i) {
+    const plan::WeightBinding *w = fb.weights()->Get(i);
+    std::string what = "weight binding " + std::to_string(i);
+    if (w->buffer() >= p.buffers.size())
+      return fail(what + ": buffer index " + std::to_string(w->buffer()) +
+                  " out of range (" + std::to_string(p.buffers.size()) +
+                  " buffers)");
+    std::string hf = str(w->hf_name());
+    if (hf.empty())
+      return fail(what + ": hf_name is missing");
+    what += " '" + hf + "'";
+    const BufferDesc &b = p.buffers[w->buffer()];
+    if (b.region != plan::Region::Weights)
+      return fail(what + ": " + bufName(w->buffer()) + " is in the " +
+                  regionName(b.region) + " region, not weights");
+    for (uint32_t o : bound)
+      if (overlaps(p.buffers[o], b))
+        return fail(what + ": " + bufName(w->buffer()) + " shares bytes with " +
+                    bufName(o) + ", which is bound to another tensor");
+    bound.insert(w->buffer());
+    p.weights.push_back({w->buffer(), hf});
+  }
+  return Status::success();
+}
+
+Status PlanVerifier::checkKernels(const plan::Plan &fb) {
+  if (!fb.kernels())
+    return fail("kernels are missing");
+  p.kernels.resize(fb.kernels()->size());
+  for (uint32_t k = 0; k < fb.kernels()->size(); ++k) {
+    const plan::Kernel *kernel = fb.kernels()->Get(k);
+    KernelDesc &kd = p.kernels[k];
+    kd.name = str(kernel->name());
+    kd.kind = str(kernel->kind());
+    if (!kernel->ops())
+      continue;
+    std::string kwhere = "kernel " + std::to_string(k) +
+                         (kd.name.empty() ? "" : " '" + kd.name + "'");
+    for (uint32_t o = 0; o < kernel->ops()->size(); ++o) {
+      const plan::SemanticOp *op = kernel->ops()->Get(o);
+      std::string opName = str(op->op());
+      std::string where =
+          kwhere + " op " + std::to_string(o) + " (" + opName + ")";
+      OpDesc d;
+      if (Status s = checkOp(where, *op, d); !s.ok())
+        return s;
+      kd.ops.push_back(std::move(d));
+    }
+  }
+  return Status::success();
+}
+
+Status PlanVerifier::checkOp(const std::string &where,
+                             const plan::SemanticOp &op, OpDesc &d) {
+  std::string name = str(op.op());
+  const OpSpec *spec = nullptr;
+  for (const OpSpec &s : kOpSpecs)
+    if (name == s.name)
+      spec = &s;
+  if (!spec)
+    return fail(where + ": unknown op '" + name + "'");
+  d.kind = spec->kind;
+  size_t nOperands = op.operands() ? op.operands()->size() : 0;
+  size_t nResults = op.results() ? op.results()->size() : 0;
+  if (nOperands != spec->operands)
+    return fail(where + ": has " + std::to_string(nOperands) +
+                " operands, expected " + std::to_string(spec->operands));
+  if (nResults != 1)
+    return fail(where + ": has " + std::to_string(nResults) +
+                " results, expected 1");
+  for (uint32_t i = 0; i < nOperands; ++i) {
+    uint32_t b = op.operands()->Get(i);
+    if (b >= p.buffers.size())
+      return fail(where + ": operand " + std::to_string(i) + " buffer index " +
+                  std::to_string(b) + " out of range (" +
+                  std::to_string(p.buffers.size()) + " buffers)");
+    d.operands.push_back(b);
+  }
+  d.result = op.results()->Get(0);
+  if (d.result >= p.buffers.size())
+    return fail(where + ": result buffer index " + std::to_string(d.result) +
+                " out of range (" + std::to_string(p.buffers.size()) +
+                " buffers)");
+
+  std::map<std::string, const plan::Attr *> attrs;
+  if (op.attrs()) {
+    for (uint32_t i = 0; i < op.attrs()->size(); ++i) {
+      const plan::Attr *a = op.attrs()->Get(i);
+      std::string an = str(a->name());
+      if (an.empty())
+        return fail(where + ": attribute " + std::to_string(i) +
+                    " has no name");
+      if (int(a->kind()) < 0 || int(a->kind()) > int(plan::AttrKind::String))
+        return fail(where + ": attribute " + an + " has unknown kind " +
+                    std::to_string(int(a->kind())));
+      if (a->kind() == plan::AttrKind::String && !a->s())
+        return fail(where + ": string attribute " + an + " has no value");
+      if (!attrs.emplace(an, a).second)
+        return fail(where + ": attribute " + an + " appears twice");
+    }
+  }
+  return checkOpShapes(where, d, attrs);
+}
+
+namespace {
+
+/// Reads typed attributes of one op, recording the first problem.
+struct AttrReader {
+  const std::map<std::string, const plan::Attr *> &attrs;
+  std::string err;
+
+  const plan::Attr *get(const char *name, plan::AttrKind kind, bool required) {
+    auto it = attrs.find(name);
+    if (it == attrs.end()) {
+      if (required && err.empty())
+        err = std::string("missing attribute ") + name;
+      return nullptr;
+    }
+    if (it->second->kind() != kind) {
+      if (err.empty())
+        err = std::string("attribute ") + name + " must be " +
+              (kind == plan::AttrKind::Int     ? "an int"
+               : kind == plan::AttrKind::Float ? "a float"
+                                               : "a string");
+      return nullptr;
+    }
+    return it->second;
+  }
+  double f(const char *name, double dflt = 0, bool required = true) {
+    const plan::Attr *a = get(name, plan::AttrKind::Float, required);
+    if (a && !std::isfinite(a->f()) && err.empty())
+      err = std::string("attribute ") + name + " is not finite";
+    return a ? a->f() : dflt;
+  }
+  int64_t i(const char *name, int64_t dflt = 0, bool required = true) {
+    const plan::Attr *a = get(name, plan::AttrKind::Int, required);
+    return a ? a->i() : dflt;
+  }
+  std::string s(const char *name) {
+    const plan::Attr *a = get(name, plan::AttrKind::String, true);
+    return a ? a->s()->str() : std::string();
+  }
+};
+
+} // namespace
+
+Status PlanVerifier::checkOpShapes(
+    const std::string &where, OpDesc &d,
+    const std::map<std::string, const plan::Attr *> &attrs) {
+  auto bad = [&](const std::string &msg) { return fail(where + ": " + msg); };
+  auto B = [&](size_t i) -> const BufferDesc & {
+    return p.buffers[d.operands[i]];
+  };
+  auto role = [&](size_t i) { return bufName(d.operands[i]); };
+  const BufferDesc &res = p.buffers[d.result];
+  const std::string resName = "result " + bufName(d.result);
+
+  // Dtypes: the index operands, and floats everywhere else.
+  for (size_t i = 0; i < d.operands.size(); ++i) {
+    bool index =
+        (d.kind == OpKind::Embedding && i == 1) ||
+        ((d.kind == OpKind::Rope || d.kind == OpKind::TemperatureScale) &&
+         i == 1) ||
+        (d.kind == OpKind::KvCacheUpdate && i == 2) ||
+        (d.kind == OpKind::Attention && i == 3);
+    if (index ? !isIndex(B(i).dtype) : !isFloat(B(i).dtype))
+      return bad("operand " + std::to_string(i) + " " + role(i) +
+                 " has dtype " + dtypeName(B(i).dtype) + ", expected " +
+                 (index ? "i64 or i32" : "a float type"));
+  }
+  if (!isFloat(res.dtype))
+    return bad(resName + " has dtype " + dtypeName(res.dtype) +
+               ", expected a float type");
+  if (res.region == plan::Region::Weights)
+    return bad(resName + " lies in the weights region");
+
+  AttrReader ar{attrs, {}};
+  const BufferDesc &x = B(0);
+  auto needActivation = [&](const BufferDesc &b,
+                            const std::string &who) -> std::string {
+    return b.hasBatch ? "" : who + " must have a batch dim";
+  };
+  auto needStatic = [&](const BufferDesc &b, const std::string &who,
+                        size_t rank) -> std::string {
+    if (b.hasBatch)
+      return who + " must not have a batch dim";
+    if (b.shape.size() != rank)
+      return who + " has shape " + shapeStr(b.shape) + ", expected rank " +
+             std::to_string(rank);
+    return "";
+  };
+  auto sameAsX = [&]() -> std::string {
+    return sameLayout(res, x)
+               ? ""
+               : resName + " has shape " + shapeStr(res.shape) +
+                     " (or dims) unlike the input's " + shapeStr(x.shape);
+  };
+  std::string e;
+  bool inPlaceOk = false; // may the result be the very bytes of an operand?
+
+  switch (d.kind) {
+  case OpKind::Embedding: {
+    const BufferDesc &table = B(0), &ids = B(1);
+    e = needStatic(table, "table " + role(0), 2);
+    if (e.empty())
+      e = needActivation(ids, "ids " + role(1));
+    if (e.empty() && (!res.hasBatch || res.lastDim() != table.shape[1] ||
+                      !tokenAligned(ids, 1, res, uint64_t(table.shape[1]))))
+      e = resName + " has shape " + shapeStr(res.shape) +
+          ", expected the ids' tokens times " + std::to_string(table.shape[1]);
+    break;
+  }
+  case OpKind::RmsNorm:
+  case OpKind::L2Norm: {
+    d.eps = ar.f("eps");
+    if (ar.err.empty() && d.eps < 0)
+      ar.err = "attribute eps is negative";
+    e = needActivation(x, "input " + role(0));
+    if (e.empty() && d.kind == OpKind::RmsNorm) {
+      e = needStatic(B(1), "weight " + role(1), 1);
+      if (e.empty() && B(1).shape[0] != x.lastDim())
+        e = "weight " + role(1) + " has " + std::to_string(B(1).shape[0]) +
+            " entries for a last dim of " + std::to_string(x.lastDim());
+    }
+    if (e.empty())
+      e = sameAsX();
+    inPlaceOk = true;
+    break;
+  }
+  case OpKind::Linear: {
+    const BufferDesc &w = B(1);
+    e = needActivation(x, "input " + role(0));
+    if (e.empty())
+      e = needStatic(w, "weight " + role(1), 2);
+    if (e.empty() && w.shape[1] != x.lastDim())
+      e = "weight " + role(1) + " has shape " + shapeStr(w.shape) +
+          " for an input last dim of " + std::to_string(x.lastDim());
+    if (e.empty() &&
+        (!res.hasBatch || res.lastDim() != w.shape[0] ||
+         !tokenAligned(x, uint64_t(x.lastDim()), res, uint64_t(w.shape[0]))))
+      e = resName + " has shape " + shapeStr(res.shape) +
+          ", expected the input's rows times " + std::to_string(w.shape[0]);
+    break;
+  }
+  case OpKind::Rope:
+  case OpKind::TemperatureScale: {
+    const BufferDesc &pos = B(1);
+    if (d.kind == OpKind::Rope) {
+      double theta = ar.f("theta");
+      std::string scaling = ar.s("scaling");
+      double factor = ar.f("factor", 1.0, false);
+      double lowF = ar.f("low_freq_factor", 1.0, false);
+      double highF = ar.f("high_freq_factor", 1.0, false);
+      int64_t origMax = ar.i("original_max_position", 0, false);
+      if (ar.err.empty() && scaling != "none" && scaling != "llama3")
+        ar.err = "attribute scaling '" + scaling + "' is not none or llama3";
+      if (ar.err.empty() && !(theta > 0))
+        ar.err = "attribute theta must be positive";
+      if (ar.err.empty() && x.shape.size() == 4 && x.lastDim() % 2 == 0) {
+        d.invFreq.resize(size_t(x.lastDim()) / 2);
+        cpu::ropeInvFreq(theta, size_t(x.lastDim()),
+                         scaling == "llama3" ? "llama3" : "default", factor,
+                         lowF, highF, double(origMax), d.invFreq.data());
+      }
+    } else {
+      d.floorScale = ar.f("floor_scale");
+      d.attnScale = ar.f("attn_scale");
+      if (ar.err.empty() && !(d.floorScale > 0))
+        ar.err = "attribute floor_scale must be positive";
+    }
+    e = needActivation(x, "input " + role(0));
+    if (e.empty() && x.shape.size() != 4)
+      e = "input " + role(0) + " has shape " + shapeStr(x.shape) +
+          ", expected [B, S, H, d]";
+    if (e.empty() && d.kind == OpKind::Rope && x.lastDim() % 2 != 0)
+      e = "input " + role(0) + " has an odd head_dim " +
+          std::to_string(x.lastDim());
+    if (e.empty() &&
+        (pos.shape.size() != 2 ||
+         !tokenAligned(pos, 1, x, uint64_t(x.shape[2] * x.shape[3]))))
+      e = "positions " + role(1) + " has shape " + shapeStr(pos.shape) +
+          ", expected one per token of the input";
+    if (e.empty())
+      e = sameAsX();
+    inPlaceOk = true;
+    break;
+  }
+  case OpKind::KvCacheUpdate: {
+    const BufferDesc &cache = B(0), &upd = B(1), &pos = B(2);
+    if (!cache.hasBatch || cache.hasSeq || cache.shape.size() != 4)
+      e = "cache " + role(0) + " has shape " + shapeStr(cache.shape) +
+          ", expected [B, M, Hkv, d] with no seq dim";
+    else if (!upd.hasBatch || upd.shape.size() != 4 ||
+             upd.shape[2] != cache.shape[2] || upd.shape[3] != cache.shape[3])
+      e = "update " + role(1) + " has shape " + shapeStr(upd.shape) +
+          ", expected [B, S, " + std::to_string(cache.shape[2]) + ", " +
+          std::to_string(cache.shape[3]) + "]";
+    else if (upd.dtype != cache.dtype)
+      e = "update " + role(1) + " has dtype " + dtypeName(upd.dtype) +
+          " unlike the cache's " + dtypeName(cache.dtype);
+    else if (pos.shape.size() != 2 ||
+             !tokenAligned(pos, 1, upd, uint64_t(upd.shape[2] * upd.shape[3])))
+      e = "positions " + role(2) + " has shape " + shapeStr(pos.shape) +
+          ", expected one per token of the update";
+    else if (!sameBytes(res, cache) || !sameLayout(res, cache) ||
+             res.dtype != cache.dtype)
+      e = resName + " must be the cache's own bytes (an in-place update)";
+    else if (overlaps(cache, upd) || overlaps(cache, pos))
+      e = "cache " + role(0) + " overlaps the update or the positions";
+    if (e.empty())
+      return ar.err.empty() ? Status::success() : bad(ar.err);
+    break;
+  }
+  case OpKind::Attention: {
+    d.scale = ar.f("scale");
+    d.chunkSize = ar.i("chunk_size");
+    if (ar.err.empty() && d.chunkSize < 0)
+      ar.err = "attribute chunk_size is negative";
+    const BufferDesc &k = B(1), &v = B(2), &pos = B(3);
+    e = needActivation(x, "query " + role(0));
+    if (e.empty() && x.shape.size() != 4)
+      e = "query " + role(0) + " has shape " + shapeStr(x.shape) +
+          ", expected [B, S, H, d]";
+    if (e.empty() && (!k.hasBatch || k.shape.size() != 4 || !sameLayout(k, v) ||
+                      k.shape[3] != x.shape[3] || x.shape[2] % k.shape[2] != 0))
+      e = "keys " + role(1) + " and values " + role(2) + " have shapes " +
+          shapeStr(k.shape) + " and " + shapeStr(v.shape) +
+          ", expected equal [B, S, Hkv, " + std::to_string(x.shape[3]) +
+          "] with Hkv dividing " + std::to_string(x.shape[2]);
+    if (e.empty() && k.hasSeq && k.shape[1] != x.shape[1])
+      e = "keys " + role(1) + " have seq extent " + std::to_string(k.shape[1]) +
+          " unlike the query's " + std::to_string(x.shape[1]);
+    if (e.empty() &&
+        (pos.shape.size() != 2 ||
+         !tokenAligned(pos, 1, x, uint64_t(x.shape[2] * x.shape[3]))))
+      e = "positions " + role(3) + " has shape " + shapeStr(pos.shape) +
+          ", expected one per query token";
+    if (e.empty())
+      e = sameAsX();
+    break;
+  }
+  case OpKind::RouterScores: {
+    d.topK = ar.i("top_k");
+    e = needActivation(x, "logits " + role(0));
+    if (e.empty() && ar.err.empty() && (d.topK < 1 || d.topK > x.lastDim()))
+      ar.err = "attribute top_k " + std::to_string(d.topK) +
+               " is outside [1, " + std::to_string(x.lastDim()) + "]";
+    if (e.empty())
+      e = sameAsX();
+    break;
+  }
+  case OpKind::MoeExperts: {
+    const BufferDesc &scores = B(1), &gateUp = B(2), &down = B(3);
+    e = needActivation(x, "input " + role(0));
+    if (e.empty())
+      e = needStatic(gateUp, "gate_up " + role(2), 3);
+    if (e.empty())
+      e = needStatic(down, "down " + role(3), 3);
+    if (e.empty()) {
+      int64_t E = gateUp.shape[0], D = gateUp.shape[1], I2 = gateUp.shape[2];
+      if (I2 % 2 != 0 || D != x.lastDim())
+        e = "gate_up " + role(2) + " has shape " + shapeStr(gateUp.shape) +
+            ", expected [E, " + std::to_string(x.lastDim()) + ", 2I]";
+      else if (down.shape != std::vector<int64_t>{E, I2 / 2, D})
+        e = "down " + role(3) + " has shape " + shapeStr(down.shape) +
+            ", expected [" + std::to_string(E) + ", " + std::to_string(I2 / 2) +
+            ", " + std::to_string(D) + "]";
+      else if (scores.lastDim() != E ||
+               !tokenAligned(x, uint64_t(D), scores, uint64_t(E)))
+        e = "scores " + role(1) + " has shape " + shapeStr(scores.shape) +
+            ", expected one row of " + std::to_string(E) + " per input token";
+    }
+    if (e.empty())
+      e = sameAsX();
+    break;
+  }
+  case OpKind::Swiglu:
+  case OpKind::Add:
+    e = needActivation(x, "operand " + role(0));
+    if (e.empty() && !sameLayout(x, B(1)))
+      e = "operands " + role(0) + " and " + role(1) + " have shapes " +
+          shapeStr(x.shape) + " and " + shapeStr(B(1).shape) +
+          " (or dims) that differ";
+    if (e.empty())
+      e = sameAsX();
+    inPlaceOk = true;
+    break;
+  case OpKind::TakeLast: {
+    e = needActivation(x, "input " + role(0));
+    if (e.empty() && (!x.hasSeq || x.shape.size() < 3))
+      e = "input " + role(0) + " must be [B, S, ...] with a seq dim";
+    std::vector<int64_t> want = x.shape;
+    if (e.empty())
+      want[1] = 1;
+    if (e.empty() && (res.shape != want || !res.hasBatch || res.hasSeq))
+      e = resName + " has shape " + shapeStr(res.shape) + ", expected " +
+          shapeStr(want) + " with no seq dim";
+    break;
+  }
+  }
+  if (!e.empty())
+    return bad(e);
+  if (!ar.err.empty())
+    return bad(ar.err);
+
+  // A result may be exactly one operand's bytes only for element-wise ops
+  // that the CPU kernels run in place; any other sharing corrupts inputs.
+  for (size_t i = 0; i < d.operands.size(); ++i) {
+    const BufferDesc &o = B(i);
+    if (!overlaps(o, res))
+      continue;
+    if (inPlaceOk && sameBytes(o, res))
+      continue;
+    return bad(resName + " overlaps operand " + std::to_string(i) + " " +
+               role(i));
+  }
+  return Status::success();
+}
+
+Status PlanVerifier::checkPrograms(const plan::Plan &fb) {
+  if (!fb.programs())
+    return fail("programs are missing");
+  std::set<std::string> names;
+  for (uint32_t i = 0; i < fb.programs()->size(); ++i) {
+    const plan::Program *pr = fb.programs()->Get(i);
+    ProgramDesc pd;
+    pd.name = str(pr->name());
+    std::string where = "program " + std::to_string(i) + " '" + pd.name + "'";
+    if (pd.name.empty())
+      return fail("program " + std::to_string(i) + ": name is missing");
+    if (!names.insert(pd.name).second)
+      return fail(where + ": a second program of that name");
+    auto bind =
+        [&](const flatbuffers::Vector<flatbuffers::Offset<plan::IoBinding>> *v,
+            bool input) -> Status {
+      if (!v)
+        return Status::success();
+      for (uint32_t k = 0; k < v->size(); ++k) {
+        const plan::IoBinding *b = v->Get(k);
+        std::string n = str(b->name());
+        std::string what = where + (input ? " input '" : " output '") + n + "'";
+        if (b->buffer() >= p.buffers.size())
+          return fail(what + ": buffer index " + std::to_string(b->buffer()) +
+                      " out of range (" + std::to_string(p.buffers.size()) +
+                      " buffers)");
+        int64_t *slot = nullptr;
+        if (input && n == "input_ids")
+          slot = &pd.inputIds;
+        else if (input && n == "positions")
+          slot = &pd.positions;
+        else if (!input && n == "logits")
+          slot = &pd.logits;
+        else if (input)
+          return fail(
+              what +
+              ": unknown input (the runtime fills input_ids and positions)");
+        else
+          continue; // outputs the runtime does not read are harmless
+        if (*slot >= 0)
+          return fail(what + ": bound twice");
+        *slot = b->buffer();
+      }
+      return Status::success();
+    };
+    if (Status s = bind(pr->inputs(), true); !s.ok())
+      return s;
+    if (Status s = bind(pr->outputs(), false); !s.ok())
+      return s;
+    if (pd.inputIds < 0)
+      return fail(where + ": has no input_ids input");
+    if (pd.logits < 0)
+      return fail(where + ": has no logits output");
+    const BufferDesc &ids = p.buffers[pd.inputIds];
+    std::string idsWhat =
+        where + " input_ids " + bufName(uint32_t(pd.inputIds));
+    if (ids.region != plan::Region::Io || !isIndex(ids.dtype) ||
+        ids.shape.size() != 2 || !ids.hasSeq)
+      return fail(
+          idsWhat +
+          ": expected an io-region i64 [B, S] buffer with batch and seq dims");
+    if (pd.positions >= 0) {
+      const BufferDesc &pos = p.buffers[pd.positions];
+      if (pos.region != plan::Region::Io || !isIndex(pos.dtype) ||
+          !sameLayout(pos, ids))
+        return fail(
+            where + " positions " + bufName(uint32_t(pd.positions)) +
+            ": expected an io-region index buffer shaped like input_ids " +
+            shapeStr(ids.shape));
+      if (overlaps(pos, ids))
+        return fail(where + ": positions and input_ids share bytes");
+    }
+    const BufferDesc &lg = p.buffers[pd.logits];
+    if (!isFloat(lg.dtype) || lg.shape.size() != 3 || !lg.hasBatch ||
+        lg.shape[2] != p.vocabSize || (!lg.hasSeq && lg.shape[1] != 1))
+      return fail(where + " logits " + bufName(uint32_t(pd.logits)) +
+                  ": shape " + shapeStr(lg.shape) + ", expected [B, S or 1, " +
+                  std::to_string(p.vocabSize) + "] of floats");
+    pd.seqCapacity = ids.shape[1];
+    auto touch = [&](uint32_t b) {
+      if (p.buffers[b].hasSeq)
+        pd.seqCapacity = std::min(pd.seqCapacity, p.buffers[b].shape[1]);
+    };
+    touch(uint32_t(pd.logits));
+    if (pd.positions >= 0)
+      touch(uint32_t(pd.positions));
+    if (pr->steps()) {
+      for (uint32_t k = 0; k < pr->steps()->size(); ++k) {
+        uint32_t s = pr->steps()->Get(k);
+        if (s >= p.kernels.size())
+          return fail(where + ": step " + std::to_string(k) + " kernel index " +
+                      std::to_string(s) + " out of range (" +
+                      std::to_string(p.kernels.size()) + " kernels)");
+        pd.steps.push_back(s);
+        for (const OpDesc &op : p.kernels[s].ops) {
+          for (uint32_t b : op.operands)
+            touch(b);
+          touch(op.result);
+        }
+      }
+    }
+    p.programs.push_back(std::move(pd));
+  }
+  std::vector<const char *> need;
+  if (p.programKind == "forward")
+    need = {"forward"};
+  else
+    need = {"prefill", "decode"};
+  for (const char *n : need)
+    if (!p.program(n))
+      return fail("a " + p.programKind + " plan needs a program named '" + n +
+                  "'");
+  return Status::success();
+}
+
+Status Plan::fromBytes(std::vector<uint8_t> bytes, const std::string &label,
+                       std::shared_ptr<const Plan> &out) {
+  auto plan = std::make_shared<Plan>();
+  plan->label_ = label;
+  plan->bytes_ = std::move(bytes);
+  PlanVerifier v(*plan);
+  if (Status s = v.run(); !s.ok())
+    return s;
+  out = std::move(plan);
+  return Status::success();
+}
+
+Status Plan::load(const std::string &path, std::shared_ptr<const Plan> &out) {
+  // A directory opens as a stream on Linux and reports a bogus size.
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec))
+    return Status::fail(StatusCode::Io,
+                        path + ": is a directory, not a plan file");
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in)
+    return Status::fail(StatusCode::Io,
+                        path + ": cannot open: " + std::strerror(errno));
+  std::streamoff size = in.tellg();
+  if (size < 0)
+    return Status::fail(StatusCode::Io, path + ": cannot read its size");
+  if (uint64_t(size) >= FLATBUFFERS_MAX_BUFFER_SIZE)
+    return Status::fail(StatusCode::InvalidPlan,
+                        path + ": plan of " + std::to_string(size) +
+                            " bytes is larger than 2 GiB");
+  std::vector<uint8_t> bytes(static_cast<size_t>(size));
+  in.seekg(0);
+  if (size > 0 && !in.read(reinterpret_cast<char *>(bytes.data()), size))
+    return Status::fail(StatusCode::Io, path + ": read failed");
+  return fromBytes(std::move(bytes), path, out);
+}
+
+} // namespace l4c::rt

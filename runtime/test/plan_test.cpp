@@ -1,0 +1,457 @@
+//===- plan_test.cpp - plan loader and verifier tests ---------------------===//
+//
+// Valid hand-built plans load and decode; corrupted ones (byte flips,
+// truncations, wrong identifier or version, bad indices, shapes, attributes
+// and aliasing) are rejected with a message that names the fault, never a
+// crash. Plans that survive a flip are also run, which must not crash either.
+//
+//===----------------------------------------------------------------------===//
+#include "executor.h"
+#include "l4c/runtime/l4rt.h"
+#include "plan.h"
+#include "test_plans.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <random>
+#include <unistd.h>
+
+using namespace l4c;
+using namespace l4c::test;
+namespace fs = std::filesystem;
+
+namespace {
+
+rt::Status parse(const PlanSpec &spec,
+                 std::shared_ptr<const rt::Plan> *out = nullptr) {
+  std::shared_ptr<const rt::Plan> plan;
+  rt::Status s = rt::Plan::fromBytes(spec.serialize(), "test.l4plan", plan);
+  if (out)
+    *out = plan;
+  return s;
+}
+
+/// Expects `spec` to be rejected as an invalid plan with `want` in the message.
+void expectRejected(const PlanSpec &spec, const std::string &want) {
+  rt::Status s = parse(spec);
+  ASSERT_FALSE(s.ok()) << "plan was accepted; expected: " << want;
+  EXPECT_EQ(s.code, rt::StatusCode::InvalidPlan) << s.message;
+  EXPECT_EQ(s.message.rfind("test.l4plan: ", 0), 0u) << s.message;
+  EXPECT_NE(s.message.find(want), std::string::npos)
+      << "message: " << s.message << "\nexpected to contain: " << want;
+}
+
+uint32_t findBuffer(const PlanSpec &p, const std::string &name) {
+  for (uint32_t i = 0; i < p.buffers.size(); ++i)
+    if (p.buffers[i].name == name)
+      return i;
+  ADD_FAILURE() << "no buffer " << name;
+  return 0;
+}
+
+//===----------------------------------------------------------------------===//
+// Valid plans
+//===----------------------------------------------------------------------===//
+
+TEST(PlanVerifier, LinearPlanDecodes) {
+  std::shared_ptr<const rt::Plan> plan;
+  rt::Status s = parse(linearPlan(2, 4, 16, 8), &plan);
+  ASSERT_TRUE(s.ok()) << s.message;
+  EXPECT_EQ(plan->version, rt::kPlanVersion);
+  EXPECT_EQ(plan->programKind, "forward");
+  EXPECT_EQ(plan->maxBatch, 2);
+  EXPECT_EQ(plan->maxSeq, 4);
+  EXPECT_EQ(plan->vocabSize, 16);
+  EXPECT_EQ(plan->kernels.size(), 3u);
+  EXPECT_EQ(plan->weights.size(), 3u);
+  ASSERT_NE(plan->program("forward"), nullptr);
+  const rt::ProgramDesc &fwd = *plan->program("forward");
+  EXPECT_EQ(fwd.seqCapacity, 4);
+  EXPECT_EQ(fwd.steps.size(), 3u);
+  const rt::BufferDesc &logits = plan->buffers[fwd.logits];
+  EXPECT_TRUE(logits.hasBatch);
+  EXPECT_TRUE(logits.hasSeq);
+  EXPECT_EQ(logits.batchStride, 4u * 16u);
+  EXPECT_EQ(logits.rowStride, 16u);
+  EXPECT_EQ(plan->kernels[1].ops[0].kind, rt::OpKind::RmsNorm);
+  EXPECT_FLOAT_EQ(float(plan->kernels[1].ops[0].eps), 1e-5f);
+}
+
+TEST(PlanVerifier, TinyModelPlansDecode) {
+  std::shared_ptr<const rt::Plan> plan;
+  rt::Status s = parse(tinyModelPlan("forward", 2, 8), &plan);
+  ASSERT_TRUE(s.ok()) << s.message;
+  s = parse(tinyModelPlan("generate", 2, 16), &plan);
+  ASSERT_TRUE(s.ok()) << s.message;
+  ASSERT_NE(plan->program("prefill"), nullptr);
+  ASSERT_NE(plan->program("decode"), nullptr);
+  EXPECT_EQ(plan->program("prefill")->seqCapacity, 16);
+  EXPECT_EQ(plan->program("decode")->seqCapacity, 1);
+  // The rope kernels carry their inverse frequencies, head_dim / 2 of them.
+  size_t ropes = 0;
+  for (const rt::KernelDesc &k : plan->kernels)
+    for (const rt::OpDesc &op : k.ops)
+      if (op.kind == rt::OpKind::Rope) {
+        ++ropes;
+        ASSERT_EQ(op.invFreq.size(), 2u);
+        EXPECT_GT(op.invFreq[0], op.invFreq[1]);
+        EXPECT_GT(op.invFreq[1], 0.0f);
+      }
+  EXPECT_EQ(ropes, 4u);
+}
+
+TEST(PlanVerifier, LoadsFromFileAndNamesMissingFile) {
+  std::string path = (fs::temp_directory_path() /
+                      ("l4c-plan-" + std::to_string(::getpid()) + ".l4plan"))
+                         .string();
+  std::vector<uint8_t> bytes = linearPlan().serialize();
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char *>(bytes.data()),
+             std::streamsize(bytes.size()));
+  std::shared_ptr<const rt::Plan> plan;
+  rt::Status s = rt::Plan::load(path, plan);
+  EXPECT_TRUE(s.ok()) << s.message;
+  EXPECT_EQ(plan->label(), path);
+  fs::remove(path);
+  s = rt::Plan::load(path, plan);
+  EXPECT_EQ(s.code, rt::StatusCode::Io);
+  EXPECT_NE(s.message.find(path + ": cannot open"), std::string::npos)
+      << s.message;
+}
+
+//===----------------------------------------------------------------------===//
+// Envelope: identifier, version, bytes
+//===----------------------------------------------------------------------===//
+
+TEST(PlanVerifier, RejectsWrongIdentifier) {
+  std::vector<uint8_t> bytes = linearPlan().serialize();
+  bytes[4] = 'X';
+  std::shared_ptr<const rt::Plan> plan;
+  rt::Status s = rt::Plan::fromBytes(bytes, "p", plan);
+  EXPECT_EQ(s.code, rt::StatusCode::InvalidPlan);
+  EXPECT_EQ(s.message, "p: not an l4c plan (file identifier is not \"L4CP\")");
+  for (size_t n : {0, 3, 7}) {
+    s = rt::Plan::fromBytes(std::vector<uint8_t>(n, 0), "p", plan);
+    EXPECT_EQ(s.code, rt::StatusCode::InvalidPlan) << n;
+  }
+}
+
+TEST(PlanVerifier, RejectsOtherVersion) {
+  PlanSpec p = linearPlan();
+  p.version = 2;
+  rt::Status s = parse(p);
+  EXPECT_EQ(s.message, "test.l4plan: plan version 2 is not supported by this "
+                       "runtime (expects 1)");
+  p.version = 0;
+  expectRejected(p, "plan version 0 is not supported");
+}
+
+TEST(PlanVerifier, RejectsEveryTruncation) {
+  std::vector<uint8_t> bytes = tinyModelPlan("generate", 1, 4).serialize();
+  // The builder may leave a few bytes of alignment padding at the end that
+  // nothing references; cutting those is harmless, cutting more is not.
+  for (size_t n = 0; n < bytes.size(); ++n) {
+    std::shared_ptr<const rt::Plan> plan;
+    rt::Status s = rt::Plan::fromBytes(
+        std::vector<uint8_t>(bytes.begin(), bytes.begin() + n), "p", plan);
+    if (n + 8 > bytes.size())
+      continue;
+    ASSERT_FALSE(s.ok()) << "truncated to " << n << " of " << bytes.size()
+                         << " bytes was accepted";
+    ASSERT_FALSE(s.message.empty());
+  }
+}
+
+// Flips bytes at random; a plan that still verifies is run as well, so the
+// executor's trust in verified plans is tested too.
+TEST(PlanVerifier, RandomByteFlipsNeverCrash) {
+  const std::vector<uint8_t> clean =
+      tinyModelPlan("generate", 2, 6).serialize();
+  const std::vector<uint8_t> cleanFwd = linearPlan(2, 4, 16, 8).serialize();
+  size_t rejected = 0, accepted = 0;
+  // L4C_FLIP_SEEDS raises the count for longer local fuzzing runs.
+  const char *env = std::getenv("L4C_FLIP_SEEDS");
+  uint32_t seeds = env ? uint32_t(std::strtoul(env, nullptr, 10)) : 1500;
+  for (uint32_t seed = 0; seed < seeds; ++seed) {
+    std::mt19937 rng(seed);
+    std::vector<uint8_t> bytes = seed % 3 == 0 ? cleanFwd : clean;
+    int flips = 1 + int(rng() % 4);
+    for (int f = 0; f < flips; ++f) {
+      size_t at = rng() % bytes.size();
+      bytes[at] =
+          seed % 2 ? uint8_t(rng()) : uint8_t(bytes[at] ^ (1u << (rng() % 8)));
+    }
+    std::shared_ptr<const rt::Plan> plan;
+    rt::Status s = rt::Plan::fromBytes(bytes, "flip", plan);
+    if (!s.ok()) {
+      ++rejected;
+      ASSERT_EQ(s.code, rt::StatusCode::InvalidPlan);
+      ASSERT_EQ(s.message.rfind("flip: ", 0), 0u) << s.message;
+      continue;
+    }
+    ++accepted;
+    std::unique_ptr<rt::Session> session;
+    if (!rt::Session::create(plan, {"", seed}, session).ok())
+      continue;
+    std::vector<int64_t> ids = {1, 2, 3, 4, 5, 6};
+    std::vector<int64_t> out(16);
+    int64_t len = 0;
+    if (plan->program("forward")) {
+      std::vector<float> logits(
+          size_t(2 * 3 * std::max<int64_t>(plan->vocabSize, 1)));
+      if (plan->vocabSize <= 64)
+        (void)session->forward(ids.data(), 2, 3, logits.data());
+    }
+    (void)session->generate(ids.data(), 2, 3, 2, nullptr, out.data(), &len);
+  }
+  EXPECT_GT(rejected, 0u);
+  std::printf("[ flips    ] %zu rejected, %zu accepted (benign flips)\n",
+              rejected, accepted);
+}
+
+//===----------------------------------------------------------------------===//
+// Semantic checks, one fault at a time
+//===----------------------------------------------------------------------===//
+
+TEST(PlanVerifier, RejectsOutOfRangeIndices) {
+  PlanSpec p = linearPlan();
+  p.kernels[2].ops[0].operands[0] = 999;
+  expectRejected(p, "kernel 2 'lm_head' op 0 (linear): operand 0 buffer index "
+                    "999 out of range");
+  p = linearPlan();
+  p.kernels[0].ops[0].results[0] = 77;
+  expectRejected(p, "result buffer index 77 out of range");
+  p = linearPlan();
+  p.programs[0].steps.push_back(9);
+  expectRejected(
+      p, "program 0 'forward': step 3 kernel index 9 out of range (3 kernels)");
+  p = linearPlan();
+  p.programs[0].inputs[0].buffer = 1000;
+  expectRejected(
+      p,
+      "program 0 'forward' input 'input_ids': buffer index 1000 out of range");
+  p = linearPlan();
+  p.weights[1].first = 500;
+  expectRejected(p, "weight binding 1: buffer index 500 out of range");
+}
+
+TEST(PlanVerifier, RejectsBadBuffers) {
+  PlanSpec p = linearPlan();
+  uint32_t h = findBuffer(p, "h");
+  p.buffers[h].offset = p.regionSize[0];
+  expectRejected(p, "buffer " + std::to_string(h) + " 'h': bytes [");
+  expectRejected(p, "lie outside the arena region");
+  p = linearPlan();
+  p.buffers[h].size = 12;
+  expectRejected(p, "buffer " + std::to_string(h) +
+                        " 'h': size 12 does not match shape [2, 4, 8] of f32");
+  p = linearPlan();
+  p.buffers[h].dims.pop_back();
+  expectRejected(p, "dims has 2 entries for a shape of rank 3");
+  p = linearPlan();
+  p.buffers[h].shape[2] = 0;
+  expectRejected(p, "has an extent below 1");
+  p = linearPlan();
+  p.buffers[h].dtype = pl::DType(9);
+  expectRejected(p, "unknown dtype 9");
+  p = linearPlan();
+  p.buffers[h].region = pl::Region(7);
+  expectRejected(p, "unknown region 7");
+  p = linearPlan();
+  p.buffers[h].offset = UINT64_MAX - 15; // offset + size wraps around
+  expectRejected(p, "lie outside the arena region");
+  p = linearPlan();
+  p.buffers[h].offset += 2;
+  expectRejected(p, "is not a multiple of its f32 element size");
+  p = linearPlan();
+  p.buffers[h].shape[0] = 1;
+  p.buffers[h].size /= 2;
+  expectRejected(p, "batch extent 1 differs from max_batch 2");
+  p = linearPlan();
+  p.buffers[h].dims = dimsOf(".SB");
+  expectRejected(p, "seq dim at position 1 (must follow the batch dim)");
+}
+
+TEST(PlanVerifier, RejectsOverlaps) {
+  // Two weights sharing some bytes.
+  PlanSpec p = linearPlan();
+  uint32_t norm = findBuffer(p, "model.norm.weight");
+  p.buffers[norm].offset = 16;
+  expectRejected(p, "partially overlaps");
+  // The same bytes bound to two checkpoint tensors.
+  p = linearPlan();
+  uint32_t head = findBuffer(p, "lm_head.weight");
+  p.buffers[head].offset =
+      p.buffers[findBuffer(p, "model.embed_tokens.weight")].offset;
+  expectRejected(p, "which is bound to another tensor");
+  // A linear writing over its own input.
+  p = linearPlan();
+  uint32_t x = findBuffer(p, "x");
+  p.kernels[2].ops[0].results[0] = p.view(x, "y", {2, 4, 16}, "BS.");
+  p.buffers.back().size = 2 * 4 * 16 * 4;
+  p.regionSize[0] += 1024;
+  expectRejected(p, "overlaps operand 0");
+  // In place is fine for an element-wise op.
+  p = linearPlan();
+  p.kernels[1].ops[0].results[0] = findBuffer(p, "h");
+  EXPECT_TRUE(parse(p).ok()) << parse(p).message;
+  // A cache update must write the cache's own bytes.
+  PlanSpec g = tinyModelPlan("generate", 1, 4);
+  for (KernelSpec &k : g.kernels)
+    for (OpSpec &o : k.ops)
+      if (o.op == "kv_cache_update")
+        o.results[0] = o.operands[1];
+  expectRejected(g, "must be the cache's own bytes");
+}
+
+TEST(PlanVerifier, RejectsBadOps) {
+  PlanSpec p = linearPlan();
+  p.kernels[1].ops[0].op = "softmax";
+  expectRejected(p,
+                 "kernel 1 'model.norm' op 0 (softmax): unknown op 'softmax'");
+  p = linearPlan();
+  p.kernels[1].ops[0].attrs.clear();
+  expectRejected(
+      p, "kernel 1 'model.norm' op 0 (rms_norm): missing attribute eps");
+  p = linearPlan();
+  p.kernels[1].ops[0].attrs[0] = attrI("eps", 1);
+  expectRejected(p, "attribute eps must be a float");
+  p = linearPlan();
+  p.kernels[1].ops[0].attrs.push_back(attrF("eps", 1e-6));
+  expectRejected(p, "attribute eps appears twice");
+  p = linearPlan();
+  p.kernels[1].ops[0].attrs[0] = attrF("eps", std::nan(""));
+  expectRejected(p, "attribute eps is not finite");
+  p = linearPlan();
+  p.kernels[1].ops[0].operands.pop_back();
+  expectRejected(p, "(rms_norm): has 1 operands, expected 2");
+  p = linearPlan();
+  p.kernels[1].ops[0].results.push_back(0);
+  expectRejected(p, "has 2 results, expected 1");
+  // Shapes: lm_head weight with the wrong inner dim.
+  p = linearPlan(2, 4, 16, 8);
+  uint32_t head = findBuffer(p, "lm_head.weight");
+  p.buffers[head].shape = {32, 4};
+  expectRejected(
+      p, "(linear): weight buffer " + std::to_string(head) +
+             " 'lm_head.weight' has shape [32, 4] for an input last dim of 8");
+  // An index operand that holds floats.
+  p = linearPlan();
+  p.kernels[0].ops[0].operands[1] = findBuffer(p, "h");
+  expectRejected(p, "(embedding): operand 1 buffer");
+  expectRejected(p, "has dtype f32, expected i64 or i32");
+}
+
+TEST(PlanVerifier, RejectsBadAttributes) {
+  auto withAttr = [](const std::string &opName,
+                     const std::function<void(OpSpec &)> &edit) {
+    PlanSpec g = tinyModelPlan("generate", 1, 4);
+    for (KernelSpec &k : g.kernels)
+      for (OpSpec &o : k.ops)
+        if (o.op == opName)
+          edit(o);
+    return g;
+  };
+  auto set = [](OpSpec &o, AttrSpec a) {
+    for (AttrSpec &x : o.attrs)
+      if (x.name == a.name)
+        x = a;
+  };
+  expectRejected(
+      withAttr("rope", [&](OpSpec &o) { set(o, attrS("scaling", "yarn")); }),
+      "(rope): attribute scaling 'yarn' is not none or llama3");
+  expectRejected(
+      withAttr("rope", [&](OpSpec &o) { set(o, attrF("scaling", 1)); }),
+      "(rope): attribute scaling must be a string");
+  expectRejected(
+      withAttr("rope", [&](OpSpec &o) { o.attrs.erase(o.attrs.begin()); }),
+      "(rope): missing attribute theta");
+  expectRejected(
+      withAttr("router_scores", [&](OpSpec &o) { set(o, attrI("top_k", 9)); }),
+      "(router_scores): attribute top_k 9 is outside [1, 4]");
+  expectRejected(withAttr("attention",
+                          [&](OpSpec &o) { set(o, attrI("chunk_size", -1)); }),
+                 "(attention): attribute chunk_size is negative");
+  expectRejected(
+      withAttr("attention", [&](OpSpec &o) { set(o, attrF("chunk_size", 2)); }),
+      "(attention): attribute chunk_size must be an int");
+  expectRejected(
+      withAttr("temperature_scale", [&](OpSpec &o) { o.attrs.pop_back(); }),
+      "(temperature_scale): missing attribute attn_scale");
+  // The llama3 extras are optional (the dialect gives them defaults).
+  PlanSpec g = withAttr("rope", [&](OpSpec &o) { o.attrs.resize(2); });
+  EXPECT_TRUE(parse(g).ok()) << parse(g).message;
+}
+
+TEST(PlanVerifier, RejectsBadPrograms) {
+  PlanSpec p = tinyModelPlan("generate", 1, 4);
+  p.programs.pop_back();
+  expectRejected(p, "a generate plan needs a program named 'decode'");
+  p = linearPlan();
+  p.programKind = "train";
+  expectRejected(p, "program_kind 'train' is not supported by this runtime");
+  p = linearPlan();
+  p.programs[0].inputs.push_back({"attention_mask", 0});
+  expectRejected(p,
+                 "program 0 'forward' input 'attention_mask': unknown input");
+  p = linearPlan();
+  p.programs[0].outputs.clear();
+  expectRejected(p, "program 0 'forward': has no logits output");
+  p = linearPlan();
+  p.programs[0].inputs[0].buffer = findBuffer(p, "h");
+  expectRejected(p, "expected an io-region i64 [B, S] buffer");
+  p = linearPlan();
+  p.programs.push_back(p.programs[0]);
+  expectRejected(p, "a second program of that name");
+  p = linearPlan();
+  p.vocab = 17;
+  expectRejected(p, "expected [B, S or 1, 17] of floats");
+  p = linearPlan();
+  p.weights[0].first = findBuffer(p, "h");
+  expectRejected(p, "is in the arena region, not weights");
+}
+
+//===----------------------------------------------------------------------===//
+// The C API over the loader
+//===----------------------------------------------------------------------===//
+
+TEST(PlanCApi, LoadInfoAndErrors) {
+  std::vector<uint8_t> bytes = tinyModelPlan("generate", 2, 16).serialize();
+  l4rt_plan plan = nullptr;
+  ASSERT_EQ(l4rt_plan_load_memory(bytes.data(), bytes.size(), &plan), L4RT_OK)
+      << l4rt_last_error();
+  EXPECT_STREQ(l4rt_last_error(), "");
+  l4rt_plan_summary info;
+  ASSERT_EQ(l4rt_plan_info(plan, &info), L4RT_OK);
+  EXPECT_STREQ(info.program_kind, "generate");
+  EXPECT_STREQ(info.target, "cpu");
+  EXPECT_EQ(info.max_batch, 2);
+  EXPECT_EQ(info.max_seq, 16);
+  EXPECT_EQ(info.vocab_size, 64);
+  EXPECT_GT(info.weights_size, 0u);
+  EXPECT_GT(info.cache_size, 0u);
+  EXPECT_EQ(info.num_weights, 24u);
+  l4rt_plan_free(plan);
+
+  EXPECT_EQ(l4rt_plan_load("/nonexistent/x.l4plan", &plan), L4RT_ERROR_IO);
+  EXPECT_EQ(plan, nullptr);
+  EXPECT_NE(std::string(l4rt_last_error()).find("/nonexistent/x.l4plan"),
+            std::string::npos);
+  bytes[bytes.size() / 2] ^= 0xff;
+  bytes[5] = 'Z';
+  EXPECT_EQ(l4rt_plan_load_memory(bytes.data(), bytes.size(), &plan),
+            L4RT_ERROR_INVALID_PLAN);
+  EXPECT_NE(std::string(l4rt_last_error()).find("file identifier"),
+            std::string::npos);
+  EXPECT_EQ(l4rt_plan_load(nullptr, &plan), L4RT_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(l4rt_plan_info(nullptr, &info), L4RT_ERROR_INVALID_ARGUMENT);
+  EXPECT_STREQ(l4rt_status_string(L4RT_ERROR_INVALID_PLAN), "invalid plan");
+  l4rt_plan_free(nullptr);
+}
+
+} // namespace
