@@ -39,6 +39,18 @@ gtest_suite compiler-unit "$build/test/unit/l4c-unit-tests"
 echo "== runtime unit tests"
 gtest_suite runtime-unit "$build/runtime/l4c_runtime_tests"
 
+echo "== runtime package test (an outside project links libl4rt via find_package)"
+ctest --test-dir "$build" -R l4rt_find_package --output-on-failure >"$log/ctest.log" 2>&1
+cp=$(sed -n 's/.* \([0-9]*\) tests failed out of \([0-9]*\).*/\2 \1/p' "$log/ctest.log" | tail -1)
+if [ -n "$cp" ]; then
+  set -- $cp
+  [ "$2" -eq 0 ] || cat "$log/ctest.log"
+  count runtime-package $(($1 - $2)) "$2"
+else
+  cat "$log/ctest.log"
+  count "runtime-package (did not run)" 0 1
+fi
+
 echo
 echo "summary:"
 cat "$log/summary"

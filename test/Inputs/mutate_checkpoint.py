@@ -6,6 +6,7 @@ usage: mutate_checkpoint.py SRC DST MODE [ARG...]
   drop NAME        remove a tensor
   halve NAME       keep the first half of a tensor's first dimension
   truncate N       cut model.safetensors to N bytes
+  retype NAME DT   relabel a tensor's dtype (e.g. I32) keeping its bytes
 Only the standard library is used (the safetensors layout is simple).
 """
 import json
@@ -67,6 +68,9 @@ def main():
         dtype, shape, raw = tensors[args[0]]
         shape = [shape[0] // 2] + shape[1:]
         tensors[args[0]] = (dtype, shape, raw[: len(raw) // 2])
+    elif mode == "retype":
+        dtype, shape, raw = tensors[args[0]]
+        tensors[args[0]] = (args[1], shape, raw)
     else:
         sys.exit("unknown mode " + mode)
     write(model, tensors, meta)
