@@ -3,17 +3,25 @@
 // Walks each function of a kernel-level module in order: arguments and
 // values become buffers at their planned offsets, kernel.groups become
 // kernels with their l4 ops as the semantic op list, functions programs.
+// CUDA targets add generated source and NVRTC cubins to every kernel.
 //
 //===----------------------------------------------------------------------===//
 #include "l4c/Plan/PlanWriter.h"
 #include "l4c/Dialect/Kernel/KernelOps.h"
 #include "l4c/Dialect/L4/L4Ops.h"
 #include "l4c/Passes/MemoryPlan.h"
+#include "l4c/Target/Cuda/CudaEmitter.h"
 #include "mlir/Dialect/Func/IR/FuncOps.h"
+#include "llvm/ADT/MapVector.h"
 #include "llvm/ADT/StringMap.h"
 #include "llvm/Support/FormatVariadic.h"
+#include "llvm/Support/ThreadPool.h"
+#include "llvm/Support/Threading.h"
+#include "cuda/nvrtc.h"
 #include "io/safetensors.h"
 #include "l4c/runtime/plan_generated.h"
+#include <chrono>
+#include <optional>
 
 using namespace mlir;
 namespace fb = flatbuffers;
@@ -63,26 +71,70 @@ pl::DimKind dimOf(DimKind d) {
   return pl::DimKind::Static;
 }
 
+/// A kernel whose table is built once its cubin exists.
+struct PendingKernel {
+  fb::Offset<fb::String> name, kind;
+  fb::Offset<fb::Vector<fb::Offset<pl::SemanticOp>>> ops;
+  std::optional<CudaKernel> cuda;
+  std::string program; ///< the function it belongs to (for --emit=cuda)
+};
+
 class Writer {
 public:
-  Writer(const ModuleMemoryPlan &mem) : mem(mem) {}
+  /// `emitCuda`: generate CUDA source for every kernel.
+  Writer(const ModuleMemoryPlan &mem, bool emitCuda)
+      : mem(mem), emitCuda(emitCuda) {}
   LogicalResult addFunction(func::FuncOp fn);
-  std::string finish(const Llama4Config &c, const PlanOptions &opts);
+  llvm::Expected<std::string> finish(const Llama4Config &c,
+                                     const PlanOptions &opts,
+                                     llvm::StringRef arch);
+  llvm::ArrayRef<PendingKernel> pending() const { return kernels; }
+  /// The error of a failed CUDA emission, if any.
+  llvm::Error takeCudaError() {
+    if (cudaError.empty())
+      return llvm::Error::success();
+    return llvm::createStringError(cudaError);
+  }
 
 private:
   FailureOr<uint32_t> buffer(Value v, const FunctionMemoryPlan &f,
                              StringRef name);
   LogicalResult addKernel(kernel::GroupOp g, const FunctionMemoryPlan &f,
                           DenseMap<Value, uint32_t> &bufs);
+  FailureOr<CudaBuffer> cudaBuffer(Value v, const FunctionMemoryPlan &f);
+  /// Compiles each distinct body with the entries of its kernels, in
+  /// parallel; fills the program source and cubin of each body.
+  llvm::Error compileCuda(llvm::StringRef arch, bool stats,
+                          llvm::StringMap<std::vector<uint8_t>> &cubins,
+                          llvm::StringMap<std::string> &sources,
+                          std::string &options);
 
   const ModuleMemoryPlan &mem;
+  bool emitCuda;
+  std::string cudaError;
+  StringRef currentFunction;
   fb::FlatBufferBuilder fbb{1 << 16};
   std::vector<fb::Offset<pl::Buffer>> buffers;
   std::vector<fb::Offset<pl::WeightBinding>> weights;
-  std::vector<fb::Offset<pl::Kernel>> kernels;
+  std::vector<PendingKernel> kernels;
   std::vector<fb::Offset<pl::Program>> programs;
   llvm::StringMap<uint32_t> sharedBuffers; ///< weights and caches by name
 };
+
+FailureOr<CudaBuffer> Writer::cudaBuffer(Value v, const FunctionMemoryPlan &f) {
+  auto slot = f.slots.find(v);
+  auto dims = f.dims.find(v);
+  if (slot == f.slots.end() || dims == f.dims.end())
+    return failure();
+  auto type = cast<RankedTensorType>(v.getType());
+  CudaBuffer b;
+  b.region = slot->second.region;
+  b.offset = slot->second.offset;
+  b.shape.assign(type.getShape().begin(), type.getShape().end());
+  b.dims.assign(dims->second.begin(), dims->second.end());
+  b.elementType = type.getElementType();
+  return b;
+}
 
 FailureOr<uint32_t> Writer::buffer(Value v, const FunctionMemoryPlan &f,
                                    StringRef name) {
@@ -169,14 +221,40 @@ LogicalResult Writer::addKernel(kernel::GroupOp g, const FunctionMemoryPlan &f,
         fbb.CreateVector(attrs), fbb.CreateVector(operands),
         fbb.CreateVector(results)));
   }
-  kernels.push_back(pl::CreateKernel(fbb, fbb.CreateString(g.getName().str()),
-                                     fbb.CreateString(g.getKind().str()),
-                                     fbb.CreateVector(ops)));
+  PendingKernel k;
+  k.name = fbb.CreateString(g.getName().str());
+  k.kind = fbb.CreateString(g.getKind().str());
+  k.ops = fbb.CreateVector(ops);
+  k.program = currentFunction.str();
+  if (emitCuda) {
+    SmallVector<CudaBuffer> ins, outs;
+    for (Value v : g.getInputs()) {
+      auto b = cudaBuffer(v, f);
+      if (failed(b))
+        return g.emitOpError() << "operand has no memory slot";
+      ins.push_back(std::move(*b));
+    }
+    for (Value v : g.getResults()) {
+      auto b = cudaBuffer(v, f);
+      if (failed(b))
+        return g.emitOpError() << "result has no memory slot";
+      outs.push_back(std::move(*b));
+    }
+    auto cuda = emitCudaKernel(g, ins, outs,
+                               cudaEntryName(kernels.size(), g.getName()));
+    if (!cuda) {
+      cudaError = toString(cuda.takeError());
+      return failure();
+    }
+    k.cuda = std::move(*cuda);
+  }
+  kernels.push_back(std::move(k));
   return success();
 }
 
 LogicalResult Writer::addFunction(func::FuncOp fn) {
   const FunctionMemoryPlan &f = mem.functions.lookup(fn.getSymName());
+  currentFunction = fn.getSymName();
   Block &body = fn.getBody().front();
   DenseMap<Value, uint32_t> bufs;
   std::vector<fb::Offset<pl::IoBinding>> inputs, outputs;
@@ -244,17 +322,145 @@ LogicalResult Writer::addFunction(func::FuncOp fn) {
   return success();
 }
 
-std::string Writer::finish(const Llama4Config &c, const PlanOptions &opts) {
+llvm::Error Writer::compileCuda(llvm::StringRef arch, bool stats,
+                                llvm::StringMap<std::vector<uint8_t>> &cubins,
+                                llvm::StringMap<std::string> &sources,
+                                std::string &options) {
+  // Kernels of identical layers differ only in their entries' offsets:
+  // one NVRTC program per distinct body compiles them all at once, and
+  // separate compilation (-rdc, then nvJitLink) compiles that body once
+  // rather than once per entry, which is most of the time saved.
+  llvm::MapVector<StringRef, std::vector<const CudaKernel *>> families;
+  for (const PendingKernel &k : kernels)
+    families[k.cuda->bodyName].push_back(&*k.cuda);
+  struct Job {
+    StringRef body;
+    std::string source, error, log;
+    std::vector<uint8_t> cubin;
+    double seconds = 0;
+    size_t numKernels = 0;
+    nvrtc::Linking linking = nvrtc::Linking::Separate;
+  };
+  std::vector<Job> jobs(families.size());
+  for (auto [i, fam] : llvm::enumerate(families)) {
+    jobs[i].body = fam.first;
+    jobs[i].source = cudaProgramSource(fam.second);
+    jobs[i].numKernels = fam.second.size();
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  {
+    llvm::DefaultThreadPool pool(llvm::hardware_concurrency());
+    for (Job &job : jobs)
+      pool.async([&job, arch] {
+        auto start = std::chrono::steady_clock::now();
+        nvrtc::Output out;
+        job.error = nvrtc::compile(job.source, job.body.str() + ".cu",
+                                   arch.str(), {}, out,
+                                   nvrtc::Linking::Separate);
+        job.linking = out.linking;
+        job.cubin = std::move(out.cubin);
+        job.log = std::move(out.log);
+        job.seconds = std::chrono::duration<double>(
+                          std::chrono::steady_clock::now() - start)
+                          .count();
+      });
+    pool.wait();
+  }
+  double total = std::chrono::duration<double>(
+                     std::chrono::steady_clock::now() - t0)
+                     .count();
+  for (const Job &job : jobs) {
+    if (job.error.empty())
+      continue;
+    const std::vector<const CudaKernel *> &fam = families[job.body];
+    std::string more;
+    if (fam.size() > 1)
+      more = llvm::formatv(" and {0} more sharing its body", fam.size() - 1)
+                 .str();
+    return llvm::createStringError(
+        llvm::formatv("kernel '{0}' (entry {1}){2}: {3}\n{4}",
+                      fam.front()->name, fam.front()->entry, more, job.error,
+                      job.log)
+            .str());
+  }
+  if (stats) {
+    double sum = 0;
+    for (const Job &job : jobs) {
+      sum += job.seconds;
+      llvm::errs() << llvm::formatv(
+          "l4c: nvrtc: {0,7:F3} s {1,9} bytes {2,4} kernel(s) {3}\n",
+          job.seconds, job.cubin.size(), job.numKernels, job.body);
+      if (!job.log.empty())
+        llvm::errs() << job.log << "\n";
+    }
+    llvm::errs() << llvm::formatv(
+        "l4c: nvrtc: compiled {0} kernels as {1} programs for {2} in {3:F2} s "
+        "({4:F2} s of compile time on {5} threads)\n",
+        kernels.size(), jobs.size(), arch, total, sum,
+        llvm::hardware_concurrency().compute_thread_count());
+  }
+  nvrtc::Linking linking =
+      jobs.empty() ? nvrtc::Linking::Separate : jobs.front().linking;
+  // Exactly the NVRTC flags; with -rdc the cubin was then linked by
+  // nvJitLink (nvrtc::Linking::Separate).
+  options = nvrtc::defaultOptions(arch, linking);
+  for (Job &job : jobs) {
+    cubins[job.body] = std::move(job.cubin);
+    sources[job.body] = std::move(job.source);
+  }
+  return llvm::Error::success();
+}
+
+llvm::Expected<std::string> Writer::finish(const Llama4Config &c,
+                                           const PlanOptions &opts,
+                                           llvm::StringRef arch) {
+  std::vector<fb::Offset<pl::Kernel>> tables;
+  std::string nvrtcVersion, nvrtcOptions;
+  if (emitCuda) {
+    if (!nvrtc::available())
+      return llvm::createStringError("--target=" + opts.target +
+                                     " needs NVRTC to build cubins: " +
+                                     nvrtc::loadError());
+    llvm::StringMap<std::vector<uint8_t>> cubins;
+    llvm::StringMap<std::string> sources;
+    if (llvm::Error e = compileCuda(arch, opts.cudaStats, cubins, sources,
+                                    nvrtcOptions))
+      return std::move(e);
+    // Kernels that share a body share its program's source and cubin (one
+    // copy in the file); each names its own entry.
+    llvm::StringMap<std::pair<fb::Offset<fb::String>,
+                              fb::Offset<fb::Vector<uint8_t>>>>
+        shared;
+    for (const PendingKernel &k : kernels) {
+      const CudaKernel &ck = *k.cuda;
+      auto it = shared.find(ck.bodyName);
+      if (it == shared.end()) {
+        auto src = fbb.CreateString(sources[ck.bodyName]);
+        auto bin = fbb.CreateVector(cubins[ck.bodyName]);
+        it = shared.try_emplace(ck.bodyName, src, bin).first;
+      }
+      tables.push_back(pl::CreateKernel(
+          fbb, k.name, k.kind, k.ops, it->second.first, it->second.second,
+          fbb.CreateString(ck.entry), ck.threads, ck.blocks, ck.sharedBytes));
+    }
+    nvrtcVersion = nvrtc::version();
+  } else {
+    for (const PendingKernel &k : kernels)
+      tables.push_back(pl::CreateKernel(fbb, k.name, k.kind, k.ops));
+  }
+  std::string target = arch.empty() ? opts.target : "cuda:" + arch.str();
   auto model = pl::CreateModelInfo(fbb, fbb.CreateString(c.source),
                                    c.vocabSize, c.numLayers, c.hiddenSize,
                                    fbb.CreateString(configToJson(c)));
   auto plan = pl::CreatePlan(
       fbb, kPlanVersion, model, fbb.CreateString(opts.programKind),
-      fbb.CreateString(opts.target), fbb.CreateString(opts.precision),
+      fbb.CreateString(target), fbb.CreateString(opts.precision),
       opts.maxBatch, opts.maxSeq, mem.arenaSize, mem.weightsSize,
       mem.cacheSize, mem.ioSize, fbb.CreateVector(buffers),
-      fbb.CreateVector(weights), fbb.CreateVector(kernels),
-      fbb.CreateVector(programs), pl::CreateMesh(fbb, 1));
+      fbb.CreateVector(weights), fbb.CreateVector(tables),
+      fbb.CreateVector(programs), pl::CreateMesh(fbb, 1),
+      fbb.CreateString(arch.str()), fbb.CreateString(nvrtcVersion),
+      fbb.CreateString(nvrtcOptions));
   pl::FinishPlanBuffer(fbb, plan);
   return std::string(reinterpret_cast<const char *>(fbb.GetBufferPointer()),
                      fbb.GetSize());
@@ -262,19 +468,86 @@ std::string Writer::finish(const Llama4Config &c, const PlanOptions &opts) {
 
 } // namespace
 
-llvm::Expected<std::string> serializePlan(ModuleOp module,
-                                          const Llama4Config &config,
-                                          const PlanOptions &opts) {
-  FailureOr<ModuleMemoryPlan> mem = planModuleMemory(module);
-  if (failed(mem))
+llvm::Expected<std::string> cudaArchOf(llvm::StringRef target) {
+  if (target == "cpu")
+    return std::string();
+  if (target == "cuda")
+    return std::string("sm_90a");
+  llvm::StringRef arch = target;
+  if (arch.consume_front("cuda:") && arch.consume_front("sm_")) {
+    llvm::StringRef digits = arch;
+    digits.consume_back("a");
+    unsigned v;
+    if (!digits.empty() && !digits.getAsInteger(10, v))
+      return "sm_" + arch.str();
+  }
+  return llvm::createStringError(
+      "--target must be cpu, cuda or cuda:sm_XX (e.g. cuda:sm_90a), got '" +
+      target.str() + "'");
+}
+
+/// Plans memory and walks every function; `emitCuda` adds each kernel's
+/// CUDA source.
+static llvm::Expected<std::unique_ptr<Writer>>
+walkModule(ModuleOp module, bool emitCuda, ModuleMemoryPlan &mem) {
+  FailureOr<ModuleMemoryPlan> planned = planModuleMemory(module);
+  if (failed(planned))
     return llvm::createStringError("memory planning failed");
-  Writer w(*mem);
+  mem = std::move(*planned);
+  auto w = std::make_unique<Writer>(mem, emitCuda);
   for (auto fn : module.getOps<func::FuncOp>())
-    if (failed(w.addFunction(fn)))
+    if (failed(w->addFunction(fn))) {
+      if (llvm::Error e = w->takeCudaError())
+        return std::move(e);
       return llvm::createStringError(
           llvm::formatv("cannot write function @{0} to a plan",
                         fn.getSymName()));
-  return w.finish(config, opts);
+    }
+  return w;
+}
+
+llvm::Expected<std::string> serializePlan(ModuleOp module,
+                                          const Llama4Config &config,
+                                          const PlanOptions &opts) {
+  auto arch = cudaArchOf(opts.target);
+  if (!arch)
+    return arch.takeError();
+  ModuleMemoryPlan mem;
+  auto w = walkModule(module, !arch->empty(), mem);
+  if (!w)
+    return w.takeError();
+  return (*w)->finish(config, opts, *arch);
+}
+
+llvm::Error printCudaSources(ModuleOp module, const PlanOptions &opts,
+                             llvm::raw_ostream &os) {
+  auto arch = cudaArchOf(opts.target);
+  if (!arch)
+    return arch.takeError();
+  ModuleMemoryPlan mem;
+  auto w = walkModule(module, /*emitCuda=*/true, mem);
+  if (!w)
+    return w.takeError();
+  os << "// l4c --emit=cuda: " << opts.programKind << " program, max batch "
+     << opts.maxBatch << ", max seq " << opts.maxSeq << ", for "
+     << (arch->empty() ? std::string("sm_90a") : *arch) << "\n";
+  os << cudaPrelude();
+  llvm::StringMap<unsigned> firstUse;
+  for (auto [i, k] : llvm::enumerate((*w)->pending())) {
+    const CudaKernel &c = *k.cuda;
+    os << llvm::formatv("\n//===- kernel {0} in @{1}: {2} ({3}), entry {4}, "
+                        "{5} blocks x {6} threads, {7} dynamic shared bytes\n",
+                        i, k.program, c.name, c.kind, c.entry, c.blocks,
+                        c.threads, c.sharedBytes);
+    auto [it, fresh] = firstUse.try_emplace(c.bodyName, unsigned(i));
+    if (fresh)
+      os << c.body;
+    else
+      os << "// body " << c.bodyName << ": as in kernel " << it->second
+         << "\n";
+    os << c.launcher;
+  }
+  return llvm::Error::success();
 }
 
 llvm::Error writePlan(ModuleOp module, const Llama4Config &config,

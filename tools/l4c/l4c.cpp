@@ -11,6 +11,7 @@
 #include "l4c/Plan/PlanWriter.h"
 #include "mlir/Pass/PassManager.h"
 #include "io/safetensors.h"
+#include "mlir/Dialect/Func/IR/FuncOps.h"
 #include "mlir/IR/DialectRegistry.h"
 #include "mlir/IR/MLIRContext.h"
 #include "mlir/IR/Verifier.h"
@@ -42,16 +43,20 @@ static cl::opt<std::string> precisionOpt("precision", cl::init("f32"),
                                          cl::sub(compileCmd));
 static cl::opt<std::string> emitOpt(
     "emit", cl::init(""),
-    cl::desc("print a stage instead of writing a plan: l4 | kernel"),
+    cl::desc("print a stage instead of writing a plan: l4 | kernel | cuda"),
     cl::sub(compileCmd));
 static cl::opt<std::string> outputOpt("o", cl::init(""),
                                       cl::desc("the plan file to write"),
                                       cl::value_desc("PLAN"),
                                       cl::sub(compileCmd));
-static cl::opt<std::string> targetOpt("target", cl::init("cpu"),
-                                      cl::desc("cpu (CUDA arrives with the "
-                                               "GPU backend)"),
-                                      cl::sub(compileCmd));
+static cl::opt<std::string> targetOpt(
+    "target", cl::init("cpu"),
+    cl::desc("cpu | cuda | cuda:sm_XX (cuda builds sm_90a cubins with NVRTC)"),
+    cl::sub(compileCmd));
+static cl::opt<bool> nvrtcStats(
+    "nvrtc-stats", cl::init(false),
+    cl::desc("CUDA targets: report each NVRTC program's compile time"),
+    cl::sub(compileCmd));
 static cl::opt<bool> printLocs(
     "print-locations", cl::init(false),
     cl::desc("print each op's location (its HF module path) inline"),
@@ -99,14 +104,13 @@ static int runCompile() {
   auto precision = l4c::parsePrecision(precisionOpt);
   if (!precision)
     return fail("--precision must be f32 or bf16, got '" + precisionOpt + "'");
-  if (emitOpt != "" && emitOpt != "l4" && emitOpt != "kernel")
-    return fail("--emit must be l4 or kernel, got '" + emitOpt + "'");
+  if (emitOpt != "" && emitOpt != "l4" && emitOpt != "kernel" &&
+      emitOpt != "cuda")
+    return fail("--emit must be l4, kernel or cuda, got '" + emitOpt + "'");
   if (emitOpt.empty() && outputOpt.empty())
-    return fail("nothing to do: give -o PLAN or --emit=l4|kernel");
-  if (targetOpt != "cpu")
-    return fail("--target=" + targetOpt +
-                " is not supported yet (the CUDA code generator has not "
-                "landed); use --target=cpu");
+    return fail("nothing to do: give -o PLAN or --emit=l4|kernel|cuda");
+  if (auto arch = l4c::cudaArchOf(targetOpt); !arch)
+    return fail(toString(arch.takeError()));
   opts.program = *program;
   opts.precision = *precision;
   opts.maxBatch = maxBatch;
@@ -138,20 +142,38 @@ static int runCompile() {
     (*module)->print(outs(), printing);
     outs() << "\n";
   }
-  if (outputOpt.empty())
-    return 0;
   l4c::PlanOptions popts;
   popts.programKind = programOpt;
   popts.target = targetOpt;
   popts.precision = precisionOpt;
   popts.maxBatch = maxBatch;
   popts.maxSeq = maxSeq;
+  popts.cudaStats = nvrtcStats;
+  if (emitOpt == "cuda")
+    if (Error e = l4c::printCudaSources(**module, popts, outs()))
+      return fail(toString(std::move(e)));
+  if (outputOpt.empty())
+    return 0;
   if (Error e = l4c::writePlan(**module, src->config, popts, outputOpt))
     return fail(toString(std::move(e)));
-  if (emitOpt.empty())
+  if (emitOpt.empty()) {
+    // The memory plan's sizes: the whole device footprint of a run is known
+    // before it starts (arena = peak scratch, shared by the programs).
+    auto attr = [](mlir::Operation *op, StringRef name) -> int64_t {
+      auto a = op->getAttrOfType<mlir::IntegerAttr>(name);
+      return a ? a.getInt() : 0;
+    };
+    int64_t arena = 0;
+    (*module)->walk([&](mlir::func::FuncOp fn) {
+      arena = std::max(arena, attr(fn, "l4c.arena_size"));
+    });
+    int64_t weights = attr(**module, "l4c.weights_size");
+    int64_t cache = attr(**module, "l4c.cache_size");
     errs() << formatv("l4c: wrote {0} ({1} program, max batch {2}, max seq "
-                      "{3})\n",
-                      outputOpt, programOpt, int64_t(maxBatch), int64_t(maxSeq));
+                      "{3}); memory: weights {4}, kv cache {5}, arena {6}\n",
+                      outputOpt, programOpt, int64_t(maxBatch), int64_t(maxSeq),
+                      bytesStr(weights), bytesStr(cache), bytesStr(arena));
+  }
   return 0;
 }
 

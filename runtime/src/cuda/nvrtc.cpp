@@ -180,8 +180,8 @@ const Library<LinkApi> &linkLibrary() {
 }
 
 std::vector<std::string> baseOptions(std::string_view arch, Linking linking) {
-  std::vector<std::string> opts = {
-      "--gpu-architecture=" + std::string(arch), "--std=c++17"};
+  std::vector<std::string> opts = {"--gpu-architecture=" + std::string(arch),
+                                   "--std=c++17"};
   if (linking == Linking::Separate)
     opts.push_back("--relocatable-device-code=true");
   return opts;
@@ -258,8 +258,8 @@ std::string compile(std::string_view source, const std::string &name,
   out.linking = linking;
   std::string src(source); // NVRTC wants a NUL-terminated copy
   Program prog = nullptr;
-  Result r = a.createProgram(&prog, src.c_str(), name.c_str(), 0, nullptr,
-                             nullptr);
+  Result r =
+      a.createProgram(&prog, src.c_str(), name.c_str(), 0, nullptr, nullptr);
   if (r != kSuccess)
     return "NVRTC could not create program '" + name +
            "': " + a.getErrorString(r);

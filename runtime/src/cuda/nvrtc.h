@@ -1,4 +1,4 @@
-//===- nvrtc.h - NVRTC loaded at run time ---------------------*- C++ -*-===//
+//===- nvrtc.h - NVRTC loaded at run time -----------------------*- C++ -*-===//
 //
 // Compiles generated CUDA C++ to cubins through NVRTC, found with dlopen so
 // that neither the compiler nor the runtime needs the CUDA toolkit to build

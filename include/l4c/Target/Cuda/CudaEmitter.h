@@ -1,0 +1,74 @@
+//===- CudaEmitter.h - kernel.group -> CUDA C++ source ----------*- C++ -*-===//
+//
+// Generates the CUDA C++ of one plan kernel from its kernel.group and the
+// memory slots of its operands and results, following the kernel ABI of
+// runtime/schema/plan.fbs. Text only: NVRTC compiles it later.
+//
+//===----------------------------------------------------------------------===//
+#ifndef L4C_TARGET_CUDA_CUDAEMITTER_H
+#define L4C_TARGET_CUDA_CUDAEMITTER_H
+
+#include "l4c/Dialect/Kernel/KernelOps.h"
+#include "l4c/Passes/MemoryPlan.h"
+#include "mlir/IR/Types.h"
+#include "llvm/ADT/ArrayRef.h"
+#include "llvm/ADT/SmallVector.h"
+#include "llvm/Support/Error.h"
+#include <cstdint>
+#include <string>
+
+namespace l4c {
+
+/// Where a kernel operand or result lives and how it is laid out: the
+/// shape is at the compiled maxima; `dims` say which extents are the
+/// run-time batch and sequence length.
+struct CudaBuffer {
+  MemRegion region = MemRegion::Arena;
+  uint64_t offset = 0; ///< bytes from the start of the region
+  llvm::SmallVector<int64_t, 4> shape;
+  llvm::SmallVector<DimKind, 4> dims;
+  mlir::Type elementType;
+};
+
+/// One generated kernel. The body depends only on shapes, dtypes and
+/// attributes, never on offsets, so kernels of identical layers share it
+/// (same `bodyName`) and can be compiled together, once.
+struct CudaKernel {
+  std::string name;     ///< the kernel's name (kernel.group's name)
+  std::string entry;    ///< the extern "C" __global__ symbol
+  std::string kind;     ///< the template kind (kernel.group's kind)
+  std::string bodyName; ///< unique per distinct body text (a hash)
+  std::string body;     ///< file-scope helpers and the __device__ body
+  std::string launcher; ///< the entry: region bases + constant offsets
+  unsigned threads = 0; ///< block size the body is written for
+  unsigned blocks = 0;  ///< grid at the compiled maxima (any grid is correct)
+  unsigned sharedBytes = 0; ///< dynamic shared memory per block at launch
+
+  /// Prelude, body and entry: a program that compiles alone.
+  std::string source() const;
+};
+
+/// Declarations every generated program starts with: the L4Regions struct,
+/// the load/store helpers (the only code that knows storage dtypes) and
+/// block reductions.
+llvm::StringRef cudaPrelude();
+
+/// A C identifier for the kernel at `index` of a plan named `name`, unique
+/// within the plan.
+std::string cudaEntryName(unsigned index, llvm::StringRef name);
+
+/// Emits the kernel for `group`, whose inputs and results are placed at
+/// `inputs` and `results` (one per group operand and result). Fails, naming
+/// the kernel and op, on ops or dtypes the CUDA target does not support yet.
+llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
+                                          llvm::ArrayRef<CudaBuffer> inputs,
+                                          llvm::ArrayRef<CudaBuffer> results,
+                                          llvm::StringRef entry);
+
+/// A whole NVRTC program for kernels that share one body: the prelude, the
+/// body once and every kernel's entry.
+std::string cudaProgramSource(llvm::ArrayRef<const CudaKernel *> kernels);
+
+} // namespace l4c
+
+#endif // L4C_TARGET_CUDA_CUDAEMITTER_H

@@ -1,0 +1,107 @@
+//===- Emit.h - shared pieces of the CUDA op emitters -----------*- C++ -*-===//
+//
+// What every per-op emitter of lib/Target/Cuda sees: views of the op's
+// buffers (row layout, storage type, the name of their pointer in the body)
+// and the body under construction. Private to the library.
+//
+//===----------------------------------------------------------------------===//
+#ifndef L4C_LIB_TARGET_CUDA_EMIT_H
+#define L4C_LIB_TARGET_CUDA_EMIT_H
+
+#include "l4c/Target/Cuda/CudaEmitter.h"
+#include "mlir/IR/Operation.h"
+#include "llvm/ADT/SmallVector.h"
+#include "llvm/ADT/StringRef.h"
+#include "llvm/Support/raw_ostream.h"
+#include <string>
+
+namespace l4c::cuda {
+
+/// One operand or result of the op, as the generated body sees it.
+/// Token-major buffers are rows: [Bmax, Smax, inner...] with a seq dim, or
+/// [Bmax, inner...] without one (one row per sequence, after take_last).
+struct View {
+  std::string name;       ///< the typed pointer in the body
+  std::string ctype;      ///< storage type the load/store helpers take
+  std::string param;      ///< the body parameter it is cast from ("in0")
+  bool referenced = true; ///< false: the body never declares the pointer
+  const CudaBuffer *buf = nullptr;
+  bool hasBatch = false, hasSeq = false;
+  int64_t bmax = 1;         ///< compiled batch extent (1 without batch)
+  int64_t rowsPerBatch = 1; ///< Smax with a seq dim, else 1
+  int64_t inner = 1;        ///< elements per row
+
+  llvm::ArrayRef<int64_t> shape() const { return buf->shape; }
+  /// Element offset of the first element of row (b, t): "(b * S + t) * W".
+  std::string rowBase(llvm::StringRef b, llvm::StringRef t) const;
+  /// The live rows per batch entry in the body: "T" or "1".
+  llvm::StringRef liveRows() const { return hasSeq ? "T" : "1"; }
+  /// Live rows per entry at the compiled maxima.
+  int64_t maxLiveRows() const { return hasSeq ? rowsPerBatch : 1; }
+};
+
+/// The body being generated for one op.
+struct Body {
+  std::string globals; ///< file-scope definitions; "@B@" is replaced by the
+                       ///< body's unique name
+  std::string code;    ///< statements inside the body function
+  unsigned threads = 256;
+  uint64_t blocks = 1;
+  /// Constants the entry passes to the body instead of the body declaring
+  /// them: row strides, which differ between prefill and decode only, so
+  /// that both share one body (compiled once).
+  llvm::SmallVector<std::pair<std::string, int64_t>, 4> params;
+
+  /// Declares `name` as a body parameter the entry sets to `value`.
+  void param(llvm::StringRef name, int64_t value) {
+    params.emplace_back(name.str(), value);
+  }
+};
+
+struct OpContext {
+  mlir::Operation *op = nullptr;
+  llvm::StringRef kernelName;
+  llvm::SmallVector<View, 4> operands; ///< by op operand index
+  llvm::SmallVector<View, 4> results;  ///< by op result number
+  Body body;
+
+  /// An error naming the kernel and the op.
+  llvm::Error fail(const llvm::Twine &msg) const;
+};
+
+// Op families; each fills ctx.body or fails with ctx.fail.
+llvm::Error emitEmbedding(OpContext &ctx);
+llvm::Error emitNorm(OpContext &ctx, double eps, bool hasWeight);
+llvm::Error emitRope(OpContext &ctx);
+llvm::Error emitTemperatureScale(OpContext &ctx);
+llvm::Error emitKvCacheUpdate(OpContext &ctx);
+llvm::Error emitRouterScores(OpContext &ctx);
+llvm::Error emitElementwise(OpContext &ctx, llvm::StringRef expr);
+llvm::Error emitTakeLast(OpContext &ctx);
+llvm::Error emitLinear(OpContext &ctx);
+llvm::Error emitMoeExperts(OpContext &ctx);
+llvm::Error emitAttention(OpContext &ctx);
+
+// Text helpers.
+
+/// An exact C float literal for `v` (hex float; infinities and NaN spelled
+/// through __int_as_float).
+std::string floatLit(float v);
+/// A 64-bit integer literal.
+std::string intLit(int64_t v);
+/// "constexpr long long NAME = VALUE;" with a trailing comment when given.
+std::string constant(llvm::StringRef name, int64_t value,
+                     llvm::StringRef comment = "");
+/// Registers a row stride as a body parameter (see Body::params); returns
+/// nothing to print, so it chains into the constant declarations.
+inline std::string stride(Body &b, llvm::StringRef name, int64_t value) {
+  b.param(name, value);
+  return std::string();
+}
+/// Blocks for `work` items of `perBlock` each, at least 1, capped where a
+/// grid-stride loop makes more blocks pointless.
+uint64_t gridFor(uint64_t work, uint64_t perBlock);
+
+} // namespace l4c::cuda
+
+#endif // L4C_LIB_TARGET_CUDA_EMIT_H

@@ -1,0 +1,369 @@
+//===- RowOps.cpp - CUDA for row-wise and element-wise l4 ops -------------===//
+//
+// Embedding, norms, RoPE, temperature scaling, KV-cache writes, routing,
+// element-wise ops and take_last: memory-bound kernels that walk the live
+// token rows (b < B, t < T) with grid-stride loops.
+//
+//===----------------------------------------------------------------------===//
+#include "Emit.h"
+#include "cpu/kernels.h"
+#include "l4c/Dialect/L4/L4Ops.h"
+#include "llvm/Support/FormatVariadic.h"
+#include <vector>
+
+using namespace mlir;
+
+namespace l4c::cuda {
+
+namespace {
+
+/// Declares PREFIX_S (rows per batch entry, a parameter) and PREFIX_W (row
+/// width) for a token-major view, so row (b, t) starts at
+/// (b * PREFIX_S + t) * PREFIX_W.
+std::string rowConstants(Body &b, llvm::StringRef prefix, const View &v) {
+  return stride(b, (prefix + "_S").str(), v.rowsPerBatch) +
+         constant((prefix + "_W").str(), v.inner);
+}
+
+/// The live rows per batch entry shared by token-major views ("T" when they
+/// have a seq dim, "1" after take_last); fails when they disagree or a view
+/// is not token-major.
+llvm::Expected<std::string>
+liveRows(const OpContext &ctx, std::initializer_list<const View *> views) {
+  std::optional<bool> seq;
+  for (const View *v : views) {
+    if (!v->hasBatch)
+      return ctx.fail("'" + v->name + "' is not a token-major activation");
+    if (seq && *seq != v->hasSeq)
+      return ctx.fail("'" + v->name +
+                      "' disagrees with the other operands on the seq dim");
+    seq = v->hasSeq;
+  }
+  return std::string(seq.value_or(false) ? "T" : "1");
+}
+
+/// Rows at the compiled maxima.
+uint64_t maxRows(const View &v) { return uint64_t(v.bmax) * v.maxLiveRows(); }
+
+} // namespace
+
+llvm::Error emitEmbedding(OpContext &ctx) {
+  const View &table = ctx.operands[0], &ids = ctx.operands[1],
+             &y = ctx.results[0];
+  auto lt = liveRows(ctx, {&ids, &y});
+  if (!lt)
+    return lt.takeError();
+  if (table.shape().size() != 2 || ids.inner != 1 ||
+      y.inner != table.shape()[1])
+    return ctx.fail("expected table [V, D], ids [B, S] and result [B, S, D]");
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("V", table.shape()[0]) << constant("D", table.shape()[1])
+     << stride(b, "I_S", ids.rowsPerBatch) << stride(b, "Y_S", y.rowsPerBatch)
+     << "  const long long LT = " << *lt << ";\n"
+     << R"cuda(  const long long n = B * LT * D;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long c = i % D, r = i / D, b = r / LT, t = r - b * LT;
+    const long long id = l4_ldi(ids, b * I_S + t);
+    // Ids are checked on the host; an outside one reads as a zero row.
+    const float v = id >= 0 && id < V ? l4_ld(table, id * D + c) : 0.0f;
+    l4_st(y, (b * Y_S + t) * D + c, v);
+  }
+)cuda";
+  b.threads = 256;
+  b.blocks = gridFor(maxRows(y) * y.inner, b.threads);
+  return llvm::Error::success();
+}
+
+llvm::Error emitNorm(OpContext &ctx, double eps, bool hasWeight) {
+  const View &x = ctx.operands[0], &y = ctx.results[0];
+  auto lt = liveRows(ctx, {&x, &y});
+  if (!lt)
+    return lt.takeError();
+  int64_t n = x.shape().back();
+  if (n <= 0 || x.inner % n || y.inner != x.inner)
+    return ctx.fail("expected the result to have the input's shape");
+  if (hasWeight && ctx.operands[1].inner != n)
+    return ctx.fail("expected a weight of the normalised width");
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("N", n, "normalised width")
+     << constant("NV", x.inner / n, "vectors per token row")
+     << rowConstants(b, "X", x) << rowConstants(b, "Y", y)
+     << "  constexpr float EPS = " << floatLit(float(eps)) << ";\n"
+     << "  const long long LT = " << *lt << ";\n"
+     << R"cuda(  // One warp per vector; the scale is rounded to f32 as in HF's fp32 norm.
+  const int lane = threadIdx.x & 31;
+  const long long warps = blockDim.x >> 5;
+  const long long nvec = B * LT * NV;
+  for (long long v = blockIdx.x * warps + (threadIdx.x >> 5); v < nvec;
+       v += (long long)gridDim.x * warps) {
+    const long long j = v % NV, r = v / NV, b = r / LT, t = r - b * LT;
+    const long long xo = (b * X_S + t) * X_W + j * N;
+    const long long yo = (b * Y_S + t) * Y_W + j * N;
+    float ss = 0.0f;
+    for (long long i = lane; i < N; i += 32) {
+      const float a = l4_ld(x, xo + i);
+      ss += a * a;
+    }
+    ss = l4_warp_sum(ss);
+    const float var = (float)((double)ss / (double)N);
+    const float inv = (float)(1.0 / sqrt((double)(var + EPS)));
+    for (long long i = lane; i < N; i += 32)
+)cuda";
+  if (hasWeight)
+    os << "      l4_st(y, yo + i, (l4_ld(x, xo + i) * inv) * l4_ld(w, i));\n";
+  else
+    os << "      l4_st(y, yo + i, l4_ld(x, xo + i) * inv);\n";
+  os << "  }\n";
+  b.threads = 256;
+  b.blocks = gridFor(maxRows(x) * (x.inner / n), b.threads / 32);
+  return llvm::Error::success();
+}
+
+llvm::Error emitRope(OpContext &ctx) {
+  auto rope = cast<l4::RopeOp>(ctx.op);
+  const View &x = ctx.operands[0], &pos = ctx.operands[1], &y = ctx.results[0];
+  auto lt = liveRows(ctx, {&x, &pos, &y});
+  if (!lt)
+    return lt.takeError();
+  auto shape = x.shape();
+  if (shape.size() != 4 || shape[3] % 2 || y.inner != x.inner)
+    return ctx.fail("expected x [B, S, H, d] with an even d");
+  int64_t heads = shape[2], d = shape[3], half = d / 2;
+  // The same fp32 frequencies as the CPU backend, by the same function.
+  std::vector<float> invFreq(half);
+  bool llama3 = rope.getScaling() == l4::RopeScaling::llama3;
+  if (!cpu::ropeInvFreq(rope.getTheta().convertToDouble(), size_t(d),
+                        llama3 ? "llama3" : "default",
+                        rope.getFactor().convertToDouble(),
+                        rope.getLowFreqFactor().convertToDouble(),
+                        rope.getHighFreqFactor().convertToDouble(),
+                        double(rope.getOriginalMaxPosition()), invFreq.data()))
+    return ctx.fail("unknown rope scaling");
+  Body &b = ctx.body;
+  {
+    llvm::raw_string_ostream gs(b.globals);
+    gs << "// RoPE inverse frequencies (fp32, as HF computes them)\n"
+       << "__constant__ float @B@_inv_freq[" << half << "] = {";
+    for (int64_t j = 0; j < half; ++j)
+      gs << (j % 4 ? " " : "\n    ") << floatLit(invFreq[j]) << ",";
+    gs << "\n};\n";
+  }
+  llvm::raw_string_ostream os(b.code);
+  os << constant("H", heads) << constant("D", d) << constant("HALF", half)
+     << rowConstants(b, "X", x) << rowConstants(b, "Y", y)
+     << stride(b, "P_S", pos.rowsPerBatch) << "  const long long LT = " << *lt
+     << ";\n"
+     << "  __shared__ float cs[2 * HALF];\n"
+     << R"cuda(  for (long long r = blockIdx.x; r < B * LT; r += gridDim.x) {
+    const long long b = r / LT, t = r - b * LT;
+    const float p = (float)l4_ldi(pos, b * P_S + t);
+    __syncthreads(); // the previous row is done with cs
+    for (int j = threadIdx.x; j < HALF; j += blockDim.x) {
+      // fp32 angle as HF; cos and sin rounded from double.
+      const float angle = @B@_inv_freq[j] * p;
+      double s, c;
+      sincos((double)angle, &s, &c);
+      cs[2 * j] = (float)c;
+)cuda";
+  os << (rope.getInverse() ? "      cs[2 * j + 1] = -(float)s; // inverse: "
+                             "the rotation's adjoint\n"
+                           : "      cs[2 * j + 1] = (float)s;\n");
+  os << R"cuda(    }
+    __syncthreads();
+    const long long xo = (b * X_S + t) * X_W, yo = (b * Y_S + t) * Y_W;
+    for (long long e = threadIdx.x; e < H * HALF; e += blockDim.x) {
+      const long long h = e / HALF, j = e - h * HALF, k = h * D + 2 * j;
+      const float a = l4_ld(x, xo + k), bv = l4_ld(x, xo + k + 1);
+      const float c = cs[2 * j], s = cs[2 * j + 1];
+      l4_st(y, yo + k, a * c - bv * s);
+      l4_st(y, yo + k + 1, a * s + bv * c);
+    }
+  }
+)cuda";
+  b.threads = 128;
+  b.blocks = gridFor(maxRows(x), 1);
+  return llvm::Error::success();
+}
+
+llvm::Error emitTemperatureScale(OpContext &ctx) {
+  auto op = cast<l4::TemperatureScaleOp>(ctx.op);
+  const View &x = ctx.operands[0], &pos = ctx.operands[1], &y = ctx.results[0];
+  auto lt = liveRows(ctx, {&x, &pos, &y});
+  if (!lt)
+    return lt.takeError();
+  if (y.inner != x.inner)
+    return ctx.fail("expected the result to have the input's shape");
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << rowConstants(b, "X", x) << rowConstants(b, "Y", y)
+     << stride(b, "P_S", pos.rowsPerBatch) << "  constexpr float FLOOR = "
+     << floatLit(float(op.getFloorScale().convertToDouble())) << ";\n"
+     << "  constexpr float ATTN = "
+     << floatLit(float(op.getAttnScale().convertToDouble())) << ";\n"
+     << "  const long long LT = " << *lt << ";\n"
+     << R"cuda(  for (long long r = blockIdx.x; r < B * LT; r += gridDim.x) {
+    const long long b = r / LT, t = r - b * LT;
+    const float p = (float)l4_ldi(pos, b * P_S + t);
+    // In fp32 as HF, with log1p rounded from double.
+    const float fl = floorf((p + 1.0f) / FLOOR);
+    const float scale = (float)log1p((double)fl) * ATTN + 1.0f;
+    const long long xo = (b * X_S + t) * X_W, yo = (b * Y_S + t) * Y_W;
+    for (long long i = threadIdx.x; i < X_W; i += blockDim.x)
+      l4_st(y, yo + i, l4_ld(x, xo + i) * scale);
+  }
+)cuda";
+  b.threads = 256;
+  b.blocks = gridFor(maxRows(x), 1);
+  return llvm::Error::success();
+}
+
+llvm::Error emitKvCacheUpdate(OpContext &ctx) {
+  const View &cache = ctx.operands[0], &upd = ctx.operands[1],
+             &pos = ctx.operands[2], &y = ctx.results[0];
+  auto lt = liveRows(ctx, {&upd, &pos});
+  if (!lt)
+    return lt.takeError();
+  auto shape = cache.shape();
+  if (shape.size() != 4 || !cache.hasBatch || cache.hasSeq)
+    return ctx.fail("expected a cache [B, M, Hkv, d]");
+  if (y.buf->region != cache.buf->region || y.buf->offset != cache.buf->offset)
+    return ctx.fail("the updated cache must be placed on the cache it "
+                    "updates (in place)");
+  // The body writes the cache through its result, which is the same bytes.
+  ctx.operands[0].referenced = false;
+  int64_t rowWidth = shape[2] * shape[3];
+  if (upd.inner != rowWidth)
+    return ctx.fail("expected the update's rows to match the cache's");
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("M", shape[1], "cache rows") << constant("RW", rowWidth)
+     << rowConstants(b, "U", upd) << stride(b, "P_S", pos.rowsPerBatch)
+     << "  const long long LT = " << *lt << ";\n"
+     << R"cuda(  // In place: y is the cache. Positions are checked on the host; a row
+  // outside the cache is dropped.
+  for (long long r = blockIdx.x; r < B * LT; r += gridDim.x) {
+    const long long b = r / LT, t = r - b * LT;
+    const long long p = l4_ldi(pos, b * P_S + t);
+    if (p < 0 || p >= M)
+      continue;
+    const long long co = (b * M + p) * RW, uo = (b * U_S + t) * U_W;
+    for (long long i = threadIdx.x; i < RW; i += blockDim.x)
+      l4_st(y, co + i, l4_ld(upd, uo + i));
+  }
+)cuda";
+  b.threads = 128;
+  b.blocks = gridFor(maxRows(upd), 1);
+  return llvm::Error::success();
+}
+
+llvm::Error emitRouterScores(OpContext &ctx) {
+  auto op = cast<l4::RouterScoresOp>(ctx.op);
+  const View &x = ctx.operands[0], &y = ctx.results[0];
+  auto lt = liveRows(ctx, {&x, &y});
+  if (!lt)
+    return lt.takeError();
+  int64_t experts = x.shape().back();
+  if (x.inner != experts || y.inner != experts)
+    return ctx.fail("expected logits [B, S, E]");
+  Body &b = ctx.body;
+  b.globals +=
+      R"cuda(// torch.topk's order: NaN first, then larger values, then lower indices.
+__device__ __forceinline__ bool @B@_before(float a, long long ia, float b, long long ib) {
+  const bool na = a != a, nb = b != b;
+  if (na != nb) return na;
+  if (na) return ia < ib;
+  return a > b || (a == b && ia < ib);
+}
+)cuda";
+  llvm::raw_string_ostream os(b.code);
+  os << constant("E", experts)
+     << constant("TOPK", std::min<int64_t>(op.getTopK(), experts))
+     << rowConstants(b, "X", x) << rowConstants(b, "Y", y)
+     << "  const long long LT = " << *lt << ";\n"
+     << R"cuda(  // One thread per token: the k-th pick is the best logit after the
+  // (k-1)-th in topk order, so no per-expert flags are needed.
+  for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < B * LT;
+       r += (long long)gridDim.x * blockDim.x) {
+    const long long b = r / LT, t = r - b * LT;
+    const long long xo = (b * X_S + t) * X_W, yo = (b * Y_S + t) * Y_W;
+    for (long long e = 0; e < E; ++e)
+      l4_st(y, yo + e, 0.0f);
+    long long prev = -1;
+    float prevV = 0.0f;
+    for (long long k = 0; k < TOPK; ++k) {
+      long long best = -1;
+      float bestV = 0.0f;
+      for (long long e = 0; e < E; ++e) {
+        const float v = l4_ld(x, xo + e);
+        if (prev >= 0 && !@B@_before(prevV, prev, v, e))
+          continue;
+        if (best < 0 || @B@_before(v, e, bestV, best)) {
+          best = e;
+          bestV = v;
+        }
+      }
+      if (best < 0)
+        break;
+      l4_st(y, yo + best, 1.0f / (1.0f + expf(-bestV)));
+      prev = best;
+      prevV = bestV;
+    }
+  }
+)cuda";
+  b.threads = 128;
+  b.blocks = gridFor(maxRows(x), b.threads);
+  return llvm::Error::success();
+}
+
+llvm::Error emitElementwise(OpContext &ctx, llvm::StringRef expr) {
+  const View &a = ctx.operands[0], &c = ctx.operands[1], &y = ctx.results[0];
+  auto lt = liveRows(ctx, {&a, &c, &y});
+  if (!lt)
+    return lt.takeError();
+  if (a.inner != y.inner || c.inner != y.inner)
+    return ctx.fail("expected operands of the result's shape");
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("W", y.inner) << stride(b, "A_S", a.rowsPerBatch)
+     << stride(b, "C_S", c.rowsPerBatch) << stride(b, "Y_S", y.rowsPerBatch)
+     << "  const long long LT = " << *lt << ";\n"
+     << llvm::formatv(R"cuda(  const long long n = B * LT * W;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {{
+    const long long e = i % W, r = i / W, b = r / LT, t = r - b * LT;
+    const float va = l4_ld({0}, (b * A_S + t) * W + e);
+    const float vb = l4_ld({1}, (b * C_S + t) * W + e);
+    l4_st(y, (b * Y_S + t) * W + e, {2});
+  }
+)cuda",
+                      a.name, c.name, expr);
+  b.threads = 256;
+  b.blocks = gridFor(maxRows(y) * y.inner, b.threads);
+  return llvm::Error::success();
+}
+
+llvm::Error emitTakeLast(OpContext &ctx) {
+  const View &x = ctx.operands[0], &y = ctx.results[0];
+  if (!x.hasSeq || !y.hasBatch || y.hasSeq || y.inner != x.inner)
+    return ctx.fail("expected x [B, S, D] and a result [B, 1, D]");
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("W", x.inner) << stride(b, "X_S", x.rowsPerBatch)
+     << R"cuda(  if (T <= 0)
+    return;
+  const long long n = B * W;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long e = i % W, b = i / W;
+    l4_st(y, b * W + e, l4_ld(x, (b * X_S + T - 1) * W + e));
+  }
+)cuda";
+  b.threads = 256;
+  b.blocks = gridFor(uint64_t(y.bmax) * y.inner, b.threads);
+  return llvm::Error::success();
+}
+
+} // namespace l4c::cuda
