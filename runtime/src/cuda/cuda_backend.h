@@ -1,0 +1,173 @@
+//===- cuda_backend.h - runs a plan's kernels on one GPU ------*- C++ -*-===//
+//
+// Owns the device side of one session: the four regions in device memory,
+// one module per distinct kernel code object (the plan's cubin, or its source
+// compiled with NVRTC at load time through an on-disk cache), a stream, and
+// CUDA graphs of programs replayed for repeated (B, T), such as decode steps.
+//
+//===----------------------------------------------------------------------===//
+#ifndef L4C_RUNTIME_CUDA_CUDA_BACKEND_H
+#define L4C_RUNTIME_CUDA_CUDA_BACKEND_H
+
+#include "cuda/driver.h"
+#include "plan.h"
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace l4c::cuda {
+
+/// Every kernel's first parameter, by value (plan.fbs, table Kernel):
+/// struct L4Regions { char *arena, *weights, *cache, *io; }.
+struct L4Regions {
+  CUdeviceptr arena = 0, weights = 0, cache = 0, io = 0;
+};
+static_assert(sizeof(L4Regions) == 4 * sizeof(void *),
+              "L4Regions must match the kernels' struct of four pointers");
+
+struct CudaOptions {
+  /// Where load-time cubins are kept; empty: cacheDirectory()
+  /// ($L4C_CACHE_DIR, else ~/.cache/l4c).
+  std::string cacheDir;
+  bool diskCache = true;
+  /// Compile every kernel from its source even where the plan's cubin fits
+  /// the device (tests, and plans whose cubins are suspect).
+  bool preferSource = false;
+  /// Grid cap; 0 means kDefaultMaxBlocks. Kernels loop over their work, so
+  /// any grid is correct.
+  unsigned maxBlocks = 0;
+  /// Synchronize after every launch, so that a kernel that faults is named
+  /// (slow; for debugging). L4C_CUDA_SYNC=1 in the environment sets it too.
+  bool syncEachLaunch = false;
+};
+
+/// How the kernels' code was obtained, for logs and tests.
+struct LoadStats {
+  size_t kernels = 0;   ///< functions resolved
+  size_t modules = 0;   ///< distinct code objects loaded
+  size_t fromPlan = 0;  ///< modules from the plan's cubins
+  size_t fromCache = 0; ///< modules from the disk cache
+  size_t compiled = 0;  ///< modules compiled with NVRTC during this load
+  double compileSeconds = 0;
+  /// Why the disk cache could not be written (the load still succeeded).
+  std::string cacheWarning;
+};
+
+/// Not thread-safe: one caller at a time (the Session's lock). Every call
+/// makes the backend's context current on the calling thread first.
+class CudaBackend {
+public:
+  static constexpr unsigned kDefaultMaxBlocks = 65535;
+  /// Graphs kept at once; the least recently replayed is dropped beyond.
+  static constexpr size_t kMaxGraphs = 64;
+
+  /// Whether the plan can run on this backend at all, without a device:
+  /// one rank, and every kernel has an entry and a cubin or source. The
+  /// message names the first kernel lacking CUDA code.
+  static rt::Status checkPlan(const rt::Plan &plan);
+  /// The architecture NVRTC compiles for: sm_90a on compute capability 9.0
+  /// (Hopper's wgmma and setmaxnreg need it), sm_XY elsewhere.
+  static std::string archFor(int major, int minor);
+
+  /// Opens `device` (an ordinal), allocates and zeroes the regions, and
+  /// loads every kernel. `driver` must outlive the backend.
+  static rt::Status create(std::shared_ptr<const rt::Plan> plan, int device,
+                           const Driver &driver,
+                           std::unique_ptr<CudaBackend> &out,
+                           const CudaOptions &opts = CudaOptions());
+  ~CudaBackend();
+  CudaBackend(const CudaBackend &) = delete;
+  CudaBackend &operator=(const CudaBackend &) = delete;
+
+  const rt::Plan &plan() const { return *plan_; }
+  const std::string &deviceName() const { return deviceName_; }
+  const std::string &arch() const { return arch_; } ///< "sm_90a"
+  int multiprocessors() const { return sms_; }
+  const LoadStats &loadStats() const { return stats_; }
+  /// Device address and size (bytes, rounded up to 256) of a region; 0 for
+  /// a region the plan does not use.
+  CUdeviceptr regionBase(plan::Region r) const { return base_[int(r)]; }
+  uint64_t regionSize(plan::Region r) const { return size_[int(r)]; }
+
+  /// Copies host bytes into [offset, offset + bytes) of a region, after the
+  /// work already queued; returns once `src` may be reused.
+  rt::Status upload(plan::Region r, uint64_t offset, const void *src,
+                    uint64_t bytes);
+  /// Copies region bytes to the host after the queued work (so kernel faults
+  /// surface here too); returns once `dst` holds them.
+  rt::Status download(plan::Region r, uint64_t offset, void *dst,
+                      uint64_t bytes);
+  /// Sets region bytes to `value`, queued after the work before it.
+  rt::Status fill(plan::Region r, uint64_t offset, uint64_t bytes,
+                  uint8_t value = 0);
+
+  /// Queues the program's kernels for batch B and length T and returns;
+  /// errors of the launches themselves name the kernel.
+  rt::Status runProgram(const rt::ProgramDesc &prog, int64_t B, int64_t T);
+  /// The same work through a CUDA graph: captured on the first call for a
+  /// (program, B, T), replayed on later ones. For programs run many times
+  /// with the same extents (decode); B and T are baked into the graph.
+  rt::Status runProgramGraph(const rt::ProgramDesc &prog, int64_t B, int64_t T);
+  size_t graphCount() const { return graphs_.size(); }
+  /// Waits for all queued work.
+  rt::Status synchronize();
+
+  /// GPU time between startTimer() and stopTimer() on the stream, measured
+  /// with CUDA events; stopTimer waits for the work in between.
+  rt::Status startTimer();
+  rt::Status stopTimer(double &milliseconds);
+
+private:
+  struct Launch {
+    CUfunction fn = nullptr;
+    unsigned grid = 1, threads = 1, sharedBytes = 0;
+  };
+  struct Graph {
+    CUgraphExec exec = nullptr;
+    uint64_t lastUse = 0;
+  };
+
+  CudaBackend(std::shared_ptr<const rt::Plan> plan, const Driver &driver)
+      : plan_(std::move(plan)), drv_(driver) {}
+  rt::Status openDevice(int device);
+  rt::Status allocateRegions();
+  rt::Status loadKernels(const CudaOptions &opts);
+  rt::Status makeCurrent() const;
+  rt::Status checkRange(const char *what, plan::Region r, uint64_t offset,
+                        uint64_t bytes) const;
+  rt::Status checkExtents(const rt::ProgramDesc &prog, int64_t B,
+                          int64_t T) const;
+  rt::Status launchSteps(const rt::ProgramDesc &prog, long long B, long long T,
+                         bool capturing);
+  /// Adds which program ran last to an asynchronous error.
+  rt::Status streamError(rt::Status s) const;
+  std::string kernelLabel(uint32_t k) const;
+
+  std::shared_ptr<const rt::Plan> plan_;
+  const Driver &drv_;
+  CUdevice device_ = 0;
+  CUcontext ctx_ = nullptr;
+  bool ctxRetained_ = false;
+  CUstream stream_ = nullptr;
+  std::string deviceName_, arch_;
+  int sms_ = 0, maxThreads_ = 1024, maxSharedOptin_ = 48 << 10;
+  unsigned maxBlocks_ = kDefaultMaxBlocks;
+  bool syncEachLaunch_ = false;
+  CUdeviceptr base_[4] = {0, 0, 0, 0};
+  uint64_t size_[4] = {0, 0, 0, 0};
+  std::vector<CUmodule> modules_;
+  std::vector<Launch> launches_; ///< per plan kernel
+  std::map<std::tuple<std::string, int64_t, int64_t>, Graph> graphs_;
+  uint64_t graphClock_ = 0;
+  CUevent timerStart_ = nullptr, timerStop_ = nullptr;
+  std::string lastRun_; ///< "program 'decode' (B=1, T=1)"
+  LoadStats stats_;
+};
+
+} // namespace l4c::cuda
+
+#endif // L4C_RUNTIME_CUDA_CUDA_BACKEND_H

@@ -1,0 +1,1609 @@
+//===- cuda_backend_test.cpp - CUDA backend against a fake driver ---------===//
+//
+// The CUDA backend's bookkeeping without a GPU: a fake driver records
+// allocations, copies, module loads, launches and graphs, and can fail any
+// call. The load-time NVRTC path and its disk cache use the real NVRTC where
+// it is installed (it builds sm_90a cubins without a GPU) and skip otherwise.
+//
+//===----------------------------------------------------------------------===//
+#include "cuda/cuda_backend.h"
+#include "cuda/driver.h"
+#include "cuda/kernel_cache.h"
+#include "cuda/nvrtc.h"
+#include "plan.h"
+#include "test_plans.h"
+
+#include <gtest/gtest.h>
+
+#include <cctype>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+
+#include <unistd.h>
+
+using namespace l4c;
+using namespace l4c::test;
+using cuda::CudaBackend;
+using cuda::CudaOptions;
+using cuda::CUdeviceptr;
+using cuda::CUresult;
+using cuda::Driver;
+using cuda::DriverApi;
+using cuda::L4Regions;
+namespace fs = std::filesystem;
+
+namespace {
+
+//===----------------------------------------------------------------------===//
+// The fake driver
+//===----------------------------------------------------------------------===//
+
+struct FakeLaunch {
+  std::string entry;
+  unsigned grid = 0, threads = 0, shared = 0;
+  cuda::CUstream stream = nullptr;
+  L4Regions regions;
+  long long B = 0, T = 0;
+  bool fromGraph = false;
+};
+
+struct FakeModule {
+  std::vector<uint8_t> image;
+  bool unloaded = false;
+};
+struct FakeFunction {
+  FakeModule *module = nullptr;
+  std::string entry;
+  int maxDynamicShared = 48 << 10;
+};
+struct FakeStream {
+  bool capturing = false, destroyed = false;
+  std::vector<FakeLaunch> captured;
+};
+struct FakeGraph {
+  std::vector<FakeLaunch> launches;
+  bool destroyed = false;
+};
+struct FakeEvent {
+  bool recorded = false;
+};
+
+/// Size of a 64-bit ELF image from its header: the later of the section
+/// and program header tables ends it (as in the cubins NVRTC writes).
+size_t elfSize(const uint8_t *p) {
+  auto u64 = [&](size_t at) {
+    uint64_t v;
+    std::memcpy(&v, p + at, 8);
+    return v;
+  };
+  auto u16 = [&](size_t at) {
+    uint16_t v;
+    std::memcpy(&v, p + at, 2);
+    return uint64_t(v);
+  };
+  return size_t(std::max(u64(0x28) + u16(0x3a) * u16(0x3c),
+                         u64(0x20) + u16(0x36) * u16(0x38)));
+}
+
+/// A fake "cubin": this magic, then the entries it defines, NUL-terminated.
+constexpr char kFakeMagic[] = "FAKECUBIN";
+
+std::vector<uint8_t> fakeCubin(const std::vector<std::string> &entries) {
+  std::string s = kFakeMagic;
+  for (const std::string &e : entries)
+    s += " " + e;
+  return std::vector<uint8_t>(s.begin(), s.end() + 1);
+}
+
+class FakeCuda {
+public:
+  // The device.
+  int deviceCount = 1, major = 9, minor = 0, sms = 132, maxThreads = 1024,
+      optinShared = 227 << 10;
+  std::string name = "Fake H100";
+
+  // What happened.
+  std::vector<std::string> calls;
+  std::map<std::string, int> counts;
+  std::map<CUdeviceptr, std::vector<uint8_t>> mem; ///< live allocations
+  std::vector<size_t> allocSizes;
+  std::vector<std::unique_ptr<FakeModule>> modules;
+  std::vector<std::unique_ptr<FakeFunction>> functions;
+  std::vector<std::unique_ptr<FakeStream>> streams;
+  std::vector<std::unique_ptr<FakeGraph>> graphs, execs;
+  std::vector<std::unique_ptr<FakeEvent>> events;
+  std::vector<FakeLaunch> launches; ///< executed, directly or by a graph
+  std::vector<std::pair<std::string, int>> sharedOptIns;
+  int contexts = 0; ///< retained primary contexts
+
+  /// Kernels to emulate on launch (not on capture), by entry.
+  std::map<std::string, std::function<void(FakeCuda &, const FakeLaunch &)>>
+      emulate;
+
+  /// Fails the (failSkip + 1)-th call named failCall with failWith.
+  std::string failCall;
+  int failSkip = 0;
+  CUresult failWith = cuda::CUDA_ERROR_INVALID_VALUE;
+
+  CUresult enter(const char *call) {
+    calls.push_back(call);
+    ++counts[call];
+    if (failCall == call && failSkip-- == 0)
+      return failWith;
+    return cuda::CUDA_SUCCESS;
+  }
+
+  /// Host bytes behind [p, p + n) of one allocation, or null.
+  uint8_t *at(CUdeviceptr p, size_t n) {
+    auto it = mem.upper_bound(p);
+    if (it == mem.begin())
+      return nullptr;
+    --it;
+    if (p - it->first + n > it->second.size())
+      return nullptr;
+    return it->second.data() + (p - it->first);
+  }
+  template <typename T> T *as(CUdeviceptr p, size_t count = 1) {
+    return reinterpret_cast<T *>(at(p, count * sizeof(T)));
+  }
+
+  void execute(FakeLaunch l) {
+    launches.push_back(l);
+    if (auto it = emulate.find(l.entry); it != emulate.end())
+      it->second(*this, l);
+  }
+
+  static DriverApi table();
+
+private:
+  CUdeviceptr next_ = 0x7f0000000000ull;
+  friend struct FakeCalls;
+};
+
+FakeCuda *gFake = nullptr;
+
+const char *errorName(CUresult r) {
+  switch (r) {
+  case 0:
+    return "CUDA_SUCCESS";
+  case 1:
+    return "CUDA_ERROR_INVALID_VALUE";
+  case 2:
+    return "CUDA_ERROR_OUT_OF_MEMORY";
+  case 100:
+    return "CUDA_ERROR_NO_DEVICE";
+  case 200:
+    return "CUDA_ERROR_INVALID_IMAGE";
+  case 500:
+    return "CUDA_ERROR_NOT_FOUND";
+  case 700:
+    return "CUDA_ERROR_ILLEGAL_ADDRESS";
+  }
+  return nullptr;
+}
+const char *errorText(CUresult r) {
+  switch (r) {
+  case 0:
+    return "no error";
+  case 1:
+    return "invalid argument";
+  case 2:
+    return "out of memory";
+  case 100:
+    return "no CUDA-capable device is detected";
+  case 200:
+    return "device kernel image is invalid";
+  case 500:
+    return "named symbol not found";
+  case 700:
+    return "an illegal memory access was encountered";
+  }
+  return nullptr;
+}
+
+/// The fake entry points; each records itself, may be told to fail, and
+/// checks its arguments as strictly as the driver would.
+struct FakeCalls {
+  static FakeCuda &f() { return *gFake; }
+  template <typename T> static T handle(void *p) {
+    return reinterpret_cast<T>(p);
+  }
+
+  static CUresult memAlloc(CUdeviceptr *p, size_t n) {
+    if (CUresult r = f().enter("cuMemAlloc"))
+      return r;
+    if (n == 0)
+      return cuda::CUDA_ERROR_INVALID_VALUE;
+    *p = f().next_;
+    f().next_ += (n + 4095) / 4096 * 4096 + 4096;
+    // Garbage, so that the backend's zeroing shows.
+    f().mem[*p].assign(n, 0xcd);
+    f().allocSizes.push_back(n);
+    return 0;
+  }
+  static CUresult memFree(CUdeviceptr p) {
+    if (CUresult r = f().enter("cuMemFree"))
+      return r;
+    return f().mem.erase(p) ? 0 : cuda::CUDA_ERROR_INVALID_VALUE;
+  }
+  static CUresult copyIn(const char *call, CUdeviceptr dst, const void *src,
+                         size_t n) {
+    if (CUresult r = f().enter(call))
+      return r;
+    uint8_t *d = f().at(dst, n);
+    if (!d)
+      return cuda::CUDA_ERROR_INVALID_VALUE;
+    std::memcpy(d, src, n);
+    return 0;
+  }
+  static CUresult copyOut(const char *call, void *dst, CUdeviceptr src,
+                          size_t n) {
+    if (CUresult r = f().enter(call))
+      return r;
+    uint8_t *s = f().at(src, n);
+    if (!s)
+      return cuda::CUDA_ERROR_INVALID_VALUE;
+    std::memcpy(dst, s, n);
+    return 0;
+  }
+  static CUresult memset(const char *call, CUdeviceptr dst, unsigned char v,
+                         size_t n) {
+    if (CUresult r = f().enter(call))
+      return r;
+    uint8_t *d = f().at(dst, n);
+    if (!d)
+      return cuda::CUDA_ERROR_INVALID_VALUE;
+    std::memset(d, v, n);
+    return 0;
+  }
+  static CUresult loadModule(cuda::CUmodule *m, const void *image,
+                             unsigned numOptions, cuda::CUjit_option *keys,
+                             void **values) {
+    if (CUresult r = f().enter("cuModuleLoadDataEx"))
+      return r;
+    const uint8_t *p = static_cast<const uint8_t *>(image);
+    auto mod = std::make_unique<FakeModule>();
+    if (std::memcmp(p, kFakeMagic, sizeof(kFakeMagic) - 1) == 0) {
+      const char *s = static_cast<const char *>(image);
+      mod->image.assign(p, p + std::strlen(s) + 1);
+    } else if (std::memcmp(p,
+                           "\x7f"
+                           "ELF",
+                           4) == 0) {
+      mod->image.assign(p, p + elfSize(p));
+    } else {
+      // As the driver does, say why in the caller's error log.
+      for (unsigned i = 0; i < numOptions; ++i)
+        if (keys[i] == cuda::CU_JIT_ERROR_LOG_BUFFER)
+          std::strcpy(static_cast<char *>(values[i]), "fake: not a cubin");
+      return cuda::CUDA_ERROR_INVALID_IMAGE;
+    }
+    *m = handle<cuda::CUmodule>(mod.get());
+    f().modules.push_back(std::move(mod));
+    return 0;
+  }
+  static CUresult getFunction(cuda::CUfunction *fn, cuda::CUmodule m,
+                              const char *entry) {
+    if (CUresult r = f().enter("cuModuleGetFunction"))
+      return r;
+    auto *mod = reinterpret_cast<FakeModule *>(m);
+    // Fake cubins list their entries between spaces; ELF cubins hold each
+    // symbol NUL-terminated in a string table.
+    const std::vector<uint8_t> &im = mod->image;
+    bool fake = std::memcmp(im.data(), kFakeMagic, sizeof(kFakeMagic) - 1) == 0;
+    std::string needle =
+        fake ? " " + std::string(entry) : std::string(1, '\0') + entry + '\0';
+    std::string hay(im.begin(), im.end());
+    if (fake)
+      hay.back() = ' ';
+    if (fake)
+      needle += ' ';
+    if (hay.find(needle) == std::string::npos)
+      return cuda::CUDA_ERROR_NOT_FOUND;
+    auto func = std::make_unique<FakeFunction>();
+    func->module = mod;
+    func->entry = entry;
+    *fn = handle<cuda::CUfunction>(func.get());
+    f().functions.push_back(std::move(func));
+    return 0;
+  }
+  static CUresult launch(cuda::CUfunction fn, unsigned gx, unsigned gy,
+                         unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                         unsigned shared, cuda::CUstream s, void **params,
+                         void **extra) {
+    if (CUresult r = f().enter("cuLaunchKernel"))
+      return r;
+    auto *func = reinterpret_cast<FakeFunction *>(fn);
+    auto *stream = reinterpret_cast<FakeStream *>(s);
+    if (!func || !stream || extra || !params || gx < 1 || gy != 1 || gz != 1 ||
+        bx < 1 || bx > unsigned(f().maxThreads) || by != 1 || bz != 1 ||
+        int(shared) > func->maxDynamicShared)
+      return cuda::CUDA_ERROR_INVALID_VALUE;
+    FakeLaunch l;
+    l.entry = func->entry;
+    l.grid = gx;
+    l.threads = bx;
+    l.shared = shared;
+    l.stream = s;
+    std::memcpy(&l.regions, params[0], sizeof(L4Regions));
+    std::memcpy(&l.B, params[1], sizeof(long long));
+    std::memcpy(&l.T, params[2], sizeof(long long));
+    if (stream->capturing)
+      stream->captured.push_back(l);
+    else
+      f().execute(l);
+    return 0;
+  }
+  static CUresult setAttribute(cuda::CUfunction fn, int attrib, int value) {
+    if (CUresult r = f().enter("cuFuncSetAttribute"))
+      return r;
+    auto *func = reinterpret_cast<FakeFunction *>(fn);
+    if (attrib != cuda::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES ||
+        value > f().optinShared)
+      return cuda::CUDA_ERROR_INVALID_VALUE;
+    func->maxDynamicShared = value;
+    f().sharedOptIns.push_back({func->entry, value});
+    return 0;
+  }
+  static CUresult beginCapture(cuda::CUstream s, int mode) {
+    if (CUresult r = f().enter("cuStreamBeginCapture"))
+      return r;
+    auto *stream = reinterpret_cast<FakeStream *>(s);
+    if (stream->capturing || mode != cuda::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+      return cuda::CUDA_ERROR_INVALID_VALUE;
+    stream->capturing = true;
+    stream->captured.clear();
+    return 0;
+  }
+  static CUresult endCapture(cuda::CUstream s, cuda::CUgraph *g) {
+    if (CUresult r = f().enter("cuStreamEndCapture"))
+      return r;
+    auto *stream = reinterpret_cast<FakeStream *>(s);
+    if (!stream->capturing)
+      return cuda::CUDA_ERROR_INVALID_VALUE;
+    stream->capturing = false;
+    auto graph = std::make_unique<FakeGraph>();
+    graph->launches = std::move(stream->captured);
+    *g = handle<cuda::CUgraph>(graph.get());
+    f().graphs.push_back(std::move(graph));
+    return 0;
+  }
+  static CUresult instantiate(cuda::CUgraphExec *e, cuda::CUgraph g,
+                              unsigned long long) {
+    if (CUresult r = f().enter("cuGraphInstantiateWithFlags"))
+      return r;
+    auto exec = std::make_unique<FakeGraph>();
+    exec->launches = reinterpret_cast<FakeGraph *>(g)->launches;
+    *e = handle<cuda::CUgraphExec>(exec.get());
+    f().execs.push_back(std::move(exec));
+    return 0;
+  }
+  static CUresult graphLaunch(cuda::CUgraphExec e, cuda::CUstream s) {
+    if (CUresult r = f().enter("cuGraphLaunch"))
+      return r;
+    auto *exec = reinterpret_cast<FakeGraph *>(e);
+    if (exec->destroyed || reinterpret_cast<FakeStream *>(s)->capturing)
+      return cuda::CUDA_ERROR_INVALID_VALUE;
+    for (FakeLaunch l : exec->launches) {
+      l.fromGraph = true;
+      l.stream = s;
+      f().execute(l);
+    }
+    return 0;
+  }
+};
+
+DriverApi FakeCuda::table() {
+  using C = FakeCalls;
+  DriverApi a{};
+  a.cuInit = [](unsigned) { return C::f().enter("cuInit"); };
+  a.cuDriverGetVersion = [](int *v) {
+    *v = 13000;
+    return C::f().enter("cuDriverGetVersion");
+  };
+  a.cuDeviceGetCount = [](int *n) {
+    *n = C::f().deviceCount;
+    return C::f().enter("cuDeviceGetCount");
+  };
+  a.cuDeviceGet = [](cuda::CUdevice *d, int ordinal) {
+    *d = ordinal;
+    return C::f().enter("cuDeviceGet");
+  };
+  a.cuDeviceGetAttribute = [](int *v, int attrib, cuda::CUdevice) {
+    FakeCuda &f = C::f();
+    switch (attrib) {
+    case cuda::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR:
+      *v = f.major;
+      break;
+    case cuda::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR:
+      *v = f.minor;
+      break;
+    case cuda::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT:
+      *v = f.sms;
+      break;
+    case cuda::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK:
+      *v = f.maxThreads;
+      break;
+    case cuda::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN:
+      *v = f.optinShared;
+      break;
+    default:
+      return cuda::CUDA_ERROR_INVALID_VALUE;
+    }
+    return f.enter("cuDeviceGetAttribute");
+  };
+  a.cuDeviceGetName = [](char *name, int len, cuda::CUdevice) {
+    std::snprintf(name, size_t(len), "%s", C::f().name.c_str());
+    return C::f().enter("cuDeviceGetName");
+  };
+  a.cuDevicePrimaryCtxRetain = [](cuda::CUcontext *c, cuda::CUdevice) {
+    static int context;
+    if (CUresult r = C::f().enter("cuDevicePrimaryCtxRetain"))
+      return r;
+    *c = reinterpret_cast<cuda::CUcontext>(&context);
+    ++C::f().contexts;
+    return 0;
+  };
+  a.cuDevicePrimaryCtxRelease = [](cuda::CUdevice) {
+    --C::f().contexts;
+    return C::f().enter("cuDevicePrimaryCtxRelease");
+  };
+  a.cuCtxSetCurrent = [](cuda::CUcontext) {
+    return C::f().enter("cuCtxSetCurrent");
+  };
+  a.cuCtxSynchronize = [] { return C::f().enter("cuCtxSynchronize"); };
+  a.cuMemAlloc = C::memAlloc;
+  a.cuMemFree = C::memFree;
+  a.cuMemcpyHtoD = [](CUdeviceptr d, const void *s, size_t n) {
+    return C::copyIn("cuMemcpyHtoD", d, s, n);
+  };
+  a.cuMemcpyDtoH = [](void *d, CUdeviceptr s, size_t n) {
+    return C::copyOut("cuMemcpyDtoH", d, s, n);
+  };
+  a.cuMemcpyHtoDAsync = [](CUdeviceptr d, const void *s, size_t n,
+                           cuda::CUstream) {
+    return C::copyIn("cuMemcpyHtoDAsync", d, s, n);
+  };
+  a.cuMemcpyDtoHAsync = [](void *d, CUdeviceptr s, size_t n, cuda::CUstream) {
+    return C::copyOut("cuMemcpyDtoHAsync", d, s, n);
+  };
+  a.cuMemsetD8 = [](CUdeviceptr d, unsigned char v, size_t n) {
+    return C::memset("cuMemsetD8", d, v, n);
+  };
+  a.cuMemsetD8Async = [](CUdeviceptr d, unsigned char v, size_t n,
+                         cuda::CUstream) {
+    return C::memset("cuMemsetD8Async", d, v, n);
+  };
+  a.cuModuleLoadData = [](cuda::CUmodule *m, const void *image) {
+    return C::loadModule(m, image, 0, nullptr, nullptr);
+  };
+  a.cuModuleLoadDataEx = C::loadModule;
+  a.cuModuleGetFunction = C::getFunction;
+  a.cuModuleUnload = [](cuda::CUmodule m) {
+    reinterpret_cast<FakeModule *>(m)->unloaded = true;
+    return C::f().enter("cuModuleUnload");
+  };
+  a.cuFuncSetAttribute = C::setAttribute;
+  a.cuLaunchKernel = C::launch;
+  a.cuStreamCreate = [](cuda::CUstream *s, unsigned flags) {
+    if (CUresult r = C::f().enter("cuStreamCreate"))
+      return r;
+    if (flags != cuda::CU_STREAM_NON_BLOCKING)
+      return cuda::CUDA_ERROR_INVALID_VALUE;
+    C::f().streams.push_back(std::make_unique<FakeStream>());
+    *s = reinterpret_cast<cuda::CUstream>(C::f().streams.back().get());
+    return 0;
+  };
+  a.cuStreamSynchronize = [](cuda::CUstream s) {
+    if (reinterpret_cast<FakeStream *>(s)->capturing)
+      return cuda::CUDA_ERROR_INVALID_VALUE;
+    return C::f().enter("cuStreamSynchronize");
+  };
+  a.cuStreamDestroy = [](cuda::CUstream s) {
+    reinterpret_cast<FakeStream *>(s)->destroyed = true;
+    return C::f().enter("cuStreamDestroy");
+  };
+  a.cuStreamBeginCapture = C::beginCapture;
+  a.cuStreamEndCapture = C::endCapture;
+  a.cuGraphInstantiateWithFlags = C::instantiate;
+  a.cuGraphLaunch = C::graphLaunch;
+  a.cuGraphExecDestroy = [](cuda::CUgraphExec e) {
+    reinterpret_cast<FakeGraph *>(e)->destroyed = true;
+    return C::f().enter("cuGraphExecDestroy");
+  };
+  a.cuGraphDestroy = [](cuda::CUgraph g) {
+    reinterpret_cast<FakeGraph *>(g)->destroyed = true;
+    return C::f().enter("cuGraphDestroy");
+  };
+  a.cuGetErrorName = [](CUresult r, const char **s) {
+    *s = errorName(r);
+    return *s ? 0 : cuda::CUDA_ERROR_INVALID_VALUE;
+  };
+  a.cuGetErrorString = [](CUresult r, const char **s) {
+    *s = errorText(r);
+    return *s ? 0 : cuda::CUDA_ERROR_INVALID_VALUE;
+  };
+  a.cuEventCreate = [](cuda::CUevent *e, unsigned) {
+    C::f().events.push_back(std::make_unique<FakeEvent>());
+    *e = reinterpret_cast<cuda::CUevent>(C::f().events.back().get());
+    return C::f().enter("cuEventCreate");
+  };
+  a.cuEventRecord = [](cuda::CUevent e, cuda::CUstream) {
+    reinterpret_cast<FakeEvent *>(e)->recorded = true;
+    return C::f().enter("cuEventRecord");
+  };
+  a.cuEventSynchronize = [](cuda::CUevent) {
+    return C::f().enter("cuEventSynchronize");
+  };
+  a.cuEventElapsedTime = [](float *ms, cuda::CUevent s, cuda::CUevent e) {
+    if (!reinterpret_cast<FakeEvent *>(s)->recorded ||
+        !reinterpret_cast<FakeEvent *>(e)->recorded)
+      return cuda::CUDA_ERROR_INVALID_VALUE;
+    *ms = 1.5f;
+    return C::f().enter("cuEventElapsedTime");
+  };
+  a.cuEventDestroy = [](cuda::CUevent) {
+    return C::f().enter("cuEventDestroy");
+  };
+  return a;
+}
+
+//===----------------------------------------------------------------------===//
+// Plans with CUDA code
+//===----------------------------------------------------------------------===//
+
+struct CudaCode {
+  std::string source;
+  std::vector<uint8_t> cubin;
+  std::string entry;
+  unsigned threads = 128, blocks = 4, shared = 0;
+};
+
+struct CudaPlan {
+  PlanSpec spec;
+  std::vector<CudaCode> code; ///< one per kernel; missing ones have none
+  std::string arch = "sm_90a";
+  /// Store equal sources and cubins once, as the plan writer does.
+  bool share = true;
+
+  std::vector<uint8_t> serialize() const;
+};
+
+std::vector<uint8_t> CudaPlan::serialize() const {
+  const PlanSpec &p = spec;
+  flatbuffers::FlatBufferBuilder fbb(1024);
+  std::map<std::string, flatbuffers::Offset<flatbuffers::String>> strings;
+  std::map<std::vector<uint8_t>,
+           flatbuffers::Offset<flatbuffers::Vector<uint8_t>>>
+      blobs;
+  auto str = [&](const std::string &s) {
+    if (!share || s.empty())
+      return fbb.CreateString(s);
+    auto it = strings.find(s);
+    if (it == strings.end())
+      it = strings.emplace(s, fbb.CreateString(s)).first;
+    return it->second;
+  };
+  auto blob = [&](const std::vector<uint8_t> &b) {
+    if (!share || b.empty())
+      return fbb.CreateVector(b);
+    auto it = blobs.find(b);
+    if (it == blobs.end())
+      it = blobs.emplace(b, fbb.CreateVector(b)).first;
+    return it->second;
+  };
+
+  std::vector<flatbuffers::Offset<pl::Buffer>> bufs;
+  for (const BufferSpec &b : p.buffers)
+    bufs.push_back(pl::CreateBuffer(
+        fbb, fbb.CreateString(b.name), b.region, b.offset, b.size, b.dtype,
+        fbb.CreateVector(b.shape), fbb.CreateVector(b.dims)));
+  std::vector<flatbuffers::Offset<pl::WeightBinding>> ws;
+  for (auto &[b, n] : p.weights)
+    ws.push_back(pl::CreateWeightBinding(fbb, b, fbb.CreateString(n)));
+  std::vector<flatbuffers::Offset<pl::Kernel>> ks;
+  for (size_t k = 0; k < p.kernels.size(); ++k) {
+    const KernelSpec &ker = p.kernels[k];
+    std::vector<flatbuffers::Offset<pl::SemanticOp>> ops;
+    for (const OpSpec &o : ker.ops) {
+      std::vector<flatbuffers::Offset<pl::Attr>> attrs;
+      for (const AttrSpec &a : o.attrs)
+        attrs.push_back(pl::CreateAttr(
+            fbb, fbb.CreateString(a.name), a.kind, a.i, a.f,
+            a.kind == pl::AttrKind::String ? fbb.CreateString(a.s) : 0));
+      ops.push_back(pl::CreateSemanticOp(
+          fbb, fbb.CreateString(o.op), fbb.CreateVector(attrs),
+          fbb.CreateVector(o.operands), fbb.CreateVector(o.results)));
+    }
+    CudaCode c = k < code.size() ? code[k] : CudaCode{};
+    ks.push_back(pl::CreateKernel(
+        fbb, fbb.CreateString(ker.name), fbb.CreateString(ker.kind),
+        fbb.CreateVector(ops), str(c.source), blob(c.cubin),
+        fbb.CreateString(c.entry), c.threads, c.blocks, c.shared));
+  }
+  std::vector<flatbuffers::Offset<pl::Program>> ps;
+  for (const ProgramSpec &pr : p.programs) {
+    auto io = [&](const std::vector<IoSpec> &v) {
+      std::vector<flatbuffers::Offset<pl::IoBinding>> out;
+      for (const IoSpec &b : v)
+        out.push_back(
+            pl::CreateIoBinding(fbb, fbb.CreateString(b.name), b.buffer));
+      return fbb.CreateVector(out);
+    };
+    auto in = io(pr.inputs), out = io(pr.outputs);
+    ps.push_back(pl::CreateProgram(fbb, fbb.CreateString(pr.name), in, out,
+                                   fbb.CreateVector(pr.steps)));
+  }
+  auto model = pl::CreateModelInfo(fbb, fbb.CreateString(p.source), p.vocab, 2,
+                                   0, fbb.CreateString("{}"));
+  auto root = pl::CreatePlan(
+      fbb, p.version, model, fbb.CreateString(p.programKind),
+      fbb.CreateString("cuda:" + arch), fbb.CreateString(p.precision),
+      p.maxBatch, p.maxSeq, p.regionSize[0], p.regionSize[1], p.regionSize[2],
+      p.regionSize[3], fbb.CreateVector(bufs), fbb.CreateVector(ws),
+      fbb.CreateVector(ks), fbb.CreateVector(ps),
+      pl::CreateMesh(fbb, p.meshRanks), fbb.CreateString(arch),
+      fbb.CreateString("13.0"), fbb.CreateString("--gpu-architecture=" + arch));
+  pl::FinishPlanBuffer(fbb, root);
+  return std::vector<uint8_t>(fbb.GetBufferPointer(),
+                              fbb.GetBufferPointer() + fbb.GetSize());
+}
+
+std::shared_ptr<const rt::Plan> parse(std::vector<uint8_t> bytes) {
+  std::shared_ptr<const rt::Plan> plan;
+  rt::Status s = rt::Plan::fromBytes(std::move(bytes), "test.l4plan", plan);
+  EXPECT_TRUE(s.ok()) << s.message;
+  return plan;
+}
+
+/// An entry name per kernel, as the compiler derives them.
+std::string entryOf(const PlanSpec &p, size_t k) {
+  std::string e = "l4k_" + std::to_string(k) + "_";
+  for (char c : p.kernels[k].name)
+    e += std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
+  return e;
+}
+
+/// Every kernel of `spec` in one fake cubin for sm_90a (as the plan writer
+/// shares one code object among kernels of a body).
+CudaPlan withFakeCubin(PlanSpec spec) {
+  CudaPlan cp;
+  cp.spec = std::move(spec);
+  std::vector<std::string> entries;
+  for (size_t k = 0; k < cp.spec.kernels.size(); ++k)
+    entries.push_back(entryOf(cp.spec, k));
+  std::vector<uint8_t> cubin = fakeCubin(entries);
+  for (size_t k = 0; k < cp.spec.kernels.size(); ++k) {
+    CudaCode c;
+    c.cubin = cubin;
+    c.entry = entries[k];
+    c.threads = 128 + 32 * unsigned(k % 8);
+    c.blocks = 2 + unsigned(k);
+    cp.code.push_back(c);
+  }
+  return cp;
+}
+
+class TempDir {
+public:
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "l4c-cuda-XXXXXX").string();
+    if (::mkdtemp(tmpl.data()))
+      path_ = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    if (!path_.empty())
+      fs::remove_all(path_, ec);
+  }
+  const std::string &path() const { return path_; }
+
+private:
+  std::string path_;
+};
+
+std::vector<fs::path> filesUnder(const std::string &dir) {
+  std::vector<fs::path> out;
+  std::error_code ec;
+  if (fs::exists(dir, ec))
+    for (const auto &e : fs::recursive_directory_iterator(dir))
+      if (e.is_regular_file())
+        out.push_back(e.path());
+  return out;
+}
+
+/// Installs a fresh fake for the test's duration.
+class CudaBackendTest : public ::testing::Test {
+protected:
+  CudaBackendTest() : driver(Driver::forTesting(FakeCuda::table())) {
+    gFake = &fake;
+  }
+  ~CudaBackendTest() override {
+    backend.reset();
+    gFake = nullptr;
+  }
+
+  rt::Status create(std::shared_ptr<const rt::Plan> plan,
+                    CudaOptions opts = CudaOptions(), int device = 0) {
+    if (opts.cacheDir.empty())
+      opts.diskCache = false;
+    backend.reset();
+    return CudaBackend::create(std::move(plan), device, driver, backend, opts);
+  }
+  void mustCreate(std::shared_ptr<const rt::Plan> plan,
+                  CudaOptions opts = CudaOptions()) {
+    rt::Status s = create(std::move(plan), opts);
+    ASSERT_TRUE(s.ok()) << s.message;
+  }
+
+  FakeCuda fake;
+  Driver driver;
+  std::unique_ptr<CudaBackend> backend;
+};
+
+//===----------------------------------------------------------------------===//
+// The driver table
+//===----------------------------------------------------------------------===//
+
+TEST(CudaDriver, MissingLibraryGivesCleanError) {
+  std::unique_ptr<Driver> d;
+  rt::Status s = Driver::open("libl4c-no-such-driver.so.1", d);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code, rt::StatusCode::Unsupported);
+  EXPECT_EQ(s.message.rfind(
+                "cuda driver not found (libl4c-no-such-driver.so.1): ", 0),
+            0u)
+      << s.message;
+  EXPECT_FALSE(d);
+
+  // The system driver: where there is none (CI), the same clean message,
+  // and the same answer on every call.
+  const Driver *sys = nullptr;
+  rt::Status a = Driver::load(sys), b = Driver::load(sys);
+  EXPECT_EQ(a.message, b.message);
+  if (a.ok()) {
+    EXPECT_NE(sys, nullptr);
+    EXPECT_EQ(sys->label(), "libcuda.so.1");
+  } else {
+    EXPECT_EQ(sys, nullptr);
+    EXPECT_EQ(a.message.rfind("cuda driver not found (libcuda.so.1): ", 0), 0u)
+        << a.message;
+  }
+}
+
+TEST(CudaDriver, LibraryWithoutDriverSymbolsIsRejected) {
+  std::unique_ptr<Driver> d;
+  rt::Status s = Driver::open("libm.so.6", d);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.message.find("cuda driver unusable (libm.so.6): it has no "
+                           "symbol cuInit"),
+            std::string::npos)
+      << s.message;
+}
+
+TEST_F(CudaBackendTest, DriverDescribesErrors) {
+  EXPECT_EQ(driver.describe(1), "CUDA_ERROR_INVALID_VALUE (invalid argument)");
+  EXPECT_EQ(driver.describe(12345), "CUresult 12345");
+  rt::Status s = driver.check(2, "cuMemAlloc", "region 'weights'");
+  EXPECT_EQ(s.code, rt::StatusCode::OutOfMemory);
+  EXPECT_EQ(s.message, "region 'weights': cuMemAlloc failed: "
+                       "CUDA_ERROR_OUT_OF_MEMORY (out of memory)");
+  EXPECT_TRUE(driver.check(0, "cuInit").ok());
+  EXPECT_EQ(driver.check(100, "cuInit").code, rt::StatusCode::Unsupported);
+}
+
+//===----------------------------------------------------------------------===//
+// Device, regions and copies
+//===----------------------------------------------------------------------===//
+
+TEST_F(CudaBackendTest, AllocatesZeroedRegionsWithThePlansSizes) {
+  CudaPlan cp = withFakeCubin(tinyModelPlan("generate", 2, 8));
+  auto plan = parse(cp.serialize());
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan));
+  EXPECT_EQ(backend->deviceName(), "Fake H100");
+  EXPECT_EQ(backend->arch(), "sm_90a");
+  EXPECT_EQ(backend->multiprocessors(), 132);
+  EXPECT_EQ(fake.contexts, 1);
+  ASSERT_EQ(fake.allocSizes.size(), 4u);
+  for (int r = 0; r < 4; ++r) {
+    auto region = plan::Region(r);
+    uint64_t want = (plan->regionSize[r] + 255) / 256 * 256;
+    ASSERT_GT(plan->regionSize[r], 0u);
+    EXPECT_EQ(fake.allocSizes[r], want) << "region " << r;
+    EXPECT_EQ(backend->regionSize(region), want);
+    CUdeviceptr base = backend->regionBase(region);
+    EXPECT_EQ(base % 256, 0u);
+    ASSERT_TRUE(fake.mem.count(base));
+    // Zeroed, the KV cache above all.
+    const std::vector<uint8_t> &bytes = fake.mem[base];
+    EXPECT_TRUE(std::all_of(bytes.begin(), bytes.end(),
+                            [](uint8_t b) { return b == 0; }))
+        << "region " << r << " is not zeroed";
+  }
+  EXPECT_EQ(backend->loadStats().kernels, plan->kernels.size());
+  EXPECT_EQ(backend->loadStats().modules, 1u);
+  EXPECT_EQ(backend->loadStats().fromPlan, 1u);
+
+  // Everything is given back.
+  backend.reset();
+  EXPECT_TRUE(fake.mem.empty());
+  EXPECT_EQ(fake.contexts, 0);
+  EXPECT_TRUE(fake.modules[0]->unloaded);
+  EXPECT_TRUE(fake.streams[0]->destroyed);
+}
+
+TEST_F(CudaBackendTest, UploadsWeightsWhereThePlanSays) {
+  CudaPlan cp = withFakeCubin(linearPlan());
+  auto plan = parse(cp.serialize());
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan));
+  CUdeviceptr base = backend->regionBase(plan::Region::Weights);
+  // As the Session will: each weight at its buffer's offset.
+  for (size_t w = 0; w < plan->weights.size(); ++w) {
+    const rt::BufferDesc &b = plan->buffers[plan->weights[w].buffer];
+    ASSERT_EQ(b.region, plan::Region::Weights);
+    std::vector<float> values(b.numel);
+    for (size_t i = 0; i < values.size(); ++i)
+      values[i] = float(w * 1000 + i);
+    rt::Status s = backend->upload(b.region, b.offset, values.data(), b.size);
+    ASSERT_TRUE(s.ok()) << s.message;
+    const float *dev = fake.as<float>(base + b.offset, b.numel);
+    ASSERT_NE(dev, nullptr);
+    EXPECT_EQ(std::memcmp(dev, values.data(), b.size), 0)
+        << plan->weights[w].hfName;
+    std::vector<float> back(b.numel);
+    s = backend->download(b.region, b.offset, back.data(), b.size);
+    ASSERT_TRUE(s.ok()) << s.message;
+    EXPECT_EQ(back, values);
+  }
+  EXPECT_EQ(fake.counts["cuMemcpyHtoDAsync"], int(plan->weights.size()));
+
+  // Out of the region: refused before the driver sees it.
+  uint64_t size = plan->regionSize[int(plan::Region::Weights)];
+  char byte = 0;
+  rt::Status s = backend->upload(plan::Region::Weights, size, &byte, 1);
+  EXPECT_EQ(s.code, rt::StatusCode::InvalidArgument);
+  EXPECT_NE(s.message.find("exceeds region 'weights'"), std::string::npos)
+      << s.message;
+  s = backend->download(plan::Region::Io, ~0ull, &byte, 2);
+  EXPECT_EQ(s.code, rt::StatusCode::InvalidArgument);
+
+  uint8_t after = fake.as<uint8_t>(base, 13)[12];
+  ASSERT_TRUE(backend->fill(plan::Region::Weights, 4, 8, 0xab).ok());
+  const uint8_t *bytes = fake.as<uint8_t>(base, 13);
+  for (int i = 4; i < 12; ++i)
+    EXPECT_EQ(bytes[i], 0xab);
+  EXPECT_EQ(bytes[12], after);
+}
+
+TEST_F(CudaBackendTest, DeviceAndDriverFailuresAreNamed) {
+  CudaPlan cp = withFakeCubin(linearPlan());
+  auto plan = parse(cp.serialize());
+  rt::Status s = create(plan, CudaOptions(), /*device=*/1);
+  EXPECT_EQ(s.code, rt::StatusCode::InvalidArgument);
+  EXPECT_EQ(s.message, "cuda device 1 does not exist (this machine has 1)");
+
+  fake.failCall = "cuInit";
+  fake.failWith = cuda::CUDA_ERROR_NO_DEVICE;
+  s = create(plan);
+  EXPECT_EQ(s.code, rt::StatusCode::Unsupported);
+  EXPECT_EQ(s.message, "cuda: cuInit failed: CUDA_ERROR_NO_DEVICE (no "
+                       "CUDA-capable device is detected)");
+}
+
+TEST_F(CudaBackendTest, FailedAllocationNamesTheRegionAndLeaksNothing) {
+  CudaPlan cp = withFakeCubin(linearPlan());
+  auto plan = parse(cp.serialize());
+  fake.failCall = "cuMemAlloc";
+  fake.failSkip = 1; // the arena succeeds, the weights fail
+  fake.failWith = cuda::CUDA_ERROR_OUT_OF_MEMORY;
+  rt::Status s = create(plan);
+  EXPECT_EQ(s.code, rt::StatusCode::OutOfMemory);
+  uint64_t weights = (plan->regionSize[1] + 255) / 256 * 256;
+  EXPECT_EQ(s.message, "region 'weights' (" + std::to_string(weights) +
+                           " bytes): cuMemAlloc failed: "
+                           "CUDA_ERROR_OUT_OF_MEMORY (out of memory)");
+  EXPECT_FALSE(backend);
+  EXPECT_TRUE(fake.mem.empty());
+  EXPECT_EQ(fake.contexts, 0);
+}
+
+//===----------------------------------------------------------------------===//
+// Kernels: loading and launching
+//===----------------------------------------------------------------------===//
+
+TEST_F(CudaBackendTest, LaunchesEveryStepWithThePlansGridAndRegions) {
+  CudaPlan cp = withFakeCubin(linearPlan());
+  cp.code[2].shared = 64 << 10; // beyond the default 48 KiB
+  auto plan = parse(cp.serialize());
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan));
+  ASSERT_EQ(fake.sharedOptIns.size(), 1u);
+  EXPECT_EQ(fake.sharedOptIns[0],
+            std::make_pair(cp.code[2].entry, int(64 << 10)));
+
+  const rt::ProgramDesc *fwd = plan->program("forward");
+  ASSERT_NE(fwd, nullptr);
+  rt::Status s = backend->runProgram(*fwd, 2, 3);
+  ASSERT_TRUE(s.ok()) << s.message;
+  ASSERT_TRUE(backend->synchronize().ok());
+  ASSERT_EQ(fake.launches.size(), fwd->steps.size());
+  for (size_t i = 0; i < fwd->steps.size(); ++i) {
+    const FakeLaunch &l = fake.launches[i];
+    const CudaCode &c = cp.code[fwd->steps[i]];
+    EXPECT_EQ(l.entry, c.entry);
+    EXPECT_EQ(l.grid, c.blocks);
+    EXPECT_EQ(l.threads, c.threads);
+    EXPECT_EQ(l.shared, c.shared);
+    EXPECT_EQ(l.B, 2);
+    EXPECT_EQ(l.T, 3);
+    EXPECT_EQ(l.stream, fake.launches[0].stream);
+    EXPECT_FALSE(l.fromGraph);
+    EXPECT_EQ(l.regions.arena, backend->regionBase(plan::Region::Arena));
+    EXPECT_EQ(l.regions.weights, backend->regionBase(plan::Region::Weights));
+    EXPECT_EQ(l.regions.cache, backend->regionBase(plan::Region::Cache));
+    EXPECT_EQ(l.regions.io, backend->regionBase(plan::Region::Io));
+  }
+  // linearPlan has no cache: a null base, which no kernel reads.
+  EXPECT_EQ(backend->regionBase(plan::Region::Cache), 0u);
+
+  // Extents are checked against the plan.
+  s = backend->runProgram(*fwd, 3, 1);
+  EXPECT_EQ(s.code, rt::StatusCode::InvalidArgument);
+  EXPECT_EQ(s.message, "program 'forward': batch 3 is outside [1, 2]");
+  s = backend->runProgram(*fwd, 1, 5);
+  EXPECT_EQ(s.message, "program 'forward': length 5 is outside [1, 4]");
+  EXPECT_EQ(fake.launches.size(), fwd->steps.size());
+}
+
+TEST_F(CudaBackendTest, GridsAreCapped) {
+  CudaPlan cp = withFakeCubin(linearPlan());
+  cp.code[0].blocks = 1u << 20;
+  cp.code[1].blocks = 7;
+  auto plan = parse(cp.serialize());
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan));
+  const rt::ProgramDesc &fwd = *plan->program("forward");
+  ASSERT_TRUE(backend->runProgram(fwd, 1, 1).ok());
+  EXPECT_EQ(fake.launches[0].grid, CudaBackend::kDefaultMaxBlocks);
+  EXPECT_EQ(fake.launches[1].grid, 7u);
+
+  CudaOptions opts;
+  opts.maxBlocks = 4;
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan, opts));
+  fake.launches.clear();
+  ASSERT_TRUE(backend->runProgram(fwd, 1, 1).ok());
+  EXPECT_EQ(fake.launches[0].grid, 4u);
+  EXPECT_EQ(fake.launches[1].grid, 4u);
+  EXPECT_EQ(fake.launches[2].grid, 4u);
+}
+
+TEST_F(CudaBackendTest, GraphIsCapturedOnceThenReplayed) {
+  CudaPlan cp = withFakeCubin(tinyModelPlan("generate", 2, 8));
+  auto plan = parse(cp.serialize());
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan));
+  const rt::ProgramDesc &decode = *plan->program("decode");
+  size_t steps = decode.steps.size();
+  for (int i = 0; i < 3; ++i) {
+    rt::Status s = backend->runProgramGraph(decode, 2, 1);
+    ASSERT_TRUE(s.ok()) << s.message;
+  }
+  EXPECT_EQ(fake.counts["cuStreamBeginCapture"], 1);
+  EXPECT_EQ(fake.counts["cuGraphInstantiateWithFlags"], 1);
+  EXPECT_EQ(fake.counts["cuGraphLaunch"], 3);
+  EXPECT_EQ(fake.counts["cuGraphDestroy"], 1); // the exec is independent
+  EXPECT_EQ(backend->graphCount(), 1u);
+  ASSERT_EQ(fake.launches.size(), 3 * steps);
+  for (size_t i = 0; i < fake.launches.size(); ++i) {
+    const FakeLaunch &l = fake.launches[i];
+    EXPECT_TRUE(l.fromGraph);
+    EXPECT_EQ(l.entry, cp.code[decode.steps[i % steps]].entry);
+    EXPECT_EQ(l.B, 2);
+    EXPECT_EQ(l.T, 1);
+    EXPECT_EQ(l.regions.cache, backend->regionBase(plan::Region::Cache));
+  }
+
+  // Other extents make another graph; direct runs do not touch graphs.
+  ASSERT_TRUE(backend->runProgramGraph(decode, 1, 1).ok());
+  EXPECT_EQ(backend->graphCount(), 2u);
+  EXPECT_EQ(fake.counts["cuStreamBeginCapture"], 2);
+  ASSERT_TRUE(backend->runProgram(*plan->program("prefill"), 2, 8).ok());
+  EXPECT_EQ(fake.counts["cuStreamBeginCapture"], 2);
+
+  backend.reset();
+  ASSERT_EQ(fake.execs.size(), 2u);
+  EXPECT_TRUE(fake.execs[0]->destroyed);
+  EXPECT_TRUE(fake.execs[1]->destroyed);
+}
+
+TEST_F(CudaBackendTest, LeastRecentlyUsedGraphIsDroppedBeyondTheLimit) {
+  CudaPlan cp = withFakeCubin(linearPlan(9, 8));
+  auto plan = parse(cp.serialize());
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan));
+  const rt::ProgramDesc &fwd = *plan->program("forward");
+  // 72 extents, with (1, 1) replayed between every two so it stays hot.
+  ASSERT_TRUE(backend->runProgramGraph(fwd, 1, 1).ok());
+  for (int64_t B = 1; B <= 9; ++B)
+    for (int64_t T = 1; T <= 8; ++T) {
+      if (B == 1 && T == 1)
+        continue;
+      ASSERT_TRUE(backend->runProgramGraph(fwd, B, T).ok());
+      ASSERT_TRUE(backend->runProgramGraph(fwd, 1, 1).ok());
+    }
+  EXPECT_EQ(backend->graphCount(), CudaBackend::kMaxGraphs);
+  EXPECT_EQ(fake.counts["cuStreamBeginCapture"], 72);
+  ASSERT_TRUE(backend->runProgramGraph(fwd, 1, 1).ok());
+  EXPECT_EQ(fake.counts["cuStreamBeginCapture"], 72);
+  // (1, 2) was the oldest of the rest: dropped, so captured again.
+  ASSERT_TRUE(backend->runProgramGraph(fwd, 1, 2).ok());
+  EXPECT_EQ(fake.counts["cuStreamBeginCapture"], 73);
+  EXPECT_EQ(fake.counts["cuGraphExecDestroy"], 72 - 64 + 1);
+}
+
+TEST_F(CudaBackendTest, FailedLaunchNamesTheKernel) {
+  CudaPlan cp = withFakeCubin(linearPlan());
+  auto plan = parse(cp.serialize());
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan));
+  const rt::ProgramDesc &fwd = *plan->program("forward");
+  fake.failCall = "cuLaunchKernel";
+  fake.failSkip = 1;
+  rt::Status s = backend->runProgram(fwd, 1, 1);
+  EXPECT_EQ(s.code, rt::StatusCode::Internal);
+  EXPECT_EQ(s.message, "kernel 'model.norm' (#1): cuLaunchKernel failed: "
+                       "CUDA_ERROR_INVALID_VALUE (invalid argument)");
+
+  // During a capture: the same message, the capture is ended and nothing
+  // is kept, so the next attempt captures afresh.
+  fake.failSkip = 2;
+  s = backend->runProgramGraph(fwd, 1, 1);
+  EXPECT_EQ(s.message, "kernel 'lm_head' (#2): cuLaunchKernel failed: "
+                       "CUDA_ERROR_INVALID_VALUE (invalid argument)");
+  EXPECT_FALSE(fake.streams[0]->capturing);
+  EXPECT_EQ(backend->graphCount(), 0u);
+  EXPECT_EQ(fake.counts["cuGraphDestroy"], 1);
+  fake.failCall.clear();
+  s = backend->runProgramGraph(fwd, 1, 1);
+  ASSERT_TRUE(s.ok()) << s.message;
+  EXPECT_EQ(backend->graphCount(), 1u);
+}
+
+TEST_F(CudaBackendTest, AsynchronousFaultsPointAtTheProgramOrKernel) {
+  CudaPlan cp = withFakeCubin(linearPlan());
+  auto plan = parse(cp.serialize());
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan));
+  const rt::ProgramDesc &fwd = *plan->program("forward");
+  ASSERT_TRUE(backend->runProgram(fwd, 2, 3).ok());
+  fake.failCall = "cuStreamSynchronize";
+  fake.failWith = cuda::CUDA_ERROR_ILLEGAL_ADDRESS;
+  rt::Status s = backend->synchronize();
+  EXPECT_EQ(s.message,
+            "cuda stream: cuStreamSynchronize failed: "
+            "CUDA_ERROR_ILLEGAL_ADDRESS (an illegal memory access was "
+            "encountered) (after program 'forward' (B=2, T=3); set "
+            "L4C_CUDA_SYNC=1 to name the kernel)");
+
+  // Synchronizing after each launch names the kernel.
+  fake.failCall.clear();
+  CudaOptions opts;
+  opts.syncEachLaunch = true;
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan, opts));
+  fake.failCall = "cuStreamSynchronize";
+  fake.failSkip = 1;
+  s = backend->runProgram(fwd, 2, 3);
+  EXPECT_EQ(s.message, "kernel 'model.norm' (#1): cuStreamSynchronize "
+                       "failed: CUDA_ERROR_ILLEGAL_ADDRESS (an illegal "
+                       "memory access was encountered)");
+}
+
+TEST_F(CudaBackendTest, EmulatedKernelsComputeThroughTheRegions) {
+  // Kernels that follow the ABI, emulated on the fake's memory: ids -> h
+  // (embed), h -> x (norm, times two), x -> logits (head, plus one).
+  PlanSpec spec = linearPlan(2, 4, 16, 8);
+  CudaPlan cp = withFakeCubin(spec);
+  auto plan = parse(cp.serialize());
+  auto buf = [&](const std::string &name) -> const rt::BufferDesc & {
+    for (const rt::BufferDesc &b : plan->buffers)
+      if (b.name == name)
+        return b;
+    ADD_FAILURE() << "no buffer " << name;
+    return plan->buffers[0];
+  };
+  const rt::BufferDesc &ids = buf("input_ids"), &h = buf("h"), &x = buf("x"),
+                       &logits = buf("logits");
+  auto base = [](const L4Regions &r, const rt::BufferDesc &b) {
+    CUdeviceptr bases[4] = {r.arena, r.weights, r.cache, r.io};
+    return bases[int(b.region)] + b.offset;
+  };
+  auto rows = [&](FakeCuda &f, const FakeLaunch &l, const rt::BufferDesc &in,
+                  const rt::BufferDesc &out, auto op) {
+    for (long long b = 0; b < l.B; ++b)
+      for (long long t = 0; t < l.T; ++t) {
+        uint64_t i = b * in.batchStride + t * in.rowStride;
+        uint64_t o = b * out.batchStride + t * out.rowStride;
+        op(f, base(l.regions, in), i, base(l.regions, out), o);
+      }
+  };
+  fake.emulate[cp.code[0].entry] = [&](FakeCuda &f, const FakeLaunch &l) {
+    rows(f, l, ids, h,
+         [](FakeCuda &f, CUdeviceptr in, uint64_t i, CUdeviceptr out,
+            uint64_t o) {
+           f.as<float>(out, o + 1)[o] = float(f.as<int64_t>(in, i + 1)[i]);
+         });
+  };
+  fake.emulate[cp.code[1].entry] = [&](FakeCuda &f, const FakeLaunch &l) {
+    rows(f, l, h, x,
+         [](FakeCuda &f, CUdeviceptr in, uint64_t i, CUdeviceptr out,
+            uint64_t o) {
+           f.as<float>(out, o + 1)[o] = 2 * f.as<float>(in, i + 1)[i];
+         });
+  };
+  fake.emulate[cp.code[2].entry] = [&](FakeCuda &f, const FakeLaunch &l) {
+    rows(f, l, x, logits,
+         [](FakeCuda &f, CUdeviceptr in, uint64_t i, CUdeviceptr out,
+            uint64_t o) {
+           f.as<float>(out, o + 1)[o] = f.as<float>(in, i + 1)[i] + 1;
+         });
+  };
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan));
+  const int64_t B = 2, T = 3, S = 4, V = 16;
+  std::vector<int64_t> idv(B * S, 0);
+  for (int64_t i = 0; i < B * S; ++i)
+    idv[i] = 10 + i;
+  ASSERT_TRUE(
+      backend->upload(ids.region, ids.offset, idv.data(), ids.size).ok());
+  for (bool graph : {false, true}) {
+    const rt::ProgramDesc &fwd = *plan->program("forward");
+    rt::Status s = graph ? backend->runProgramGraph(fwd, B, T)
+                         : backend->runProgram(fwd, B, T);
+    ASSERT_TRUE(s.ok()) << s.message;
+    std::vector<float> out(B * S * V, -1);
+    s = backend->download(logits.region, logits.offset, out.data(),
+                          logits.size);
+    ASSERT_TRUE(s.ok()) << s.message;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < S; ++t)
+        EXPECT_EQ(out[(b * S + t) * V],
+                  t < T ? 2.0f * float(idv[b * S + t]) + 1 : 0.0f)
+            << "b=" << b << " t=" << t << " graph=" << graph;
+  }
+}
+
+TEST_F(CudaBackendTest, TimerUsesEvents) {
+  CudaPlan cp = withFakeCubin(linearPlan());
+  auto plan = parse(cp.serialize());
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan));
+  double ms = -1;
+  rt::Status s = backend->stopTimer(ms);
+  EXPECT_EQ(s.code, rt::StatusCode::InvalidArgument);
+  ASSERT_TRUE(backend->startTimer().ok());
+  ASSERT_TRUE(backend->runProgram(*plan->program("forward"), 1, 1).ok());
+  s = backend->stopTimer(ms);
+  ASSERT_TRUE(s.ok()) << s.message;
+  EXPECT_EQ(ms, 1.5);
+  EXPECT_EQ(fake.counts["cuEventRecord"], 2);
+  EXPECT_EQ(fake.counts["cuEventSynchronize"], 1);
+  backend.reset();
+  EXPECT_EQ(fake.counts["cuEventDestroy"], 2);
+}
+
+TEST_F(CudaBackendTest, PlanWithoutCudaCodeIsRejectedNamingTheKernel) {
+  // A CPU plan: rejected before any device work.
+  auto cpu = parse(linearPlan().serialize());
+  rt::Status s = create(cpu);
+  EXPECT_EQ(s.code, rt::StatusCode::InvalidPlan);
+  EXPECT_EQ(s.message, "test.l4plan: kernel 'model.embed_tokens' (#0) has no "
+                       "CUDA code (plan target 'cpu'); compile the plan with "
+                       "--target=cuda to run it on a GPU");
+  EXPECT_TRUE(fake.calls.empty());
+  EXPECT_FALSE(CudaBackend::checkPlan(*cpu).ok());
+
+  // The first kernel lacking code is named; code without an entry counts.
+  CudaPlan cp = withFakeCubin(linearPlan());
+  cp.code[1] = CudaCode();
+  s = create(parse(cp.serialize()));
+  EXPECT_NE(s.message.find("kernel 'model.norm' (#1) has no CUDA code"),
+            std::string::npos)
+      << s.message;
+  cp = withFakeCubin(linearPlan());
+  cp.code[2].entry.clear();
+  s = create(parse(cp.serialize()));
+  EXPECT_NE(s.message.find("kernel 'lm_head' (#2) has no CUDA entry"),
+            std::string::npos)
+      << s.message;
+
+  // Several ranks need the multi-rank runtime.
+  cp = withFakeCubin(linearPlan());
+  cp.spec.meshRanks = 2;
+  s = create(parse(cp.serialize()));
+  EXPECT_EQ(s.code, rt::StatusCode::Unsupported);
+  EXPECT_NE(s.message.find("a mesh of 2 ranks"), std::string::npos);
+}
+
+TEST_F(CudaBackendTest, CubinForAnotherArchNeedsSource) {
+  fake.major = 8;
+  fake.minor = 0;
+  CudaPlan cp = withFakeCubin(linearPlan());
+  rt::Status s = create(parse(cp.serialize()));
+  EXPECT_EQ(s.code, rt::StatusCode::Unsupported);
+  EXPECT_EQ(s.message, "test.l4plan: kernel 'model.embed_tokens' (#0) has a "
+                       "cubin for 'sm_90a' only, and Fake H100 needs sm_80; "
+                       "the plan carries no CUDA source to compile for it");
+  EXPECT_EQ(fake.counts["cuModuleLoadDataEx"], 0);
+  fake.major = 9;
+  CudaOptions opts;
+  opts.preferSource = true;
+  s = create(parse(cp.serialize()), opts);
+  EXPECT_NE(s.message.find("has a cubin for 'sm_90a' only, and compiling "
+                           "from source was asked for"),
+            std::string::npos)
+      << s.message;
+
+  // A plain sm_90 cubin runs where sm_90a would be built.
+  fake.major = 9;
+  cp.arch = "sm_90";
+  ASSERT_NO_FATAL_FAILURE(mustCreate(parse(cp.serialize())));
+  EXPECT_EQ(backend->loadStats().fromPlan, 1u);
+}
+
+TEST_F(CudaBackendTest, MissingEntryOrBadImageNamesTheKernel) {
+  CudaPlan cp = withFakeCubin(linearPlan());
+  cp.code[2].entry = "l4k_nowhere";
+  rt::Status s = create(parse(cp.serialize()));
+  EXPECT_EQ(s.message, "kernel 'lm_head' (#2), entry 'l4k_nowhere': "
+                       "cuModuleGetFunction failed: CUDA_ERROR_NOT_FOUND "
+                       "(named symbol not found)");
+
+  cp = withFakeCubin(linearPlan());
+  for (CudaCode &c : cp.code)
+    c.cubin = std::vector<uint8_t>(16, 1);
+  s = create(parse(cp.serialize()));
+  EXPECT_EQ(s.message, "kernel 'model.embed_tokens' (#0) and 2 more sharing "
+                       "its code: cuModuleLoadDataEx failed: "
+                       "CUDA_ERROR_INVALID_IMAGE (device kernel image is "
+                       "invalid)\nfake: not a cubin");
+
+  cp = withFakeCubin(linearPlan());
+  cp.code[1].threads = 2048;
+  s = create(parse(cp.serialize()));
+  EXPECT_EQ(s.code, rt::StatusCode::InvalidPlan);
+  EXPECT_NE(s.message.find("kernel 'model.norm' (#1), entry "
+                           "'l4k_1_model_norm': 2048 threads per block is "
+                           "outside [1, 1024]"),
+            std::string::npos)
+      << s.message;
+}
+
+TEST_F(CudaBackendTest, EqualCodeIsLoadedOnce) {
+  // Stored once (as the plan writer does), stored three times over, and
+  // three distinct objects.
+  CudaPlan cp = withFakeCubin(linearPlan());
+  ASSERT_NO_FATAL_FAILURE(mustCreate(parse(cp.serialize())));
+  EXPECT_EQ(fake.counts["cuModuleLoadDataEx"], 1);
+  EXPECT_EQ(fake.counts["cuModuleGetFunction"], 3);
+
+  cp.share = false;
+  ASSERT_NO_FATAL_FAILURE(mustCreate(parse(cp.serialize())));
+  EXPECT_EQ(fake.counts["cuModuleLoadDataEx"], 2);
+  EXPECT_EQ(backend->loadStats().modules, 1u);
+
+  for (size_t k = 0; k < cp.code.size(); ++k)
+    cp.code[k].cubin = fakeCubin({cp.code[k].entry});
+  ASSERT_NO_FATAL_FAILURE(mustCreate(parse(cp.serialize())));
+  EXPECT_EQ(backend->loadStats().modules, 3u);
+  EXPECT_EQ(backend->loadStats().kernels, 3u);
+}
+
+//===----------------------------------------------------------------------===//
+// The disk cache
+//===----------------------------------------------------------------------===//
+
+TEST(CudaKernelCache, Sha256KnownAnswers) {
+  EXPECT_EQ(cuda::hex(cuda::sha256("")),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(cuda::hex(cuda::sha256("abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  std::string two = "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+  EXPECT_EQ(cuda::hex(cuda::sha256(two)),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  // A million a's, fed in uneven pieces.
+  cuda::Sha256 h;
+  std::string a(1000, 'a');
+  for (int i = 0; i < 1000; ++i)
+    h.update(a.data(), a.size() - (i % 7)), h.update(a.data(), i % 7);
+  EXPECT_EQ(cuda::hex(h.finish()),
+            "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+  // Keys separate their fields.
+  EXPECT_NE(cuda::compileKey("ab", "c", "sm_90a", "13.0"),
+            cuda::compileKey("a", "bc", "sm_90a", "13.0"));
+  EXPECT_NE(cuda::compileKey("s", "o", "sm_90a", "13.0"),
+            cuda::compileKey("s", "o", "sm_90a", "13.1"));
+}
+
+TEST(CudaKernelCache, EntriesAreWholeOrMissing) {
+  TempDir dir;
+  cuda::KernelCache cache(dir.path() + "/nested/cache");
+  std::string key = cuda::compileKey("src", "opts", "sm_90a", "13.0");
+  std::vector<uint8_t> cubin(1000), got;
+  for (size_t i = 0; i < cubin.size(); ++i)
+    cubin[i] = uint8_t(i * 7);
+  EXPECT_FALSE(cache.lookup(key, got));
+  ASSERT_EQ(cache.store(key, cubin), "");
+  ASSERT_TRUE(cache.lookup(key, got));
+  EXPECT_EQ(got, cubin);
+  // Only the entry: no temporary files left behind.
+  auto files = filesUnder(cache.directory());
+  ASSERT_EQ(files.size(), 1u);
+  EXPECT_EQ(files[0].string(), cache.pathOf(key));
+
+  // Another key misses; a damaged or truncated entry misses.
+  EXPECT_FALSE(
+      cache.lookup(cuda::compileKey("src2", "opts", "sm_90a", "13.0"), got));
+  {
+    std::fstream f(cache.pathOf(key),
+                   std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(200);
+    f.put('\x55');
+  }
+  EXPECT_FALSE(cache.lookup(key, got));
+  ASSERT_EQ(cache.store(key, cubin), "");
+  fs::resize_file(cache.pathOf(key), fs::file_size(cache.pathOf(key)) - 1);
+  EXPECT_FALSE(cache.lookup(key, got));
+  EXPECT_FALSE(cache.lookup("../../etc/passwd", got));
+
+  // Disabled: nothing is stored.
+  cuda::KernelCache off("");
+  EXPECT_EQ(off.store(key, cubin), "");
+  EXPECT_FALSE(off.lookup(key, got));
+}
+
+TEST(CudaKernelCache, DirectoryFromTheEnvironment) {
+  std::string oldCache = std::getenv("L4C_CACHE_DIR")
+                             ? std::getenv("L4C_CACHE_DIR")
+                             : std::string();
+  ::setenv("L4C_CACHE_DIR", "/tmp/l4c-env-cache", 1);
+  EXPECT_EQ(cuda::cacheDirectory(), "/tmp/l4c-env-cache");
+  EXPECT_EQ(cuda::cacheDirectory("/explicit"), "/explicit");
+  ::unsetenv("L4C_CACHE_DIR");
+  if (const char *home = std::getenv("HOME")) {
+    EXPECT_EQ(cuda::cacheDirectory(), std::string(home) + "/.cache/l4c");
+  }
+  if (!oldCache.empty())
+    ::setenv("L4C_CACHE_DIR", oldCache.c_str(), 1);
+}
+
+//===----------------------------------------------------------------------===//
+// Load-time compilation with the real NVRTC
+//===----------------------------------------------------------------------===//
+
+/// One program with an entry per kernel of linearPlan, as the plan writer
+/// emits kernels sharing a body; `salt` changes the code.
+std::string kernelSource(const PlanSpec &p, int salt = 0) {
+  std::string s = "struct L4Regions { char *arena, *weights, *cache, *io; };\n"
+                  "__device__ void body(float *out, long long n, float k) {\n"
+                  "  for (long long i = blockIdx.x * blockDim.x + threadIdx.x;"
+                  " i < n; i += gridDim.x * blockDim.x)\n"
+                  "    out[i] = out[i] * k + " +
+                  std::to_string(salt) + ".0f;\n}\n";
+  for (size_t k = 0; k < p.kernels.size(); ++k)
+    s += "extern \"C\" __global__ void " + entryOf(p, k) +
+         "(L4Regions r, long long B, long long T) {\n"
+         "  body(reinterpret_cast<float *>(r.arena + " +
+         std::to_string(64 * k) + "), B * T, " + std::to_string(k + 1) +
+         ".0f);\n}\n";
+  return s;
+}
+
+CudaPlan withSource(PlanSpec spec, int salt = 0) {
+  CudaPlan cp;
+  cp.spec = std::move(spec);
+  cp.arch = "";
+  std::string src = kernelSource(cp.spec, salt);
+  for (size_t k = 0; k < cp.spec.kernels.size(); ++k) {
+    CudaCode c;
+    c.source = src;
+    c.entry = entryOf(cp.spec, k);
+    cp.code.push_back(c);
+  }
+  return cp;
+}
+
+class CudaNvrtcTest : public CudaBackendTest {
+protected:
+  void SetUp() override {
+    if (!nvrtc::available())
+      GTEST_SKIP() << nvrtc::loadError();
+  }
+  CudaOptions cached() {
+    CudaOptions o;
+    o.cacheDir = dir.path();
+    return o;
+  }
+  TempDir dir;
+};
+
+TEST_F(CudaNvrtcTest, CompilesSourceAtLoadThenHitsTheCache) {
+  CudaPlan cp = withSource(linearPlan());
+  auto plan = parse(cp.serialize());
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan, cached()));
+  const cuda::LoadStats &first = backend->loadStats();
+  EXPECT_EQ(first.compiled, 1u);
+  EXPECT_EQ(first.fromCache, 0u);
+  EXPECT_EQ(first.modules, 1u);
+  EXPECT_EQ(first.kernels, 3u);
+  EXPECT_EQ(first.cacheWarning, "");
+  ASSERT_EQ(fake.modules.size(), 1u);
+  std::vector<uint8_t> image = fake.modules[0]->image;
+  ASSERT_GT(image.size(), 4u);
+  EXPECT_EQ(std::memcmp(image.data(),
+                        "\x7f"
+                        "ELF",
+                        4),
+            0);
+  auto files = filesUnder(dir.path());
+  ASSERT_EQ(files.size(), 1u);
+  // The fake sized the image from its ELF header: the whole entry payload.
+  std::vector<uint8_t> stored;
+  cuda::KernelCache cache(dir.path());
+  ASSERT_TRUE(cache.lookup(files[0].stem().string(), stored));
+  EXPECT_EQ(stored, image);
+
+  // Second load: from the cache, every entry of the shared source resolved.
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan, cached()));
+  EXPECT_EQ(backend->loadStats().compiled, 0u);
+  EXPECT_EQ(backend->loadStats().fromCache, 1u);
+  ASSERT_EQ(fake.modules.size(), 2u);
+  EXPECT_EQ(fake.modules[1]->image, image);
+  EXPECT_EQ(fake.counts["cuModuleGetFunction"], 6);
+  ASSERT_TRUE(backend->runProgram(*plan->program("forward"), 2, 4).ok());
+
+  // Different source: a different entry, never the cached one.
+  ASSERT_NO_FATAL_FAILURE(
+      mustCreate(parse(withSource(linearPlan(), 1).serialize()), cached()));
+  EXPECT_EQ(backend->loadStats().compiled, 1u);
+  EXPECT_EQ(filesUnder(dir.path()).size(), 2u);
+}
+
+TEST_F(CudaNvrtcTest, DamagedOrUnloadableCacheEntriesAreRebuilt) {
+  CudaPlan cp = withSource(linearPlan());
+  auto plan = parse(cp.serialize());
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan, cached()));
+  auto files = filesUnder(dir.path());
+  ASSERT_EQ(files.size(), 1u);
+  std::string key = files[0].stem().string();
+  cuda::KernelCache cache(dir.path());
+
+  // An entry that reads back whole but does not load.
+  ASSERT_EQ(cache.store(key, std::vector<uint8_t>(16, 1)), "");
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan, cached()));
+  EXPECT_EQ(backend->loadStats().compiled, 1u);
+  EXPECT_EQ(backend->loadStats().fromCache, 0u);
+  std::vector<uint8_t> got;
+  ASSERT_TRUE(cache.lookup(key, got));
+  EXPECT_EQ(std::memcmp(got.data(),
+                        "\x7f"
+                        "ELF",
+                        4),
+            0);
+
+  // A damaged file is a miss.
+  {
+    std::ofstream f(files[0], std::ios::binary | std::ios::trunc);
+    f << "garbage";
+  }
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan, cached()));
+  EXPECT_EQ(backend->loadStats().compiled, 1u);
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan, cached()));
+  EXPECT_EQ(backend->loadStats().fromCache, 1u);
+}
+
+TEST_F(CudaNvrtcTest, CubinWhenItFitsSourceOtherwise) {
+  CudaPlan cp = withSource(linearPlan());
+  cp.arch = "sm_90a";
+  std::vector<std::string> entries;
+  for (const CudaCode &c : cp.code)
+    entries.push_back(c.entry);
+  for (CudaCode &c : cp.code)
+    c.cubin = fakeCubin(entries);
+  auto plan = parse(cp.serialize());
+
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan, cached()));
+  EXPECT_EQ(backend->loadStats().fromPlan, 1u);
+  EXPECT_EQ(backend->loadStats().compiled, 0u);
+  EXPECT_TRUE(filesUnder(dir.path()).empty());
+
+  CudaOptions opts = cached();
+  opts.preferSource = true;
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan, opts));
+  EXPECT_EQ(backend->loadStats().compiled, 1u);
+
+  // Another device: compiled for its own arch.
+  fake.major = 8;
+  fake.minor = 0;
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan, cached()));
+  EXPECT_EQ(backend->arch(), "sm_80");
+  EXPECT_EQ(backend->loadStats().compiled, 1u);
+  EXPECT_EQ(filesUnder(dir.path()).size(), 2u);
+}
+
+TEST_F(CudaNvrtcTest, CompileErrorNamesTheKernels) {
+  CudaPlan cp = withSource(linearPlan());
+  for (CudaCode &c : cp.code)
+    c.source = "this is not CUDA";
+  rt::Status s = create(parse(cp.serialize()), cached());
+  EXPECT_EQ(s.code, rt::StatusCode::InvalidPlan);
+  EXPECT_EQ(s.message.rfind("kernel 'model.embed_tokens' (#0) and 2 more "
+                            "sharing its code: NVRTC failed to compile",
+                            0),
+            0u)
+      << s.message;
+  EXPECT_TRUE(filesUnder(dir.path()).empty());
+}
+
+//===----------------------------------------------------------------------===//
+// The real driver (GPU machines only)
+//===----------------------------------------------------------------------===//
+
+TEST(CudaGpu, RunsKernelsOnTheDevice) {
+  const Driver *driver = nullptr;
+  if (rt::Status s = Driver::load(driver); !s.ok())
+    GTEST_SKIP() << s.message;
+  if (!nvrtc::available())
+    GTEST_SKIP() << nvrtc::loadError();
+  TempDir dir;
+  CudaOptions opts;
+  opts.cacheDir = dir.path();
+  CudaPlan cp = withSource(linearPlan(2, 4));
+  auto plan = parse(cp.serialize());
+  std::unique_ptr<CudaBackend> gpu;
+  rt::Status s = CudaBackend::create(plan, 0, *driver, gpu, opts);
+  if (!s.ok() && s.message.find("cuInit failed") != std::string::npos)
+    GTEST_SKIP() << s.message;
+  ASSERT_TRUE(s.ok()) << s.message;
+  EXPECT_FALSE(gpu->deviceName().empty());
+  EXPECT_EQ(gpu->loadStats().compiled, 1u);
+
+  // Kernel k scales floats [16k, 16k + B*T) of the arena by k + 1.
+  const int64_t B = 2, T = 3;
+  uint64_t arena = plan->regionSize[int(plan::Region::Arena)];
+  std::vector<float> init(arena / sizeof(float)), out(init.size());
+  for (size_t i = 0; i < init.size(); ++i)
+    init[i] = float(i % 17) + 0.5f;
+  auto expect = [&](int times) {
+    for (size_t i = 0; i < init.size(); ++i) {
+      size_t k = i / 16;
+      bool touched = k < 3 && i % 16 < size_t(B * T);
+      float want = init[i];
+      for (int n = 0; touched && n < times; ++n)
+        want *= float(k + 1);
+      ASSERT_EQ(out[i], want) << "float " << i << " after " << times;
+    }
+  };
+  ASSERT_TRUE(gpu->upload(plan::Region::Arena, 0, init.data(), arena).ok());
+  const rt::ProgramDesc &fwd = *plan->program("forward");
+  ASSERT_TRUE(gpu->startTimer().ok());
+  s = gpu->runProgram(fwd, B, T);
+  ASSERT_TRUE(s.ok()) << s.message;
+  double ms = -1;
+  s = gpu->stopTimer(ms);
+  ASSERT_TRUE(s.ok()) << s.message;
+  EXPECT_GE(ms, 0);
+  ASSERT_TRUE(gpu->download(plan::Region::Arena, 0, out.data(), arena).ok());
+  expect(1);
+  for (int replay = 0; replay < 2; ++replay) {
+    s = gpu->runProgramGraph(fwd, B, T);
+    ASSERT_TRUE(s.ok()) << s.message;
+  }
+  ASSERT_TRUE(gpu->synchronize().ok());
+  ASSERT_TRUE(gpu->download(plan::Region::Arena, 0, out.data(), arena).ok());
+  expect(3);
+  EXPECT_EQ(gpu->graphCount(), 1u);
+
+  // A second backend loads the cubin from the cache.
+  gpu.reset();
+  s = CudaBackend::create(plan, 0, *driver, gpu, opts);
+  ASSERT_TRUE(s.ok()) << s.message;
+  EXPECT_EQ(gpu->loadStats().fromCache, 1u);
+}
+
+} // namespace
