@@ -9,9 +9,11 @@
 #include "l4c/runtime/l4rt.h"
 #include "plan.h"
 
+#include <algorithm>
 #include <exception>
 #include <new>
 #include <string>
+#include <vector>
 
 struct l4rt_plan_s {
   std::shared_ptr<const l4c::rt::Plan> plan;
@@ -227,6 +229,139 @@ l4rt_status l4rt_session_timing(l4rt_session session, l4rt_timing *out) {
     out->prefill_tokens = t.prefillTokens;
     out->decode_tokens = t.decodeTokens;
     return L4RT_OK;
+  });
+}
+
+l4rt_status l4rt_train_step(l4rt_session session, const int64_t *ids,
+                            int64_t batch, int64_t seq, float *loss) {
+  return guarded([&] {
+    if (!session)
+      return invalid("l4rt_train_step: session must not be null");
+    return report(session->session->trainStep(ids, batch, seq, loss));
+  });
+}
+
+void l4rt_adamw_defaults(l4rt_adamw *out) {
+  if (!out)
+    return;
+  l4c::rt::AdamWParams d;
+  *out = {d.lr, d.beta1, d.beta2, d.eps, d.weightDecay};
+}
+
+l4rt_status l4rt_adamw_step(l4rt_session session, const l4rt_adamw *hyper) {
+  return guarded([&] {
+    if (!session || !hyper)
+      return invalid("l4rt_adamw_step: session and hyper must not be null");
+    l4c::rt::AdamWParams h;
+    h.lr = hyper->lr;
+    h.beta1 = hyper->beta1;
+    h.beta2 = hyper->beta2;
+    h.eps = hyper->eps;
+    h.weightDecay = hyper->weight_decay;
+    return report(session->session->adamwStep(h));
+  });
+}
+
+l4rt_status l4rt_zero_grad(l4rt_session session) {
+  return guarded([&] {
+    if (!session)
+      return invalid("l4rt_zero_grad: session must not be null");
+    session->session->zeroGrad();
+    return L4RT_OK;
+  });
+}
+
+l4rt_status l4rt_num_parameters(l4rt_session session, size_t *out_count) {
+  return guarded([&] {
+    if (!session || !out_count)
+      return invalid(
+          "l4rt_num_parameters: session and out_count must not be null");
+    *out_count = session->session->plan().weights.size();
+    return L4RT_OK;
+  });
+}
+
+l4rt_status l4rt_parameter_name(l4rt_session session, size_t index,
+                                const char **out_name) {
+  return guarded([&] {
+    if (!session || !out_name)
+      return invalid(
+          "l4rt_parameter_name: session and out_name must not be null");
+    const auto &w = session->session->plan().weights;
+    if (index >= w.size()) {
+      lastError = "l4rt_parameter_name: index " + std::to_string(index) +
+                  " is outside the plan's " + std::to_string(w.size()) +
+                  " parameters";
+      return L4RT_ERROR_INVALID_ARGUMENT;
+    }
+    *out_name = w[index].hfName.c_str();
+    return L4RT_OK;
+  });
+}
+
+l4rt_status l4rt_tensor_shape(l4rt_session session, const char *name,
+                              int64_t *out_shape, size_t max_rank,
+                              size_t *out_rank) {
+  return guarded([&] {
+    if (!session || !name || !out_rank || (max_rank && !out_shape))
+      return invalid("l4rt_tensor_shape: session, name, out_shape and "
+                     "out_rank must not be null");
+    std::vector<int64_t> shape;
+    if (Status s = session->session->tensorShape(name, shape); !s.ok())
+      return report(s);
+    *out_rank = shape.size();
+    if (shape.size() > max_rank) {
+      lastError = std::string("l4rt_tensor_shape: tensor '") + name +
+                  "' has rank " + std::to_string(shape.size()) +
+                  ", more than max_rank " + std::to_string(max_rank);
+      return L4RT_ERROR_INVALID_ARGUMENT;
+    }
+    std::copy(shape.begin(), shape.end(), out_shape);
+    return L4RT_OK;
+  });
+}
+
+l4rt_status l4rt_get_tensor(l4rt_session session, const char *name, float *dst,
+                            size_t numel) {
+  return guarded([&] {
+    if (!session || !name)
+      return invalid("l4rt_get_tensor: session and name must not be null");
+    return report(session->session->readTensor(name, dst, numel));
+  });
+}
+
+l4rt_status l4rt_set_counter(l4rt_session session, const char *name,
+                             int64_t value) {
+  return guarded([&] {
+    if (!session || !name)
+      return invalid("l4rt_set_counter: session and name must not be null");
+    return report(session->session->setCounter(name, value));
+  });
+}
+
+l4rt_status l4rt_get_counter(l4rt_session session, const char *name,
+                             int64_t *out_value) {
+  return guarded([&] {
+    if (!session || !name || !out_value)
+      return invalid(
+          "l4rt_get_counter: session, name and out_value must not be null");
+    return report(session->session->getCounter(name, *out_value));
+  });
+}
+
+l4rt_status l4rt_save_checkpoint(l4rt_session session, const char *dir) {
+  return guarded([&] {
+    if (!session || !dir)
+      return invalid("l4rt_save_checkpoint: session and dir must not be null");
+    return report(session->session->saveCheckpoint(dir));
+  });
+}
+
+l4rt_status l4rt_load_optimizer(l4rt_session session, const char *dir) {
+  return guarded([&] {
+    if (!session || !dir)
+      return invalid("l4rt_load_optimizer: session and dir must not be null");
+    return report(session->session->loadOptimizer(dir));
   });
 }
 

@@ -173,12 +173,23 @@ Status Session::checkSupported() const {
       for (uint32_t b : op.operands)
         if (Status s = check(b); !s.ok())
           return s;
-      if (Status s = check(op.result); !s.ok())
-        return s;
+      for (uint32_t b : op.results)
+        if (Status s = check(b); !s.ok())
+          return s;
     }
   for (const ProgramDesc &pr : p.programs)
-    if (Status s = check(uint32_t(pr.logits)); !s.ok())
-      return s;
+    if (pr.logits >= 0)
+      if (Status s = check(uint32_t(pr.logits)); !s.ok())
+        return s;
+  // AdamW updates the weights in place, in f32.
+  if (p.program("train_step"))
+    for (const WeightDesc &w : p.weights)
+      if (p.buffers[w.buffer].dtype != plan::DType::F32)
+        return Status::fail(StatusCode::Unsupported,
+                            p.label() + ": weight '" + w.hfName +
+                                "' has dtype " +
+                                dtypeName(p.buffers[w.buffer].dtype) +
+                                "; training on the cpu needs f32 weights");
   return Status::success();
 }
 

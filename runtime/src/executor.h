@@ -2,7 +2,8 @@
 //
 // A Session owns the memory regions of one verified plan (arena, weights,
 // KV cache, program I/O), fills the weights from a checkpoint or a seed and
-// runs the plan's programs: a forward pass, or prefill + decode generation.
+// runs the plan's programs: a forward pass, prefill + decode generation, or
+// training steps with AdamW and checkpoints (train.cpp).
 //
 //===----------------------------------------------------------------------===//
 #ifndef L4C_RUNTIME_EXECUTOR_H
@@ -11,9 +12,13 @@
 #include "plan.h"
 
 #include <cstdint>
+#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
+#include <vector>
 
 namespace l4c::rt {
 
@@ -31,7 +36,13 @@ struct Sampling {
   uint64_t seed = 0;
 };
 
-/// Wall-clock split of the last forward or generate call.
+/// torch.optim.AdamW's hyperparameters, torch's defaults.
+struct AdamWParams {
+  double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weightDecay = 0.01;
+};
+
+/// Wall-clock split of the last forward or generate call (a train step
+/// counts as a prefill of B * T tokens).
 struct Timing {
   double prefillSeconds = 0, decodeSeconds = 0;
   int64_t prefillTokens = 0, decodeTokens = 0; ///< summed over the batch
@@ -59,12 +70,49 @@ public:
 
   Timing lastTiming() const;
 
+  // Training (train.cpp). Gradients of micro-batches are summed in the
+  // session; the optimizer applies their mean, then clears them.
+
+  /// Runs train_step on ids [B, T] (T >= 2): *loss (may be null) receives
+  /// the mean next-token loss, and the step's gradients are added to the
+  /// session's sum.
+  Status trainStep(const int64_t *ids, int64_t B, int64_t T, float *loss);
+  /// Drops the summed gradients.
+  void zeroGrad();
+  /// One torch.optim.AdamW step from the mean of the summed gradients; then
+  /// clears them. Fails when no train step ran since the last one.
+  Status adamwStep(const AdamWParams &h);
+  /// "<hf>" (the current weight), "grad.<hf>" (the mean of the summed
+  /// gradients), "m.<hf>", "v.<hf>" (AdamW's moments).
+  Status tensorShape(std::string_view name, std::vector<int64_t> &shape) const;
+  Status readTensor(std::string_view name, float *dst, uint64_t numel) const;
+  /// Small integers saved with the optimizer state (e.g. a data cursor).
+  /// "step" is AdamW's step count; "micro_batches" (read only) the number
+  /// of gradients summed since the last step.
+  Status setCounter(const std::string &name, int64_t value);
+  Status getCounter(const std::string &name, int64_t &value) const;
+  /// Writes DIR/config.json, DIR/model.safetensors and
+  /// DIR/optimizer.safetensors as one atomic replacement of DIR. `hook`,
+  /// when set, runs between stages ("written": every file is in the
+  /// temporary directory, nothing is renamed yet); a failure it returns
+  /// aborts the save like any other (tests simulate interruptions with it).
+  using SaveHook = std::function<Status(const std::string &stage)>;
+  Status saveCheckpoint(const std::string &dir, const SaveHook &hook = {});
+  /// Restores AdamW's moments, step and counters from DIR's
+  /// optimizer.safetensors (or that file itself); drops summed gradients.
+  Status loadOptimizer(const std::string &path);
+
   /// Bytes of region r (for tests that inspect buffers).
   uint8_t *regionData(plan::Region r) { return regions_[int(r)].base; }
 
 private:
   explicit Session(std::shared_ptr<const Plan> plan) : plan_(std::move(plan)) {}
   Status checkSupported() const;
+  const ProgramDesc *trainProgram(Status &st) const;
+  float *weightData(size_t w) const;
+  int64_t weightIndex(std::string_view hfName) const;
+  void ensureMoments();
+  Status writeCheckpointFiles(const std::string &dir) const;
   Status allocate();
   Status loadWeights(const std::string &path);
   void randomWeights(uint64_t seed);
@@ -84,6 +132,10 @@ private:
   Region regions_[4];
   mutable std::mutex mu_; ///< one program run at a time
   Timing timing_;
+  // Training state, per Plan::weights entry.
+  std::vector<std::vector<float>> gradSum_, m_, v_;
+  int64_t microBatches_ = 0, step_ = 0;
+  std::map<std::string, int64_t> counters_;
 };
 
 /// Runs one semantic op for batch entries [0, B) over run-time length T

@@ -47,6 +47,28 @@ const char *opKindName(OpKind k) {
     return "add";
   case OpKind::TakeLast:
     return "take_last";
+  case OpKind::CrossEntropy:
+    return "cross_entropy";
+  case OpKind::CrossEntropyGrad:
+    return "cross_entropy_grad";
+  case OpKind::LinearGradInput:
+    return "linear_grad_input";
+  case OpKind::LinearGradWeight:
+    return "linear_grad_weight";
+  case OpKind::RmsNormGrad:
+    return "rms_norm_grad";
+  case OpKind::L2NormGrad:
+    return "l2_norm_grad";
+  case OpKind::AttentionGrad:
+    return "attention_grad";
+  case OpKind::RouterScoresGrad:
+    return "router_scores_grad";
+  case OpKind::MoeExpertsGrad:
+    return "moe_experts_grad";
+  case OpKind::SwigluGrad:
+    return "swiglu_grad";
+  case OpKind::EmbeddingGrad:
+    return "embedding_grad";
   }
   return "?";
 }
@@ -101,24 +123,56 @@ namespace {
 struct OpSpec {
   const char *name;
   OpKind kind;
-  unsigned operands;
+  unsigned operands, results;
 };
 
 constexpr OpSpec kOpSpecs[] = {
-    {"embedding", OpKind::Embedding, 2},
-    {"rms_norm", OpKind::RmsNorm, 2},
-    {"l2_norm", OpKind::L2Norm, 1},
-    {"linear", OpKind::Linear, 2},
-    {"rope", OpKind::Rope, 2},
-    {"temperature_scale", OpKind::TemperatureScale, 2},
-    {"kv_cache_update", OpKind::KvCacheUpdate, 3},
-    {"attention", OpKind::Attention, 4},
-    {"router_scores", OpKind::RouterScores, 1},
-    {"moe_experts", OpKind::MoeExperts, 4},
-    {"swiglu", OpKind::Swiglu, 2},
-    {"add", OpKind::Add, 2},
-    {"take_last", OpKind::TakeLast, 1},
+    {"embedding", OpKind::Embedding, 2, 1},
+    {"rms_norm", OpKind::RmsNorm, 2, 1},
+    {"l2_norm", OpKind::L2Norm, 1, 1},
+    {"linear", OpKind::Linear, 2, 1},
+    {"rope", OpKind::Rope, 2, 1},
+    {"temperature_scale", OpKind::TemperatureScale, 2, 1},
+    {"kv_cache_update", OpKind::KvCacheUpdate, 3, 1},
+    {"attention", OpKind::Attention, 4, 1},
+    {"router_scores", OpKind::RouterScores, 1, 1},
+    {"moe_experts", OpKind::MoeExperts, 4, 1},
+    {"swiglu", OpKind::Swiglu, 2, 1},
+    {"add", OpKind::Add, 2, 1},
+    {"take_last", OpKind::TakeLast, 1, 1},
+    {"cross_entropy", OpKind::CrossEntropy, 2, 1},
+    {"cross_entropy_grad", OpKind::CrossEntropyGrad, 2, 1},
+    {"linear_grad_input", OpKind::LinearGradInput, 2, 1},
+    {"linear_grad_weight", OpKind::LinearGradWeight, 2, 1},
+    {"rms_norm_grad", OpKind::RmsNormGrad, 3, 2},
+    {"l2_norm_grad", OpKind::L2NormGrad, 2, 1},
+    {"attention_grad", OpKind::AttentionGrad, 5, 3},
+    {"router_scores_grad", OpKind::RouterScoresGrad, 2, 1},
+    {"moe_experts_grad", OpKind::MoeExpertsGrad, 5, 4},
+    {"swiglu_grad", OpKind::SwigluGrad, 3, 2},
+    {"embedding_grad", OpKind::EmbeddingGrad, 2, 1},
 };
+
+/// Operands that hold token ids or positions rather than floats.
+bool isIndexOperand(OpKind k, size_t i) {
+  switch (k) {
+  case OpKind::Embedding:
+  case OpKind::Rope:
+  case OpKind::TemperatureScale:
+  case OpKind::CrossEntropy:
+  case OpKind::CrossEntropyGrad:
+    return i == 1;
+  case OpKind::KvCacheUpdate:
+    return i == 2;
+  case OpKind::Attention:
+  case OpKind::AttentionGrad:
+    return i == 3;
+  case OpKind::EmbeddingGrad:
+    return i == 0;
+  default:
+    return false;
+  }
+}
 
 std::string str(const flatbuffers::String *s) {
   return s ? s->str() : std::string();
@@ -199,6 +253,9 @@ private:
   Status checkOpShapes(const std::string &where, OpDesc &d,
                        const std::map<std::string, const plan::Attr *> &attrs);
   Status checkPrograms(const plan::Plan &fb);
+  Status checkTrainOutputs(const std::string &where, ProgramDesc &pd,
+                           const std::map<std::string, uint32_t> &grads);
+  Status checkWritten(const std::string &where, const ProgramDesc &pd);
 
   Plan &p;
 };
@@ -237,10 +294,11 @@ Status PlanVerifier::checkHeader(const plan::Plan &fb) {
   p.programKind = str(fb.program_kind());
   p.target = str(fb.target());
   p.precision = str(fb.precision());
-  if (p.programKind != "forward" && p.programKind != "generate")
-    return fail(
-        "program_kind '" + p.programKind +
-        "' is not supported by this runtime (expects forward or generate)");
+  if (p.programKind != "forward" && p.programKind != "generate" &&
+      p.programKind != "train")
+    return fail("program_kind '" + p.programKind +
+                "' is not supported by this runtime (expects forward, "
+                "generate or train)");
   p.maxBatch = fb.max_batch();
   p.maxSeq = fb.max_seq();
   if (p.maxBatch < 1 || p.maxSeq < 1)
@@ -250,6 +308,7 @@ Status PlanVerifier::checkHeader(const plan::Plan &fb) {
     return fail("model info is missing");
   p.vocabSize = fb.model()->vocab_size();
   p.modelSource = str(fb.model()->source());
+  p.configJson = str(fb.model()->config_json());
   if (p.vocabSize < 1)
     return fail("model vocab_size " + std::to_string(p.vocabSize) +
                 " must be at least 1");
@@ -281,11 +340,12 @@ Status PlanVerifier::checkBuffers(const plan::Plan &fb) {
     d.dtype = b->dtype();
     d.offset = b->offset();
     d.size = b->size();
-    if (!b->shape() || b->shape()->size() == 0)
+    // An empty shape is a scalar (the loss); an absent one is a broken plan.
+    if (!b->shape())
       return fail(what + ": shape is missing");
-    if (!b->dims() || b->dims()->size() != b->shape()->size())
-      return fail(what + ": dims has " +
-                  std::to_string(b->dims() ? b->dims()->size() : 0) +
+    size_t nDims = b->dims() ? b->dims()->size() : 0;
+    if (nDims != b->shape()->size())
+      return fail(what + ": dims has " + std::to_string(nDims) +
                   " entries for a shape of rank " +
                   std::to_string(b->shape()->size()));
     d.shape.assign(b->shape()->begin(), b->shape()->end());
@@ -332,7 +392,7 @@ Status PlanVerifier::checkBuffers(const plan::Plan &fb) {
         return fail(what + ": seq dim at position " + std::to_string(k) +
                     " (must follow the batch dim)");
     }
-    d.hasBatch = d.dims[0] == plan::DimKind::Batch;
+    d.hasBatch = !d.dims.empty() && d.dims[0] == plan::DimKind::Batch;
     d.hasSeq = d.dims.size() > 1 && d.dims[1] == plan::DimKind::Seq;
     if (d.hasBatch && d.shape[0] != p.maxBatch)
       return fail(what + ": batch extent " + std::to_string(d.shape[0]) +
@@ -448,9 +508,9 @@ Status PlanVerifier::checkOp(const std::string &where,
   if (nOperands != spec->operands)
     return fail(where + ": has " + std::to_string(nOperands) +
                 " operands, expected " + std::to_string(spec->operands));
-  if (nResults != 1)
+  if (nResults != spec->results)
     return fail(where + ": has " + std::to_string(nResults) +
-                " results, expected 1");
+                " results, expected " + std::to_string(spec->results));
   for (uint32_t i = 0; i < nOperands; ++i) {
     uint32_t b = op.operands()->Get(i);
     if (b >= p.buffers.size())
@@ -459,11 +519,16 @@ Status PlanVerifier::checkOp(const std::string &where,
                   std::to_string(p.buffers.size()) + " buffers)");
     d.operands.push_back(b);
   }
-  d.result = op.results()->Get(0);
-  if (d.result >= p.buffers.size())
-    return fail(where + ": result buffer index " + std::to_string(d.result) +
-                " out of range (" + std::to_string(p.buffers.size()) +
-                " buffers)");
+  for (uint32_t i = 0; i < nResults; ++i) {
+    uint32_t b = op.results()->Get(i);
+    if (b >= p.buffers.size())
+      return fail(where + ": result " +
+                  (nResults > 1 ? std::to_string(i) + " " : std::string()) +
+                  "buffer index " + std::to_string(b) + " out of range (" +
+                  std::to_string(p.buffers.size()) + " buffers)");
+    d.results.push_back(b);
+  }
+  d.result = d.results[0];
 
   std::map<std::string, const plan::Attr *> attrs;
   if (op.attrs()) {
@@ -525,6 +590,258 @@ struct AttrReader {
   }
 };
 
+enum class Alias {
+  None,
+  AnyOperand,  ///< element-wise: a result may be any operand's exact bytes
+  FirstOperand ///< result 0 may be operand 0's exact bytes
+};
+
+std::string label(const Plan &p, uint32_t i) {
+  const std::string &n = p.buffers[i].name;
+  return "buffer " + std::to_string(i) + (n.empty() ? "" : " '" + n + "'");
+}
+
+/// Shapes and attributes of the training ops; returns the first problem.
+/// Activations are token-major with a batch dim; parameter-shaped gradients
+/// have none and the exact shape of their parameter.
+std::string checkTrainOp(const Plan &p, OpDesc &d, AttrReader &ar,
+                         Alias &alias) {
+  auto B = [&](size_t i) -> const BufferDesc & {
+    return p.buffers[d.operands[i]];
+  };
+  auto R = [&](size_t i) -> const BufferDesc & {
+    return p.buffers[d.results[i]];
+  };
+  auto role = [&](size_t i) { return label(p, d.operands[i]); };
+  auto resRole = [&](size_t i) {
+    return "result " +
+           (d.results.size() > 1 ? std::to_string(i) + " " : std::string()) +
+           label(p, d.results[i]);
+  };
+  auto activation = [&](size_t i, const char *what) -> std::string {
+    return B(i).hasBatch
+               ? ""
+               : std::string(what) + " " + role(i) + " must have a batch dim";
+  };
+  // Operand j, or result j when `result`, must be laid out like operand i.
+  auto like = [&](size_t i, size_t j, bool result,
+                  const char *what) -> std::string {
+    const BufferDesc &b = result ? R(j) : B(j);
+    if (sameLayout(b, B(i)))
+      return "";
+    return (result ? resRole(j) : std::string(what) + " " + role(j)) +
+           " has shape " + shapeStr(b.shape) + " (or dims) unlike " + role(i) +
+           "'s " + shapeStr(B(i).shape);
+  };
+  // Result j must be a parameter-shaped buffer of exactly `shape`.
+  auto param = [&](size_t j, const std::vector<int64_t> &shape) -> std::string {
+    if (R(j).hasBatch || R(j).shape != shape)
+      return resRole(j) + " has shape " + shapeStr(R(j).shape) + ", expected " +
+             shapeStr(shape) + " with no batch dim";
+    return "";
+  };
+  auto matrix = [&](size_t i, const char *what, size_t rank) -> std::string {
+    if (B(i).hasBatch)
+      return std::string(what) + " " + role(i) + " must not have a batch dim";
+    if (B(i).shape.size() != rank)
+      return std::string(what) + " " + role(i) + " has shape " +
+             shapeStr(B(i).shape) + ", expected rank " + std::to_string(rank);
+    return "";
+  };
+  // The loss ops index logits [B, S, V] rows with the ids' [B, S] layout.
+  auto lossOperands = [&]() -> std::string {
+    const BufferDesc &lg = B(0), &ids = B(1);
+    if (!lg.hasSeq || lg.shape.size() != 3)
+      return "logits " + role(0) + " has shape " + shapeStr(lg.shape) +
+             ", expected [B, S, V] with a seq dim";
+    if (!ids.hasSeq || ids.shape.size() != 2 || ids.shape[0] != lg.shape[0] ||
+        ids.shape[1] != lg.shape[1])
+      return "ids " + role(1) + " has shape " + shapeStr(ids.shape) +
+             ", expected [" + std::to_string(lg.shape[0]) + ", " +
+             std::to_string(lg.shape[1]) + "] with batch and seq dims";
+    return "";
+  };
+
+  std::string e;
+  switch (d.kind) {
+  case OpKind::CrossEntropy:
+    e = lossOperands();
+    if (e.empty() &&
+        (R(0).hasBatch || R(0).numel != 1 || R(0).dtype != plan::DType::F32))
+      e = resRole(0) + " must be an f32 scalar (shape [] or all ones) with "
+                       "no batch dim";
+    break;
+  case OpKind::CrossEntropyGrad:
+    e = lossOperands();
+    if (e.empty())
+      e = like(0, 0, true, "");
+    // The kernel reads a row's logits before it writes that row.
+    alias = Alias::FirstOperand;
+    break;
+  case OpKind::LinearGradInput: {
+    const BufferDesc &dy = B(0), &w = B(1), &dx = R(0);
+    e = activation(0, "gradient");
+    if (e.empty())
+      e = matrix(1, "weight", 2);
+    if (e.empty() && w.shape[0] != dy.lastDim())
+      e = "weight " + role(1) + " has shape " + shapeStr(w.shape) +
+          " for a gradient last dim of " + std::to_string(dy.lastDim());
+    if (e.empty() &&
+        (!dx.hasBatch || dx.lastDim() != w.shape[1] ||
+         !tokenAligned(dy, uint64_t(dy.lastDim()), dx, uint64_t(w.shape[1]))))
+      e = resRole(0) + " has shape " + shapeStr(dx.shape) +
+          ", expected the gradient's rows times " + std::to_string(w.shape[1]);
+    break;
+  }
+  case OpKind::LinearGradWeight: {
+    const BufferDesc &x = B(0), &dy = B(1);
+    e = activation(0, "input");
+    if (e.empty())
+      e = activation(1, "gradient");
+    if (e.empty() &&
+        !tokenAligned(x, uint64_t(x.lastDim()), dy, uint64_t(dy.lastDim())))
+      e = "input " + role(0) + " and gradient " + role(1) + " have shapes " +
+          shapeStr(x.shape) + " and " + shapeStr(dy.shape) +
+          ", which do not cover the same tokens";
+    if (e.empty())
+      e = param(0, {dy.lastDim(), x.lastDim()});
+    break;
+  }
+  case OpKind::RmsNormGrad:
+  case OpKind::L2NormGrad: {
+    d.eps = ar.f("eps");
+    if (ar.err.empty() && d.eps < 0)
+      ar.err = "attribute eps is negative";
+    bool weighted = d.kind == OpKind::RmsNormGrad;
+    size_t dyIdx = weighted ? 2 : 1;
+    e = activation(0, "input");
+    if (e.empty() && weighted) {
+      e = matrix(1, "weight", 1);
+      if (e.empty() && B(1).shape[0] != B(0).lastDim())
+        e = "weight " + role(1) + " has " + std::to_string(B(1).shape[0]) +
+            " entries for a last dim of " + std::to_string(B(0).lastDim());
+    }
+    if (e.empty())
+      e = like(0, dyIdx, false, "gradient");
+    if (e.empty())
+      e = like(0, 0, true, "");
+    if (e.empty() && weighted)
+      e = param(1, B(1).shape);
+    break;
+  }
+  case OpKind::AttentionGrad: {
+    d.scale = ar.f("scale");
+    d.chunkSize = ar.i("chunk_size");
+    if (ar.err.empty() && d.chunkSize < 0)
+      ar.err = "attribute chunk_size is negative";
+    const BufferDesc &q = B(0), &k = B(1), &v = B(2), &pos = B(3);
+    e = activation(0, "query");
+    if (e.empty() && q.shape.size() != 4)
+      e = "query " + role(0) + " has shape " + shapeStr(q.shape) +
+          ", expected [B, S, H, d]";
+    // The backward runs on the step's own keys, never on a cache.
+    if (e.empty() && (!k.hasSeq || k.shape.size() != 4 || !sameLayout(k, v) ||
+                      k.shape[1] != q.shape[1] || k.shape[3] != q.shape[3] ||
+                      q.shape[2] % k.shape[2] != 0))
+      e = "keys " + role(1) + " and values " + role(2) + " have shapes " +
+          shapeStr(k.shape) + " and " + shapeStr(v.shape) +
+          ", expected equal [B, " + std::to_string(q.shape[1]) + ", Hkv, " +
+          std::to_string(q.shape[3]) + "] with Hkv dividing " +
+          std::to_string(q.shape[2]);
+    if (e.empty() &&
+        (pos.shape.size() != 2 ||
+         !tokenAligned(pos, 1, q, uint64_t(q.shape[2] * q.shape[3]))))
+      e = "positions " + role(3) + " has shape " + shapeStr(pos.shape) +
+          ", expected one per query token";
+    if (e.empty())
+      e = like(0, 4, false, "gradient");
+    if (e.empty())
+      e = like(0, 0, true, "");
+    if (e.empty())
+      e = like(1, 1, true, "");
+    if (e.empty())
+      e = like(2, 2, true, "");
+    break;
+  }
+  case OpKind::RouterScoresGrad:
+    d.topK = ar.i("top_k");
+    e = activation(0, "logits");
+    if (e.empty() && ar.err.empty() && (d.topK < 1 || d.topK > B(0).lastDim()))
+      ar.err = "attribute top_k " + std::to_string(d.topK) +
+               " is outside [1, " + std::to_string(B(0).lastDim()) + "]";
+    if (e.empty())
+      e = like(0, 1, false, "gradient");
+    if (e.empty())
+      e = like(0, 0, true, "");
+    break;
+  case OpKind::MoeExpertsGrad: {
+    const BufferDesc &x = B(0), &scores = B(1), &gateUp = B(2), &down = B(3);
+    e = activation(0, "input");
+    if (e.empty())
+      e = matrix(2, "gate_up", 3);
+    if (e.empty())
+      e = matrix(3, "down", 3);
+    if (e.empty()) {
+      int64_t E = gateUp.shape[0], D = gateUp.shape[1], I2 = gateUp.shape[2];
+      if (I2 % 2 != 0 || D != x.lastDim())
+        e = "gate_up " + role(2) + " has shape " + shapeStr(gateUp.shape) +
+            ", expected [E, " + std::to_string(x.lastDim()) + ", 2I]";
+      else if (down.shape != std::vector<int64_t>{E, I2 / 2, D})
+        e = "down " + role(3) + " has shape " + shapeStr(down.shape) +
+            ", expected [" + std::to_string(E) + ", " + std::to_string(I2 / 2) +
+            ", " + std::to_string(D) + "]";
+      else if (!scores.hasBatch || scores.lastDim() != E ||
+               !tokenAligned(x, uint64_t(D), scores, uint64_t(E)))
+        e = "scores " + role(1) + " has shape " + shapeStr(scores.shape) +
+            ", expected one row of " + std::to_string(E) + " per input token";
+    }
+    if (e.empty())
+      e = like(0, 4, false, "gradient");
+    if (e.empty())
+      e = like(0, 0, true, "");
+    if (e.empty())
+      e = like(1, 1, true, "");
+    if (e.empty())
+      e = param(2, gateUp.shape);
+    if (e.empty())
+      e = param(3, down.shape);
+    break;
+  }
+  case OpKind::SwigluGrad:
+    e = activation(0, "gate");
+    if (e.empty())
+      e = like(0, 1, false, "up");
+    if (e.empty())
+      e = like(0, 2, false, "gradient");
+    if (e.empty())
+      e = like(0, 0, true, "");
+    if (e.empty())
+      e = like(0, 1, true, "");
+    // Element-wise, and both results are computed before either is stored.
+    alias = Alias::AnyOperand;
+    break;
+  case OpKind::EmbeddingGrad: {
+    d.paddingIdx = ar.i("padding_idx", -1, false);
+    const BufferDesc &ids = B(0), &dy = B(1), &table = R(0);
+    e = activation(0, "ids");
+    if (e.empty())
+      e = activation(1, "gradient");
+    if (e.empty() && (table.hasBatch || table.shape.size() != 2))
+      e = resRole(0) + " has shape " + shapeStr(table.shape) +
+          ", expected a [V, D] table with no batch dim";
+    if (e.empty() && (dy.lastDim() != table.shape[1] ||
+                      !tokenAligned(ids, 1, dy, uint64_t(table.shape[1]))))
+      e = "gradient " + role(1) + " has shape " + shapeStr(dy.shape) +
+          ", expected the ids' tokens times " + std::to_string(table.shape[1]);
+    break;
+  }
+  default:
+    e = std::string("op ") + opKindName(d.kind) + " has no shape rules";
+    break;
+  }
+  return e;
+}
+
 } // namespace
 
 Status PlanVerifier::checkOpShapes(
@@ -536,26 +853,29 @@ Status PlanVerifier::checkOpShapes(
   };
   auto role = [&](size_t i) { return bufName(d.operands[i]); };
   const BufferDesc &res = p.buffers[d.result];
-  const std::string resName = "result " + bufName(d.result);
+  auto resLabel = [&](size_t i) {
+    return "result " +
+           (d.results.size() > 1 ? std::to_string(i) + " " : std::string()) +
+           bufName(d.results[i]);
+  };
+  const std::string resName = resLabel(0);
 
   // Dtypes: the index operands, and floats everywhere else.
   for (size_t i = 0; i < d.operands.size(); ++i) {
-    bool index =
-        (d.kind == OpKind::Embedding && i == 1) ||
-        ((d.kind == OpKind::Rope || d.kind == OpKind::TemperatureScale) &&
-         i == 1) ||
-        (d.kind == OpKind::KvCacheUpdate && i == 2) ||
-        (d.kind == OpKind::Attention && i == 3);
+    bool index = isIndexOperand(d.kind, i);
     if (index ? !isIndex(B(i).dtype) : !isFloat(B(i).dtype))
       return bad("operand " + std::to_string(i) + " " + role(i) +
                  " has dtype " + dtypeName(B(i).dtype) + ", expected " +
                  (index ? "i64 or i32" : "a float type"));
   }
-  if (!isFloat(res.dtype))
-    return bad(resName + " has dtype " + dtypeName(res.dtype) +
-               ", expected a float type");
-  if (res.region == plan::Region::Weights)
-    return bad(resName + " lies in the weights region");
+  for (size_t i = 0; i < d.results.size(); ++i) {
+    const BufferDesc &r = p.buffers[d.results[i]];
+    if (!isFloat(r.dtype))
+      return bad(resLabel(i) + " has dtype " + dtypeName(r.dtype) +
+                 ", expected a float type");
+    if (r.region == plan::Region::Weights)
+      return bad(resLabel(i) + " lies in the weights region");
+  }
 
   AttrReader ar{attrs, {}};
   const BufferDesc &x = B(0);
@@ -579,7 +899,9 @@ Status PlanVerifier::checkOpShapes(
                      " (or dims) unlike the input's " + shapeStr(x.shape);
   };
   std::string e;
-  bool inPlaceOk = false; // may the result be the very bytes of an operand?
+  // May a result be the very bytes of an operand? Only where the CPU kernel
+  // reads each element before it writes it.
+  Alias alias = Alias::None;
 
   switch (d.kind) {
   case OpKind::Embedding: {
@@ -607,7 +929,7 @@ Status PlanVerifier::checkOpShapes(
     }
     if (e.empty())
       e = sameAsX();
-    inPlaceOk = true;
+    alias = Alias::AnyOperand;
     break;
   }
   case OpKind::Linear: {
@@ -629,6 +951,11 @@ Status PlanVerifier::checkOpShapes(
   case OpKind::TemperatureScale: {
     const BufferDesc &pos = B(1);
     if (d.kind == OpKind::Rope) {
+      int64_t inverse = ar.i("inverse", 0, false);
+      if (ar.err.empty() && inverse != 0 && inverse != 1)
+        ar.err =
+            "attribute inverse " + std::to_string(inverse) + " is not 0 or 1";
+      d.inverse = inverse == 1;
       double theta = ar.f("theta");
       std::string scaling = ar.s("scaling");
       double factor = ar.f("factor", 1.0, false);
@@ -665,7 +992,7 @@ Status PlanVerifier::checkOpShapes(
           ", expected one per token of the input";
     if (e.empty())
       e = sameAsX();
-    inPlaceOk = true;
+    alias = Alias::AnyOperand;
     break;
   }
   case OpKind::KvCacheUpdate: {
@@ -759,14 +1086,17 @@ Status PlanVerifier::checkOpShapes(
   }
   case OpKind::Swiglu:
   case OpKind::Add:
-    e = needActivation(x, "operand " + role(0));
+    // add also sums parameter-shaped gradients (tied embeddings), which
+    // have no batch dim.
+    if (d.kind == OpKind::Swiglu)
+      e = needActivation(x, "operand " + role(0));
     if (e.empty() && !sameLayout(x, B(1)))
       e = "operands " + role(0) + " and " + role(1) + " have shapes " +
           shapeStr(x.shape) + " and " + shapeStr(B(1).shape) +
           " (or dims) that differ";
     if (e.empty())
       e = sameAsX();
-    inPlaceOk = true;
+    alias = Alias::AnyOperand;
     break;
   case OpKind::TakeLast: {
     e = needActivation(x, "input " + role(0));
@@ -780,22 +1110,33 @@ Status PlanVerifier::checkOpShapes(
           shapeStr(want) + " with no seq dim";
     break;
   }
+  default:
+    e = checkTrainOp(p, d, ar, alias);
+    break;
   }
   if (!e.empty())
     return bad(e);
   if (!ar.err.empty())
     return bad(ar.err);
 
-  // A result may be exactly one operand's bytes only for element-wise ops
-  // that the CPU kernels run in place; any other sharing corrupts inputs.
-  for (size_t i = 0; i < d.operands.size(); ++i) {
-    const BufferDesc &o = B(i);
-    if (!overlaps(o, res))
-      continue;
-    if (inPlaceOk && sameBytes(o, res))
-      continue;
-    return bad(resName + " overlaps operand " + std::to_string(i) + " " +
-               role(i));
+  // Any other sharing between results and operands, or between two results,
+  // would corrupt an input before the kernel has read it.
+  for (size_t r = 0; r < d.results.size(); ++r) {
+    const BufferDesc &rb = p.buffers[d.results[r]];
+    for (size_t i = 0; i < d.operands.size(); ++i) {
+      const BufferDesc &o = B(i);
+      if (!overlaps(o, rb))
+        continue;
+      bool exact = sameBytes(o, rb);
+      if (exact && (alias == Alias::AnyOperand ||
+                    (alias == Alias::FirstOperand && r == 0 && i == 0)))
+        continue;
+      return bad(resLabel(r) + " overlaps operand " + std::to_string(i) + " " +
+                 role(i));
+    }
+    for (size_t q = 0; q < r; ++q)
+      if (overlaps(p.buffers[d.results[q]], rb))
+        return bad(resLabel(r) + " overlaps " + resLabel(q));
   }
   return Status::success();
 }
@@ -809,6 +1150,7 @@ Status PlanVerifier::checkPrograms(const plan::Plan &fb) {
     ProgramDesc pd;
     pd.name = str(pr->name());
     std::string where = "program " + std::to_string(i) + " '" + pd.name + "'";
+    std::map<std::string, uint32_t> gradOutputs; ///< by parameter name
     if (pd.name.empty())
       return fail("program " + std::to_string(i) + ": name is missing");
     if (!names.insert(pd.name).second)
@@ -833,7 +1175,13 @@ Status PlanVerifier::checkPrograms(const plan::Plan &fb) {
           slot = &pd.positions;
         else if (!input && n == "logits")
           slot = &pd.logits;
-        else if (input)
+        else if (!input && n == "loss")
+          slot = &pd.loss;
+        else if (!input && n.rfind("grad.", 0) == 0) {
+          if (!gradOutputs.emplace(n.substr(5), b->buffer()).second)
+            return fail(what + ": bound twice");
+          continue;
+        } else if (input)
           return fail(
               what +
               ": unknown input (the runtime fills input_ids and positions)");
@@ -851,8 +1199,11 @@ Status PlanVerifier::checkPrograms(const plan::Plan &fb) {
       return s;
     if (pd.inputIds < 0)
       return fail(where + ": has no input_ids input");
-    if (pd.logits < 0)
+    bool train = pd.name == "train_step";
+    if (!train && pd.logits < 0)
       return fail(where + ": has no logits output");
+    if (train && pd.loss < 0)
+      return fail(where + ": has no loss output");
     const BufferDesc &ids = p.buffers[pd.inputIds];
     std::string idsWhat =
         where + " input_ids " + bufName(uint32_t(pd.inputIds));
@@ -872,18 +1223,24 @@ Status PlanVerifier::checkPrograms(const plan::Plan &fb) {
       if (overlaps(pos, ids))
         return fail(where + ": positions and input_ids share bytes");
     }
-    const BufferDesc &lg = p.buffers[pd.logits];
-    if (!isFloat(lg.dtype) || lg.shape.size() != 3 || !lg.hasBatch ||
-        lg.shape[2] != p.vocabSize || (!lg.hasSeq && lg.shape[1] != 1))
-      return fail(where + " logits " + bufName(uint32_t(pd.logits)) +
-                  ": shape " + shapeStr(lg.shape) + ", expected [B, S or 1, " +
-                  std::to_string(p.vocabSize) + "] of floats");
+    if (pd.logits >= 0) {
+      const BufferDesc &lg = p.buffers[pd.logits];
+      if (!isFloat(lg.dtype) || lg.shape.size() != 3 || !lg.hasBatch ||
+          lg.shape[2] != p.vocabSize || (!lg.hasSeq && lg.shape[1] != 1))
+        return fail(where + " logits " + bufName(uint32_t(pd.logits)) +
+                    ": shape " + shapeStr(lg.shape) +
+                    ", expected [B, S or 1, " + std::to_string(p.vocabSize) +
+                    "] of floats");
+    }
+    if (Status s = checkTrainOutputs(where, pd, gradOutputs); !s.ok())
+      return s;
     pd.seqCapacity = ids.shape[1];
     auto touch = [&](uint32_t b) {
       if (p.buffers[b].hasSeq)
         pd.seqCapacity = std::min(pd.seqCapacity, p.buffers[b].shape[1]);
     };
-    touch(uint32_t(pd.logits));
+    if (pd.logits >= 0)
+      touch(uint32_t(pd.logits));
     if (pd.positions >= 0)
       touch(uint32_t(pd.positions));
     if (pr->steps()) {
@@ -897,21 +1254,94 @@ Status PlanVerifier::checkPrograms(const plan::Plan &fb) {
         for (const OpDesc &op : p.kernels[s].ops) {
           for (uint32_t b : op.operands)
             touch(b);
-          touch(op.result);
+          for (uint32_t b : op.results)
+            touch(b);
         }
       }
     }
+    if (Status s = checkWritten(where, pd); !s.ok())
+      return s;
     p.programs.push_back(std::move(pd));
   }
   std::vector<const char *> need;
   if (p.programKind == "forward")
     need = {"forward"};
+  else if (p.programKind == "train")
+    need = {"train_step"};
   else
     need = {"prefill", "decode"};
   for (const char *n : need)
     if (!p.program(n))
       return fail("a " + p.programKind + " plan needs a program named '" + n +
                   "'");
+  return Status::success();
+}
+
+Status
+PlanVerifier::checkTrainOutputs(const std::string &where, ProgramDesc &pd,
+                                const std::map<std::string, uint32_t> &grads) {
+  if (pd.loss >= 0) {
+    const BufferDesc &l = p.buffers[pd.loss];
+    if (l.dtype != plan::DType::F32 || l.numel != 1 || l.hasBatch)
+      return fail(where + " loss " + bufName(uint32_t(pd.loss)) + ": shape " +
+                  shapeStr(l.shape) + " of " + dtypeName(l.dtype) +
+                  ", expected an f32 scalar");
+  }
+  if (pd.loss < 0 && grads.empty())
+    return Status::success();
+  // AdamW updates every bound weight, so each needs its gradient, exactly
+  // the weight's shape, in bytes of its own.
+  std::map<std::string, size_t> weightIndex;
+  for (size_t w = 0; w < p.weights.size(); ++w)
+    weightIndex.emplace(p.weights[w].hfName, w);
+  for (const auto &[name, buf] : grads)
+    if (!weightIndex.count(name))
+      return fail(where + " output 'grad." + name +
+                  "': no weight binding is named '" + name + "'");
+  std::vector<uint32_t> owned;
+  if (pd.loss >= 0)
+    owned.push_back(uint32_t(pd.loss));
+  for (const WeightDesc &w : p.weights) {
+    auto it = grads.find(w.hfName);
+    if (it == grads.end())
+      return fail(where + ": has no output 'grad." + w.hfName +
+                  "' for the weight of that name");
+    const BufferDesc &g = p.buffers[it->second];
+    const BufferDesc &wb = p.buffers[w.buffer];
+    std::string what =
+        where + " output 'grad." + w.hfName + "' " + bufName(it->second);
+    if (g.dtype != plan::DType::F32 || g.hasBatch || g.shape != wb.shape)
+      return fail(what + ": shape " + shapeStr(g.shape) + " of " +
+                  dtypeName(g.dtype) + ", expected f32 " + shapeStr(wb.shape) +
+                  " with no batch dim (the weight's shape)");
+    if (g.region == plan::Region::Weights)
+      return fail(what + ": lies in the weights region");
+    for (uint32_t o : owned)
+      if (overlaps(p.buffers[o], g))
+        return fail(what + ": shares bytes with " + bufName(o) +
+                    ", another output");
+    owned.push_back(it->second);
+    pd.grads.push_back(it->second);
+  }
+  return Status::success();
+}
+
+Status PlanVerifier::checkWritten(const std::string &where,
+                                  const ProgramDesc &pd) {
+  // Parameter-shaped outputs have no run-time extent: an output no step
+  // writes would hand back whatever the region held before.
+  std::vector<uint32_t> outs = pd.grads;
+  if (pd.loss >= 0)
+    outs.push_back(uint32_t(pd.loss));
+  for (uint32_t o : outs) {
+    bool written = false;
+    for (uint32_t k : pd.steps)
+      for (const OpDesc &op : p.kernels[k].ops)
+        for (uint32_t r : op.results)
+          written = written || r == o || sameBytes(p.buffers[r], p.buffers[o]);
+    if (!written)
+      return fail(where + ": output " + bufName(o) + " is written by no step");
+  }
   return Status::success();
 }
 

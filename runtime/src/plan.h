@@ -59,6 +59,18 @@ enum class OpKind {
   Swiglu,
   Add,
   TakeLast,
+  // Training: the loss and the vector-Jacobian products l4c-autodiff emits.
+  CrossEntropy,
+  CrossEntropyGrad,
+  LinearGradInput,
+  LinearGradWeight,
+  RmsNormGrad,
+  L2NormGrad,
+  AttentionGrad,
+  RouterScoresGrad,
+  MoeExpertsGrad,
+  SwigluGrad,
+  EmbeddingGrad,
 };
 const char *opKindName(OpKind k);
 
@@ -84,16 +96,20 @@ struct BufferDesc {
   uint64_t activeElems(uint64_t T) const {
     return hasSeq ? T * rowStride : batchStride;
   }
-  int64_t lastDim() const { return shape.back(); }
+  /// The innermost extent; 1 for a rank-0 (scalar) buffer.
+  int64_t lastDim() const { return shape.empty() ? 1 : shape.back(); }
 };
 
 struct OpDesc {
   OpKind kind = OpKind::Add;
   std::vector<uint32_t> operands;
-  uint32_t result = 0;
+  std::vector<uint32_t> results; ///< gradient ops have up to four
+  uint32_t result = 0;           ///< results[0]
   // Attributes, decoded once; those an op does not have stay zero.
   double eps = 0, scale = 0, floorScale = 0, attnScale = 0;
   int64_t chunkSize = 0, topK = 0;
+  bool inverse = false;       ///< rope: the adjoint (negated angle) rotation
+  int64_t paddingIdx = -1;    ///< embedding_grad: a row that gets no gradient
   std::vector<float> invFreq; ///< rope: cpu::ropeInvFreq, head_dim / 2 entries
 };
 
@@ -105,6 +121,9 @@ struct KernelDesc {
 struct ProgramDesc {
   std::string name;
   int64_t inputIds = -1, positions = -1, logits = -1; ///< buffer indices or -1
+  int64_t loss = -1; ///< train_step: the f32 scalar loss
+  /// train_step: grads[i] is the buffer of "grad.<hf>" for Plan::weights[i].
+  std::vector<uint32_t> grads;
   std::vector<uint32_t> steps;
   /// The longest run-time length the program can take: the smallest Seq
   /// extent among the buffers it touches.
@@ -132,6 +151,7 @@ public:
 
   uint32_t version = 0;
   std::string programKind, target, precision, modelSource;
+  std::string configJson; ///< model.config_json, for checkpoints we write
   int64_t maxBatch = 0, maxSeq = 0, vocabSize = 0;
   uint32_t meshRanks = 1;
   uint64_t regionSize[4] = {0, 0, 0, 0}; ///< indexed by plan::Region

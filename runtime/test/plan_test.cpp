@@ -394,7 +394,10 @@ TEST(PlanVerifier, RejectsBadPrograms) {
   expectRejected(p, "a generate plan needs a program named 'decode'");
   p = linearPlan();
   p.programKind = "train";
-  expectRejected(p, "program_kind 'train' is not supported by this runtime");
+  expectRejected(p, "a train plan needs a program named 'train_step'");
+  p = linearPlan();
+  p.programKind = "finetune";
+  expectRejected(p, "program_kind 'finetune' is not supported by this runtime");
   p = linearPlan();
   p.programs[0].inputs.push_back({"attention_mask", 0});
   expectRejected(p,

@@ -3,9 +3,11 @@
 // Maps each verified semantic op onto the cpu:: kernels over the live part
 // of its buffers: batch entries [0, B) and, for buffers with a seq dim, rows
 // [0, T). Shapes were checked at load; only data-dependent indices are
-// checked here.
+// checked here. Parameter-shaped gradients have no run-time extent and the
+// arena is reused, so every op that produces one overwrites all of it.
 //
 //===----------------------------------------------------------------------===//
+#include "cpu/grad_kernels.h"
 #include "cpu/kernels.h"
 #include "executor.h"
 
@@ -28,7 +30,7 @@ public:
 private:
   const BufferDesc &buf(uint32_t i) const { return plan.buffers[i]; }
   const BufferDesc &in(size_t i) const { return buf(op.operands[i]); }
-  const BufferDesc &out() const { return buf(op.result); }
+  const BufferDesc &out(size_t i = 0) const { return buf(op.results[i]); }
   float *f32(const BufferDesc &b) const {
     return reinterpret_cast<float *>(regions[int(b.region)] + b.offset);
   }
@@ -46,6 +48,29 @@ private:
         reinterpret_cast<const int32_t *>(base) + batch * b.batchStride;
     scratch.assign(src, src + n);
     return scratch.data();
+  }
+  /// Every element of the first B batch entries of an index buffer, as
+  /// int64 (the loss kernels index them with the compiled row stride).
+  const int64_t *allIndices(const BufferDesc &b,
+                            std::vector<int64_t> &scratch) const {
+    uint8_t *base = regions[int(b.region)] + b.offset;
+    if (b.dtype == plan::DType::I64)
+      return reinterpret_cast<const int64_t *>(base);
+    const int32_t *src = reinterpret_cast<const int32_t *>(base);
+    scratch.assign(src, src + B * b.batchStride);
+    return scratch.data();
+  }
+  Status checkIds(const int64_t *id, size_t n, size_t V, size_t batch) const {
+    for (size_t i = 0; i < n; ++i)
+      if (id[i] < 0 || uint64_t(id[i]) >= V)
+        return fail("id " + std::to_string(id[i]) + " at batch " +
+                    std::to_string(batch) + " row " + std::to_string(i) +
+                    " is outside the table's " + std::to_string(V) + " rows");
+    return Status::success();
+  }
+  /// Zeroes the live rows of batch entry b of an activation.
+  void zeroLive(const BufferDesc &b, size_t batch) const {
+    std::memset(f32(b, batch), 0, b.activeElems(T) * sizeof(float));
   }
   /// Live rows of `feat` elements per batch entry.
   size_t rows(const BufferDesc &b, size_t feat) const {
@@ -85,6 +110,15 @@ private:
   Status moeExperts();
   Status elementwise();
   Status takeLast();
+  Status crossEntropy();
+  Status linearGradInput();
+  Status linearGradWeight();
+  Status normGrad();
+  Status attentionGrad();
+  Status routerScoresGrad();
+  Status moeExpertsGrad();
+  Status swigluGrad();
+  Status embeddingGrad();
 
   const Plan &plan;
   uint8_t *const *regions;
@@ -118,6 +152,26 @@ Status OpRunner::run() {
     return elementwise();
   case OpKind::TakeLast:
     return takeLast();
+  case OpKind::CrossEntropy:
+  case OpKind::CrossEntropyGrad:
+    return crossEntropy();
+  case OpKind::LinearGradInput:
+    return linearGradInput();
+  case OpKind::LinearGradWeight:
+    return linearGradWeight();
+  case OpKind::RmsNormGrad:
+  case OpKind::L2NormGrad:
+    return normGrad();
+  case OpKind::AttentionGrad:
+    return attentionGrad();
+  case OpKind::RouterScoresGrad:
+    return routerScoresGrad();
+  case OpKind::MoeExpertsGrad:
+    return moeExpertsGrad();
+  case OpKind::SwigluGrad:
+    return swigluGrad();
+  case OpKind::EmbeddingGrad:
+    return embeddingGrad();
   }
   return fail("unknown op");
 }
@@ -129,11 +183,8 @@ Status OpRunner::embedding() {
   for (size_t b = 0; b < B; ++b) {
     const int64_t *id = indices(ids, b, scratch);
     size_t n = ids.activeElems(T);
-    for (size_t i = 0; i < n; ++i)
-      if (id[i] < 0 || uint64_t(id[i]) >= V)
-        return fail("id " + std::to_string(id[i]) + " at batch " +
-                    std::to_string(b) + " row " + std::to_string(i) +
-                    " is outside the table's " + std::to_string(V) + " rows");
+    if (Status s = checkIds(id, n, V, b); !s.ok())
+      return s;
     cpu::embedding(f32(table), D, id, n, f32(y, b));
   }
   return Status::success();
@@ -168,7 +219,9 @@ Status OpRunner::rotate() {
     if (yb != f32(x, b))
       std::memcpy(yb, f32(x, b), tokens * width * sizeof(float));
     const int64_t *p = indices(pos, b, scratch);
-    if (op.kind == OpKind::Rope)
+    if (op.kind == OpKind::Rope && op.inverse)
+      cpu::ropeInverse(yb, width, tokens, H, d, p, op.invFreq.data());
+    else if (op.kind == OpKind::Rope)
       cpu::rope(yb, width, tokens, H, d, p, op.invFreq.data());
     else
       cpu::temperatureScale(yb, width, tokens, width, p, float(op.floorScale),
@@ -253,6 +306,10 @@ Status OpRunner::moeExperts() {
 
 Status OpRunner::elementwise() {
   const BufferDesc &a = in(0), &c = in(1), &y = out();
+  if (!a.hasBatch) { // parameter-shaped gradients (tied embeddings)
+    cpu::add(f32(a), f32(c), size_t(a.numel), f32(y));
+    return Status::success();
+  }
   batches({&a, &c, &y}, [&](size_t b, size_t nb) {
     size_t n = nb * a.activeElems(T);
     if (op.kind == OpKind::Add)
@@ -270,6 +327,143 @@ Status OpRunner::takeLast() {
   for (size_t b = 0; b < B; ++b)
     std::memcpy(f32(y, b), f32(x, b) + (T - 1) * x.rowStride,
                 x.rowStride * sizeof(float));
+  return Status::success();
+}
+
+Status OpRunner::crossEntropy() {
+  const BufferDesc &logits = in(0), &ids = in(1), &y = out();
+  size_t S = size_t(logits.shape[1]), V = size_t(logits.lastDim());
+  if (T < 2)
+    return fail("a sequence of " + std::to_string(T) +
+                " token has no next-token label (training needs T >= 2)");
+  std::vector<int64_t> scratch;
+  const int64_t *id = allIndices(ids, scratch);
+  // Labels are the ids themselves: the loss kernels trust them in range.
+  for (size_t b = 0; b < B; ++b)
+    if (Status s = checkIds(id + b * S, T, V, b); !s.ok())
+      return s;
+  if (op.kind == OpKind::CrossEntropy)
+    *f32(y) = cpu::crossEntropy(f32(logits), V, id, B, T, S, V);
+  else
+    cpu::crossEntropyGrad(f32(logits), V, id, B, T, S, V, 1.f, f32(y), V);
+  return Status::success();
+}
+
+Status OpRunner::linearGradInput() {
+  const BufferDesc &dy = in(0), &w = in(1), &dx = out();
+  size_t N = size_t(w.shape[0]), K = size_t(w.shape[1]);
+  batches({&dy, &dx}, [&](size_t b, size_t nb) {
+    cpu::linearGradInput(f32(dy, b), N, f32(w), K, f32(dx, b), K,
+                         nb * rows(dy, N), N, K);
+  });
+  return Status::success();
+}
+
+Status OpRunner::linearGradWeight() {
+  const BufferDesc &x = in(0), &dy = in(1), &dw = out();
+  size_t K = size_t(x.lastDim()), N = size_t(dy.lastDim());
+  // The first call overwrites dw, later batch entries add to it.
+  batches({&x, &dy}, [&](size_t b, size_t nb) {
+    cpu::linearGradWeight(f32(x, b), K, f32(dy, b), N, f32(dw), K,
+                          nb * rows(x, K), N, K, b > 0);
+  });
+  return Status::success();
+}
+
+Status OpRunner::normGrad() {
+  bool weighted = op.kind == OpKind::RmsNormGrad;
+  const BufferDesc &x = in(0), &dy = in(weighted ? 2 : 1), &dx = out();
+  const float *w = weighted ? f32(in(1)) : nullptr;
+  float *dw = weighted ? f32(out(1)) : nullptr;
+  size_t D = size_t(x.lastDim());
+  // rmsNormGrad accumulates dx and dw together: entries after the first
+  // start from zeroed dx rows so that only dw sums across them.
+  batches({&x, &dy, &dx}, [&](size_t b, size_t nb) {
+    bool sumDw = weighted && b > 0;
+    if (sumDw)
+      zeroLive(dx, b);
+    cpu::rmsNormGrad(f32(x, b), w, f32(dy, b), nb * rows(x, D), D,
+                     float(op.eps), f32(dx, b), dw, sumDw);
+  });
+  return Status::success();
+}
+
+Status OpRunner::attentionGrad() {
+  const BufferDesc &q = in(0), &k = in(1), &v = in(2), &pos = in(3),
+                   &dout = in(4), &dq = out(0), &dk = out(1), &dv = out(2);
+  size_t H = size_t(q.shape[2]), d = size_t(q.shape[3]),
+         Hkv = size_t(k.shape[2]);
+  size_t qw = H * d, kw = Hkv * d;
+  std::vector<int64_t> scratch;
+  for (size_t b = 0; b < B; ++b) {
+    const int64_t *p = indices(pos, b, scratch);
+    size_t Tq = rows(q, qw);
+    for (size_t s = 0; s < Tq; ++s)
+      if (p[s] < 0)
+        return fail("negative position " + std::to_string(p[s]) + " at batch " +
+                    std::to_string(b));
+    cpu::attentionGrad(f32(q, b), qw, p, Tq, f32(k, b), kw, f32(v, b), kw, Tq,
+                       H, Hkv, d, op.chunkSize, float(op.scale), f32(dout, b),
+                       qw, f32(dq, b), qw, f32(dk, b), kw, f32(dv, b), kw);
+  }
+  return Status::success();
+}
+
+Status OpRunner::routerScoresGrad() {
+  const BufferDesc &logits = in(0), &ds = in(1), &dl = out();
+  size_t E = size_t(logits.lastDim());
+  batches({&logits, &ds, &dl}, [&](size_t b, size_t nb) {
+    cpu::routerScoresGrad(f32(logits, b), nb * rows(logits, E), E,
+                          size_t(op.topK), f32(ds, b), f32(dl, b));
+  });
+  return Status::success();
+}
+
+Status OpRunner::moeExpertsGrad() {
+  const BufferDesc &x = in(0), &scores = in(1), &gateUp = in(2), &down = in(3),
+                   &dy = in(4), &dx = out(0), &dscores = out(1),
+                   &dGateUp = out(2), &dDown = out(3);
+  size_t E = size_t(gateUp.shape[0]), D = size_t(gateUp.shape[1]),
+         I = size_t(gateUp.shape[2] / 2);
+  // expertsBackward accumulates dx with the weight gradients: later batch
+  // entries start from zeroed dx rows.
+  batches({&x, &scores, &dy, &dx, &dscores}, [&](size_t b, size_t nb) {
+    if (b > 0)
+      zeroLive(dx, b);
+    cpu::expertsBackward(f32(x, b), f32(scores, b), f32(gateUp), f32(down),
+                         nb * rows(x, D), D, I, E, f32(dy, b), f32(dx, b),
+                         f32(dscores, b), f32(dGateUp), f32(dDown), b > 0);
+  });
+  return Status::success();
+}
+
+Status OpRunner::swigluGrad() {
+  const BufferDesc &gate = in(0), &up = in(1), &dy = in(2), &dg = out(0),
+                   &du = out(1);
+  batches({&gate, &up, &dy, &dg, &du}, [&](size_t b, size_t nb) {
+    cpu::swigluGrad(f32(gate, b), f32(up, b), f32(dy, b),
+                    nb * gate.activeElems(T), f32(dg, b), f32(du, b));
+  });
+  return Status::success();
+}
+
+Status OpRunner::embeddingGrad() {
+  const BufferDesc &ids = in(0), &dy = in(1), &table = out();
+  size_t V = size_t(table.shape[0]), D = size_t(table.shape[1]);
+  std::vector<int64_t> scratch;
+  for (size_t b = 0; b < B; ++b)
+    if (Status s = checkIds(indices(ids, b, scratch), ids.activeElems(T), V, b);
+        !s.ok())
+      return s;
+  std::memset(f32(table), 0, table.numel * sizeof(float));
+  // One call over all entries when they are contiguous, so that each row's
+  // sum over the batch is carried in double.
+  batches({&ids, &dy}, [&](size_t b, size_t nb) {
+    const int64_t *id =
+        nb > 1 ? allIndices(ids, scratch) : indices(ids, b, scratch);
+    cpu::embeddingGrad(id, nb * ids.activeElems(T), f32(dy, b), D, f32(table),
+                       op.paddingIdx);
+  });
   return Status::success();
 }
 

@@ -2,9 +2,11 @@
 //
 // The reference I/O driver (input_ids in, logits or generated ids out, as
 // safetensors), a human mode that generates from a text prompt over a byte
-// vocabulary, and --info. Runs plans through the public C API.
+// vocabulary, --info, and for train plans the reference step and a training
+// loop (train.cpp). Runs plans through the public C API.
 //
 //===----------------------------------------------------------------------===//
+#include "l4-run.h"
 #include "io/safetensors.h"
 #include "l4c/runtime/l4rt.h"
 
@@ -29,12 +31,31 @@ const char *kUsage =
     "TEXT\n"
     "              [--max-new-tokens=G] [--temperature=X] [--top-p=P] "
     "[--seed=N]\n"
+    "       l4-run TRAIN_PLAN --weights CKPT_DIR --inputs IN.safetensors --out "
+    "OUT.safetensors\n"
+    "              [--adamw=lr=..,beta1=..,beta2=..,eps=..,weight_decay=..]\n"
+    "       l4-run TRAIN_PLAN (--weights CKPT_DIR | --random-weights=SEED | "
+    "--resume DIR)\n"
+    "              --train-data FILE [--data-format=bytes|tokens] --steps N\n"
+    "              [--batch B] [--seq T] [--grad-accum K] [--adamw=...]\n"
+    "              [--save DIR] [--save-every K] [--log FILE]\n"
     "IN holds input_ids (i64 [B, T]). OUT gets logits (f32 [B, T, V]) from a "
     "forward\n"
     "plan, and greedy_ids (i64 [B, T + G]) from a generate plan or when\n"
     "--max-new-tokens is given, sampled_ids instead when a sampling flag is "
     "given.\n"
-    "For generate plans G defaults to 16, capped by the plan's max_seq.\n";
+    "For generate plans G defaults to 16, capped by the plan's max_seq.\n"
+    "From a train plan OUT gets loss (f32 scalar), grad.<name> for every "
+    "parameter\n"
+    "and adamw.<name>, the parameter after one AdamW step (defaults lr=1e-3,\n"
+    "beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, as torch).\n"
+    "--steps N trains until AdamW has taken N steps in all (a resumed run "
+    "counts\n"
+    "the steps of its checkpoint); see docs/training.md.\n";
+
+} // namespace
+
+namespace l4run {
 
 [[noreturn]] void die(const std::string &msg) {
   std::fprintf(stderr, "l4-run: error: %s\n", msg.c_str());
@@ -51,14 +72,40 @@ void check(l4rt_status s) {
     die(l4rt_last_error());
 }
 
-struct Options {
-  std::string plan, weights, inputs, out, prompt;
-  bool info = false, hasPrompt = false;
-  std::optional<uint64_t> randomSeed;
-  std::optional<int64_t> maxNewTokens;
-  std::optional<double> temperature, topP;
-  std::optional<uint64_t> seed;
-};
+std::vector<int64_t> readInputIds(const std::string &path, int64_t &B,
+                                  int64_t &T) {
+  l4c::io::Checkpoint in;
+  if (l4c::io::Status s = l4c::io::Checkpoint::open(path, in); !s.ok())
+    die(s.error);
+  l4c::io::Checkpoint::Entry e;
+  if (!in.find("input_ids", e))
+    die(path + ": no tensor 'input_ids'");
+  const std::vector<int64_t> &shape = e.info->shape;
+  if (shape.size() != 2 || shape[0] < 1 || shape[1] < 1)
+    die(path + ": input_ids must be [B, T] with B, T >= 1");
+  B = shape[0];
+  T = shape[1];
+  std::vector<int64_t> ids(size_t(B * T));
+  if (l4c::io::Status s =
+          in.read("input_ids", l4c::io::DType::I64, ids.data(), ids.size());
+      !s.ok())
+    die(s.error);
+  return ids;
+}
+
+l4rt_adamw adamwOf(const Options &o) {
+  if (o.adamw)
+    return *o.adamw;
+  l4rt_adamw h;
+  l4rt_adamw_defaults(&h);
+  return h;
+}
+
+} // namespace l4run
+
+namespace {
+
+using namespace l4run;
 
 int64_t parseInt(const std::string &flag, const std::string &v) {
   char *end = nullptr;
@@ -84,6 +131,41 @@ double parseFloat(const std::string &flag, const std::string &v) {
   if (v.empty() || *end)
     usage(flag + " expects a number, got '" + v + "'");
   return x;
+}
+
+/// "lr=..,beta1=..,beta2=..,eps=..,weight_decay=.."; keys left out keep
+/// torch's defaults.
+l4rt_adamw parseAdamW(const std::string &spec) {
+  l4rt_adamw h;
+  l4rt_adamw_defaults(&h);
+  size_t at = 0;
+  while (at <= spec.size()) {
+    size_t comma = spec.find(',', at);
+    std::string item = spec.substr(
+        at, comma == std::string::npos ? std::string::npos : comma - at);
+    size_t eq = item.find('=');
+    if (eq == std::string::npos)
+      usage("--adamw expects key=value items, got '" + item + "'");
+    std::string key = item.substr(0, eq), val = item.substr(eq + 1);
+    double x = parseFloat("--adamw " + key, val);
+    if (key == "lr")
+      h.lr = x;
+    else if (key == "beta1")
+      h.beta1 = x;
+    else if (key == "beta2")
+      h.beta2 = x;
+    else if (key == "eps")
+      h.eps = x;
+    else if (key == "weight_decay")
+      h.weight_decay = x;
+    else
+      usage("--adamw: unknown key '" + key +
+            "' (expected lr, beta1, beta2, eps, weight_decay)");
+    if (comma == std::string::npos)
+      break;
+    at = comma + 1;
+  }
+  return h;
 }
 
 Options parseArgs(int argc, char **argv) {
@@ -135,6 +217,28 @@ Options parseArgs(int argc, char **argv) {
       o.topP = parseFloat(flag, take());
     else if (flag == "--seed")
       o.seed = parseSeed(flag, take());
+    else if (flag == "--adamw")
+      o.adamw = parseAdamW(take());
+    else if (flag == "--train-data")
+      o.trainData = take();
+    else if (flag == "--data-format")
+      o.dataFormat = take();
+    else if (flag == "--steps")
+      o.steps = parseInt(flag, take());
+    else if (flag == "--batch")
+      o.batch = parseInt(flag, take());
+    else if (flag == "--seq")
+      o.seq = parseInt(flag, take());
+    else if (flag == "--grad-accum")
+      o.gradAccum = parseInt(flag, take());
+    else if (flag == "--save")
+      o.save = take();
+    else if (flag == "--save-every")
+      o.saveEvery = parseInt(flag, take());
+    else if (flag == "--resume")
+      o.resume = take();
+    else if (flag == "--log")
+      o.log = take();
     else
       usage("unknown option " + flag);
   }
@@ -143,8 +247,40 @@ Options parseArgs(int argc, char **argv) {
   o.plan = positional[0];
   if (o.info)
     return o;
-  if (o.weights.empty() == !o.randomSeed)
-    usage("give exactly one of --weights CKPT_DIR and --random-weights=SEED");
+  bool training = !o.trainData.empty();
+  int sources = !o.weights.empty() + bool(o.randomSeed) + !o.resume.empty();
+  if (!o.resume.empty() && !training)
+    usage("--resume goes with --train-data");
+  if (sources != 1)
+    usage(training ? "give exactly one of --weights CKPT_DIR, "
+                     "--random-weights=SEED and --resume DIR"
+                   : "give exactly one of --weights CKPT_DIR and "
+                     "--random-weights=SEED");
+  if (training) {
+    if (!o.inputs.empty() || !o.out.empty() || o.hasPrompt)
+      usage("--train-data does not go with --inputs, --out or --prompt");
+    if (!o.steps)
+      usage("--train-data needs --steps N");
+    if (*o.steps < 1)
+      usage("--steps must be at least 1");
+    if (o.dataFormat != "bytes" && o.dataFormat != "tokens")
+      usage("--data-format must be bytes or tokens, not '" + o.dataFormat +
+            "'");
+    if ((o.batch && *o.batch < 1) || (o.seq && *o.seq < 2) || o.gradAccum < 1)
+      usage("--batch and --grad-accum must be at least 1, --seq at least 2");
+    if (o.saveEvery && (*o.saveEvery < 1 || o.save.empty()))
+      usage("--save-every K needs K >= 1 and --save DIR");
+    return o;
+  }
+  for (const auto &[given, flag] : {std::pair{o.steps.has_value(), "--steps"},
+                                    {o.batch.has_value(), "--batch"},
+                                    {o.seq.has_value(), "--seq"},
+                                    {o.gradAccum != 1, "--grad-accum"},
+                                    {!o.save.empty(), "--save"},
+                                    {o.saveEvery.has_value(), "--save-every"},
+                                    {!o.log.empty(), "--log"}})
+    if (given)
+      usage(std::string(flag) + " goes with --train-data");
   if (o.hasPrompt == !o.inputs.empty() || (!o.inputs.empty() && o.out.empty()))
     usage("give either --inputs IN --out OUT or --prompt TEXT");
   if (o.hasPrompt && !o.out.empty())
@@ -196,27 +332,6 @@ std::optional<l4rt_sampling> sampling(const Options &o) {
   s.top_p = float(o.topP.value_or(1.0));
   s.seed = o.seed.value_or(0);
   return s;
-}
-
-std::vector<int64_t> readInputIds(const std::string &path, int64_t &B,
-                                  int64_t &T) {
-  l4c::io::Checkpoint in;
-  if (l4c::io::Status s = l4c::io::Checkpoint::open(path, in); !s.ok())
-    die(s.error);
-  l4c::io::Checkpoint::Entry e;
-  if (!in.find("input_ids", e))
-    die(path + ": no tensor 'input_ids'");
-  const std::vector<int64_t> &shape = e.info->shape;
-  if (shape.size() != 2 || shape[0] < 1 || shape[1] < 1)
-    die(path + ": input_ids must be [B, T] with B, T >= 1");
-  B = shape[0];
-  T = shape[1];
-  std::vector<int64_t> ids(size_t(B * T));
-  if (l4c::io::Status s =
-          in.read("input_ids", l4c::io::DType::I64, ids.data(), ids.size());
-      !s.ok())
-    die(s.error);
-  return ids;
 }
 
 void printRate(const char *what, int64_t tokens, double secs) {
@@ -314,10 +429,27 @@ int main(int argc, char **argv) {
     l4rt_plan_free(plan);
     return 0;
   }
+  bool train = std::string(s.program_kind) == "train";
+  if (!o.trainData.empty() && !train)
+    die(o.plan + ": --train-data needs a train plan (this one is " +
+        s.program_kind + "; compile with --program=train)");
+  if (train && o.hasPrompt)
+    die(o.plan + ": a train plan cannot generate; compile a generate plan "
+                 "for --prompt");
+  if (!train && o.adamw)
+    die(o.plan + ": --adamw needs a train plan (this one is " + s.program_kind +
+        ")");
+  if (!o.trainData.empty()) {
+    int rc = runTraining(o, plan, s);
+    l4rt_plan_free(plan);
+    return rc;
+  }
   l4rt_session session = nullptr;
   check(l4rt_session_create(plan, o.randomSeed ? nullptr : o.weights.c_str(),
                             o.randomSeed.value_or(0), &session));
-  int rc = o.hasPrompt ? runPrompt(o, session, s) : runFiles(o, session, s);
+  int rc = o.hasPrompt ? runPrompt(o, session, s)
+           : train     ? runTrainFiles(o, session)
+                       : runFiles(o, session, s);
   l4rt_session_free(session);
   l4rt_plan_free(plan);
   return rc;

@@ -1,8 +1,9 @@
 /*===- l4rt.h - C API of libl4rt, the l4c runtime -------------------------===*
  *
  * Loads an l4c execution plan, binds weights (a Hugging Face checkpoint or a
- * seed) and runs forward passes or generation. Plain C, opaque handles,
- * status codes; no call throws, and l4rt_last_error() explains a failure.
+ * seed) and runs forward passes, generation, or training steps with AdamW
+ * and checkpoints. Plain C, opaque handles, status codes; no call throws,
+ * and l4rt_last_error() explains a failure.
  *
  *===----------------------------------------------------------------------===*/
 #ifndef L4C_RUNTIME_L4RT_H
@@ -42,7 +43,7 @@ typedef struct l4rt_session_s *l4rt_session;
 /* Facts about a loaded plan. The strings belong to the plan handle. */
 typedef struct l4rt_plan_summary {
   uint32_t version;
-  const char *program_kind; /* "forward" | "generate" */
+  const char *program_kind; /* "forward" | "generate" | "train" */
   const char *target;       /* "cpu" | "cuda:sm_90a" */
   const char *precision;    /* "f32" | "bf16" */
   const char *model_source;
@@ -66,7 +67,19 @@ typedef struct l4rt_sampling {
   uint64_t seed;     /* same seed, same tokens */
 } l4rt_sampling;
 
-/* Wall-clock split of the last l4rt_forward / l4rt_generate call. */
+/* torch.optim.AdamW's hyperparameters (decoupled weight decay, bias-corrected
+ * moments, no amsgrad). l4rt_adamw_defaults() fills torch's defaults: lr 1e-3,
+ * betas 0.9 / 0.999, eps 1e-8, weight_decay 0.01. */
+typedef struct l4rt_adamw {
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+} l4rt_adamw;
+
+/* Wall-clock split of the last l4rt_forward / l4rt_generate call; a train
+ * step reports its time and B * T tokens as the prefill. */
 typedef struct l4rt_timing {
   double prefill_seconds; /* forward pass, or prefill + first token */
   double decode_seconds;  /* the remaining tokens */
@@ -117,6 +130,71 @@ L4RT_API l4rt_status l4rt_generate(l4rt_session session, const int64_t *ids,
 
 L4RT_API l4rt_status l4rt_session_timing(l4rt_session session,
                                          l4rt_timing *out_timing);
+
+/*---- Training (plans compiled with --program=train) ----------------------*/
+
+/* Runs the train_step program on ids [batch, seq] (seq >= 2): *loss (may be
+ * NULL) receives the mean next-token cross entropy, and the gradients of
+ * that loss are added to the session's gradient sum. Call it k times before
+ * l4rt_adamw_step to accumulate k micro-batches. */
+L4RT_API l4rt_status l4rt_train_step(l4rt_session session, const int64_t *ids,
+                                     int64_t batch, int64_t seq, float *loss);
+
+/* One AdamW step on every weight from the MEAN of the summed gradients (sum
+ * over the micro-batches since the last step, divided by their count), with
+ * moments m, v (f32) and a step counter kept by the session; then clears
+ * the gradient sum. Fails when no train step ran since the last call. */
+L4RT_API l4rt_status l4rt_adamw_step(l4rt_session session,
+                                     const l4rt_adamw *hyper);
+L4RT_API void l4rt_adamw_defaults(l4rt_adamw *out_hyper);
+
+/* Drops the gradient sum without applying it. */
+L4RT_API l4rt_status l4rt_zero_grad(l4rt_session session);
+
+/* The weights the plan binds (and AdamW updates), by HF name. The string
+ * belongs to the session. */
+L4RT_API l4rt_status l4rt_num_parameters(l4rt_session session,
+                                         size_t *out_count);
+L4RT_API l4rt_status l4rt_parameter_name(l4rt_session session, size_t index,
+                                         const char **out_name);
+
+/* Shape and f32 contents of a tensor of the session:
+ *   "<hf name>"       the weight as it is now,
+ *   "grad.<hf name>"  the gradient AdamW would apply now (the mean of the
+ *                     summed micro-batch gradients),
+ *   "m.<hf name>", "v.<hf name>"  AdamW's moments (zeros before the first
+ *                     step).
+ * l4rt_tensor_shape writes up to max_rank extents and *out_rank. numel must
+ * equal the tensor's element count. */
+L4RT_API l4rt_status l4rt_tensor_shape(l4rt_session session, const char *name,
+                                       int64_t *out_shape, size_t max_rank,
+                                       size_t *out_rank);
+L4RT_API l4rt_status l4rt_get_tensor(l4rt_session session, const char *name,
+                                     float *dst, size_t numel);
+
+/* Integers saved with the optimizer state. "step" is the number of AdamW
+ * steps taken (settable); "micro_batches" (read only) the gradients summed
+ * since the last one; any other name is the caller's (l4-run keeps its data
+ * cursor here). */
+L4RT_API l4rt_status l4rt_set_counter(l4rt_session session, const char *name,
+                                      int64_t value);
+L4RT_API l4rt_status l4rt_get_counter(l4rt_session session, const char *name,
+                                      int64_t *out_value);
+
+/* Writes a checkpoint directory: config.json (the plan's model config),
+ * model.safetensors (every weight, F32, HF names: loadable by l4c and by
+ * transformers) and optimizer.safetensors (m.<name>, v.<name>, step and the
+ * counters as I64 scalars). The directory is built beside `dir` as
+ * "<dir>.l4c-tmp", synced, and swapped into place in one rename, so an
+ * interrupted save leaves the previous checkpoint intact. An existing `dir`
+ * holding anything but checkpoint files is never replaced. */
+L4RT_API l4rt_status l4rt_save_checkpoint(l4rt_session session,
+                                          const char *dir);
+
+/* Restores AdamW's moments, step and counters from dir/optimizer.safetensors
+ * (or from that file when `dir` names it). Weights come from creating the
+ * session on the same directory: l4rt_session_create(plan, dir, ...). */
+L4RT_API l4rt_status l4rt_load_optimizer(l4rt_session session, const char *dir);
 
 #ifdef __cplusplus
 } /* extern "C" */

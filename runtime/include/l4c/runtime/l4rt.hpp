@@ -113,6 +113,71 @@ public:
     check(l4rt_session_timing(handle_, &t));
     return t;
   }
+
+  /// One train step on ids [batch, seq]; returns the loss. Gradients add up
+  /// until adamwStep() applies their mean.
+  float trainStep(const std::vector<int64_t> &ids, int64_t batch, int64_t seq) {
+    if (int64_t(ids.size()) != batch * seq)
+      throw Error(L4RT_ERROR_INVALID_ARGUMENT, "ids holds " +
+                                                   std::to_string(ids.size()) +
+                                                   " entries, not batch * seq");
+    float loss = 0;
+    check(l4rt_train_step(handle_, ids.data(), batch, seq, &loss));
+    return loss;
+  }
+  void adamwStep(const l4rt_adamw &hyper) {
+    check(l4rt_adamw_step(handle_, &hyper));
+  }
+  static l4rt_adamw adamwDefaults() {
+    l4rt_adamw h;
+    l4rt_adamw_defaults(&h);
+    return h;
+  }
+  void zeroGrad() { check(l4rt_zero_grad(handle_)); }
+
+  /// The HF names of the weights the plan binds.
+  std::vector<std::string> parameterNames() const {
+    size_t n = 0;
+    check(l4rt_num_parameters(handle_, &n));
+    std::vector<std::string> names;
+    for (size_t i = 0; i < n; ++i) {
+      const char *name = nullptr;
+      check(l4rt_parameter_name(handle_, i, &name));
+      names.push_back(name);
+    }
+    return names;
+  }
+  std::vector<int64_t> tensorShape(const std::string &name) const {
+    std::vector<int64_t> shape(8);
+    size_t rank = 0;
+    check(l4rt_tensor_shape(handle_, name.c_str(), shape.data(), shape.size(),
+                            &rank));
+    shape.resize(rank);
+    return shape;
+  }
+  /// "<hf>", "grad.<hf>", "m.<hf>" or "v.<hf>" (see l4rt_get_tensor).
+  std::vector<float> tensor(const std::string &name) const {
+    size_t n = 1;
+    for (int64_t e : tensorShape(name))
+      n *= size_t(e);
+    std::vector<float> out(n);
+    check(l4rt_get_tensor(handle_, name.c_str(), out.data(), n));
+    return out;
+  }
+  int64_t counter(const std::string &name) const {
+    int64_t v = 0;
+    check(l4rt_get_counter(handle_, name.c_str(), &v));
+    return v;
+  }
+  void setCounter(const std::string &name, int64_t value) {
+    check(l4rt_set_counter(handle_, name.c_str(), value));
+  }
+  void saveCheckpoint(const std::string &dir) {
+    check(l4rt_save_checkpoint(handle_, dir.c_str()));
+  }
+  void loadOptimizer(const std::string &dir) {
+    check(l4rt_load_optimizer(handle_, dir.c_str()));
+  }
   l4rt_session get() const { return handle_; }
 
 private:
