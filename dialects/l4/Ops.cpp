@@ -72,6 +72,15 @@ LogicalResult verifyPositions(Operation *op, Value positions, Value act) {
   return expectShape(op, "positions", positions, shapeOf(act).take_front(2));
 }
 
+/// nn.Embedding's padding_idx: a row of the [vocab, hidden] table.
+LogicalResult verifyPaddingIdx(Operation *op, std::optional<int64_t> idx,
+                               int64_t vocab) {
+  if (!idx || ShapedType::isDynamic(vocab) || (*idx >= 0 && *idx < vocab))
+    return success();
+  return op->emitOpError() << "padding_idx must be in [0, " << vocab
+                           << ") (the table's rows), got " << *idx;
+}
+
 } // namespace
 
 LogicalResult EmbeddingOp::verify() {
@@ -82,6 +91,8 @@ LogicalResult EmbeddingOp::verify() {
   ArrayRef<int64_t> ids = shapeOf(getIds());
   int64_t d = shapeOf(getTable())[1];
   if (failed(expectShape(op, "result", getResult(), {ids[0], ids[1], d})))
+    return failure();
+  if (failed(verifyPaddingIdx(op, getPaddingIdx(), shapeOf(getTable())[0])))
     return failure();
   return expectSameElementType(op, "result", getResult(), getTable(), "table");
 }
@@ -418,7 +429,9 @@ LogicalResult EmbeddingGradOp::verify() {
   ArrayRef<int64_t> ids = shapeOf(getIds()), dy = shapeOf(getGrad());
   if (failed(expectShape(op, "grad", getGrad(), {ids[0], ids[1], dy[2]})))
     return failure();
-  return expectDim(op, "result", getResult(), 1, dy[2], "the hidden size");
+  if (failed(expectDim(op, "result", getResult(), 1, dy[2], "the hidden size")))
+    return failure();
+  return verifyPaddingIdx(op, getPaddingIdx(), shapeOf(getResult())[0]);
 }
 
 #define GET_OP_CLASSES

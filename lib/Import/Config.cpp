@@ -250,6 +250,18 @@ Error readSizes(const Fields &f, Llama4Config &c, Pending &p) {
                    Twine(c.numExperts) + "] (num_local_experts), got " +
                    Twine(c.topK));
 
+  // pad_token_id: only the embedding's gradient depends on it (padding_idx).
+  // Absent or null: no padding row, as Llama4TextConfig's default in
+  // transformers 5 (the goldens' configs save null). configToJson writes it
+  // out, so older HF versions (default 200018) read the same value.
+  c.padTokenId.reset();
+  if (Error e = f.readNullableInt("pad_token_id", c.padTokenId))
+    return e;
+  if (c.padTokenId && (*c.padTokenId < 0 || *c.padTokenId >= c.vocabSize))
+    return f.error("field 'pad_token_id' must be null or in [0, " +
+                   Twine(c.vocabSize) + ") (vocab_size), got " +
+                   Twine(*c.padTokenId));
+
   struct Nullable {
     const char *key;
     std::optional<int64_t> *out;
@@ -758,6 +770,8 @@ std::string l4c::configToJson(const Llama4Config &c) {
       {"attention_bias", false},
       {"attention_dropout", c.attentionDropout},
       {"tie_word_embeddings", c.tieWordEmbeddings},
+      {"pad_token_id", c.padTokenId ? json::Value(*c.padTokenId)
+                                     : json::Value(nullptr)},
       {"max_position_embeddings", c.maxPositionEmbeddings},
       {"moe_layers", std::move(moe)},
       {"no_rope_layers", std::move(noRope)},

@@ -328,9 +328,13 @@ func::FuncOp ModelBuilder::build(ModuleOp module, StringRef name, Kind k) {
   }
   cacheOut.assign(cacheIn.size(), Value());
 
+  // pad_token_id is nn.Embedding's padding_idx: it rides on the lookup so
+  // that l4c-autodiff can drop that row from the lookup's gradient.
+  IntegerAttr paddingIdx =
+      c.padTokenId ? b.getI64IntegerAttr(*c.padTokenId) : IntegerAttr();
   Value h = l4::EmbeddingOp::create(
       b, loc("model.embed_tokens"), tensor({batch, seq, c.hiddenSize}),
-      weight("model.embed_tokens.weight"), input);
+      weight("model.embed_tokens.weight"), input, paddingIdx);
   for (int64_t i = 0; i < c.numLayers; ++i) {
     std::string p = formatv("model.layers.{0}.", i);
     auto eps = b.getF64FloatAttr(c.rmsNormEps);

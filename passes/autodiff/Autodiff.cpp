@@ -145,10 +145,13 @@ LogicalResult backprop(Operation *op, Adjoints &adj, OpBuilder &b) {
         return success();
       })
       .Case([&](l4::EmbeddingOp e) {
+        // nn.Embedding's padding_idx: the lookup adds nothing to that row.
+        // Only this contribution skips it; a tied lm_head's linear_grad_weight
+        // still reaches every row of the same table.
         adj.accumulate(loc, e.getTable(),
-                       l4::EmbeddingGradOp::create(b, loc,
-                                                   e.getTable().getType(),
-                                                   e.getIds(), grad()));
+                       l4::EmbeddingGradOp::create(
+                           b, loc, e.getTable().getType(), e.getIds(), grad(),
+                           e.getPaddingIdxAttr()));
         return success();
       })
       .Default([&](Operation *other) {

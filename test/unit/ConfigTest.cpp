@@ -523,6 +523,40 @@ TEST(ConfigDerive, InertFieldsAccepted) {
   EXPECT_EQ(c.attentionDropout, 0.25);
 }
 
+// pad_token_id is nn.Embedding's padding_idx; absent and null mean none (as
+// Llama4TextConfig's default in transformers 5).
+TEST(ConfigDerive, PadTokenId) {
+  json::Object o = base();
+  EXPECT_FALSE(ok(parse(o)).padTokenId.has_value());
+  o["pad_token_id"] = nullptr;
+  EXPECT_FALSE(ok(parse(o)).padTokenId.has_value());
+  o["pad_token_id"] = 0;
+  EXPECT_EQ(ok(parse(o)).padTokenId, std::optional<int64_t>(0));
+  o["pad_token_id"] = 63;
+  EXPECT_EQ(ok(parse(o)).padTokenId, std::optional<int64_t>(63));
+
+  // A multimodal config: the text model's value, read from text_config.
+  json::Object mm{{"model_type", "llama4"}, {"text_config", base()}};
+  mm.getObject("text_config")->try_emplace("pad_token_id", 7);
+  EXPECT_EQ(ok(parse(mm)).padTokenId, std::optional<int64_t>(7));
+  (*mm.getObject("text_config"))["pad_token_id"] = 64;
+  std::string msg = errorOf(parse(mm));
+  EXPECT_NE(msg.find("test.json (text_config): field 'pad_token_id' must be "
+                     "null or in [0, 64)"),
+            std::string::npos)
+      << msg;
+
+  // configToJson writes it (null when none), so HF's default never applies.
+  Llama4Config c = ok(parse(o));
+  auto back = parseConfigJson(configToJson(c), "round-trip");
+  ASSERT_TRUE(bool(back)) << llvm::toString(back.takeError());
+  EXPECT_EQ(back->padTokenId, std::optional<int64_t>(63));
+  c.padTokenId.reset();
+  std::string text = configToJson(c);
+  EXPECT_NE(text.find("\"pad_token_id\": null"), std::string::npos) << text;
+  EXPECT_FALSE(cantFail(parseConfigJson(text, "round-trip")).padTokenId);
+}
+
 //===----------------------------------------------------------------------===//
 // Rejections
 //===----------------------------------------------------------------------===//
@@ -743,6 +777,14 @@ const RejectCase kRejectCases[] = {
      "field 'floor_scale' must be positive"},
     {"AttentionDropoutOne", "attention_dropout", "1.0",
      "field 'attention_dropout' must be in [0, 1)"},
+    {"PadTokenIdVocab", "pad_token_id", "64",
+     "field 'pad_token_id' must be null or in [0, 64) (vocab_size), got 64"},
+    {"PadTokenIdNegative", "pad_token_id", "-1",
+     "field 'pad_token_id' must be null or in [0, 64) (vocab_size), got -1"},
+    {"PadTokenIdReleasedDefault", "pad_token_id", "200018",
+     "field 'pad_token_id' must be null or in [0, 64)"},
+    {"PadTokenIdString", "pad_token_id", "\"0\"",
+     "field 'pad_token_id' must be an integer, got string"},
 };
 
 INSTANTIATE_TEST_SUITE_P(Cases, ConfigRejectField,
@@ -785,5 +827,6 @@ TEST(ConfigJson, RoundTripsPresetsAndGoldens) {
     EXPECT_DOUBLE_EQ(back->floorScale, c.floorScale);
     EXPECT_EQ(back->tieWordEmbeddings, c.tieWordEmbeddings);
     EXPECT_EQ(back->attentionChunkSize, c.attentionChunkSize);
+    EXPECT_EQ(back->padTokenId, c.padTokenId);
   }
 }

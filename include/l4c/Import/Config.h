@@ -11,6 +11,7 @@
 #include "llvm/ADT/StringRef.h"
 #include "llvm/Support/Error.h"
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,10 @@ struct Llama4Config {
   /// HF's attention_dropout: no effect at inference; recorded so that a
   /// training compile can reject a non-zero value.
   double attentionDropout = 0.0;
+  /// HF's pad_token_id: embed_tokens is nn.Embedding(V, D, padding_idx=it),
+  /// so the forward lookup is unchanged but that row gets no gradient from
+  /// the lookup. Absent or null: none. When set, in [0, vocabSize).
+  std::optional<int64_t> padTokenId;
   RopeConfig rope;
   /// Per layer, after derivation: true = MoE feed-forward, false = dense MLP.
   std::vector<bool> moeLayer;

@@ -520,3 +520,21 @@ func.func @case_topk0(%a: tensor<2x8x4xf32>) {
   %r = l4.router_scores %a {top_k = 0 : i64} : (tensor<2x8x4xf32>) -> tensor<2x8x4xf32>
   return
 }
+
+// -----
+
+// embedding padding_idx outside the table
+func.func @pad_embedding(%a: tensor<64x32xf32>, %b: tensor<2x8xi64>) {
+  // expected-error @+1 {{padding_idx must be in [0, 64) (the table's rows), got 64}}
+  %r = l4.embedding %a, %b {padding_idx = 64 : i64} : (tensor<64x32xf32>, tensor<2x8xi64>) -> tensor<2x8x32xf32>
+  return
+}
+
+// -----
+
+// embedding_grad padding_idx negative
+func.func @pad_embedding_grad(%ids: tensor<2x8xi64>, %g: tensor<2x8x32xf32>) {
+  // expected-error @+1 {{padding_idx must be in [0, 64) (the table's rows), got -1}}
+  %r = l4.embedding_grad %ids, %g {padding_idx = -1 : i64} : (tensor<2x8xi64>, tensor<2x8x32xf32>) -> tensor<64x32xf32>
+  return
+}

@@ -50,6 +50,23 @@ func.func @tied(%ids: tensor<1x4xi64> {l4.input = "input_ids"}, %pos: tensor<1x4
 
 // -----
 
+// nn.Embedding's padding_idx: the lookup's gradient skips the row, the tied
+// head's gradient (linear_grad_weight) does not.
+// CHECK-LABEL: func.func @padded
+// CHECK: %[[DT1:.+]] = l4.linear_grad_weight
+// CHECK: %[[DT2:.+]] = l4.embedding_grad %{{.+}}, %{{.+}} {padding_idx = 3 : i64}
+// CHECK: %[[DT:.+]] = l4.add %[[DT1]], %[[DT2]]
+// CHECK: return %{{.+}}, %[[DT]]
+func.func @padded(%ids: tensor<1x4xi64> {l4.input = "input_ids"},
+    %table: tensor<16x8xf32> {l4.weight = "table"}) -> (tensor<f32> {l4.output = "loss"}) attributes {l4.autodiff} {
+  %e = l4.embedding %table, %ids {padding_idx = 3 : i64} : (tensor<16x8xf32>, tensor<1x4xi64>) -> tensor<1x4x8xf32>
+  %y = l4.linear %e, %table : (tensor<1x4x8xf32>, tensor<16x8xf32>) -> tensor<1x4x16xf32>
+  %loss = l4.cross_entropy %y, %ids : (tensor<1x4x16xf32>, tensor<1x4xi64>) -> tensor<f32>
+  return %loss : tensor<f32>
+}
+
+// -----
+
 // Ops only inference uses (take_last, the KV cache) have no rule.
 func.func @last(%ids: tensor<1x1xi64> {l4.input = "input_ids"}, %x: tensor<1x4x8xf32> {l4.input = "x"},
     %w: tensor<16x8xf32> {l4.weight = "w"}) -> (tensor<f32> {l4.output = "loss"}) attributes {l4.autodiff} {

@@ -27,8 +27,12 @@ def L4_EmbeddingOp : L4_PureOp<"embedding"> {
   let description = [{
     `result[b, s, :] = table[ids[b, s], :]`. The table is `[vocab, hidden]`;
     ids must lie in `[0, vocab)` (checked by the runtime on its inputs).
+    `padding_idx` (HF's pad_token_id, in `[0, vocab)`) does not change the
+    lookup; it is nn.Embedding's padding_idx, whose row gets no gradient
+    (l4c-autodiff copies it onto the `embedding_grad`).
   }];
-  let arguments = (ins L4_FloatTensor:$table, L4_IndexTensor:$ids);
+  let arguments = (ins L4_FloatTensor:$table, L4_IndexTensor:$ids,
+                   OptionalAttr<I64Attr>:$padding_idx);
   let results = (outs L4_FloatTensor:$result);
 }
 
@@ -270,7 +274,13 @@ def L4_SwigluGradOp : L4_PureOp<"swiglu_grad"> {
 
 def L4_EmbeddingGradOp : L4_PureOp<"embedding_grad"> {
   let summary = "scatter-add of the output gradient into the table's rows";
-  let arguments = (ins L4_IndexTensor:$ids, L4_FloatTensor:$grad);
+  let description = [{
+    `result[ids[b, s], :] += grad[b, s, :]` over every token, starting from
+    zeros. Tokens whose id equals `padding_idx` (optional, in `[0, vocab)`)
+    add nothing, so that row's gradient is zero (nn.Embedding's padding_idx).
+  }];
+  let arguments = (ins L4_IndexTensor:$ids, L4_FloatTensor:$grad,
+                   OptionalAttr<I64Attr>:$padding_idx);
   let results = (outs L4_FloatTensor:$result);
 }
 
