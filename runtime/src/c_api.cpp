@@ -21,6 +21,9 @@ struct l4rt_plan_s {
 
 struct l4rt_session_s {
   std::unique_ptr<l4c::rt::Session> session;
+  std::string device; ///< l4rt_session_device()
+  std::vector<l4c::rt::KernelCheck> checks; ///< l4rt_check_kernels
+  std::vector<l4rt_kernel_check> checkViews;
 };
 
 namespace {
@@ -164,28 +167,84 @@ l4rt_status l4rt_plan_info(l4rt_plan plan, l4rt_plan_summary *out) {
   });
 }
 
-l4rt_status l4rt_session_create(l4rt_plan plan, const char *weights_dir,
-                                uint64_t random_seed,
-                                l4rt_session *out_session) {
+l4rt_session_options l4rt_session_options_default(void) {
+  l4rt_session_options o;
+  o.weights_dir = nullptr;
+  o.random_seed = 0;
+  o.device = nullptr;
+  return o;
+}
+
+l4rt_status l4rt_session_create_with(l4rt_plan plan,
+                                     const l4rt_session_options *options,
+                                     l4rt_session *out_session) {
   return guarded([&] {
-    if (!plan || !out_session)
-      return invalid(
-          "l4rt_session_create: plan and out_session must not be null");
+    if (!plan || !options || !out_session)
+      return invalid("l4rt_session_create: plan, options and out_session "
+                     "must not be null");
     *out_session = nullptr;
     l4c::rt::SessionOptions opts;
-    if (weights_dir) {
-      opts.weightsPath = weights_dir;
+    if (options->weights_dir) {
+      opts.weightsPath = options->weights_dir;
       if (opts.weightsPath.empty())
         return invalid("l4rt_session_create: weights_dir is empty (pass NULL "
                        "for random weights)");
     }
-    opts.randomSeed = random_seed;
+    opts.randomSeed = options->random_seed;
+    if (options->device && *options->device)
+      opts.device = options->device;
     std::unique_ptr<l4c::rt::Session> session;
     if (Status s = l4c::rt::Session::create(plan->plan, opts, session); !s.ok())
       return report(s);
-    *out_session = new l4rt_session_s{std::move(session)};
+    std::string device = session->deviceName();
+    *out_session = new l4rt_session_s{std::move(session), std::move(device)};
     return L4RT_OK;
   });
+}
+
+l4rt_status l4rt_session_create(l4rt_plan plan, const char *weights_dir,
+                                uint64_t random_seed,
+                                l4rt_session *out_session) {
+  l4rt_session_options o = l4rt_session_options_default();
+  o.weights_dir = weights_dir;
+  o.random_seed = random_seed;
+  return l4rt_session_create_with(plan, &o, out_session);
+}
+
+l4rt_status l4rt_check_kernels(l4rt_session session, const char *program,
+                               const int64_t *ids, int64_t batch, int64_t seq,
+                               int64_t pos0,
+                               const l4rt_kernel_check **out_checks,
+                               size_t *out_count) {
+  return guarded([&] {
+    if (!session || !program || !out_checks || !out_count)
+      return invalid("l4rt_check_kernels: session, program and outputs must "
+                     "not be null");
+    session->checks.clear();
+    session->checkViews.clear();
+    Status s = session->session->checkKernels(program, ids, batch, seq, pos0,
+                                              session->checks);
+    for (const l4c::rt::KernelCheck &c : session->checks) {
+      l4rt_kernel_check v;
+      v.kernel = c.kernel;
+      v.name = c.name.c_str();
+      v.program = c.program.c_str();
+      v.buffer = c.buffer.c_str();
+      v.integer = c.integer;
+      v.max_abs_err = c.maxAbsErr;
+      v.max_abs_ref = c.maxAbsRef;
+      v.mismatches = c.mismatches;
+      v.elements = c.elements;
+      session->checkViews.push_back(v);
+    }
+    *out_checks = session->checkViews.data();
+    *out_count = session->checkViews.size();
+    return report(s);
+  });
+}
+
+const char *l4rt_session_device(l4rt_session session) {
+  return session ? session->device.c_str() : "";
 }
 
 void l4rt_session_free(l4rt_session session) { delete session; }

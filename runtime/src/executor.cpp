@@ -6,16 +6,19 @@
 //===----------------------------------------------------------------------===//
 #include "executor.h"
 #include "cpu/kernels.h"
+#include "cuda/cuda_backend.h"
 #include "io/safetensors.h"
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <numeric>
 #include <vector>
 
 #include <sys/mman.h>
+#include <sys/sysinfo.h>
 
 namespace l4c::rt {
 
@@ -115,6 +118,12 @@ int64_t sampleRow(const float *logits, size_t V, const Sampling &s,
   return order[keep - 1];
 }
 
+std::string gib(uint64_t bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f GiB", double(bytes) / double(1ull << 30));
+  return buf;
+}
+
 double seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since)
       .count();
@@ -122,14 +131,53 @@ double seconds(std::chrono::steady_clock::time_point since) {
 
 } // namespace
 
+Status parseDevice(const std::string &device, int &ordinal) {
+  if (device.empty() || device == "cpu") {
+    ordinal = -1;
+    return Status::success();
+  }
+  if (device == "cuda") {
+    ordinal = 0;
+    return Status::success();
+  }
+  if (device.rfind("cuda:", 0) == 0 && device.size() > 5 &&
+      device.size() <= 9 &&
+      device.find_first_not_of("0123456789", 5) == std::string::npos) {
+    ordinal = std::stoi(device.substr(5));
+    return Status::success();
+  }
+  return Status::fail(StatusCode::InvalidArgument,
+                      "device '" + device +
+                          "' is not one of cpu, cuda, cuda:N");
+}
+
 Status Session::create(std::shared_ptr<const Plan> plan,
                        const SessionOptions &opts,
                        std::unique_ptr<Session> &out) {
   if (!plan)
     return Status::fail(StatusCode::InvalidArgument, "no plan given");
+  int ordinal = -1;
+  if (Status st = parseDevice(opts.device, ordinal); !st.ok())
+    return st;
   std::unique_ptr<Session> s(new Session(std::move(plan)));
   if (Status st = s->checkSupported(); !st.ok())
     return st;
+  if (ordinal >= 0) {
+    if (s->plan_->program("train_step"))
+      return Status::fail(StatusCode::Unsupported,
+                          s->plan_->label() +
+                              ": train plans run on the cpu backend only "
+                              "(the CUDA emitter has no backward kernels yet)");
+    // Checked before any memory is touched: a cpu plan asked to run on
+    // the GPU fails at once, naming the kernel without CUDA code.
+    if (Status st = cuda::CudaBackend::checkPlan(*s->plan_); !st.ok())
+      return st;
+  }
+  // The device first: a plan too large for it fails at once with the
+  // region it could not allocate, before any weights are read.
+  if (ordinal >= 0)
+    if (Status st = s->attachGpu(ordinal); !st.ok())
+      return st;
   if (Status st = s->allocate(); !st.ok())
     return st;
   if (!opts.weightsPath.empty()) {
@@ -138,14 +186,74 @@ Status Session::create(std::shared_ptr<const Plan> plan,
   } else {
     s->randomWeights(opts.randomSeed);
   }
+  if (s->gpu_) {
+    // The weights go up once; the cache starts zeroed on the device.
+    const Region &w = s->regions_[int(plan::Region::Weights)];
+    if (w.base)
+      if (Status st = s->gpu_->upload(plan::Region::Weights, 0, w.base,
+                                      w.size);
+          !st.ok())
+        return st;
+    if (Status st = s->gpu_->synchronize(); !st.ok())
+      return st;
+  }
   out = std::move(s);
   return Status::success();
 }
 
+Status Session::attachGpu(int ordinal) {
+  const cuda::Driver *drv = nullptr;
+  if (Status st = cuda::Driver::load(drv); !st.ok())
+    return st;
+  return cuda::CudaBackend::create(plan_, ordinal, *drv, gpu_);
+}
+
+std::string Session::deviceName() const {
+  if (!gpu_)
+    return "cpu";
+  return "cuda (" + gpu_->deviceName() + ", " + gpu_->arch() + ")";
+}
+
+Session::Session(std::shared_ptr<const Plan> plan) : plan_(std::move(plan)) {}
+
 Session::~Session() {
+  gpu_.reset();
   for (Region &r : regions_)
     if (r.base)
       ::munmap(r.base, r.size);
+}
+
+Status Session::uploadInputs(const ProgramDesc &prog, int64_t B, int64_t T) {
+  for (int64_t idx : {int64_t(prog.inputIds), int64_t(prog.positions)}) {
+    if (idx < 0)
+      continue;
+    const BufferDesc &d = plan_->buffers[size_t(idx)];
+    uint64_t elem = d.dtype == plan::DType::I64 ? 8 : 4;
+    uint64_t bytes = (uint64_t(B - 1) * d.batchStride + uint64_t(T)) * elem;
+    if (Status s = gpu_->upload(d.region, d.offset,
+                                regions_[int(d.region)].base + d.offset, bytes);
+        !s.ok())
+      return s;
+  }
+  return Status::success();
+}
+
+Status Session::fetchLogits(const ProgramDesc &prog, int64_t B, int64_t r0,
+                            int64_t r1) {
+  if (!gpu_)
+    return Status::success();
+  const BufferDesc &d = plan_->buffers[size_t(prog.logits)];
+  uint64_t V = uint64_t(d.lastDim());
+  uint8_t *host = regions_[int(d.region)].base;
+  for (int64_t b = 0; b < B; ++b) {
+    uint64_t at = d.offset + (uint64_t(b) * d.batchStride + uint64_t(r0) * V) *
+                                 sizeof(float);
+    if (Status s = gpu_->download(d.region, at, host + at,
+                                  uint64_t(r1 - r0) * V * sizeof(float));
+        !s.ok())
+      return s;
+  }
+  return Status::success();
 }
 
 Status Session::checkSupported() const {
@@ -194,6 +302,22 @@ Status Session::checkSupported() const {
 }
 
 Status Session::allocate() {
+  // The weights are all touched (loaded or drawn): refuse a plan whose
+  // weights exceed the machine's memory instead of thrashing into the OOM
+  // killer. The arena is touched only as far as the shapes run need it.
+  uint64_t weights = plan_->regionSize[int(plan::Region::Weights)];
+  struct sysinfo si;
+  if (::sysinfo(&si) == 0) {
+    uint64_t ram = uint64_t(si.totalram) * si.mem_unit;
+    uint64_t swap = uint64_t(si.totalswap) * si.mem_unit;
+    if (weights > ram + swap)
+      return Status::fail(
+          StatusCode::OutOfMemory,
+          plan_->label() + ": the weights need " + gib(weights) +
+              " of host memory but this machine has " + gib(ram) +
+              " (+ " + gib(swap) + " swap)" +
+              (gpu_ ? "" : "; the cpu backend cannot run this plan"));
+  }
   // Anonymous mappings: page aligned (beyond the 64 bytes the kernels want),
   // zero filled, and only pages that are touched cost memory.
   for (int r = 0; r < 4; ++r) {
@@ -288,21 +412,13 @@ Status Session::checkIds(const int64_t *ids, int64_t B, int64_t T,
   return Status::success();
 }
 
-Status Session::runProgram(const ProgramDesc &prog, const int64_t *ids,
-                           int64_t ldIds, int64_t B, int64_t T, int64_t pos0) {
+void Session::stageInputs(const ProgramDesc &prog, const int64_t *ids,
+                          int64_t ldIds, int64_t B, int64_t T, int64_t pos0) {
   const Plan &p = *plan_;
-  if (T > prog.seqCapacity)
-    return Status::fail(
-        StatusCode::InvalidArgument,
-        "sequence length " + std::to_string(T) + " exceeds the " + prog.name +
-            " program's capacity " + std::to_string(prog.seqCapacity));
-  uint8_t *bases[4];
-  for (int r = 0; r < 4; ++r)
-    bases[r] = regions_[r].base;
   // Inputs: ids, then positions pos0 + s (the executor owns positions).
   auto fill = [&](int64_t bufIdx, auto value) {
     const BufferDesc &d = p.buffers[bufIdx];
-    uint8_t *base = bases[int(d.region)] + d.offset;
+    uint8_t *base = regions_[int(d.region)].base + d.offset;
     for (int64_t b = 0; b < B; ++b)
       for (int64_t s = 0; s < T; ++s) {
         int64_t v = value(b, s);
@@ -316,6 +432,27 @@ Status Session::runProgram(const ProgramDesc &prog, const int64_t *ids,
   fill(prog.inputIds, [&](int64_t b, int64_t s) { return ids[b * ldIds + s]; });
   if (prog.positions >= 0)
     fill(prog.positions, [&](int64_t, int64_t s) { return pos0 + s; });
+}
+
+Status Session::runProgram(const ProgramDesc &prog, const int64_t *ids,
+                           int64_t ldIds, int64_t B, int64_t T, int64_t pos0) {
+  const Plan &p = *plan_;
+  if (T > prog.seqCapacity)
+    return Status::fail(
+        StatusCode::InvalidArgument,
+        "sequence length " + std::to_string(T) + " exceeds the " + prog.name +
+            " program's capacity " + std::to_string(prog.seqCapacity));
+  uint8_t *bases[4];
+  for (int r = 0; r < 4; ++r)
+    bases[r] = regions_[r].base;
+  stageInputs(prog, ids, ldIds, B, T, pos0);
+  if (gpu_) {
+    if (Status s = uploadInputs(prog, B, T); !s.ok())
+      return s;
+    // Decode steps repeat with the same extents: replay one CUDA graph.
+    return prog.name == "decode" ? gpu_->runProgramGraph(prog, B, T)
+                                 : gpu_->runProgram(prog, B, T);
+  }
   for (uint32_t k : prog.steps)
     for (const OpDesc &op : p.kernels[k].ops)
       if (Status s = runCpuOp(p, bases, p.kernels[k], op, size_t(B), size_t(T));
@@ -369,6 +506,8 @@ Status Session::forward(const int64_t *ids, int64_t B, int64_t T,
                     "not one per token");
   auto t0 = std::chrono::steady_clock::now();
   if (Status s = runProgram(*prog, ids, T, B, T, 0); !s.ok())
+    return s;
+  if (Status s = fetchLogits(*prog, B, 0, T); !s.ok())
     return s;
   const float *lg =
       reinterpret_cast<const float *>(regions_[int(d.region)].base + d.offset);
@@ -465,6 +604,11 @@ Status Session::generate(const int64_t *ids, int64_t B, int64_t T, int64_t G,
   auto t0 = std::chrono::steady_clock::now();
   if (Status s = runProgram(first, outIds, L, B, T, 0); !s.ok())
     return s;
+  {
+    int64_t row = plan_->buffers[first.logits].hasSeq ? T - 1 : 0;
+    if (Status s = fetchLogits(first, B, row, row + 1); !s.ok())
+      return s;
+  }
   lastLogits(first, B, T, last.data());
   pick();
   for (int64_t b = 0; b < B; ++b)
@@ -479,10 +623,17 @@ Status Session::generate(const int64_t *ids, int64_t B, int64_t T, int64_t G,
       if (Status s = runProgram(*decode, next.data(), 1, B, 1, len - 1);
           !s.ok())
         return s;
+      if (Status s = fetchLogits(*decode, B, 0, 1); !s.ok())
+        return s;
       lastLogits(*decode, B, 1, last.data());
     } else {
       if (Status s = runProgram(*fwd, outIds, L, B, len, 0); !s.ok())
         return s;
+      {
+        int64_t row = plan_->buffers[fwd->logits].hasSeq ? len - 1 : 0;
+        if (Status s = fetchLogits(*fwd, B, row, row + 1); !s.ok())
+          return s;
+      }
       lastLogits(*fwd, B, len, last.data());
     }
     pick();

@@ -20,6 +20,10 @@
 #include <string_view>
 #include <vector>
 
+namespace l4c::cuda {
+class CudaBackend;
+} // namespace l4c::cuda
+
 namespace l4c::rt {
 
 struct SessionOptions {
@@ -27,7 +31,15 @@ struct SessionOptions {
   /// the weights from `randomSeed` instead.
   std::string weightsPath;
   uint64_t randomSeed = 0;
+  /// Where the programs run: "cpu" (the reference backend), "cuda" (device
+  /// 0) or "cuda:N". The CUDA backend needs a plan compiled with
+  /// --target=cuda and the driver (libcuda.so.1, loaded with dlopen).
+  std::string device = "cpu";
 };
+
+/// Parses a device string ("cpu", "cuda", "cuda:N"): ordinal -1 means the
+/// CPU, otherwise the CUDA device number.
+Status parseDevice(const std::string &device, int &ordinal);
 
 /// Temperature and nucleus sampling; the same seed gives the same tokens.
 struct Sampling {
@@ -48,6 +60,21 @@ struct Timing {
   int64_t prefillTokens = 0, decodeTokens = 0; ///< summed over the batch
 };
 
+/// One kernel of a differential GPU-against-CPU run (Session::checkKernels):
+/// the worst of its results.
+struct KernelCheck {
+  uint32_t kernel = 0;
+  std::string name, program, buffer; ///< buffer: the worst result's name
+  bool integer = false;              ///< an integer result (router indices)
+  double maxAbsErr = 0, maxAbsRef = 0; ///< float results, live elements
+  uint64_t mismatches = 0;            ///< integer results: elements differing
+  uint64_t elements = 0;              ///< live result elements compared
+  /// maxAbsErr / maxAbsRef (0 for an all-zero reference with no error).
+  double relErr() const {
+    return maxAbsRef > 0 ? maxAbsErr / maxAbsRef : (maxAbsErr > 0 ? 1e30 : 0);
+  }
+};
+
 class Session {
 public:
   static Status create(std::shared_ptr<const Plan> plan,
@@ -58,6 +85,8 @@ public:
   Session &operator=(const Session &) = delete;
 
   const Plan &plan() const { return *plan_; }
+  /// "cpu", or "cuda:N (<device name>, sm_XX)".
+  std::string deviceName() const;
 
   /// Runs the "forward" program on ids [B, T]; logits receives [B, T, V].
   Status forward(const int64_t *ids, int64_t B, int64_t T, float *logits);
@@ -69,6 +98,16 @@ public:
                   const Sampling *sampling, int64_t *outIds, int64_t *outLen);
 
   Timing lastTiming() const;
+
+  /// The differential test of every kernel (CUDA sessions): runs `program`
+  /// ("forward", "prefill", "decode") on ids [B, T] at position pos0 kernel
+  /// by kernel on the CPU backend and on the GPU, compares each kernel's
+  /// results over their live elements, then gives the GPU the CPU's results,
+  /// so every kernel is checked on identical inputs. Leaves the regions as
+  /// the CPU computed them (a prefill check may be followed by a decode one).
+  Status checkKernels(const std::string &program, const int64_t *ids,
+                      int64_t B, int64_t T, int64_t pos0,
+                      std::vector<KernelCheck> &out);
 
   // Training (train.cpp). Gradients of micro-batches are summed in the
   // session; the optimizer applies their mean, then clears them.
@@ -106,7 +145,7 @@ public:
   uint8_t *regionData(plan::Region r) { return regions_[int(r)].base; }
 
 private:
-  explicit Session(std::shared_ptr<const Plan> plan) : plan_(std::move(plan)) {}
+  explicit Session(std::shared_ptr<const Plan> plan); // executor.cpp
   Status checkSupported() const;
   const ProgramDesc *trainProgram(Status &st) const;
   float *weightData(size_t w) const;
@@ -116,9 +155,19 @@ private:
   Status allocate();
   Status loadWeights(const std::string &path);
   void randomWeights(uint64_t seed);
+  Status attachGpu(int ordinal);
+  /// CUDA: copies the program's inputs for [0, B) x [0, T) to the device.
+  Status uploadInputs(const ProgramDesc &prog, int64_t B, int64_t T);
+  /// CUDA: copies logits rows [r0, r1) of each batch entry to the host
+  /// mirror (a no-op on the CPU, where the mirror is the buffer).
+  Status fetchLogits(const ProgramDesc &prog, int64_t B, int64_t r0,
+                     int64_t r1);
   Status checkIds(const int64_t *ids, int64_t B, int64_t T, int64_t ld) const;
   Status runProgram(const ProgramDesc &prog, const int64_t *ids, int64_t ldIds,
                     int64_t B, int64_t T, int64_t pos0);
+  /// Writes ids and positions pos0 + s into the host input buffers.
+  void stageInputs(const ProgramDesc &prog, const int64_t *ids, int64_t ldIds,
+                   int64_t B, int64_t T, int64_t pos0);
   /// Copies the logits row of the last token of each batch entry into out [B,
   /// V].
   void lastLogits(const ProgramDesc &prog, int64_t B, int64_t T,
@@ -129,7 +178,10 @@ private:
     size_t size = 0;
   };
   std::shared_ptr<const Plan> plan_;
+  /// The host regions; with a GPU they mirror the device's (weights as
+  /// loaded, inputs before upload, logits after download).
   Region regions_[4];
+  std::unique_ptr<cuda::CudaBackend> gpu_;
   mutable std::mutex mu_; ///< one program run at a time
   Timing timing_;
   // Training state, per Plan::weights entry.

@@ -541,6 +541,53 @@ TEST(CApi, ForwardGenerateAndErrors) {
   l4rt_plan_free(plan);
 }
 
+TEST(CApi, SessionOptionsAndDevices) {
+  std::vector<uint8_t> bytes = tinyModelPlan("forward", 1, 4).serialize();
+  l4rt_plan plan = nullptr;
+  ASSERT_EQ(l4rt_plan_load_memory(bytes.data(), bytes.size(), &plan), L4RT_OK);
+  l4rt_session_options o = l4rt_session_options_default();
+  o.random_seed = 3;
+  l4rt_session session = nullptr;
+  ASSERT_EQ(l4rt_session_create_with(plan, &o, &session), L4RT_OK)
+      << l4rt_last_error();
+  EXPECT_STREQ(l4rt_session_device(session), "cpu");
+  // Kernel checks compare a GPU with the CPU: a cpu session has nothing to
+  // compare.
+  int64_t ids[1] = {1};
+  const l4rt_kernel_check *checks = nullptr;
+  size_t n = 7;
+  EXPECT_EQ(l4rt_check_kernels(session, "forward", ids, 1, 1, 0, &checks, &n),
+            L4RT_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(n, 0u);
+  EXPECT_STREQ(l4rt_last_error(), "checking kernels needs a cuda session");
+  l4rt_session_free(session);
+
+  for (const char *bad : {"gpu", "cuda:", "cuda:x", "cuda:-1", "CPU"}) {
+    o.device = bad;
+    session = nullptr;
+    EXPECT_EQ(l4rt_session_create_with(plan, &o, &session),
+              L4RT_ERROR_INVALID_ARGUMENT)
+        << bad;
+    EXPECT_EQ(session, nullptr);
+    EXPECT_EQ(std::string(l4rt_last_error()),
+              "device '" + std::string(bad) +
+                  "' is not one of cpu, cuda, cuda:N");
+  }
+  // A plan without CUDA code is refused for a GPU before any driver or
+  // memory is touched, naming the first kernel.
+  o.device = "cuda:0";
+  EXPECT_EQ(l4rt_session_create_with(plan, &o, &session),
+            L4RT_ERROR_INVALID_PLAN);
+  EXPECT_NE(std::string(l4rt_last_error()).find("has no CUDA code"),
+            std::string::npos)
+      << l4rt_last_error();
+  o.device = "";
+  ASSERT_EQ(l4rt_session_create_with(plan, &o, &session), L4RT_OK);
+  EXPECT_STREQ(l4rt_session_device(session), "cpu");
+  l4rt_session_free(session);
+  l4rt_plan_free(plan);
+}
+
 TEST(CApi, CxxWrapper) {
   std::vector<uint8_t> bytes = tinyModelPlan("forward", 1, 4).serialize();
   l4rt::Plan plan(bytes.data(), bytes.size());

@@ -10,6 +10,7 @@
 #include "io/safetensors.h"
 #include "l4c/runtime/l4rt.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -39,6 +40,12 @@ const char *kUsage =
     "              --train-data FILE [--data-format=bytes|tokens] --steps N\n"
     "              [--batch B] [--seq T] [--grad-accum K] [--adamw=...]\n"
     "              [--save DIR] [--save-every K] [--log FILE]\n"
+    "       l4-run PLAN --device=cuda (--weights CKPT_DIR | "
+    "--random-weights=SEED)\n"
+    "              --inputs IN.safetensors --check-kernels[=TOL]\n"
+    "Every mode takes --device=cpu|cuda|cuda:N (default cpu; cuda needs a "
+    "plan\n"
+    "compiled with --target=cuda; train plans run on the cpu).\n"
     "IN holds input_ids (i64 [B, T]). OUT gets logits (f32 [B, T, V]) from a "
     "forward\n"
     "plan, and greedy_ids (i64 [B, T + G]) from a generate plan or when\n"
@@ -202,6 +209,10 @@ Options parseArgs(int argc, char **argv) {
       o.weights = take();
     else if (flag == "--random-weights")
       o.randomSeed = parseSeed(flag, take());
+    else if (flag == "--check-kernels")
+      o.checkKernels = inlineValue ? parseFloat(flag, value) : 1e-3;
+    else if (flag == "--device")
+      o.device = take();
     else if (flag == "--inputs")
       o.inputs = take();
     else if (flag == "--out")
@@ -281,6 +292,13 @@ Options parseArgs(int argc, char **argv) {
                                     {!o.log.empty(), "--log"}})
     if (given)
       usage(std::string(flag) + " goes with --train-data");
+  if (o.checkKernels) {
+    if (o.inputs.empty() || o.hasPrompt || !o.out.empty())
+      usage("--check-kernels takes --inputs IN (and no --out or --prompt)");
+    if (o.device == "cpu")
+      usage("--check-kernels compares a GPU with the cpu: give --device=cuda");
+    return o;
+  }
   if (o.hasPrompt == !o.inputs.empty() || (!o.inputs.empty() && o.out.empty()))
     usage("give either --inputs IN --out OUT or --prompt TEXT");
   if (o.hasPrompt && !o.out.empty())
@@ -416,6 +434,78 @@ int runFiles(const Options &o, l4rt_session session,
   return 0;
 }
 
+/// --check-kernels: every kernel on the GPU against the CPU backend, on
+/// the inputs' ids (forward), or prefill then one decode step (generate).
+int runCheckKernels(const Options &o, l4rt_session session,
+                    const l4rt_plan_summary &s) {
+  int64_t B = 0, T = 0;
+  std::vector<int64_t> ids = readInputIds(o.inputs, B, T);
+  struct Row {
+    l4rt_kernel_check c;
+    std::string name, program, buffer;
+  };
+  std::vector<Row> rows;
+  auto runOne = [&](const char *program, const int64_t *x, int64_t t,
+                    int64_t pos0) {
+    const l4rt_kernel_check *checks = nullptr;
+    size_t n = 0;
+    check(l4rt_check_kernels(session, program, x, B, t, pos0, &checks, &n));
+    for (size_t i = 0; i < n; ++i)
+      rows.push_back({checks[i], checks[i].name, checks[i].program,
+                      checks[i].buffer});
+  };
+  if (std::string(s.program_kind) == "forward") {
+    runOne("forward", ids.data(), T, 0);
+  } else {
+    runOne("prefill", ids.data(), T, 0);
+    std::vector<int64_t> next(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b)
+      next[size_t(b)] = ids[size_t(b * T)];
+    if (T < s.max_seq)
+      runOne("decode", next.data(), 1, T);
+  }
+  double tol = *o.checkKernels;
+  auto rel = [](const l4rt_kernel_check &c) {
+    return c.max_abs_ref > 0 ? c.max_abs_err / c.max_abs_ref
+                             : (c.max_abs_err > 0 ? 1e30 : 0.0);
+  };
+  auto bad = [&](const l4rt_kernel_check &c) {
+    return c.integer ? c.mismatches > 0 : !(rel(c) <= tol);
+  };
+  std::vector<size_t> order(rows.size());
+  for (size_t i = 0; i < order.size(); ++i)
+    order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return rel(rows[a].c) > rel(rows[b].c);
+  });
+  size_t over = 0, elements = 0;
+  for (const Row &r : rows) {
+    over += bad(r.c);
+    elements += r.c.elements;
+  }
+  std::printf("%-8s %-5s %-48s %-10s %-10s %s\n", "program", "#", "kernel",
+              "rel err", "max |ref|", "result");
+  size_t shown = 0;
+  for (size_t i : order) {
+    const Row &r = rows[i];
+    if (shown >= 12 && !bad(r.c))
+      break;
+    ++shown;
+    std::printf("%-8s %-5u %-48s %-10.2e %-10.2e %s%s\n", r.program.c_str(),
+                r.c.kernel, r.name.c_str(), rel(r.c), r.c.max_abs_ref,
+                r.buffer.c_str(),
+                r.c.integer ? (" (" + std::to_string(r.c.mismatches) +
+                               " ints differ)")
+                                  .c_str()
+                            : "");
+  }
+  double worst = order.empty() ? 0 : rel(rows[order[0]].c);
+  std::printf("check-kernels: %zu kernels, %zu result elements, worst rel err "
+              "%.2e, %zu above %.1e: %s\n",
+              rows.size(), elements, worst, over, tol, over ? "FAIL" : "ok");
+  return over ? 1 : 0;
+}
+
 } // namespace
 
 int main(int argc, char **argv) {
@@ -440,14 +530,23 @@ int main(int argc, char **argv) {
     die(o.plan + ": --adamw needs a train plan (this one is " + s.program_kind +
         ")");
   if (!o.trainData.empty()) {
+    if (o.device != "cpu")
+      die(o.plan + ": the training loop runs on the cpu backend only "
+                   "(--device=" + o.device + ")");
     int rc = runTraining(o, plan, s);
     l4rt_plan_free(plan);
     return rc;
   }
   l4rt_session session = nullptr;
-  check(l4rt_session_create(plan, o.randomSeed ? nullptr : o.weights.c_str(),
-                            o.randomSeed.value_or(0), &session));
-  int rc = o.hasPrompt ? runPrompt(o, session, s)
+  l4rt_session_options so = l4rt_session_options_default();
+  so.weights_dir = o.randomSeed ? nullptr : o.weights.c_str();
+  so.random_seed = o.randomSeed.value_or(0);
+  so.device = o.device.c_str();
+  check(l4rt_session_create_with(plan, &so, &session));
+  if (o.device != "cpu")
+    std::fprintf(stderr, "l4-run: device %s\n", l4rt_session_device(session));
+  int rc = o.checkKernels ? runCheckKernels(o, session, s)
+           : o.hasPrompt  ? runPrompt(o, session, s)
            : train     ? runTrainFiles(o, session)
                        : runFiles(o, session, s);
   l4rt_session_free(session);

@@ -19,6 +19,8 @@ namespace l4run {
 
 struct Options {
   std::string plan, weights, inputs, out, prompt;
+  std::string device = "cpu"; ///< --device: cpu, cuda, cuda:N
+  std::optional<double> checkKernels; ///< --check-kernels=TOL
   bool info = false, hasPrompt = false;
   std::optional<uint64_t> randomSeed;
   std::optional<int64_t> maxNewTokens;

@@ -110,6 +110,23 @@ L4RT_API l4rt_status l4rt_session_create(l4rt_plan plan,
                                          const char *weights_dir,
                                          uint64_t random_seed,
                                          l4rt_session *out_session);
+/* Everything l4rt_session_create takes, plus where to run. Zero-initialise
+ * it (or use l4rt_session_options_default) and set what you need. */
+typedef struct l4rt_session_options {
+  const char *weights_dir; /* NULL: random weights from random_seed */
+  uint64_t random_seed;
+  /* "cpu" (also for NULL or ""), "cuda" (device 0) or "cuda:N". CUDA needs a
+   * plan compiled with --target=cuda and the driver, libcuda.so.1, which is
+   * loaded at run time: a machine without it still runs the cpu backend. */
+  const char *device;
+} l4rt_session_options;
+
+L4RT_API l4rt_session_options l4rt_session_options_default(void);
+L4RT_API l4rt_status l4rt_session_create_with(
+    l4rt_plan plan, const l4rt_session_options *options,
+    l4rt_session *out_session);
+/* "cpu", or "cuda (<device name>, <arch>)"; owned by the session. */
+L4RT_API const char *l4rt_session_device(l4rt_session session);
 L4RT_API void l4rt_session_free(l4rt_session session);
 
 /* Runs a forward plan on ids [batch, seq]; logits_out receives
@@ -130,6 +147,31 @@ L4RT_API l4rt_status l4rt_generate(l4rt_session session, const int64_t *ids,
 
 L4RT_API l4rt_status l4rt_session_timing(l4rt_session session,
                                          l4rt_timing *out_timing);
+
+/* One kernel of l4rt_check_kernels: its worst result against the CPU. */
+typedef struct l4rt_kernel_check {
+  uint32_t kernel;     /* index in the plan */
+  const char *name;    /* the kernel's name (its HF module path) */
+  const char *program; /* "forward", "prefill", "decode" */
+  const char *buffer;  /* the result buffer with the largest error */
+  int integer;         /* that result holds integers (router indices) */
+  double max_abs_err;  /* float results: max |gpu - cpu| over live elements */
+  double max_abs_ref;  /* max |cpu| there */
+  uint64_t mismatches; /* integer results: elements that differ */
+  uint64_t elements;   /* live result elements compared, all results */
+} l4rt_kernel_check;
+
+/* The differential test of every kernel of a CUDA session: runs `program`
+ * on ids [batch, seq] (positions pos0 + s) kernel by kernel on the CPU
+ * backend and on the GPU, compares each kernel's results, and gives the GPU
+ * the CPU's results before the next kernel. *out_checks (valid until the
+ * next call on the session) receives one entry per kernel run, in order. */
+L4RT_API l4rt_status l4rt_check_kernels(l4rt_session session,
+                                        const char *program, const int64_t *ids,
+                                        int64_t batch, int64_t seq,
+                                        int64_t pos0,
+                                        const l4rt_kernel_check **out_checks,
+                                        size_t *out_count);
 
 /*---- Training (plans compiled with --program=train) ----------------------*/
 

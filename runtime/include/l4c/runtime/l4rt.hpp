@@ -71,7 +71,13 @@ public:
   Session(const Plan &plan, uint64_t randomSeed) {
     check(l4rt_session_create(plan.get(), nullptr, randomSeed, &handle_));
   }
+  /// Any options, the device included ("cpu", "cuda", "cuda:N").
+  Session(const Plan &plan, const l4rt_session_options &options) {
+    check(l4rt_session_create_with(plan.get(), &options, &handle_));
+  }
   ~Session() { l4rt_session_free(handle_); }
+  /// "cpu", or "cuda (<device name>, <arch>)".
+  std::string device() const { return l4rt_session_device(handle_); }
   Session(Session &&o) noexcept : handle_(std::exchange(o.handle_, nullptr)) {}
   Session &operator=(Session &&o) noexcept {
     std::swap(handle_, o.handle_);

@@ -1,0 +1,159 @@
+//===- kernel_check.cpp - every GPU kernel against the CPU backend --------===//
+//
+// Session::checkKernels: a program run kernel by kernel on both backends.
+// Before each kernel the two sides hold identical regions; after it, its
+// results are compared over their live elements and the CPU's results are
+// uploaded, so an error is charged to the kernel that made it and never
+// carried into the next one.
+//
+//===----------------------------------------------------------------------===//
+#include "cuda/cuda_backend.h"
+#include "executor.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <set>
+
+namespace l4c::rt {
+
+namespace {
+
+/// Byte ranges of a buffer holding live data for a run of (B, T): per batch
+/// entry its first activeElems(T) elements; KV caches (whose seq extent is
+/// the cache length, not T) and buffers without a batch dim whole.
+std::vector<std::pair<uint64_t, uint64_t>>
+liveRanges(const BufferDesc &d, int64_t B, int64_t T, uint64_t elem) {
+  std::vector<std::pair<uint64_t, uint64_t>> r;
+  if (d.region == plan::Region::Cache || !d.hasBatch) {
+    r.push_back({d.offset, d.size});
+    return r;
+  }
+  uint64_t live = std::min<uint64_t>(d.activeElems(uint64_t(T)), d.batchStride);
+  for (int64_t b = 0; b < B; ++b)
+    r.push_back({d.offset + uint64_t(b) * d.batchStride * elem, live * elem});
+  return r;
+}
+
+uint64_t elemBytes(plan::DType t) {
+  switch (t) {
+  case plan::DType::F32:
+  case plan::DType::I32:
+    return 4;
+  case plan::DType::I64:
+    return 8;
+  case plan::DType::BF16:
+  case plan::DType::F16:
+    return 2;
+  }
+  return 4;
+}
+
+} // namespace
+
+Status Session::checkKernels(const std::string &program, const int64_t *ids,
+                             int64_t B, int64_t T, int64_t pos0,
+                             std::vector<KernelCheck> &out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Plan &p = *plan_;
+  if (!gpu_)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "checking kernels needs a cuda session");
+  const ProgramDesc *prog = p.program(program);
+  if (!prog)
+    return Status::fail(StatusCode::InvalidArgument,
+                        p.label() + ": no program '" + program + "'");
+  if (B < 1 || B > p.maxBatch || T < 1 || T > prog->seqCapacity)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "batch " + std::to_string(B) + " x length " +
+                            std::to_string(T) + " is outside the " + program +
+                            " program's range");
+  if (Status s = checkIds(ids, B, T, T); !s.ok())
+    return s;
+  stageInputs(*prog, ids, T, B, T, pos0);
+  // Start from identical regions: the host's (weights were uploaded at
+  // creation and never change).
+  for (plan::Region r :
+       {plan::Region::Arena, plan::Region::Cache, plan::Region::Io})
+    if (regions_[int(r)].base)
+      if (Status s = gpu_->upload(r, 0, regions_[int(r)].base,
+                                  regions_[int(r)].size);
+          !s.ok())
+        return s;
+  uint8_t *bases[4];
+  for (int r = 0; r < 4; ++r)
+    bases[r] = regions_[r].base;
+  std::vector<uint8_t> dev;
+  for (uint32_t k : prog->steps) {
+    const KernelDesc &kd = p.kernels[k];
+    for (const OpDesc &op : kd.ops)
+      if (Status s = runCpuOp(p, bases, kd, op, size_t(B), size_t(T)); !s.ok())
+        return s;
+    ProgramDesc one = *prog;
+    one.steps = {k};
+    if (Status s = gpu_->runProgram(one, B, T); !s.ok())
+      return s;
+    std::set<uint32_t> results;
+    for (const OpDesc &op : kd.ops)
+      results.insert(op.results.begin(), op.results.end());
+    KernelCheck kc;
+    kc.kernel = k;
+    kc.name = kd.name;
+    kc.program = program;
+    double worst = -1;
+    for (uint32_t bi : results) {
+      const BufferDesc &d = p.buffers[bi];
+      uint64_t elem = elemBytes(d.dtype);
+      KernelCheck c;
+      c.integer = !isFloat(d.dtype);
+      for (auto [at, bytes] : liveRanges(d, B, T, elem)) {
+        dev.resize(bytes);
+        if (Status s = gpu_->download(d.region, at, dev.data(), bytes); !s.ok())
+          return s;
+        const uint8_t *host = bases[int(d.region)] + at;
+        uint64_t n = bytes / elem;
+        c.elements += n;
+        if (d.dtype == plan::DType::F32) {
+          const float *g = reinterpret_cast<const float *>(dev.data());
+          const float *h = reinterpret_cast<const float *>(host);
+          for (uint64_t i = 0; i < n; ++i) {
+            double err = std::isnan(g[i]) != std::isnan(h[i])
+                             ? INFINITY
+                             : std::fabs(double(g[i]) - double(h[i]));
+            if (std::isnan(err))
+              err = 0; // both NaN: the reference has it too
+            c.maxAbsErr = std::max(c.maxAbsErr, err);
+            if (std::isfinite(h[i]))
+              c.maxAbsRef = std::max(c.maxAbsRef, double(std::fabs(h[i])));
+          }
+        } else if (c.integer) {
+          for (uint64_t i = 0; i < n; ++i)
+            c.mismatches +=
+                std::memcmp(dev.data() + i * elem, host + i * elem, elem) != 0;
+        } else {
+          return Status::fail(StatusCode::Unsupported,
+                              "kernel '" + kd.name + "': result '" + d.name +
+                                  "' has dtype " + dtypeName(d.dtype) +
+                                  ", which the kernel check does not compare");
+        }
+        // The GPU continues from the CPU's values.
+        if (Status s = gpu_->upload(d.region, at, host, bytes); !s.ok())
+          return s;
+      }
+      double score = c.integer ? double(c.mismatches) * 1e9 : c.relErr();
+      if (score > worst) {
+        worst = score;
+        kc.buffer = d.name;
+        kc.integer = c.integer;
+        kc.maxAbsErr = c.maxAbsErr;
+        kc.maxAbsRef = c.maxAbsRef;
+        kc.mismatches = c.mismatches;
+      }
+      kc.elements += c.elements;
+    }
+    out.push_back(std::move(kc));
+  }
+  return gpu_->synchronize();
+}
+
+} // namespace l4c::rt
