@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Builds, on the CPU machine, everything test/gpu/run.sh needs on the GPU
+# machine (which has no LLVM/MLIR): l4-run, l4-compare, libl4rt and the
+# runtime tests, CUDA plans (sm_90a cubins from NVRTC) for the golden cases,
+# an odd-shaped model and timing models, CPU reference outputs, and the
+# artifacts of the HF checkpoint check. Usage: test/gpu/prepare.sh [BUILD]
+# Output: BUILD/gpu (carry it to the GPU machine; see test/gpu/README.md).
+set -euo pipefail
+build=${1:-build}
+b=$build/gpu
+l4c=$build/bin/l4c
+run=$build/bin/l4-run
+rm -rf "$b" && mkdir -p "$b/bin" "$b/lib" "$b/plans" "$b/refs"
+cp "$build/bin/l4-run" "$build/bin/l4-compare" "$b/bin/"
+cp "$build/runtime/l4c_runtime_tests" "$b/bin/"
+cp -P "$build"/runtime/libl4rt.so* "$b/lib/"
+
+compile() { # NAME MODEL PROGRAM B T
+  "$l4c" compile "$2" --program="$3" --target=cuda --max-batch="$4" \
+    --max-seq="$5" -o "$b/plans/$1.plan" 2>&1 | sed 's/^/  /'
+}
+
+echo "== golden cases: forward and generate plans"
+# name dir B T G (T: the golden prompt length; G: new tokens compared)
+cat >"$b/cases.txt" <<CASES
+scout-tiny test/data/golden/scout-tiny 2 40 12
+maverick-tiny test/data/golden/maverick-tiny 2 33 10
+topk2-tied-mqa test/data/golden-extra/topk2-tied-mqa 2 20 6
+step3-mha-noqk-notemp test/data/golden-extra/step3-mha-noqk-notemp 1 17 8
+e16-top3-longchunk test/data/golden-extra/e16-top3-longchunk 3 24 5
+CASES
+while read -r name dir B T G; do
+  compile "$name-forward" "$dir" forward "$B" "$T"
+  compile "$name-generate" "$dir" generate "$B" $((T + G))
+done <"$b/cases.txt"
+
+echo "== odd shapes (hidden 200, 5 heads / 1 kv head of 40, vocab 1001, top-2 of 5 experts, chunk 13)"
+odd=test/gpu/configs/odd.json
+compile odd-forward "$odd" forward 3 40
+compile odd-generate "$odd" generate 3 64
+python3 - "$b/refs/odd-inputs.safetensors" <<'PY'
+import json, random, struct, sys
+random.seed(7)
+B, T = 3, 37
+ids = [random.randrange(1001) for _ in range(B * T)]
+h = json.dumps({"input_ids": {"dtype": "I64", "shape": [B, T],
+                              "data_offsets": [0, 8 * len(ids)]}}).encode()
+h += b" " * (-(8 + len(h)) % 8)
+open(sys.argv[1], "wb").write(struct.pack("<Q", len(h)) + h +
+                              struct.pack("<%dq" % len(ids), *ids))
+PY
+# The CPU backend runs the same plans (its semantic ops) for the reference.
+"$run" "$b/plans/odd-forward.plan" --random-weights=11 \
+  --inputs "$b/refs/odd-inputs.safetensors" --out "$b/refs/odd-forward-cpu.safetensors"
+"$run" "$b/plans/odd-generate.plan" --random-weights=11 --max-new-tokens=20 \
+  --inputs "$b/refs/odd-inputs.safetensors" --out "$b/refs/odd-generate-cpu.safetensors"
+
+echo "== timing models: llama4-tiny and a 313M-parameter config (test/gpu/configs/mid.json)"
+compile tiny-generate llama4-tiny generate 1 256
+compile mid-generate test/gpu/configs/mid.json generate 1 256
+
+echo "== HF checkpoint check: a checkpoint l4c trained and saved"
+STEPS=${HF_STEPS:-20} bash test/gpu/prepare_hf_check.sh "$build" "$b/hf" >/dev/null
+compile hf-forward "$b/hf/ckpt" forward 2 16
+
+echo "== llama4-scout generate plan (batch 1, seq 8192)"
+compile scout-generate llama4-scout generate 1 8192
+
+du -sh "$b"
+echo "prepare: wrote $b"

@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# The GPU checks, run on the GPU machine from the repository root on what
+# test/gpu/prepare.sh built on the CPU machine (see test/gpu/README.md):
+#   1. the CUDA backend's unit tests, the real-device one included;
+#   2. golden parity on the GPU: logits within the GPU f32 tolerance of
+#      ARCHITECTURE.md (1e-3 of max |logit|) and identical greedy ids, for the
+#      five HF float64 golden cases;
+#   3. a differential run of an odd-shaped model (no size a multiple of a
+#      tile) against the CPU backend on the same plan, weights and inputs;
+#   3b. every kernel of those plans against the CPU backend, each on the
+#      same inputs (l4-run --check-kernels);
+#   4. compute-sanitizer memcheck on two golden plans;
+#   5. HF transformers loads a checkpoint l4c trained and saved, and its
+#      logits equal l4c's (CPU and GPU);
+#   6. decode speed: l4c on the GPU and CPU, HF eager on the same config;
+#   7. the llama4-scout plan on this device with random weights.
+# Prints a table last; logs and the table go to $OUT (or ./gpu-results).
+# Usage: test/gpu/run.sh [BUNDLE]   (BUNDLE defaults to build/gpu)
+set -uo pipefail
+b=${1:-build/gpu}
+out=${OUT:-gpu-results}
+mkdir -p "$out/logs"
+export LD_LIBRARY_PATH="$PWD/$b/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export L4C_CACHE_DIR="$out/cache"
+run="$b/bin/l4-run"
+cmp="$b/bin/l4-compare"
+table="$out/table.txt"
+: >"$table"
+fails=0
+row() { # CHECK RESULT DETAIL
+  printf '%-44s %-5s %s\n' "$1" "$2" "$3" | tee -a "$table" >/dev/null
+  [ "$2" != FAIL ] || fails=$((fails + 1))
+}
+# check NAME LOG CMD...: runs CMD (2 min cap), PASS on exit 0; the detail is
+# the log's last line.
+check() {
+  local name=$1 log="$out/logs/$2.log"
+  shift 2
+  timeout 120 "$@" >"$log" 2>&1
+  local rc=$?
+  local last
+  last=$(grep -v '^\s*$' "$log" | tail -1 | cut -c1-110)
+  if [ $rc -eq 0 ]; then row "$name" PASS "$last"; else row "$name" FAIL "rc=$rc: $last"; fi
+  # A failed GPU run is repeated synchronising after every launch, so that
+  # the log names the kernel that faulted.
+  if [ $rc -ne 0 ] && [ "${1##*/}" = l4-run ] && [[ "$*" == *--device=cuda* ]]; then
+    L4C_CUDA_SYNC=1 timeout 120 "$@" >"${log%.log}-sync.log" 2>&1
+  fi
+  return $rc
+}
+
+echo "== device"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
+
+echo "== 1. CUDA backend unit tests"
+check "unit: Cuda* (fake driver + real device)" unit \
+  "$b/bin/l4c_runtime_tests" --gtest_filter='Cuda*' --gtest_brief=1
+grep -E "SKIPPED|RunsKernelsOnTheDevice" "$out/logs/unit.log" | head -5
+
+echo "== 2. golden parity (f32)"
+while read -r name dir B T G; do
+  p="$b/plans/$name"
+  o="$out/$name"
+  check "golden $name forward: run" "$name-fwd" "$run" "$p-forward.plan" \
+    --device=cuda --weights "$dir" --inputs "$dir/golden.safetensors" \
+    --out "$o-forward.safetensors" &&
+    check "golden $name forward: logits 1e-3" "$name-fwd-cmp" "$cmp" \
+      "$o-forward.safetensors" "$dir/golden.safetensors" --tol logits=1e-3
+  check "golden $name generate: run" "$name-gen" "$run" "$p-generate.plan" \
+    --device=cuda --weights "$dir" --inputs "$dir/golden.safetensors" \
+    --max-new-tokens="$G" --out "$o-generate.safetensors" &&
+    check "golden $name generate: greedy ids" "$name-gen-cmp" "$cmp" \
+      "$o-generate.safetensors" "$dir/golden.safetensors" --exact greedy_ids
+done <"$b/cases.txt"
+
+echo "== 3. odd shapes: GPU against the CPU backend"
+check "odd forward: run" odd-fwd "$run" "$b/plans/odd-forward.plan" --device=cuda \
+  --random-weights=11 --inputs "$b/refs/odd-inputs.safetensors" --out "$out/odd-forward.safetensors" &&
+  check "odd forward: logits vs cpu 1e-3" odd-fwd-cmp "$cmp" "$out/odd-forward.safetensors" \
+    "$b/refs/odd-forward-cpu.safetensors" --tol logits=1e-3
+check "odd generate: run" odd-gen "$run" "$b/plans/odd-generate.plan" --device=cuda \
+  --random-weights=11 --max-new-tokens=20 --inputs "$b/refs/odd-inputs.safetensors" \
+  --out "$out/odd-generate.safetensors" &&
+  check "odd generate: greedy ids vs cpu" odd-gen-cmp "$cmp" "$out/odd-generate.safetensors" \
+    "$b/refs/odd-generate-cpu.safetensors" --exact greedy_ids
+
+echo "== 3b. every kernel on the GPU against the CPU backend (same inputs per kernel)"
+while read -r name dir B T G; do
+  for prog in forward generate; do
+    check "kernels $name $prog (1e-3)" "$name-$prog-kernels" "$run" "$b/plans/$name-$prog.plan" \
+      --device=cuda --weights "$dir" --inputs "$dir/golden.safetensors" --check-kernels=1e-3
+  done
+done <"$b/cases.txt"
+for prog in forward generate; do
+  check "kernels odd $prog (1e-3)" "odd-$prog-kernels" "$run" "$b/plans/odd-$prog.plan" \
+    --device=cuda --random-weights=11 --inputs "$b/refs/odd-inputs.safetensors" --check-kernels=1e-3
+done
+
+echo "== 4. compute-sanitizer memcheck"
+if command -v compute-sanitizer >/dev/null; then
+  d=test/data/golden/scout-tiny
+  check "memcheck scout-tiny forward" memcheck-fwd compute-sanitizer --tool memcheck \
+    --error-exitcode 9 "$run" "$b/plans/scout-tiny-forward.plan" --device=cuda \
+    --weights $d --inputs $d/golden.safetensors --out "$out/mc-fwd.safetensors"
+  check "memcheck scout-tiny generate" memcheck-gen compute-sanitizer --tool memcheck \
+    --error-exitcode 9 "$run" "$b/plans/scout-tiny-generate.plan" --device=cuda \
+    --weights $d --inputs $d/golden.safetensors --max-new-tokens=12 --out "$out/mc-gen.safetensors"
+else
+  row "memcheck" SKIP "compute-sanitizer not found"
+fi
+
+echo "== 5. HF transformers loads an l4c checkpoint"
+h="$b/hf"
+check "hf: l4c cpu logits vs HF (1e-4)" hf-cpu python3 test/gpu/hf_check.py \
+  "$h/ckpt" "$h/l4c_out.safetensors" "$h/inputs.safetensors" --tol 1e-4
+check "hf: l4c gpu run" hf-gpu-run "$run" "$b/plans/hf-forward.plan" --device=cuda \
+  --weights "$h/ckpt" --inputs "$h/inputs.safetensors" --out "$out/hf-gpu.safetensors" &&
+  check "hf: l4c gpu logits vs HF (1e-3)" hf-gpu python3 test/gpu/hf_check.py \
+    "$h/ckpt" "$out/hf-gpu.safetensors" "$h/inputs.safetensors" --tol 1e-3
+
+echo "== 6. decode speed (batch 1, greedy, f32)"
+prompt="Llama 4 on H100:"
+rate() { sed -n 's/^decode: .*(\([0-9.]*\) tokens\/s)/\1/p' "$out/logs/$1.log"; }
+for m in tiny mid; do
+  for dev in cuda cpu; do
+    check "speed $m $dev" "speed-$m-$dev" "$run" "$b/plans/$m-generate.plan" \
+      --device=$dev --random-weights=1 --prompt "$prompt" --max-new-tokens=128
+    r=$(rate "speed-$m-$dev")
+    [ -n "$r" ] && row "  $m $dev decode" INFO "$r tokens/s ($(awk -v r="$r" 'BEGIN{printf "%.3f", 1000/r}') ms/token)"
+  done
+done
+check "speed mid HF eager f32 (peer)" peer-mid python3 test/gpu/peer_decode.py \
+  test/gpu/configs/mid.json --dtype float32 --prompt-len 16 --new-tokens 128
+
+echo "== 7. llama4-scout plan (generate, batch 1, seq 8192) on this device"
+check "scout plan: --info" scout-info "$run" --info "$b/plans/scout-generate.plan"
+timeout 120 "$run" "$b/plans/scout-generate.plan" --device=cuda --random-weights=1 \
+  --prompt "hi" --max-new-tokens=4 >"$out/logs/scout-load.log" 2>&1
+row "scout plan: random weights on the GPU" INFO "rc=$?: $(tail -1 "$out/logs/scout-load.log" | cut -c1-150)"
+
+echo
+echo "== summary ($(cat "$out/device.txt"), $(date -u +%F))"
+cat "$table"
+echo "$fails failed"
+[ "$fails" -eq 0 ]
