@@ -8,6 +8,7 @@
 #include "l4c/Passes/Passes.h"
 #include "mlir/Dialect/Func/IR/FuncOps.h"
 #include "mlir/IR/Builders.h"
+#include "mlir/IR/IRMapping.h"
 #include "llvm/ADT/TypeSwitch.h"
 
 namespace l4c {
@@ -161,7 +162,22 @@ LogicalResult backprop(Operation *op, Adjoints &adj, OpBuilder &b) {
       });
 }
 
-LogicalResult differentiate(func::FuncOp fn) {
+/// The decoder layer an op belongs to, from its location
+/// ("model.layers.<i>.<...>"); -1 for ops outside the layers.
+int64_t layerOf(Operation *op) {
+  auto name = dyn_cast<NameLoc>(op->getLoc());
+  if (!name)
+    return -1;
+  StringRef s = name.getName().getValue();
+  if (!s.consume_front("model.layers."))
+    return -1;
+  int64_t layer = -1;
+  if (s.consumeInteger(10, layer) || !(s.empty() || s.starts_with(".")))
+    return -1;
+  return layer;
+}
+
+LogicalResult differentiate(func::FuncOp fn, bool recompute) {
   Block &body = fn.getBody().front();
   auto ret = cast<func::ReturnOp>(body.getTerminator());
   if (ret.getNumOperands() != 1 ||
@@ -175,21 +191,49 @@ LogicalResult differentiate(func::FuncOp fn) {
   SmallVector<Operation *> forward;
   for (Operation &op : body.without_terminator())
     forward.push_back(&op);
+  // Activation checkpointing: each layer's forward ops, in order.
+  DenseMap<int64_t, SmallVector<Operation *>> layerOps;
+  if (recompute)
+    for (Operation *op : forward)
+      if (int64_t l = layerOf(op); l >= 0)
+        layerOps[l].push_back(op);
+  DenseMap<Operation *, Operation *> recomputed; // original -> clone
   // The loss is the root: its own op seeds the sweep.
   for (Operation *op : llvm::reverse(forward)) {
+    int64_t layer = recompute ? layerOf(op) : -1;
+    // Inside a recomputed layer the adjoints live on the recomputed values.
+    Operation *rule = recomputed.lookup(op);
+    if (!rule)
+      rule = op;
     bool reached = isa<l4::CrossEntropyOp>(op) && op->getResult(0) == ret.getOperand(0);
-    for (Value r : op->getResults())
+    for (Value r : rule->getResults())
       reached |= bool(adj.get(r));
     if (!reached)
       continue;
+    if (layer >= 0 && !recomputed.count(op)) {
+      // The sweep enters this layer: re-run its forward from the values
+      // it takes from outside (its input, weights, positions), and move
+      // the adjoints gathered so far onto the recomputed results.
+      IRMapping map;
+      for (Operation *f : layerOps[layer]) {
+        Operation *c = b.clone(*f, map);
+        c->setAttr("l4.recomputed", b.getUnitAttr());
+        recomputed[f] = c;
+        for (auto [orig, copy] : llvm::zip(f->getResults(), c->getResults()))
+          if (Value g = adj.get(orig))
+            adj.accumulate(f->getLoc(), copy, g);
+      }
+    }
+    if (layer >= 0)
+      rule = recomputed.lookup(op);
     // The rules assume every result has an adjoint; forward l4 ops have one
     // result, so this only rejects IR that no importer produces.
-    for (Value r : op->getResults())
-      if (!adj.get(r) && !isa<l4::CrossEntropyOp>(op))
+    for (Value r : rule->getResults())
+      if (!adj.get(r) && !isa<l4::CrossEntropyOp>(rule))
         return op->emitOpError() << "result " << cast<OpResult>(r).getResultNumber()
                                  << " does not reach the loss; partial "
                                     "adjoints are not supported";
-    if (failed(backprop(op, adj, b)))
+    if (failed(backprop(rule, adj, b)))
       return failure();
   }
 
@@ -216,9 +260,17 @@ LogicalResult differentiate(func::FuncOp fn) {
 }
 
 struct AutodiffPass : public l4c::impl::AutodiffPassBase<AutodiffPass> {
+  using AutodiffPassBase::AutodiffPassBase;
   void runOnOperation() override {
+    if (recompute != "none" && recompute != "layers") {
+      getOperation().emitError()
+          << "l4c-autodiff: recompute must be none or layers, got '"
+          << recompute << "'";
+      return signalPassFailure();
+    }
     for (auto fn : getOperation().getOps<func::FuncOp>())
-      if (fn->hasAttr("l4.autodiff") && failed(differentiate(fn)))
+      if (fn->hasAttr("l4.autodiff") &&
+          failed(differentiate(fn, recompute == "layers")))
         return signalPassFailure();
   }
 };

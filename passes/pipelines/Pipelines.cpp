@@ -9,8 +9,11 @@
 #include "mlir/Pass/PassRegistry.h"
 #include "mlir/Transforms/Passes.h"
 
-void l4c::buildLowerToKernelPipeline(mlir::OpPassManager &pm) {
-  pm.addPass(l4c::createAutodiffPass());
+void l4c::buildLowerToKernelPipeline(mlir::OpPassManager &pm,
+                                     const LowerToKernelOptions &opts) {
+  l4c::AutodiffPassOptions ad;
+  ad.recompute = opts.recompute;
+  pm.addPass(l4c::createAutodiffPass(ad));
   pm.addPass(mlir::createCanonicalizerPass());
   pm.addPass(mlir::createCSEPass());
   pm.addPass(l4c::createConvertL4ToKernelPass());
@@ -18,8 +21,10 @@ void l4c::buildLowerToKernelPipeline(mlir::OpPassManager &pm) {
 }
 
 void l4c::registerPipelines() {
-  mlir::PassPipelineRegistration<>(
+  mlir::PassPipelineRegistration<LowerToKernelOptions>(
       "l4c-lower-to-kernel",
       "l4 IR to kernel groups with a memory plan (what l4c compile runs)",
-      [](mlir::OpPassManager &pm) { buildLowerToKernelPipeline(pm); });
+      [](mlir::OpPassManager &pm, const LowerToKernelOptions &opts) {
+        buildLowerToKernelPipeline(pm, opts);
+      });
 }

@@ -57,6 +57,11 @@ static cl::opt<bool> nvrtcStats(
     "nvrtc-stats", cl::init(false),
     cl::desc("CUDA targets: report each NVRTC program's compile time"),
     cl::sub(compileCmd));
+static cl::opt<std::string> recomputeOpt(
+    "recompute", cl::init("none"),
+    cl::desc("train programs: none (keep every activation) | layers (keep "
+             "each decoder layer's input, recompute the rest in backward)"),
+    cl::sub(compileCmd));
 static cl::opt<bool> printLocs(
     "print-locations", cl::init(false),
     cl::desc("print each op's location (its HF module path) inline"),
@@ -134,8 +139,15 @@ static int runCompile() {
     return 0;
   }
 
+  if (recomputeOpt != "none" && recomputeOpt != "layers")
+    return fail("--recompute must be none or layers, got '" + recomputeOpt +
+                "'");
+  if (recomputeOpt != "none" && *program != l4c::Program::Train)
+    return fail("--recompute goes with --program=train");
   mlir::PassManager pm(&ctx);
-  l4c::buildLowerToKernelPipeline(pm);
+  l4c::LowerToKernelOptions lopts;
+  lopts.recompute = recomputeOpt;
+  l4c::buildLowerToKernelPipeline(pm, lopts);
   if (failed(pm.run(**module)))
     return fail("lowering to kernels failed");
   if (emitOpt == "kernel") {

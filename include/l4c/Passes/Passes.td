@@ -36,7 +36,23 @@ def AutodiffPass : Pass<"l4c-autodiff", "mlir::ModuleOp"> {
       %dw = l4.linear_grad_weight %x, %dy ...
       return %loss, %dw   // {l4.output = "grad.w"}
     ```
+
+    With `recompute=layers` (activation checkpointing) the backward sweep
+    re-runs each decoder layer's forward ops from the layer's input just
+    before that layer's vector-Jacobian products, and those products read
+    the recomputed values. Only layer inputs (the residual stream) then stay
+    alive from the forward pass to the backward one; every other activation
+    dies inside its forward layer, and the memory planner reuses its bytes.
+    Recomputed ops carry `l4.recomputed` so that CSE does not fold them back
+    into the originals. Layers are told apart by their ops' locations
+    (`model.layers.<i>.…`, as the importer writes them).
   }];
+  let options = [
+    Option<"recompute", "recompute", "std::string", /*default=*/"\"none\"",
+           "none: keep every forward activation for the backward pass; "
+           "layers: keep only each decoder layer's input and recompute the "
+           "rest of the layer during the backward pass">
+  ];
 }
 
 //===----------------------------------------------------------------------===//

@@ -8,13 +8,22 @@
 #define L4C_PASSES_PIPELINES_H
 
 #include "mlir/Pass/PassManager.h"
+#include "mlir/Pass/PassOptions.h"
 
 namespace l4c {
 
 /// l4 IR -> kernel IR with every value placed in memory:
 /// l4c-autodiff (train programs), canonicalize, cse, convert-l4-to-kernel,
 /// l4c-plan-memory.
-void buildLowerToKernelPipeline(mlir::OpPassManager &pm);
+struct LowerToKernelOptions
+    : public mlir::PassPipelineOptions<LowerToKernelOptions> {
+  Option<std::string> recompute{
+      *this, "recompute",
+      llvm::cl::desc("train programs: none | layers (l4c-autodiff)"),
+      llvm::cl::init("none")};
+};
+void buildLowerToKernelPipeline(mlir::OpPassManager &pm,
+                                const LowerToKernelOptions &opts = {});
 
 /// Registers the pipelines above as `l4c-lower-to-kernel`.
 void registerPipelines();
