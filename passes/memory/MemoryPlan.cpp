@@ -185,6 +185,7 @@ LogicalResult FunctionPlanner::run(func::FuncOp fn) {
 
   // Kernel order, aliases and dims.
   llvm::DenseMap<Operation *, int64_t> index;
+  SmallVector<std::pair<Value, Value>> inPlace; // (result, operand) candidates
   int64_t n = 0;
   for (Operation &op : body.without_terminator()) {
     index[&op] = n++;
@@ -225,13 +226,40 @@ LogicalResult FunctionPlanner::run(func::FuncOp fn) {
         aliasOf[res] = group.getInputs()[arg.getArgNumber()];
         f.dims[res] = f.dims[group.getInputs()[arg.getArgNumber()]];
       }
+      // The loss gradient may overwrite the logits it reads (the kernels
+      // read a row before writing it): one [B, T, V] buffer instead of two.
+      if (auto ceg = dyn_cast_or_null<l4::CrossEntropyGradOp>(def))
+        if (auto arg = dyn_cast<BlockArgument>(ceg.getLogits());
+            arg && arg.getOwner() == &inner &&
+            group.getInputs()[arg.getArgNumber()].getType() == res.getType())
+          inPlace.push_back({res, group.getInputs()[arg.getArgNumber()]});
     }
+  }
+  // Legal only where the logits live in the arena and nothing reads them
+  // after the gradient kernel.
+  for (auto [res, src] : inPlace) {
+    Value r = root(src);
+    if (isa<BlockArgument>(r))
+      continue;
+    auto group = res.getDefiningOp<kernel::GroupOp>();
+    bool laterUse = false;
+    for (Operation &op : body.getOperations()) {
+      if (&op == group.getOperation())
+        continue;
+      bool reads = llvm::any_of(op.getOperands(),
+                                [&](Value v) { return root(v) == r; });
+      if (reads && (isa<func::ReturnOp>(op) ||
+                    index.lookup(&op) > index.lookup(group)))
+        laterUse = true;
+    }
+    if (!laterUse)
+      aliasOf[res] = src;
   }
 
   // An in-place update must be the last reader of the cache it overwrites.
   for (auto &[res, src] : aliasOf) {
     auto group = res.getDefiningOp<kernel::GroupOp>();
-    if (!group)
+    if (!group || !isa<BlockArgument>(root(src)))
       continue;
     for (Operation *user : src.getUsers())
       if (user != group.getOperation() && user->getBlock() == &body &&

@@ -45,3 +45,35 @@ func.func @clobber(%new: tensor<1x1x2x4xf32> {l4.input = "k"}, %pos: tensor<1x1x
   %d = l4.add %cache, %cache : (tensor<1x16x2x4xf32>, tensor<1x16x2x4xf32>) -> tensor<1x16x2x4xf32>
   return %c, %d : tensor<1x16x2x4xf32>, tensor<1x16x2x4xf32>
 }
+
+// -----
+
+// The loss gradient overwrites the logits it reads when nothing reads them
+// later: both at the same arena offset, one 2 KiB buffer.
+// CHECK-LABEL: func.func @loss_grad_in_place
+// CHECK: kernel.group "logits" {{.*}}l4c.memory = ["arena:[[L:[0-9]+]]+2048"]
+// CHECK: kernel.group "dlogits" {{.*}}l4c.memory = ["arena:[[L]]+2048"]
+func.func @loss_grad_in_place(%x: tensor<1x16x32xf32> {l4.input = "x"}, %ids: tensor<1x16xi64> {l4.input = "input_ids"},
+    %w: tensor<32xf32> {l4.weight = "w"}) -> (tensor<f32> {l4.output = "loss"}, tensor<32xf32> {l4.output = "grad.w"}) {
+  %l = l4.rms_norm %x, %w {eps = 1.0e-5 : f64} : (tensor<1x16x32xf32>, tensor<32xf32>) -> tensor<1x16x32xf32> loc("logits")
+  %loss = l4.cross_entropy %l, %ids : (tensor<1x16x32xf32>, tensor<1x16xi64>) -> tensor<f32> loc("loss")
+  %d = l4.cross_entropy_grad %l, %ids : (tensor<1x16x32xf32>, tensor<1x16xi64>) -> tensor<1x16x32xf32> loc("dlogits")
+  %dx, %dw = l4.rms_norm_grad %x, %w, %d {eps = 1.0e-5 : f64} : (tensor<1x16x32xf32>, tensor<32xf32>, tensor<1x16x32xf32>) -> (tensor<1x16x32xf32>, tensor<32xf32>) loc("norm_grad")
+  return %loss, %dw : tensor<f32>, tensor<32xf32>
+}
+
+// -----
+
+// Where the logits are read after the gradient, the gradient gets its own
+// bytes.
+// CHECK-LABEL: func.func @loss_grad_logits_still_read
+// CHECK: kernel.group "logits" {{.*}}l4c.memory = ["arena:[[L:[0-9]+]]+2048"]
+// CHECK-NOT: kernel.group "dlogits" {{.*}}l4c.memory = ["arena:[[L]]+2048"]
+func.func @loss_grad_logits_still_read(%x: tensor<1x16x32xf32> {l4.input = "x"}, %ids: tensor<1x16xi64> {l4.input = "input_ids"},
+    %w: tensor<32xf32> {l4.weight = "w"}) -> (tensor<f32> {l4.output = "loss"}, tensor<1x16x32xf32> {l4.output = "y"}) {
+  %l = l4.rms_norm %x, %w {eps = 1.0e-5 : f64} : (tensor<1x16x32xf32>, tensor<32xf32>) -> tensor<1x16x32xf32> loc("logits")
+  %loss = l4.cross_entropy %l, %ids : (tensor<1x16x32xf32>, tensor<1x16xi64>) -> tensor<f32> loc("loss")
+  %d = l4.cross_entropy_grad %l, %ids : (tensor<1x16x32xf32>, tensor<1x16xi64>) -> tensor<1x16x32xf32> loc("dlogits")
+  %y = l4.add %d, %l : (tensor<1x16x32xf32>, tensor<1x16x32xf32>) -> tensor<1x16x32xf32> loc("later_read")
+  return %loss, %y : tensor<f32>, tensor<1x16x32xf32>
+}
