@@ -244,12 +244,13 @@ Status Session::fetchLogits(const ProgramDesc &prog, int64_t B, int64_t r0,
     return Status::success();
   const BufferDesc &d = plan_->buffers[size_t(prog.logits)];
   uint64_t V = uint64_t(d.lastDim());
+  uint64_t elem = d.dtype == plan::DType::BF16 ? 2 : 4;
   uint8_t *host = regions_[int(d.region)].base;
   for (int64_t b = 0; b < B; ++b) {
-    uint64_t at = d.offset + (uint64_t(b) * d.batchStride + uint64_t(r0) * V) *
-                                 sizeof(float);
+    uint64_t at =
+        d.offset + (uint64_t(b) * d.batchStride + uint64_t(r0) * V) * elem;
     if (Status s = gpu_->download(d.region, at, host + at,
-                                  uint64_t(r1 - r0) * V * sizeof(float));
+                                  uint64_t(r1 - r0) * V * elem);
         !s.ok())
       return s;
   }
@@ -267,12 +268,12 @@ Status Session::checkSupported() const {
   // conversion at every op boundary.
   auto check = [&](uint32_t i) -> Status {
     const BufferDesc &b = p.buffers[i];
-    if (isFloat(b.dtype) && b.dtype != plan::DType::F32)
+    if (b.dtype == plan::DType::F16)
       return Status::fail(
           StatusCode::Unsupported,
           p.label() + ": buffer " + std::to_string(i) + " '" + b.name +
               "' has dtype " + dtypeName(b.dtype) +
-              "; the cpu executor runs f32 plans only (precision " +
+              "; the runtime runs f32 and bf16 plans (precision " +
               p.precision + ")");
     return Status::success();
   };
@@ -297,7 +298,8 @@ Status Session::checkSupported() const {
                             p.label() + ": weight '" + w.hfName +
                                 "' has dtype " +
                                 dtypeName(p.buffers[w.buffer].dtype) +
-                                "; training on the cpu needs f32 weights");
+                                "; training needs f32 weights (compile "
+                                "train plans with --precision=f32)");
   return Status::success();
 }
 
@@ -368,12 +370,27 @@ void Session::randomWeights(uint64_t seed) {
   // do not depend on binding order. Norm weights (rank 1) are ones; matrices
   // are normal(0, 1/sqrt(fan_in)) with fan_in the input dim of nn.Linear
   // [out, in] or of HF's input-major expert weights [E, in, out].
+  std::vector<float> wide;
   for (const WeightDesc &w : plan_->weights) {
     const BufferDesc &b = plan_->buffers[w.buffer];
-    if (b.dtype != plan::DType::F32)
+    if (b.dtype != plan::DType::F32 && b.dtype != plan::DType::BF16)
       continue;
-    float *dst =
-        reinterpret_cast<float *>(regions_[int(b.region)].base + b.offset);
+    uint8_t *at = regions_[int(b.region)].base + b.offset;
+    // bf16 weights: drawn in f32 like f32 ones, then rounded.
+    struct Narrow {
+      const BufferDesc &b;
+      uint8_t *at;
+      std::vector<float> &wide;
+      ~Narrow() {
+        if (b.dtype == plan::DType::BF16)
+          for (uint64_t i = 0; i < b.numel; ++i)
+            reinterpret_cast<uint16_t *>(at)[i] = io::f32ToBf16(wide[i]);
+      }
+    } narrow{b, at, wide};
+    if (b.dtype == plan::DType::BF16)
+      wide.assign(b.numel, 0.f);
+    float *dst = b.dtype == plan::DType::BF16 ? wide.data()
+                                              : reinterpret_cast<float *>(at);
     if (b.shape.size() == 1) {
       std::fill(dst, dst + b.numel, 1.0f);
       continue;
@@ -461,16 +478,28 @@ Status Session::runProgram(const ProgramDesc &prog, const int64_t *ids,
   return Status::success();
 }
 
+/// Copies n elements of a float buffer from element `at` into out, widening
+/// bf16.
+static void readFloats(const BufferDesc &d, const uint8_t *base, uint64_t at,
+                       float *out, size_t n) {
+  if (d.dtype == plan::DType::BF16) {
+    const uint16_t *src = reinterpret_cast<const uint16_t *>(base) + at;
+    for (size_t i = 0; i < n; ++i)
+      out[i] = io::bf16ToF32(src[i]);
+    return;
+  }
+  std::memcpy(out, reinterpret_cast<const float *>(base) + at,
+              n * sizeof(float));
+}
+
 void Session::lastLogits(const ProgramDesc &prog, int64_t B, int64_t T,
                          float *out) const {
   const BufferDesc &d = plan_->buffers[prog.logits];
-  const float *lg =
-      reinterpret_cast<const float *>(regions_[int(d.region)].base + d.offset);
+  const uint8_t *lg = regions_[int(d.region)].base + d.offset;
   size_t V = size_t(d.lastDim());
   size_t row = d.hasSeq ? size_t(T - 1) : 0;
   for (int64_t b = 0; b < B; ++b)
-    std::memcpy(out + b * V, lg + b * d.batchStride + row * V,
-                V * sizeof(float));
+    readFloats(d, lg, b * d.batchStride + row * V, out + b * V, V);
 }
 
 Status Session::forward(const int64_t *ids, int64_t B, int64_t T,
@@ -509,12 +538,11 @@ Status Session::forward(const int64_t *ids, int64_t B, int64_t T,
     return s;
   if (Status s = fetchLogits(*prog, B, 0, T); !s.ok())
     return s;
-  const float *lg =
-      reinterpret_cast<const float *>(regions_[int(d.region)].base + d.offset);
+  const uint8_t *lg = regions_[int(d.region)].base + d.offset;
   size_t V = size_t(d.lastDim());
   for (int64_t b = 0; b < B; ++b)
-    std::memcpy(logits + size_t(b * T) * V, lg + b * d.batchStride,
-                size_t(T) * V * sizeof(float));
+    readFloats(d, lg, b * d.batchStride, logits + size_t(b * T) * V,
+               size_t(T) * V);
   timing_.prefillSeconds = seconds(t0);
   timing_.prefillTokens = B * T;
   return Status::success();

@@ -9,6 +9,7 @@
 //===----------------------------------------------------------------------===//
 #include "cuda/cuda_backend.h"
 #include "executor.h"
+#include "io/safetensors.h"
 
 #include <algorithm>
 #include <cmath>
@@ -113,18 +114,22 @@ Status Session::checkKernels(const std::string &program, const int64_t *ids,
         const uint8_t *host = bases[int(d.region)] + at;
         uint64_t n = bytes / elem;
         c.elements += n;
-        if (d.dtype == plan::DType::F32) {
-          const float *g = reinterpret_cast<const float *>(dev.data());
-          const float *h = reinterpret_cast<const float *>(host);
+        if (d.dtype == plan::DType::F32 || d.dtype == plan::DType::BF16) {
+          bool bf16 = d.dtype == plan::DType::BF16;
+          auto at = [&](const uint8_t *p, uint64_t i) -> double {
+            if (bf16)
+              return io::bf16ToF32(reinterpret_cast<const uint16_t *>(p)[i]);
+            return reinterpret_cast<const float *>(p)[i];
+          };
           for (uint64_t i = 0; i < n; ++i) {
-            double err = std::isnan(g[i]) != std::isnan(h[i])
-                             ? INFINITY
-                             : std::fabs(double(g[i]) - double(h[i]));
+            double g = at(dev.data(), i), h = at(host, i);
+            double err = std::isnan(g) != std::isnan(h) ? INFINITY
+                                                        : std::fabs(g - h);
             if (std::isnan(err))
               err = 0; // both NaN: the reference has it too
             c.maxAbsErr = std::max(c.maxAbsErr, err);
-            if (std::isfinite(h[i]))
-              c.maxAbsRef = std::max(c.maxAbsRef, double(std::fabs(h[i])));
+            if (std::isfinite(h))
+              c.maxAbsRef = std::max(c.maxAbsRef, std::fabs(h));
           }
         } else if (c.integer) {
           for (uint64_t i = 0; i < n; ++i)

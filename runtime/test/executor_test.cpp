@@ -479,15 +479,15 @@ TEST(Executor, RejectsUnsupportedPlans) {
   PlanSpec p = linearPlan();
   for (BufferSpec &b : p.buffers)
     if (b.dtype == pl::DType::F32 && b.region == pl::Region::Weights) {
-      b.dtype = pl::DType::BF16;
+      b.dtype = pl::DType::F16;
       b.size /= 2;
     }
-  p.precision = "bf16";
+  p.precision = "f16";
   std::unique_ptr<rt::Session> session;
   rt::Status s = rt::Session::create(mustParse(p), {"", 0}, session);
   EXPECT_EQ(s.code, rt::StatusCode::Unsupported);
   EXPECT_NE(
-      s.message.find("has dtype bf16; the cpu executor runs f32 plans only"),
+      s.message.find("has dtype f16; the runtime runs f32 and bf16 plans"),
       std::string::npos)
       << s.message;
   p = linearPlan();

@@ -7,6 +7,8 @@ usage: mutate_checkpoint.py SRC DST MODE [ARG...]
   halve NAME       keep the first half of a tensor's first dimension
   truncate N       cut model.safetensors to N bytes
   retype NAME DT   relabel a tensor's dtype (e.g. I32) keeping its bytes
+  bf16             store every F32 tensor as BF16 (round to nearest even):
+                   the model a bf16 plan runs, as a checkpoint
 Only the standard library is used (the safetensors layout is simple).
 """
 import json
@@ -68,6 +70,18 @@ def main():
         dtype, shape, raw = tensors[args[0]]
         shape = [shape[0] // 2] + shape[1:]
         tensors[args[0]] = (dtype, shape, raw[: len(raw) // 2])
+    elif mode == "bf16":
+        for k, (dtype, shape, raw) in list(tensors.items()):
+            if dtype != "F32":
+                continue
+            out = bytearray()
+            for (u,) in struct.iter_unpack("<I", raw):
+                if (u & 0x7FFFFFFF) > 0x7F800000:
+                    h = (u >> 16) | 0x40
+                else:
+                    h = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+                out += struct.pack("<H", h)
+            tensors[k] = ("BF16", shape, bytes(out))
     elif mode == "retype":
         dtype, shape, raw = tensors[args[0]]
         tensors[args[0]] = (args[1], shape, raw)

@@ -15,9 +15,11 @@ cp "$build/bin/l4-run" "$build/bin/l4-compare" "$b/bin/"
 cp "$build/runtime/l4c_runtime_tests" "$b/bin/"
 cp -P "$build"/runtime/libl4rt.so* "$b/lib/"
 
-compile() { # NAME MODEL PROGRAM B T
-  "$l4c" compile "$2" --program="$3" --target=cuda --max-batch="$4" \
-    --max-seq="$5" -o "$b/plans/$1.plan" 2>&1 | sed 's/^/  /'
+compile() { # NAME MODEL PROGRAM B T [FLAGS...]
+  local name=$1 model=$2 program=$3 B=$4 T=$5
+  shift 5
+  "$l4c" compile "$model" --program="$program" --target=cuda --max-batch="$B" \
+    --max-seq="$T" "$@" -o "$b/plans/$name.plan" 2>&1 | sed 's/^/  /'
 }
 
 echo "== golden cases: forward and generate plans"
@@ -32,6 +34,8 @@ CASES
 while read -r name dir B T G; do
   compile "$name-forward" "$dir" forward "$B" "$T"
   compile "$name-generate" "$dir" generate "$B" $((T + G))
+  compile "$name-forward-bf16" "$dir" forward "$B" "$T" --precision=bf16
+  compile "$name-generate-bf16" "$dir" generate "$B" $((T + G)) --precision=bf16
 done <"$b/cases.txt"
 
 echo "== odd shapes (hidden 200, 5 heads / 1 kv head of 40, vocab 1001, top-2 of 5 experts, chunk 13)"

@@ -5,6 +5,7 @@
 #   2. golden parity on the GPU: logits within the GPU f32 tolerance of
 #      ARCHITECTURE.md (1e-3 of max |logit|) and identical greedy ids, for the
 #      five HF float64 golden cases;
+#   2b. the same in bf16, and HF's own bf16 distance from its goldens;
 #   3. a differential run of an odd-shaped model (no size a multiple of a
 #      tile) against the CPU backend on the same plan, weights and inputs;
 #   3b. every kernel of those plans against the CPU backend, each on the
@@ -72,6 +73,28 @@ while read -r name dir B T G; do
     check "golden $name generate: greedy ids" "$name-gen-cmp" "$cmp" \
       "$o-generate.safetensors" "$dir/golden.safetensors" --exact greedy_ids
 done <"$b/cases.txt"
+
+echo "== 2b. golden parity (bf16; limits as test/golden/bf16.test)"
+while read -r name dir B T G; do
+  p="$b/plans/$name"
+  o="$out/$name"
+  check "golden $name bf16 forward: run" "$name-fwd16" "$run" "$p-forward-bf16.plan" \
+    --device=cuda --weights "$dir" --inputs "$dir/golden.safetensors" \
+    --out "$o-forward-bf16.safetensors" &&
+    check "golden $name bf16 forward: rows 3e-2" "$name-fwd16-cmp" "$cmp" \
+      "$o-forward-bf16.safetensors" "$dir/golden.safetensors" --tol-rows logits=3e-2,0.9
+  check "golden $name bf16 generate: run" "$name-gen16" "$run" "$p-generate-bf16.plan" \
+    --device=cuda --weights "$dir" --inputs "$dir/golden.safetensors" \
+    --max-new-tokens="$G" --out "$o-generate-bf16.safetensors" &&
+    check "golden $name bf16 generate: greedy" "$name-gen16-cmp" "$cmp" \
+      "$o-generate-bf16.safetensors" "$dir/golden.safetensors" --match greedy_ids=0.6,"$T"
+  check "kernels $name bf16 generate (1e-2)" "$name-gen16-kernels" "$run" "$p-generate-bf16.plan" \
+    --device=cuda --weights "$dir" --inputs "$dir/golden.safetensors" --check-kernels=1e-2
+done <"$b/cases.txt"
+dirs=$(awk '{print $2}' "$b/cases.txt")
+# shellcheck disable=SC2086
+check "HF's own bf16 band (informational)" hf-bf16 python3 test/gpu/hf_bf16_band.py $dirs
+grep hf_bf16_band "$out/logs/hf-bf16.log" | sed 's/^/  /' | tee -a "$table"
 
 echo "== 3. odd shapes: GPU against the CPU backend"
 check "odd forward: run" odd-fwd "$run" "$b/plans/odd-forward.plan" --device=cuda \

@@ -10,9 +10,11 @@
 #include "cpu/grad_kernels.h"
 #include "cpu/kernels.h"
 #include "executor.h"
+#include "io/safetensors.h"
 
 #include <algorithm>
 #include <cstring>
+#include <unordered_map>
 #include <vector>
 
 namespace l4c::rt {
@@ -32,6 +34,9 @@ private:
   const BufferDesc &in(size_t i) const { return buf(op.operands[i]); }
   const BufferDesc &out(size_t i = 0) const { return buf(op.results[i]); }
   float *f32(const BufferDesc &b) const {
+    if (shadow)
+      if (auto it = shadow->find(&b); it != shadow->end())
+        return it->second;
     return reinterpret_cast<float *>(regions[int(b.region)] + b.offset);
   }
   float *f32(const BufferDesc &b, size_t batch) const {
@@ -120,6 +125,11 @@ private:
   Status swigluGrad();
   Status embeddingGrad();
 
+public:
+  /// f32 copies standing in for bf16 buffers (see runCpuOp).
+  const std::unordered_map<const BufferDesc *, float *> *shadow = nullptr;
+
+private:
   const Plan &plan;
   uint8_t *const *regions;
   const KernelDesc &kernel;
@@ -472,7 +482,67 @@ Status OpRunner::embeddingGrad() {
 Status runCpuOp(const Plan &plan, uint8_t *const regions[4],
                 const KernelDesc &kernel, const OpDesc &op, size_t B,
                 size_t T) {
-  return OpRunner(plan, regions, kernel, op, B, T).run();
+  // bf16 plans: every op reads its bf16 buffers widened to f32, computes in
+  // f32 as for an f32 plan, and stores its results rounded to nearest even
+  // -- the rounding the CUDA kernels' l4_st applies, so the two backends
+  // round the same values at the same places.
+  std::vector<uint32_t> wide;
+  auto add = [&](uint32_t i) {
+    if (plan.buffers[i].dtype == plan::DType::BF16 &&
+        std::find(wide.begin(), wide.end(), i) == wide.end())
+      wide.push_back(i);
+  };
+  for (uint32_t i : op.operands)
+    add(i);
+  for (uint32_t i : op.results)
+    add(i);
+  OpRunner runner(plan, regions, kernel, op, B, T);
+  if (wide.empty())
+    return runner.run();
+  // Buffers that share bytes (a cache update's operand and result, views)
+  // share one f32 copy, so a write through one is seen through the others.
+  struct Copy {
+    uint8_t *at;
+    uint64_t numel;
+    std::vector<float> data;
+    bool written = false;
+  };
+  std::vector<Copy> copies;
+  std::unordered_map<const BufferDesc *, float *> shadow;
+  std::vector<std::pair<const BufferDesc *, size_t>> owner;
+  for (uint32_t i : wide) {
+    const BufferDesc &d = plan.buffers[i];
+    uint8_t *at = regions[int(d.region)] + d.offset;
+    size_t k = 0;
+    while (k < copies.size() && copies[k].at != at)
+      ++k;
+    if (k == copies.size())
+      copies.push_back({at, 0, {}, false});
+    copies[k].numel = std::max(copies[k].numel, d.numel);
+    owner.push_back({&d, k});
+  }
+  for (Copy &c : copies) {
+    const uint16_t *src = reinterpret_cast<const uint16_t *>(c.at);
+    c.data.resize(c.numel);
+    for (uint64_t e = 0; e < c.numel; ++e)
+      c.data[e] = io::bf16ToF32(src[e]);
+  }
+  for (auto [d, k] : owner)
+    shadow[d] = copies[k].data.data();
+  for (uint32_t r : op.results)
+    for (auto [d, k] : owner)
+      if (d == &plan.buffers[r])
+        copies[k].written = true;
+  runner.shadow = &shadow;
+  Status st = runner.run();
+  for (Copy &c : copies) {
+    if (!c.written)
+      continue;
+    uint16_t *dst = reinterpret_cast<uint16_t *>(c.at);
+    for (uint64_t e = 0; e < c.numel; ++e)
+      dst[e] = io::f32ToBf16(c.data[e]);
+  }
+  return st;
 }
 
 } // namespace l4c::rt

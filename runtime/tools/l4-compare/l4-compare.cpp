@@ -20,9 +20,14 @@ int usage() {
   std::fprintf(stderr,
                "usage: l4-compare ACTUAL EXPECTED [--tol KEY=LIMIT]... "
                "[--exact KEY]... [--grads REL_L2,MAX_RATIO] "
-               "[--adamw ABS]\n"
+               "[--adamw ABS] [--tol-rows KEY=LIMIT,FRACTION] "
+               "[--match KEY=FRACTION[,FROM[,TO]]]\n"
                "  --tol:   max |actual - expected| <= LIMIT * max |expected|\n"
+               "  --tol-rows: at least FRACTION of the rows (last dim) have "
+               "max |actual - expected| <= LIMIT * max |expected|\n"
                "  --exact: integer tensors must be identical\n"
+               "  --match: at least FRACTION of the integers in columns "
+               "[FROM, TO) (default: all) of each row are identical\n"
                "  --grads: every grad.* of EXPECTED: relative L2 error <= "
                "REL_L2 and max abs error <= MAX_RATIO * max |expected|\n"
                "  --adamw: every adamw.* of EXPECTED: abs error <= ABS where "
@@ -110,6 +115,87 @@ int main(int argc, char **argv) {
                   "(limit %.1e)%s: %s\n",
                   key.c_str(), maxErr, maxRef, rel, limit,
                   finite ? "" : ", non-finite values", pass ? "ok" : "FAIL");
+      ok &= pass;
+    } else if (flag == "--tol-rows") {
+      size_t eq = arg.find('=');
+      double limit = 0, fraction = 0;
+      if (eq == std::string::npos ||
+          std::sscanf(arg.c_str() + eq + 1, "%lf,%lf", &limit, &fraction) != 2)
+        return usage();
+      std::string key = arg.substr(0, eq);
+      if (!load(actual, key, DType::F32, a, sa, "actual") ||
+          !load(expected, key, DType::F32, e, se, "expected"))
+        return 2;
+      if (sa != se || sa.empty()) {
+        std::printf("%s: shape %s, expected %s: FAIL\n", key.c_str(),
+                    shapeStr(sa).c_str(), shapeStr(se).c_str());
+        ok = false;
+        continue;
+      }
+      const float *pa = reinterpret_cast<const float *>(a.data());
+      const float *pe = reinterpret_cast<const float *>(e.data());
+      size_t n = a.size() / sizeof(float), width = size_t(sa.back());
+      size_t rows = width ? n / width : 0;
+      double maxRef = 0, num = 0, den = 0;
+      for (size_t k = 0; k < n; ++k) {
+        maxRef = std::max(maxRef, std::fabs(double(pe[k])));
+        double d = double(pa[k]) - pe[k];
+        num += d * d;
+        den += double(pe[k]) * pe[k];
+      }
+      size_t good = 0;
+      double worst = 0;
+      for (size_t r = 0; r < rows; ++r) {
+        double err = 0;
+        for (size_t c = 0; c < width; ++c) {
+          double d = std::fabs(double(pa[r * width + c]) - pe[r * width + c]);
+          err = std::isnan(d) ? INFINITY : std::max(err, d);
+        }
+        double ratio = maxRef > 0 ? err / maxRef : err;
+        worst = std::max(worst, ratio);
+        good += ratio <= limit;
+      }
+      double frac = rows ? double(good) / double(rows) : 0;
+      bool pass = rows && frac >= fraction;
+      std::printf("%s: %zu of %zu rows within %.1e of max |expected| (%.1f%%, "
+                  "need %.1f%%), worst row %.3e, rel L2 %.3e: %s\n",
+                  key.c_str(), good, rows, limit, 100 * frac, 100 * fraction,
+                  worst, den > 0 ? std::sqrt(num / den) : std::sqrt(num),
+                  pass ? "ok" : "FAIL");
+      ok &= pass;
+    } else if (flag == "--match") {
+      size_t eq = arg.find('=');
+      double fraction = 0;
+      long long from = 0, to = -1;
+      if (eq == std::string::npos ||
+          std::sscanf(arg.c_str() + eq + 1, "%lf,%lld,%lld", &fraction, &from,
+                      &to) < 1)
+        return usage();
+      std::string key = arg.substr(0, eq);
+      if (!load(actual, key, DType::I64, a, sa, "actual") ||
+          !load(expected, key, DType::I64, e, se, "expected"))
+        return 2;
+      if (to < 0 && !sa.empty())
+        to = sa.back();
+      if (sa != se || sa.empty() || from < 0 || from >= to || to > sa.back()) {
+        std::printf("%s: shape %s, expected %s (columns %lld..%lld): FAIL\n",
+                    key.c_str(), shapeStr(sa).c_str(), shapeStr(se).c_str(),
+                    from, to);
+        ok = false;
+        continue;
+      }
+      size_t width = size_t(sa.back()), n = a.size() / 8, same = 0, all = 0;
+      for (size_t k = 0; k < n; ++k)
+        if (k % width >= size_t(from) && k % width < size_t(to)) {
+          ++all;
+          same += std::memcmp(&a[k * 8], &e[k * 8], 8) == 0;
+        }
+      double frac = all ? double(same) / double(all) : 0;
+      bool pass = all && frac >= fraction;
+      std::printf("%s: %zu of %zu identical in columns %lld..%lld (%.1f%%, "
+                  "need %.1f%%): %s\n",
+                  key.c_str(), same, all, from, to - 1, 100 * frac,
+                  100 * fraction, pass ? "ok" : "FAIL");
       ok &= pass;
     } else if (flag == "--exact") {
       if (!load(actual, arg, DType::I64, a, sa, "actual") ||
