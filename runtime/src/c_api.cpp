@@ -197,7 +197,10 @@ l4rt_status l4rt_session_create_with(l4rt_plan plan,
     if (Status s = l4c::rt::Session::create(plan->plan, opts, session); !s.ok())
       return report(s);
     std::string device = session->deviceName();
-    *out_session = new l4rt_session_s{std::move(session), std::move(device)};
+    auto *handle = new l4rt_session_s;
+    handle->session = std::move(session);
+    handle->device = std::move(device);
+    *out_session = handle;
     return L4RT_OK;
   });
 }

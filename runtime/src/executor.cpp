@@ -8,6 +8,7 @@
 #include "cpu/kernels.h"
 #include "cuda/cuda_backend.h"
 #include "io/safetensors.h"
+#include "random.h"
 
 #include <algorithm>
 #include <chrono>
@@ -57,13 +58,6 @@ uint64_t splitmix(uint64_t &state) {
 /// Uniform in [0, 1) with 53 random bits.
 double uniform(uint64_t &state) {
   return double(splitmix(state) >> 11) * 0x1.0p-53;
-}
-
-uint64_t fnv1a(const std::string &s) {
-  uint64_t h = 0xcbf29ce484222325ull;
-  for (unsigned char c : s)
-    h = (h ^ c) * 0x100000001b3ull;
-  return h;
 }
 
 io::DType ioDType(plan::DType t) {
@@ -180,24 +174,32 @@ Status Session::create(std::shared_ptr<const Plan> plan,
       return st;
   if (Status st = s->allocate(); !st.ok())
     return st;
+  // With a GPU the weights go straight to the device (the host region stays
+  // untouched until something needs them there, see hostWeights()); the
+  // cache starts zeroed on the device.
   if (!opts.weightsPath.empty()) {
     if (Status st = s->loadWeights(opts.weightsPath); !st.ok())
       return st;
   } else {
-    s->randomWeights(opts.randomSeed);
-  }
-  if (s->gpu_) {
-    // The weights go up once; the cache starts zeroed on the device.
-    const Region &w = s->regions_[int(plan::Region::Weights)];
-    if (w.base)
-      if (Status st = s->gpu_->upload(plan::Region::Weights, 0, w.base,
-                                      w.size);
-          !st.ok())
-        return st;
-    if (Status st = s->gpu_->synchronize(); !st.ok())
+    if (Status st = s->randomWeights(opts.randomSeed); !st.ok())
       return st;
   }
+  if (s->gpu_)
+    if (Status st = s->gpu_->synchronize(); !st.ok())
+      return st;
   out = std::move(s);
+  return Status::success();
+}
+
+Status Session::hostWeights() {
+  if (!gpu_ || hostWeights_)
+    return Status::success();
+  Region &w = regions_[int(plan::Region::Weights)];
+  if (w.base)
+    if (Status s = gpu_->download(plan::Region::Weights, 0, w.base, w.size);
+        !s.ok())
+      return s;
+  hostWeights_ = true;
   return Status::success();
 }
 
@@ -309,7 +311,7 @@ Status Session::allocate() {
   // killer. The arena is touched only as far as the shapes run need it.
   uint64_t weights = plan_->regionSize[int(plan::Region::Weights)];
   struct sysinfo si;
-  if (::sysinfo(&si) == 0) {
+  if (!gpu_ && ::sysinfo(&si) == 0) {
     uint64_t ram = uint64_t(si.totalram) * si.mem_unit;
     uint64_t swap = uint64_t(si.totalswap) * si.mem_unit;
     if (weights > ram + swap)
@@ -317,8 +319,8 @@ Status Session::allocate() {
           StatusCode::OutOfMemory,
           plan_->label() + ": the weights need " + gib(weights) +
               " of host memory but this machine has " + gib(ram) +
-              " (+ " + gib(swap) + " swap)" +
-              (gpu_ ? "" : "; the cpu backend cannot run this plan"));
+              " (+ " + gib(swap) + " swap); the cpu backend cannot run this "
+              "plan");
   }
   // Anonymous mappings: page aligned (beyond the 64 bytes the kernels want),
   // zero filled, and only pages that are touched cost memory.
@@ -344,6 +346,7 @@ Status Session::loadWeights(const std::string &path) {
   io::Checkpoint ckpt;
   if (io::Status s = io::Checkpoint::open(path, ckpt); !s.ok())
     return Status::fail(StatusCode::Io, s.error);
+  std::vector<uint8_t> staging; // GPU sessions: one tensor at a time
   for (const WeightDesc &w : plan_->weights) {
     const BufferDesc &b = plan_->buffers[w.buffer];
     io::Checkpoint::Entry e;
@@ -358,57 +361,73 @@ Status Session::loadWeights(const std::string &path) {
                               shapeStr(e.info->shape) +
                               " but the plan expects " + shapeStr(b.shape));
     uint8_t *dst = regions_[int(b.region)].base + b.offset;
+    if (gpu_) {
+      staging.resize(b.size);
+      dst = staging.data();
+    }
     if (io::Status s = ckpt.read(w.hfName, ioDType(b.dtype), dst, b.numel);
         !s.ok())
       return Status::fail(StatusCode::InvalidArgument, s.error);
+    if (gpu_)
+      if (Status s = gpu_->upload(b.region, b.offset, dst, b.size); !s.ok())
+        return s;
   }
   return Status::success();
 }
 
-void Session::randomWeights(uint64_t seed) {
-  // Each tensor draws from its own stream keyed by its name, so the values
-  // do not depend on binding order. Norm weights (rank 1) are ones; matrices
-  // are normal(0, 1/sqrt(fan_in)) with fan_in the input dim of nn.Linear
-  // [out, in] or of HF's input-major expert weights [E, in, out].
+Status Session::randomWeights(uint64_t seed) {
+  // Element i of tensor N depends on (seed, N, i) only (random.h), so the
+  // values do not depend on binding order or backend. Norm weights (rank 1)
+  // are ones; matrices have standard deviation 1/sqrt(fan_in) with fan_in
+  // the input dim of nn.Linear [out, in] or of HF's input-major expert
+  // weights [E, in, out].
   std::vector<float> wide;
   for (const WeightDesc &w : plan_->weights) {
     const BufferDesc &b = plan_->buffers[w.buffer];
-    if (b.dtype != plan::DType::F32 && b.dtype != plan::DType::BF16)
+    bool bf16 = b.dtype == plan::DType::BF16;
+    if (b.dtype != plan::DType::F32 && !bf16)
       continue;
-    uint8_t *at = regions_[int(b.region)].base + b.offset;
-    // bf16 weights: drawn in f32 like f32 ones, then rounded.
-    struct Narrow {
-      const BufferDesc &b;
-      uint8_t *at;
-      std::vector<float> &wide;
-      ~Narrow() {
-        if (b.dtype == plan::DType::BF16)
-          for (uint64_t i = 0; i < b.numel; ++i)
-            reinterpret_cast<uint16_t *>(at)[i] = io::f32ToBf16(wide[i]);
-      }
-    } narrow{b, at, wide};
-    if (b.dtype == plan::DType::BF16)
-      wide.assign(b.numel, 0.f);
-    float *dst = b.dtype == plan::DType::BF16 ? wide.data()
-                                              : reinterpret_cast<float *>(at);
-    if (b.shape.size() == 1) {
-      std::fill(dst, dst + b.numel, 1.0f);
-      continue;
+    bool ones = b.shape.size() == 1;
+    int64_t fanIn = ones                  ? 1
+                    : b.shape.size() == 2 ? b.shape[1]
+                                          : b.shape[b.shape.size() - 2];
+    float stddev = float(1.0 / std::sqrt(double(fanIn)));
+    uint64_t key = randomKey(seed, w.hfName);
+    if (gpu_ && !ones) {
+      Status s = gpu_->fillRandom(b.region, b.offset, b.numel, bf16, key,
+                                  stddev);
+      if (s.ok())
+        continue;
+      if (s.code != StatusCode::Unsupported) // no NVRTC: fill on the host
+        return s;
     }
-    int64_t fanIn =
-        b.shape.size() == 2 ? b.shape[1] : b.shape[b.shape.size() - 2];
-    double stddev = 1.0 / std::sqrt(double(fanIn));
-    uint64_t state = seed ^ fnv1a(w.hfName);
-    splitmix(state);
-    for (uint64_t i = 0; i < b.numel; i += 2) {
-      // Box-Muller: two normals per pair of uniforms.
-      double u1 = 1.0 - uniform(state), u2 = uniform(state);
-      double r = std::sqrt(-2.0 * std::log(u1)), a = 2.0 * M_PI * u2;
-      dst[i] = float(r * std::cos(a) * stddev);
-      if (i + 1 < b.numel)
-        dst[i + 1] = float(r * std::sin(a) * stddev);
+    float *dst = reinterpret_cast<float *>(regions_[int(b.region)].base +
+                                           b.offset);
+    if (bf16 || gpu_) {
+      wide.resize(b.numel);
+      dst = wide.data();
+    }
+    if (ones)
+      std::fill(dst, dst + b.numel, 1.0f);
+    else
+      fillRandom(dst, b.numel, key, stddev);
+    if (bf16) {
+      // Rounded in place: the first half of `wide` becomes the bf16 bytes.
+      uint16_t *h = reinterpret_cast<uint16_t *>(wide.data());
+      for (uint64_t i = 0; i < b.numel; ++i)
+        h[i] = io::f32ToBf16(wide[i]);
+    }
+    if (gpu_) {
+      if (Status s = gpu_->upload(b.region, b.offset, wide.data(),
+                                  b.numel * (bf16 ? 2 : 4));
+          !s.ok())
+        return s;
+    } else if (bf16) {
+      std::memcpy(regions_[int(b.region)].base + b.offset, wide.data(),
+                  b.numel * 2);
     }
   }
+  return Status::success();
 }
 
 Status Session::checkIds(const int64_t *ids, int64_t B, int64_t T,

@@ -154,7 +154,10 @@ private:
   Status writeCheckpointFiles(const std::string &dir) const;
   Status allocate();
   Status loadWeights(const std::string &path);
-  void randomWeights(uint64_t seed);
+  Status randomWeights(uint64_t seed);
+  /// GPU sessions keep the weights on the device only; this copies them to
+  /// the host region once, for what needs them there (kernel checks).
+  Status hostWeights();
   Status attachGpu(int ordinal);
   /// CUDA: copies the program's inputs for [0, B) x [0, T) to the device.
   Status uploadInputs(const ProgramDesc &prog, int64_t B, int64_t T);
@@ -182,6 +185,7 @@ private:
   /// loaded, inputs before upload, logits after download).
   Region regions_[4];
   std::unique_ptr<cuda::CudaBackend> gpu_;
+  bool hostWeights_ = false; ///< GPU sessions: host weights region filled
   mutable std::mutex mu_; ///< one program run at a time
   Timing timing_;
   // Training state, per Plan::weights entry.

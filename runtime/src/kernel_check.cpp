@@ -71,6 +71,8 @@ Status Session::checkKernels(const std::string &program, const int64_t *ids,
                             " program's range");
   if (Status s = checkIds(ids, B, T, T); !s.ok())
     return s;
+  if (Status s = hostWeights(); !s.ok())
+    return s;
   stageInputs(*prog, ids, T, B, T, pos0);
   // Start from identical regions: the host's (weights were uploaded at
   // creation and never change).

@@ -1607,3 +1607,45 @@ TEST(CudaGpu, RunsKernelsOnTheDevice) {
 }
 
 } // namespace
+
+//===----------------------------------------------------------------------===//
+// Random weights (runtime/src/random.h)
+//===----------------------------------------------------------------------===//
+
+#include "random.h"
+
+TEST(RandomWeights, DeterministicUnitVarianceAndOrderFree) {
+  uint64_t key = l4c::rt::randomKey(7, "model.layers.0.mlp.up_proj.weight");
+  EXPECT_NE(key, l4c::rt::randomKey(8, "model.layers.0.mlp.up_proj.weight"));
+  EXPECT_NE(key, l4c::rt::randomKey(7, "model.layers.1.mlp.up_proj.weight"));
+  const uint64_t n = 1 << 18;
+  std::vector<float> a(n), b(n);
+  l4c::rt::fillRandom(a.data(), n, key, 0.5f);
+  // Element i depends on i alone: filling the second half on its own (any
+  // order, any thread) gives the same values.
+  for (uint64_t i = n / 2; i < n; ++i)
+    b[i] = l4c::rt::randomUnit(key, i) * 0.5f;
+  for (uint64_t i = n / 2; i < n; ++i)
+    ASSERT_EQ(a[i], b[i]) << i;
+  double sum = 0, sq = 0, maxAbs = 0;
+  for (float x : a) {
+    sum += x;
+    sq += double(x) * x;
+    maxAbs = std::max(maxAbs, double(std::fabs(x)));
+  }
+  double mean = sum / n, var = sq / n - mean * mean;
+  EXPECT_NEAR(mean, 0.0, 3e-3);
+  EXPECT_NEAR(var, 0.25, 3e-3); // stddev 0.5
+  EXPECT_LE(maxAbs, 0.5 * 1.7320508075688772 * 2 + 1e-6); // Irwin-Hall bound
+  EXPECT_GT(maxAbs, 0.5 * 2.5);                          // but has tails
+}
+
+TEST(RandomWeights, DeviceGeneratorCompiles) {
+  if (!nvrtc::available())
+    GTEST_SKIP() << nvrtc::loadError();
+  nvrtc::Output out;
+  std::string err = nvrtc::compile(l4c::rt::kRandomFillCuda,
+                                   "l4_fill_random.cu", "sm_90a", {}, out);
+  EXPECT_EQ(err, "") << out.log;
+  EXPECT_FALSE(out.cubin.empty());
+}

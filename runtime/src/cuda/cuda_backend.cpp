@@ -46,6 +46,8 @@ Status CudaBackend::create(std::shared_ptr<const rt::Plan> plan, int device,
   // The destructor releases whatever a failed step left behind.
   std::unique_ptr<CudaBackend> b(new CudaBackend(std::move(plan), driver));
   b->maxBlocks_ = opts.maxBlocks ? opts.maxBlocks : kDefaultMaxBlocks;
+  b->cacheDir_ = opts.cacheDir;
+  b->diskCache_ = opts.diskCache;
   const char *sync = std::getenv("L4C_CUDA_SYNC");
   b->syncEachLaunch_ =
       opts.syncEachLaunch || (sync && *sync && std::strcmp(sync, "0") != 0);

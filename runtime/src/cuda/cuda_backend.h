@@ -113,6 +113,12 @@ public:
   /// with the same extents (decode); B and T are baked into the graph.
   rt::Status runProgramGraph(const rt::ProgramDesc &prog, int64_t B, int64_t T);
   size_t graphCount() const { return graphs_.size(); }
+  /// Fills `numel` elements at `offset` of a region with the random weights
+  /// of runtime/src/random.h (f32, or bf16 when `bf16`), on the device. The
+  /// generator is compiled with NVRTC on first use (through the disk cache);
+  /// without NVRTC this fails, and the caller fills on the host instead.
+  rt::Status fillRandom(plan::Region r, uint64_t offset, uint64_t numel,
+                        bool bf16, uint64_t key, float stddev);
   /// Waits for all queued work.
   rt::Status synchronize();
 
@@ -165,6 +171,9 @@ private:
   uint64_t graphClock_ = 0;
   CUevent timerStart_ = nullptr, timerStop_ = nullptr;
   std::string lastRun_; ///< "program 'decode' (B=1, T=1)"
+  CUfunction randomFill_ = nullptr; ///< fillRandom's kernel, once loaded
+  std::string cacheDir_;            ///< CudaOptions::cacheDir, resolved
+  bool diskCache_ = true;
   LoadStats stats_;
 };
 

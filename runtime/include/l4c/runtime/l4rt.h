@@ -105,7 +105,8 @@ L4RT_API l4rt_status l4rt_plan_info(l4rt_plan plan,
 /* Allocates the plan's memory and fills its weights from the checkpoint
  * `weights_dir` (a directory with model.safetensors or an index, or a single
  * .safetensors file), or, when weights_dir is NULL, from random_seed:
- * normal(0, 1/sqrt(fan_in)) matrices and ones for norm weights. */
+ * bell-shaped values of standard deviation 1/sqrt(fan_in) for matrices (the
+ * same values on every backend and thread count) and ones for norm weights. */
 L4RT_API l4rt_status l4rt_session_create(l4rt_plan plan,
                                          const char *weights_dir,
                                          uint64_t random_seed,

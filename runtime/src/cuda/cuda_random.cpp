@@ -1,0 +1,73 @@
+//===- cuda_random.cpp - random weights generated on the device ----------===//
+//
+// CudaBackend::fillRandom: the generator of runtime/src/random.h, compiled
+// once per process and device architecture with NVRTC (and kept in the disk
+// cache like plan kernels), launched over a region's bytes.
+//
+//===----------------------------------------------------------------------===//
+#include "cuda/cuda_backend.h"
+#include "cuda/kernel_cache.h"
+#include "cuda/nvrtc.h"
+#include "random.h"
+
+namespace l4c::cuda {
+
+using rt::Status;
+using rt::StatusCode;
+
+Status CudaBackend::fillRandom(plan::Region r, uint64_t offset, uint64_t numel,
+                               bool bf16, uint64_t key, float stddev) {
+  if (Status s = checkRange("random weights", r, offset,
+                            numel * (bf16 ? 2 : 4));
+      !s.ok())
+    return s;
+  if (Status s = makeCurrent(); !s.ok())
+    return s;
+  const DriverApi &a = drv_.api();
+  if (!randomFill_) {
+    if (!nvrtc::available())
+      return Status::fail(StatusCode::Unsupported,
+                          "random weights on the device need NVRTC: " +
+                              nvrtc::loadError());
+    std::vector<uint8_t> cubin;
+    KernelCache cache(diskCache_ ? cacheDirectory(cacheDir_) : "");
+    std::string k = compileKey(rt::kRandomFillCuda,
+                               nvrtc::defaultOptions(arch_), arch_,
+                               nvrtc::version());
+    if (!cache.lookup(k, cubin)) {
+      nvrtc::Output out;
+      std::string err = nvrtc::compile(rt::kRandomFillCuda, "l4_fill_random.cu",
+                                       arch_, {}, out);
+      if (!err.empty())
+        return Status::fail(StatusCode::Internal,
+                            "random weights: " + err + "\n" + out.log);
+      cubin = std::move(out.cubin);
+      cache.store(k, cubin); // a cache that cannot be written costs time only
+    }
+    CUmodule module = nullptr;
+    if (Status s = drv_.check(a.cuModuleLoadDataEx(&module, cubin.data(), 0,
+                                                   nullptr, nullptr),
+                              "cuModuleLoadDataEx", "random weights");
+        !s.ok())
+      return s;
+    modules_.push_back(module);
+    if (Status s = drv_.check(
+            a.cuModuleGetFunction(&randomFill_, module, "l4_fill_random"),
+            "cuModuleGetFunction", "random weights");
+        !s.ok())
+      return s;
+  }
+  CUdeviceptr dst = base_[int(r)] + offset;
+  unsigned long long n = numel, kk = key;
+  int half = bf16;
+  void *params[] = {&dst, &n, &kk, &stddev, &half};
+  unsigned threads = 256;
+  uint64_t blocks = (numel + threads - 1) / threads;
+  unsigned grid = unsigned(std::min<uint64_t>(std::max<uint64_t>(blocks, 1),
+                                              uint64_t(sms_ ? sms_ : 1) * 32));
+  return drv_.check(a.cuLaunchKernel(randomFill_, grid, 1, 1, threads, 1, 1, 0,
+                                     stream_, params, nullptr),
+                    "cuLaunchKernel", "random weights");
+}
+
+} // namespace l4c::cuda
