@@ -21,3 +21,11 @@ llvm_config.use_default_substitutions()
 tool_dirs = [config.l4c_tools_dir, config.llvm_tools_dir]
 llvm_config.add_tool_substitutions(["l4c", "l4-opt", "l4-run", "l4-compare", "not", "count", "split-file", "FileCheck"], tool_dirs)
 config.substitutions.append(("%python", "/usr/bin/python3"))
+
+# The CUDA driver emulator (runtime/test/cuemu): the GPU path on the host.
+cuemu = os.path.join(config.l4c_obj_root, "runtime", "libl4cuemu.so")
+if os.path.exists(cuemu):
+    config.available_features.add("cuemu")
+    config.substitutions.append(
+        ("%cuemu-env", "env L4C_CUDA_DRIVER=%s L4C_CUDA_IMAGE=source L4C_CUEMU_DIR=%s"
+         % (cuemu, os.path.join(config.l4c_obj_root, "cuemu-cache"))))

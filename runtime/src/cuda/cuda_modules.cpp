@@ -6,6 +6,8 @@
 //
 //===----------------------------------------------------------------------===//
 #include "cuda/cuda_backend.h"
+
+#include <cstdlib>
 #include "cuda/kernel_cache.h"
 #include "cuda/nvrtc.h"
 
@@ -113,6 +115,11 @@ Status CudaBackend::loadKernels(const CudaOptions &opts) {
   // sm_90 also runs where we would build sm_90a.
   bool cubinFits = !opts.preferSource && !planArch.empty() &&
                    (planArch == arch_ || planArch + "a" == arch_);
+  // L4C_CUDA_IMAGE=source hands the driver each kernel's CUDA source text as
+  // its module image, for a driver that builds modules from source (the
+  // emulator in runtime/test/cuemu); a real driver rejects it.
+  const char *imageKind = std::getenv("L4C_CUDA_IMAGE");
+  bool sourceImages = imageKind && std::string_view(imageKind) == "source";
 
   // Kernels of identical layers share one code object with an entry each;
   // the plan writer stores it once, so most share the same bytes, and equal
@@ -125,6 +132,23 @@ Status CudaBackend::loadKernels(const CudaOptions &opts) {
     const plan::Kernel *kernel = kernels.Get(k);
     const auto *cubin = kernel->cubin();
     std::string_view source = view(kernel->cuda_source());
+    if (sourceImages) {
+      if (source.empty())
+        return Status::fail(StatusCode::Unsupported,
+                            plan_->label() + ": " + kernelLabel(k) +
+                                " has no CUDA source (L4C_CUDA_IMAGE=source)");
+      auto [at, fresh] = byAddress.try_emplace({source.data(), source.size()},
+                                               images.size());
+      if (fresh) {
+        Image im;
+        im.cubin.assign(source.begin(), source.end());
+        im.cubin.push_back(0);
+        images.push_back(std::move(im));
+      }
+      imageOf[k] = at->second;
+      images[at->second].kernels.push_back(k);
+      continue;
+    }
     bool useCubin = cubinFits && cubin && cubin->size();
     if (!useCubin && source.empty()) {
       std::string built = planArch.empty()

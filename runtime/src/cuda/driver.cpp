@@ -8,6 +8,7 @@
 
 #include <dlfcn.h>
 
+#include <cstdlib>
 #include <mutex>
 
 namespace l4c::cuda {
@@ -108,7 +109,12 @@ Status Driver::load(const Driver *&out) {
   static std::once_flag once;
   static std::unique_ptr<Driver> driver;
   static Status status;
-  std::call_once(once, [] { status = open("libcuda.so.1", driver); });
+  // L4C_CUDA_DRIVER names another library with the driver's symbols: one
+  // outside the loader's path, or the test emulator (runtime/test/cuemu).
+  std::call_once(once, [] {
+    const char *lib = std::getenv("L4C_CUDA_DRIVER");
+    status = open(lib && *lib ? lib : "libcuda.so.1", driver);
+  });
   out = driver.get();
   return status;
 }

@@ -1,0 +1,356 @@
+//===- cuemu.cpp - a CUDA driver that runs l4c's kernels on the host ------===//
+//
+// libl4cuemu.so exports the driver API symbols the CUDA backend binds
+// (runtime/src/cuda/driver.cpp), so that with
+//
+//   L4C_CUDA_DRIVER=.../libl4cuemu.so L4C_CUDA_IMAGE=source l4-run ... --device=cuda
+//
+// the whole GPU path -- the backend, the session's uploads and downloads,
+// decode graphs, and above all the generated kernels -- runs on a machine
+// without a GPU. "Device" memory is host memory; each module image is a
+// kernel's CUDA source (L4C_CUDA_IMAGE=source), built with the host C++
+// compiler against shim.h into a shared library; a launch runs its blocks
+// one after another, each block's CUDA threads as fibers (shim.h). Streams
+// are synchronous; graphs
+// record their launches with copies of the parameters and replay them.
+//
+// Test-only and slow: for the tiny shapes of the golden cases. Modules are
+// cached by source hash under $L4C_CUEMU_DIR (default: a directory in
+// /tmp), so the same program is built once.
+//
+//===----------------------------------------------------------------------===//
+#include <dlfcn.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <regex>
+#include <string>
+#include <vector>
+
+#ifndef L4CUEMU_SHIM
+#error "L4CUEMU_SHIM must name shim.h"
+#endif
+#ifndef L4CUEMU_CXX
+#define L4CUEMU_CXX "c++"
+#endif
+
+namespace {
+
+using CUresult = int;
+constexpr CUresult OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2,
+                   INVALID_IMAGE = 200, NOT_FOUND = 500, LAUNCH_FAILED = 719;
+
+using PackFn = void *(*)(void **);
+using RunFn = void (*)(void *, unsigned, unsigned, unsigned);
+using FreeFn = void (*)(void *);
+
+struct Module {
+  void *dl = nullptr;
+};
+struct Function {
+  PackFn pack;
+  RunFn run;
+  FreeFn free;
+};
+struct Launch {
+  Function *fn;
+  void *packed;
+  unsigned grid, block, smem;
+};
+struct Graph {
+  std::vector<Launch> launches;
+};
+struct Stream {
+  Graph *capture = nullptr;
+};
+
+std::mutex mu;
+std::map<std::string, Function *> functions; // "module:name"
+std::string lastBuildError;
+
+uint64_t fnv(const std::string &s) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char c : s)
+    h = (h ^ c) * 0x100000001b3ull;
+  return h;
+}
+
+std::string workDir() {
+  const char *e = std::getenv("L4C_CUEMU_DIR");
+  std::string d = e && *e ? e : "/tmp/l4cuemu-" + std::to_string(getuid());
+  ::mkdir(d.c_str(), 0700);
+  return d;
+}
+
+/// The generated source plus, for each kernel entry, three C functions the
+/// driver calls: pack the parameters, run packed parameters, free them.
+std::string withThunks(const std::string &src) {
+  static const std::regex entry(
+      R"(extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\()");
+  std::string out = src + "\n// cuemu thunks\n";
+  for (auto it = std::sregex_iterator(src.begin(), src.end(), entry);
+       it != std::sregex_iterator(); ++it) {
+    std::string n = (*it)[1];
+    out += "extern \"C\" void *cuemu_pack_" + n +
+           "(void **p) { return l4emu::packParams(" + n + ", p); }\n";
+    out += "extern \"C\" void cuemu_run_" + n +
+           "(void *t, unsigned g, unsigned b, unsigned s) { "
+           "l4emu::runPacked(" + n + ", t, g, b, s); }\n";
+    out += "extern \"C\" void cuemu_free_" + n + "(void *t) { l4emu::freePacked(" +
+           n + ", t); }\n";
+  }
+  return out;
+}
+
+CUresult build(const char *image, Module *&out) {
+  std::string src(image);
+  if (src.find("__global__") == std::string::npos)
+    return INVALID_IMAGE; // a cubin, or not ours
+  std::string dir = workDir();
+  char key[32];
+  static const std::string shim = [] {
+    std::ifstream f(L4CUEMU_SHIM);
+    return std::string(std::istreambuf_iterator<char>(f), {});
+  }();
+  std::snprintf(key, sizeof key, "%016llx",
+                (unsigned long long)fnv(src + shim + L4CUEMU_CXX));
+  std::string base = dir + "/" + key, so = base + ".so";
+  struct stat st;
+  if (::stat(so.c_str(), &st) != 0) {
+    std::string cu = base + "." + std::to_string(getpid()) + ".cc";
+    std::ofstream(cu) << withThunks(src);
+    std::string tmp = base + "." + std::to_string(getpid()) + ".so";
+    const char *extra = std::getenv("L4C_CUEMU_CXXFLAGS");
+    std::string cmd = std::string(L4CUEMU_CXX) +
+                      " -std=c++20 -O1 -fPIC -shared -w -include " L4CUEMU_SHIM
+                      " " + (extra ? extra : "") + " -o " + tmp + " " + cu +
+                      " -lpthread > " + base + ".log 2>&1";
+    if (std::system(cmd.c_str()) != 0) {
+      std::ifstream log(base + ".log");
+      lastBuildError.assign(std::istreambuf_iterator<char>(log), {});
+      std::fprintf(stderr, "cuemu: building %s failed:\n%s\n", cu.c_str(),
+                   lastBuildError.substr(0, 4000).c_str());
+      return INVALID_IMAGE;
+    }
+    std::rename(tmp.c_str(), so.c_str());
+    std::remove(cu.c_str());
+  }
+  void *dl = ::dlopen(so.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (!dl) {
+    std::fprintf(stderr, "cuemu: %s\n", ::dlerror());
+    return INVALID_IMAGE;
+  }
+  out = new Module{dl};
+  return OK;
+}
+
+CUresult launch(Function *f, unsigned grid, unsigned block, unsigned smem,
+                void **params, Stream *s) {
+  void *packed = f->pack(params);
+  if (s && s->capture) {
+    s->capture->launches.push_back({f, packed, grid, block, smem});
+    return OK;
+  }
+  f->run(packed, grid, block, smem);
+  f->free(packed);
+  return OK;
+}
+
+double now() {
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+} // namespace
+
+extern "C" {
+
+CUresult cuInit(unsigned) { return OK; }
+CUresult cuDriverGetVersion(int *v) { *v = 13000; return OK; }
+CUresult cuDeviceGetCount(int *n) { *n = 1; return OK; }
+CUresult cuDeviceGet(int *d, int ordinal) {
+  if (ordinal != 0)
+    return INVALID_VALUE;
+  *d = 0;
+  return OK;
+}
+CUresult cuDeviceGetAttribute(int *v, int attrib, int) {
+  switch (attrib) {
+  case 1: *v = 1024; break;             // max threads per block
+  case 16: *v = 2; break;               // multiprocessors
+  case 75: *v = 9; break;               // compute capability 9.0
+  case 76: *v = 0; break;
+  case 97: *v = 227 * 1024; break;      // shared memory opt-in
+  default: *v = 0;
+  }
+  return OK;
+}
+CUresult cuDeviceGetName(char *name, int len, int) {
+  std::snprintf(name, size_t(len), "l4c cuemu (CUDA on host fibers)");
+  return OK;
+}
+CUresult cuDevicePrimaryCtxRetain(void **ctx, int) {
+  static int context;
+  *ctx = &context;
+  return OK;
+}
+CUresult cuDevicePrimaryCtxRelease_v2(int) { return OK; }
+CUresult cuCtxSetCurrent(void *) { return OK; }
+CUresult cuCtxSynchronize() { return OK; }
+CUresult cuMemAlloc_v2(unsigned long long *p, size_t bytes) {
+  void *m = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
+  if (!m)
+    return OUT_OF_MEMORY;
+  // Poisoned, as fresh device memory is not zero: a kernel reading what
+  // nothing wrote gets NaNs, not a lucky 0.
+  std::memset(m, 0xff, bytes);
+  *p = reinterpret_cast<uintptr_t>(m);
+  return OK;
+}
+CUresult cuMemFree_v2(unsigned long long p) {
+  std::free(reinterpret_cast<void *>(uintptr_t(p)));
+  return OK;
+}
+CUresult cuMemcpyHtoD_v2(unsigned long long d, const void *s, size_t n) {
+  std::memcpy(reinterpret_cast<void *>(uintptr_t(d)), s, n);
+  return OK;
+}
+CUresult cuMemcpyDtoH_v2(void *d, unsigned long long s, size_t n) {
+  std::memcpy(d, reinterpret_cast<void *>(uintptr_t(s)), n);
+  return OK;
+}
+CUresult cuMemcpyHtoDAsync_v2(unsigned long long d, const void *s, size_t n,
+                              void *) {
+  return cuMemcpyHtoD_v2(d, s, n);
+}
+CUresult cuMemcpyDtoHAsync_v2(void *d, unsigned long long s, size_t n, void *) {
+  return cuMemcpyDtoH_v2(d, s, n);
+}
+CUresult cuMemsetD8_v2(unsigned long long d, unsigned char v, size_t n) {
+  std::memset(reinterpret_cast<void *>(uintptr_t(d)), v, n);
+  return OK;
+}
+CUresult cuMemsetD8Async(unsigned long long d, unsigned char v, size_t n,
+                         void *) {
+  return cuMemsetD8_v2(d, v, n);
+}
+CUresult cuModuleLoadData(Module **m, const void *image) {
+  std::lock_guard<std::mutex> lock(mu);
+  return build(static_cast<const char *>(image), *m);
+}
+CUresult cuModuleLoadDataEx(Module **m, const void *image, unsigned, int *,
+                            void **) {
+  return cuModuleLoadData(m, image);
+}
+CUresult cuModuleGetFunction(Function **f, Module *m, const char *name) {
+  std::lock_guard<std::mutex> lock(mu);
+  std::string n = name;
+  auto pack = reinterpret_cast<PackFn>(::dlsym(m->dl, ("cuemu_pack_" + n).c_str()));
+  auto run = reinterpret_cast<RunFn>(::dlsym(m->dl, ("cuemu_run_" + n).c_str()));
+  auto fr = reinterpret_cast<FreeFn>(::dlsym(m->dl, ("cuemu_free_" + n).c_str()));
+  if (!pack || !run || !fr)
+    return NOT_FOUND;
+  *f = new Function{pack, run, fr};
+  return OK;
+}
+CUresult cuModuleUnload(Module *) { return OK; } // libraries stay loaded
+CUresult cuFuncSetAttribute(Function *, int, int) { return OK; }
+CUresult cuLaunchKernel(Function *f, unsigned gx, unsigned gy, unsigned gz,
+                        unsigned bx, unsigned by, unsigned bz, unsigned smem,
+                        Stream *s, void **params, void **extra) {
+  if (!f || gy != 1 || gz != 1 || by != 1 || bz != 1 || extra || bx == 0 ||
+      bx > 1024)
+    return INVALID_VALUE;
+  return launch(f, gx, bx, smem, params, s);
+}
+CUresult cuStreamCreate(Stream **s, unsigned) {
+  *s = new Stream;
+  return OK;
+}
+CUresult cuStreamSynchronize(Stream *) { return OK; }
+CUresult cuStreamDestroy_v2(Stream *s) {
+  delete s;
+  return OK;
+}
+CUresult cuStreamBeginCapture_v2(Stream *s, int) {
+  if (!s || s->capture)
+    return INVALID_VALUE;
+  s->capture = new Graph;
+  return OK;
+}
+CUresult cuStreamEndCapture(Stream *s, Graph **g) {
+  if (!s || !s->capture)
+    return INVALID_VALUE;
+  *g = s->capture;
+  s->capture = nullptr;
+  return OK;
+}
+CUresult cuGraphInstantiateWithFlags(Graph **exec, Graph *g,
+                                     unsigned long long) {
+  // The executable graph keeps its own parameters: take the recorded ones
+  // and leave the template empty.
+  *exec = new Graph{std::move(g->launches)};
+  g->launches.clear();
+  return OK;
+}
+CUresult cuGraphLaunch(Graph *exec, Stream *) {
+  for (Launch &l : exec->launches)
+    l.fn->run(l.packed, l.grid, l.block, l.smem);
+  return OK;
+}
+CUresult cuGraphExecDestroy(Graph *g) {
+  for (Launch &l : g->launches)
+    l.fn->free(l.packed);
+  delete g;
+  return OK;
+}
+CUresult cuGraphDestroy(Graph *g) { return cuGraphExecDestroy(g); }
+CUresult cuGetErrorName(CUresult r, const char **name) {
+  switch (r) {
+  case OK: *name = "CUDA_SUCCESS"; break;
+  case INVALID_VALUE: *name = "CUDA_ERROR_INVALID_VALUE"; break;
+  case OUT_OF_MEMORY: *name = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+  case INVALID_IMAGE: *name = "CUDA_ERROR_INVALID_IMAGE"; break;
+  case NOT_FOUND: *name = "CUDA_ERROR_NOT_FOUND"; break;
+  case LAUNCH_FAILED: *name = "CUDA_ERROR_LAUNCH_FAILED"; break;
+  default: return INVALID_VALUE;
+  }
+  return OK;
+}
+CUresult cuGetErrorString(CUresult r, const char **text) {
+  *text = r == INVALID_IMAGE ? "cuemu: not a CUDA source it could build"
+                             : "cuemu";
+  return OK;
+}
+struct Event {
+  double ms = 0;
+};
+CUresult cuEventCreate(Event **e, unsigned) {
+  *e = new Event;
+  return OK;
+}
+CUresult cuEventRecord(Event *e, Stream *) {
+  e->ms = now();
+  return OK;
+}
+CUresult cuEventSynchronize(Event *) { return OK; }
+CUresult cuEventElapsedTime_v2(float *ms, Event *a, Event *b) {
+  *ms = float(b->ms - a->ms);
+  return OK;
+}
+CUresult cuEventDestroy_v2(Event *e) {
+  delete e;
+  return OK;
+}
+
+} // extern "C"

@@ -1,0 +1,243 @@
+//===- shim.h - CUDA C++ as host C++, for the driver emulator -*- C++ -*-===//
+//
+// Prepended (-include) to l4c's generated CUDA source when the emulator
+// (cuemu.cpp) builds a module: the CUDA keywords and intrinsics the emitter
+// uses, mapped onto host C++20. A launch runs its blocks one after another,
+// each block's CUDA threads as fibers on one host thread; __syncthreads is a
+// barrier of the block's fibers and warp shuffles exchange through a
+// per-warp slot array between two barriers of the warp. __shared__
+// variables become function statics: one block runs at a time, so one copy
+// is the block's.
+//
+// Test-only: meant for the tiny shapes of the golden cases.
+//
+//===----------------------------------------------------------------------===//
+#ifndef L4C_CUEMU_SHIM_H
+#define L4C_CUEMU_SHIM_H
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <math.h>
+#include <functional>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ucontext.h>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace l4emu {
+
+struct Dim {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline Dim tIdx, bIdx;
+inline Dim bDim{1, 1, 1}, gDim{1, 1, 1};
+
+/// The CUDA threads of a block are fibers on the calling host thread: a
+/// fiber runs until it reaches a barrier (__syncthreads, a warp shuffle) or
+/// finishes, then the next one runs; a barrier releases its waiters when
+/// all of its threads have arrived. No locks, no OS threads, deterministic.
+struct Fiber {
+  ucontext_t ctx;
+  bool done = false;
+  void *waitingOn = nullptr; // the barrier it waits at
+};
+inline std::vector<Fiber> fibers;
+inline std::vector<std::vector<char>> stacks;
+inline ucontext_t scheduler;
+inline unsigned current = 0;
+inline std::function<void()> *blockBody = nullptr;
+
+class Barrier {
+public:
+  explicit Barrier(unsigned n = 0) : n_(n) {}
+  void reset(unsigned n) { n_ = n; arrived_ = 0; }
+  void wait(const char *what) {
+    what_ = what;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      for (Fiber &f : fibers)
+        if (f.waitingOn == this)
+          f.waitingOn = nullptr;
+      return;
+    }
+    fibers[current].waitingOn = this;
+    swapcontext(&fibers[current].ctx, &scheduler);
+  }
+  const char *what_ = "";
+
+private:
+  unsigned n_, arrived_ = 0;
+};
+
+inline Barrier blockBarrier;
+inline std::vector<Barrier> warpBarriers;
+inline unsigned long long shuffleSlots[1024];
+inline unsigned char *dynamicShared = nullptr;
+
+inline void fiberMain() {
+  (*blockBody)();
+  fibers[current].done = true;
+  // Returning resumes the scheduler (uc_link).
+}
+
+/// Runs body() as `grid` blocks of `block` threads (blocks capped by
+/// L4C_CUEMU_MAX_BLOCKS, default 3: the kernels stride over their work, so
+/// any grid is correct, and a small odd one exercises the striding).
+template <class F>
+void launch(unsigned grid, unsigned block, unsigned smem, F body) {
+  unsigned cap = 3;
+  if (const char *e = std::getenv("L4C_CUEMU_MAX_BLOCKS"))
+    cap = unsigned(std::max(1, std::atoi(e)));
+  grid = std::max(1u, std::min(grid, cap));
+  bDim = {block, 1, 1};
+  gDim = {grid, 1, 1};
+  std::vector<unsigned char> dyn(smem + 16);
+  dynamicShared = dyn.data();
+  std::function<void()> fn = body;
+  blockBody = &fn;
+  constexpr size_t kStack = 256 * 1024;
+  if (stacks.size() < block)
+    stacks.resize(block);
+  for (auto &st : stacks)
+    if (st.empty())
+      st.resize(kStack);
+  for (unsigned b = 0; b < grid; ++b) {
+    bIdx = {b, 0, 0};
+    blockBarrier.reset(block);
+    warpBarriers.assign((block + 31) / 32, Barrier());
+    for (unsigned w = 0; w * 32 < block; ++w)
+      warpBarriers[w].reset(std::min(32u, block - w * 32));
+    fibers.assign(block, Fiber());
+    for (unsigned t = 0; t < block; ++t) {
+      Fiber &f = fibers[t];
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = stacks[t].data();
+      f.ctx.uc_stack.ss_size = kStack;
+      f.ctx.uc_link = &scheduler;
+      makecontext(&f.ctx, fiberMain, 0);
+    }
+    unsigned live = block;
+    while (live) {
+      bool ran = false;
+      for (unsigned t = 0; t < block; ++t) {
+        Fiber &f = fibers[t];
+        if (f.done || f.waitingOn)
+          continue;
+        current = t;
+        tIdx = {t, 0, 0};
+        swapcontext(&scheduler, &f.ctx);
+        ran = true;
+        if (f.done)
+          --live;
+      }
+      if (!ran && live) {
+        const char *what = "";
+        unsigned waiting = 0;
+        for (Fiber &f : fibers)
+          if (!f.done && f.waitingOn) {
+            ++waiting;
+            what = static_cast<Barrier *>(f.waitingOn)->what_;
+          }
+        std::fprintf(stderr,
+                     "cuemu: deadlock in block %u: %u threads wait at a %s "
+                     "that the other %u never reach (divergent barrier?)\n",
+                     b, waiting, what, block - waiting);
+        std::abort();
+      }
+    }
+  }
+  blockBody = nullptr;
+}
+
+inline void syncBlock() { blockBarrier.wait("__syncthreads"); }
+
+template <class T> T shuffle(T v, unsigned lane) {
+  static_assert(sizeof(T) <= 8);
+  unsigned me = tIdx.x, base = me & ~31u;
+  Barrier &w = warpBarriers[me / 32];
+  std::memcpy(&shuffleSlots[me], &v, sizeof(T));
+  w.wait("warp shuffle");
+  unsigned src = base + (lane & 31u);
+  T r = v;
+  if (src < bDim.x)
+    std::memcpy(&r, &shuffleSlots[src], sizeof(T));
+  w.wait("warp shuffle");
+  return r;
+}
+
+/// Kernel parameters as the driver passes them (an array of pointers to
+/// the values), unpacked by the kernel's own parameter types.
+template <class... A> struct Thunk {
+  using Tuple = std::tuple<std::decay_t<A>...>;
+  template <size_t... I>
+  static Tuple *pack(void **p, std::index_sequence<I...>) {
+    return new Tuple(*static_cast<std::decay_t<A> *>(p[I])...);
+  }
+  static Tuple *pack(void **p) {
+    return pack(p, std::index_sequence_for<A...>{});
+  }
+};
+template <class... A> void *packParams(void (*)(A...), void **p) {
+  return Thunk<A...>::pack(p);
+}
+template <class... A>
+void runPacked(void (*f)(A...), void *packed, unsigned g, unsigned b,
+               unsigned s) {
+  auto *t = static_cast<typename Thunk<A...>::Tuple *>(packed);
+  launch(g, b, s, [&] { std::apply(f, *t); });
+}
+template <class... A> void freePacked(void (*)(A...), void *packed) {
+  delete static_cast<typename Thunk<A...>::Tuple *>(packed);
+}
+
+} // namespace l4emu
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __constant__ static
+#define threadIdx (l4emu::tIdx)
+#define blockIdx (l4emu::bIdx)
+#define blockDim (l4emu::bDim)
+#define gridDim (l4emu::gDim)
+#define warpSize 32
+
+inline void __syncthreads() { l4emu::syncBlock(); }
+template <class T> T __shfl_xor_sync(unsigned, T v, int mask, int = 32) {
+  return l4emu::shuffle(v, (l4emu::tIdx.x & 31u) ^ unsigned(mask));
+}
+template <class T> T __shfl_sync(unsigned, T v, int lane, int = 32) {
+  return l4emu::shuffle(v, unsigned(lane));
+}
+template <class T> T __shfl_down_sync(unsigned, T v, unsigned d, int = 32) {
+  unsigned lane = (l4emu::tIdx.x & 31u) + d;
+  return l4emu::shuffle(v, lane < 32 ? lane : (l4emu::tIdx.x & 31u));
+}
+
+inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline int __float_as_int(float v) { int i; std::memcpy(&i, &v, 4); return i; }
+inline float __uint_as_float(unsigned v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline unsigned __float_as_uint(float v) { unsigned i; std::memcpy(&i, &v, 4); return i; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __expf(float v) { return std::exp(v); }
+inline float __logf(float v) { return std::log(v); }
+inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+template <class T> inline T __ldg(const T *p) { return *p; }
+using std::max;
+using std::min;
+
+#endif // L4C_CUEMU_SHIM_H
