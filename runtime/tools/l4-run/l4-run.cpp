@@ -43,6 +43,8 @@ const char *kUsage =
     "       l4-run PLAN --device=cuda (--weights CKPT_DIR | "
     "--random-weights=SEED)\n"
     "              --inputs IN.safetensors --check-kernels[=TOL]\n"
+    "       l4-run PLAN (--weights CKPT_DIR | --random-weights=SEED) --bench\n"
+    "              [--batch B] [--seq P] [--max-new-tokens G] [--repeats R]\n"
     "Every mode takes --device=cpu|cuda|cuda:N (default cpu; cuda needs a "
     "plan\n"
     "compiled with --target=cuda; train plans run on the cpu).\n"
@@ -209,6 +211,10 @@ Options parseArgs(int argc, char **argv) {
       o.weights = take();
     else if (flag == "--random-weights")
       o.randomSeed = parseSeed(flag, take());
+    else if (flag == "--bench" && !inlineValue)
+      o.bench = true;
+    else if (flag == "--repeats")
+      o.repeats = parseInt(flag, take());
     else if (flag == "--check-kernels")
       o.checkKernels = inlineValue ? parseFloat(flag, value) : 1e-3;
     else if (flag == "--device")
@@ -281,6 +287,16 @@ Options parseArgs(int argc, char **argv) {
       usage("--batch and --grad-accum must be at least 1, --seq at least 2");
     if (o.saveEvery && (*o.saveEvery < 1 || o.save.empty()))
       usage("--save-every K needs K >= 1 and --save DIR");
+    return o;
+  }
+  if (o.bench) {
+    if (!o.inputs.empty() || !o.out.empty() || o.hasPrompt || o.checkKernels)
+      usage("--bench does not go with --inputs, --out, --prompt or "
+            "--check-kernels");
+    if ((o.batch && *o.batch < 1) || (o.seq && *o.seq < 1) || o.repeats < 1)
+      usage("--batch, --seq and --repeats must be at least 1");
+    if (o.maxNewTokens && *o.maxNewTokens < 1)
+      usage("--max-new-tokens must be at least 1 with --bench");
     return o;
   }
   for (const auto &[given, flag] : {std::pair{o.steps.has_value(), "--steps"},
@@ -434,6 +450,75 @@ int runFiles(const Options &o, l4rt_session session,
   return 0;
 }
 
+/// --bench: times the plan on seeded random ids [B, P] (a forward pass, or
+/// a prefill of P tokens and G - 1 decode steps), once to warm up and then
+/// R times; prints every repeat and the medians. Wall-clock times of whole
+/// calls, so a GPU's are end to end: uploads, launches, the logits' download
+/// and the host's token choice.
+int runBench(const Options &o, l4rt_session session,
+             const l4rt_plan_summary &s) {
+  bool forward = std::string(s.program_kind) == "forward";
+  int64_t B = o.batch.value_or(1);
+  int64_t P = o.seq.value_or(std::max<int64_t>(1, std::min<int64_t>(
+                                                      128, s.max_seq / 2)));
+  int64_t G = forward ? 0 : o.maxNewTokens.value_or(std::min<int64_t>(
+                                32, std::max<int64_t>(1, s.max_seq - P)));
+  if (B > s.max_batch || P + G > s.max_seq)
+    die(o.plan + ": --bench of batch " + std::to_string(B) + " x " +
+        std::to_string(P) + " + " + std::to_string(G) +
+        " tokens does not fit the plan (max batch " +
+        std::to_string(s.max_batch) + ", max seq " + std::to_string(s.max_seq) +
+        ")");
+  std::vector<int64_t> ids(size_t(B * P));
+  uint64_t state = 0x9e3779b97f4a7c15ull;
+  for (int64_t &id : ids) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    id = int64_t((state >> 33) % uint64_t(s.vocab_size));
+  }
+  std::vector<float> logits(forward ? size_t(B * P * s.vocab_size) : 0);
+  std::vector<int64_t> out(size_t(B * (P + G)));
+  std::vector<double> prefill, decode;
+  for (int64_t r = 0; r <= o.repeats; ++r) {
+    int64_t len = 0;
+    if (forward)
+      check(l4rt_forward(session, ids.data(), B, P, logits.data()));
+    else
+      check(l4rt_generate(session, ids.data(), B, P, G, nullptr, out.data(),
+                          &len));
+    l4rt_timing t;
+    check(l4rt_session_timing(session, &t));
+    double pre = t.prefill_seconds * 1e3;
+    double dec = G > 1 ? t.decode_seconds * 1e3 / double(G - 1) : 0;
+    if (r == 0)
+      continue; // warm-up: module loads, graph captures
+    prefill.push_back(pre);
+    decode.push_back(dec);
+    std::printf("repeat %lld: %s %.3f ms", (long long)r,
+                forward ? "forward" : "prefill", pre);
+    if (G > 1)
+      std::printf(", decode %.3f ms/step (%.1f tokens/s)", dec,
+                  dec > 0 ? 1e3 * double(B) / dec : 0.0);
+    std::printf("\n");
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  };
+  double pre = median(prefill), dec = median(decode);
+  std::printf("bench: %s batch=%lld prompt=%lld new=%lld repeats=%lld "
+              "%s_ms=%.3f prefill_tokens_per_s=%.1f",
+              forward ? "forward" : "generate", (long long)B, (long long)P,
+              (long long)G, (long long)o.repeats,
+              forward ? "forward" : "prefill", pre,
+              pre > 0 ? 1e3 * double(B * P) / pre : 0.0);
+  if (G > 1)
+    std::printf(" decode_ms_per_step=%.3f decode_tokens_per_s=%.1f", dec,
+                dec > 0 ? 1e3 * double(B) / dec : 0.0);
+  std::printf(" (medians)\n");
+  return 0;
+}
+
 /// --check-kernels: every kernel on the GPU against the CPU backend, on
 /// the inputs' ids (forward), or prefill then one decode step (generate).
 int runCheckKernels(const Options &o, l4rt_session session,
@@ -529,6 +614,9 @@ int main(int argc, char **argv) {
   if (!train && o.adamw)
     die(o.plan + ": --adamw needs a train plan (this one is " + s.program_kind +
         ")");
+  if (train && (o.bench || o.checkKernels))
+    die(o.plan + ": --bench and --check-kernels take forward and generate "
+                 "plans");
   if (!o.trainData.empty()) {
     if (o.device != "cpu")
       die(o.plan + ": the training loop runs on the cpu backend only "
@@ -545,7 +633,8 @@ int main(int argc, char **argv) {
   check(l4rt_session_create_with(plan, &so, &session));
   if (o.device != "cpu")
     std::fprintf(stderr, "l4-run: device %s\n", l4rt_session_device(session));
-  int rc = o.checkKernels ? runCheckKernels(o, session, s)
+  int rc = o.bench          ? runBench(o, session, s)
+           : o.checkKernels ? runCheckKernels(o, session, s)
            : o.hasPrompt  ? runPrompt(o, session, s)
            : train     ? runTrainFiles(o, session)
                        : runFiles(o, session, s);

@@ -21,6 +21,8 @@ struct Options {
   std::string plan, weights, inputs, out, prompt;
   std::string device = "cpu"; ///< --device: cpu, cuda, cuda:N
   std::optional<double> checkKernels; ///< --check-kernels=TOL
+  bool bench = false;                 ///< --bench (with --batch, --seq)
+  int64_t repeats = 5;                ///< --repeats (bench)
   bool info = false, hasPrompt = false;
   std::optional<uint64_t> randomSeed;
   std::optional<int64_t> maxNewTokens;

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Builds on the CPU machine what bench/run.sh runs on the GPU machine: the
+# runtime binaries and bf16 CUDA plans of the Scout 4-layer slice
+# (configs/scout-slice4.json: Scout's real layer shapes). Output: BUILD/bench.
+# Usage: bench/prepare.sh [BUILD]
+set -euo pipefail
+build=${1:-build}
+b=$build/bench
+rm -rf "$b" && mkdir -p "$b/bin" "$b/lib" "$b/plans"
+cp "$build/bin/l4-run" "$b/bin/"
+cp -P "$build"/runtime/libl4rt.so* "$b/lib/"
+compile() { # NAME BATCH SEQ
+  "$build/bin/l4c" compile bench/configs/scout-slice4.json --program=generate \
+    --precision=bf16 --target=cuda --max-batch="$2" --max-seq="$3" \
+    -o "$b/plans/$1.plan" 2>&1 | sed 's/^/  /'
+}
+# Prefill of 2048 tokens (then 32 decode steps at ~2k context), batch 1.
+compile scout4-b1-2k 1 2080
+# Decode at batch 1 and 32 after a 128-token prompt.
+compile scout4-b1 1 192
+compile scout4-b32 32 192
+du -sh "$b"

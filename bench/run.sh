@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The speed benchmark (issue: Speed on the H100), run on the GPU machine from
+# the repository root on what bench/prepare.sh built: l4c on the Scout
+# 4-layer slice in bf16 with random weights, HF transformers (eager, and
+# torch.compile unless NO_COMPILE=1) on the same configs in the same run,
+# and the roofline floors from this device's measured copy bandwidth and
+# bf16 GEMM rate. Writes $OUT/bench.md (a table for docs/performance.md).
+# Usage: bench/run.sh [BUNDLE]   (default build/bench)
+set -uo pipefail
+b=${1:-build/bench}
+out=${OUT:-bench-results}
+mkdir -p "$out"
+export LD_LIBRARY_PATH="$PWD/$b/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export L4C_CACHE_DIR="$out/cache"
+run=$b/bin/l4-run
+log=$out/bench.log
+: >"$log"
+l4c() { # NAME PLAN ARGS...
+  local name=$1 plan=$2
+  shift 2
+  echo "== l4c $name" | tee -a "$log"
+  timeout 300 "$run" "$b/plans/$plan.plan" --device=cuda --random-weights=1 --bench "$@" \
+    2>&1 | tee -a "$log" | tail -1
+}
+l4c prefill-2048 scout4-b1-2k --batch 1 --seq 2048 --max-new-tokens 32 --repeats 5
+l4c decode-b1 scout4-b1 --batch 1 --seq 128 --max-new-tokens 64 --repeats 5
+l4c decode-b32 scout4-b32 --batch 32 --seq 128 --max-new-tokens 64 --repeats 5
+echo "== peers and roofline" | tee -a "$log"
+timeout 900 python3 bench/peer.py --out "$out/peer.json" 2>&1 | tee -a "$log" | grep -E '^peer|^roofline'
+python3 - "$log" "$out/peer.json" >"$out/bench.md" <<'PY'
+import json, re, sys, datetime
+log = open(sys.argv[1]).read()
+try:
+    peer = json.load(open(sys.argv[2]))
+except Exception:
+    peer = {}
+def l4c(name, key):
+    m = re.search(r"== l4c %s\n(?:.*\n)*?bench: .*?%s=([0-9.]+)" % (name, key), log)
+    return float(m.group(1)) if m else None
+rows = [
+    ("prefill 2048 (ms)", l4c("prefill-2048", "prefill_ms"), "prefill_2048_ms", "floor_prefill_ms"),
+    ("decode b1 (ms/token)", l4c("decode-b1", "decode_ms_per_step"), "decode_b1_ms", "floor_decode_b1_ms"),
+    ("decode b32 (ms/step)", l4c("decode-b32", "decode_ms_per_step"), "decode_b32_ms", "floor_decode_b32_ms"),
+]
+f = lambda x: "n/a" if x is None else "%.3f" % x
+print("Scout 4-layer slice, bf16, random weights, %s, %s" % (peer.get("device", "?"), datetime.date.today()))
+print()
+print("| measure | l4c | HF eager | torch.compile | floor | l4c / eager |")
+print("| --- | --- | --- | --- | --- | --- |")
+for name, ours, key, floor in rows:
+    e = peer.get("eager", {}).get(key); c = peer.get("compile", {}).get(key)
+    print("| %s | %s | %s | %s | %s | %s |" % (name, f(ours), f(e), f(c), f(peer.get(floor)),
+          "n/a" if not (ours and e) else "%.2f" % (ours / e)))
+print("| train step 4x2048, 2048 wide (tokens/s) | n/a (no GPU training yet) | %s | %s | | |"
+      % (f(peer.get("eager", {}).get("train_tokens_per_s")), f(peer.get("compile", {}).get("train_tokens_per_s"))))
+print()
+print("copy bandwidth %s GB/s, bf16 GEMM %s TFLOP/s (measured in this run)"
+      % (f(peer.get("bandwidth_gbs")), f(peer.get("gemm_tflops"))))
+PY
+cat "$out/bench.md"
