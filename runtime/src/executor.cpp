@@ -157,11 +157,6 @@ Status Session::create(std::shared_ptr<const Plan> plan,
   if (Status st = s->checkSupported(); !st.ok())
     return st;
   if (ordinal >= 0) {
-    if (s->plan_->program("train_step"))
-      return Status::fail(StatusCode::Unsupported,
-                          s->plan_->label() +
-                              ": train plans run on the cpu backend only "
-                              "(the CUDA emitter has no backward kernels yet)");
     // Checked before any memory is touched: a cpu plan asked to run on
     // the GPU fails at once, naming the kernel without CUDA code.
     if (Status st = cuda::CudaBackend::checkPlan(*s->plan_); !st.ok())
@@ -184,9 +179,15 @@ Status Session::create(std::shared_ptr<const Plan> plan,
     if (Status st = s->randomWeights(opts.randomSeed); !st.ok())
       return st;
   }
-  if (s->gpu_)
+  if (s->gpu_) {
     if (Status st = s->gpu_->synchronize(); !st.ok())
       return st;
+    // Training keeps the f32 master weights and AdamW on the host: the GPU
+    // runs train_step, the host applies the step and uploads the weights.
+    if (s->plan_->program("train_step"))
+      if (Status st = s->hostWeights(); !st.ok())
+        return st;
+  }
   out = std::move(s);
   return Status::success();
 }
@@ -223,6 +224,20 @@ Session::~Session() {
   for (Region &r : regions_)
     if (r.base)
       ::munmap(r.base, r.size);
+}
+
+Status Session::fetchBuffer(const BufferDesc &d) {
+  if (!gpu_)
+    return Status::success();
+  return gpu_->download(d.region, d.offset,
+                        regions_[int(d.region)].base + d.offset, d.size);
+}
+
+Status Session::pushBuffer(const BufferDesc &d) {
+  if (!gpu_)
+    return Status::success();
+  return gpu_->upload(d.region, d.offset,
+                      regions_[int(d.region)].base + d.offset, d.size);
 }
 
 Status Session::uploadInputs(const ProgramDesc &prog, int64_t B, int64_t T) {

@@ -161,6 +161,9 @@ private:
   Status attachGpu(int ordinal);
   /// CUDA: copies the program's inputs for [0, B) x [0, T) to the device.
   Status uploadInputs(const ProgramDesc &prog, int64_t B, int64_t T);
+  /// CUDA: a whole buffer from the device to the host region, or back.
+  Status fetchBuffer(const BufferDesc &d);
+  Status pushBuffer(const BufferDesc &d);
   /// CUDA: copies logits rows [r0, r1) of each batch entry to the host
   /// mirror (a no-op on the CPU, where the mirror is the buffer).
   Status fetchLogits(const ProgramDesc &prog, int64_t B, int64_t r0,

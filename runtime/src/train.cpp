@@ -231,6 +231,11 @@ Status Session::trainStep(const int64_t *ids, int64_t B, int64_t T,
   auto t0 = std::chrono::steady_clock::now();
   if (Status s = runProgram(*prog, ids, T, B, T, 0); !s.ok())
     return s;
+  if (Status s = fetchBuffer(p.buffers[prog->loss]); !s.ok())
+    return s;
+  for (uint32_t g : prog->grads)
+    if (Status s = fetchBuffer(p.buffers[g]); !s.ok())
+      return s;
   const BufferDesc &lb = p.buffers[prog->loss];
   float value = *reinterpret_cast<const float *>(regions_[int(lb.region)].base +
                                                  lb.offset);
@@ -295,6 +300,9 @@ Status Session::adamwStep(const AdamWParams &h) {
     cpu::adamwStep(weightData(i), g.data(), m_[i].data(), v_[i].data(),
                    g.size(), step_, h.lr, h.beta1, h.beta2, h.eps,
                    h.weightDecay);
+    if (Status s = pushBuffer(plan_->buffers[plan_->weights[i].buffer]);
+        !s.ok())
+      return s;
   }
   microBatches_ = 0;
   return Status::success();

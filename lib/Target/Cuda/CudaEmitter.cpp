@@ -206,6 +206,24 @@ std::optional<Names> operandNames(Operation *op) {
       .Case<l4::AddOp>([](auto) {
         return Names{"lhs", "rhs"};
       })
+      .Case<l4::CrossEntropyOp, l4::CrossEntropyGradOp>([](auto) {
+        return Names{"logits", "ids"};
+      })
+      .Case<l4::LinearGradInputOp>([](auto) { return Names{"dy", "w"}; })
+      .Case<l4::LinearGradWeightOp>([](auto) { return Names{"x", "dy"}; })
+      .Case<l4::RmsNormGradOp>([](auto) { return Names{"x", "w", "dy"}; })
+      .Case<l4::L2NormGradOp>([](auto) { return Names{"x", "dy"}; })
+      .Case<l4::AttentionGradOp>([](auto) {
+        return Names{"q", "k", "v", "pos", "dout"};
+      })
+      .Case<l4::RouterScoresGradOp>([](auto) { return Names{"x", "ds"}; })
+      .Case<l4::SwigluGradOp>([](auto) {
+        return Names{"gate", "up", "dy"};
+      })
+      .Case<l4::EmbeddingGradOp>([](auto) { return Names{"ids", "dy"}; })
+      .Case<l4::MoeExpertsGradOp>([](auto) {
+        return Names{"x", "scores", "gate_up", "down", "dy"};
+      })
       .Default([](Operation *) { return std::nullopt; });
 }
 
@@ -235,7 +253,7 @@ llvm::Expected<View> makeView(const OpContext &ctx, const CudaBuffer &buf,
   return v;
 }
 
-/// Dispatches the op to its family's emitter; training ops are refused.
+/// Dispatches the op to its family's emitter.
 llvm::Error emitOp(OpContext &ctx) {
   Operation *op = ctx.op;
   return llvm::TypeSwitch<Operation *, llvm::Error>(op)
@@ -262,6 +280,29 @@ llvm::Error emitOp(OpContext &ctx) {
       .Case<l4::AddOp>(
           [&](auto) { return cuda::emitElementwise(ctx, "va + vb"); })
       .Case<l4::TakeLastOp>([&](auto) { return cuda::emitTakeLast(ctx); })
+      .Case<l4::CrossEntropyOp>(
+          [&](auto) { return cuda::emitCrossEntropy(ctx, false); })
+      .Case<l4::CrossEntropyGradOp>(
+          [&](auto) { return cuda::emitCrossEntropy(ctx, true); })
+      .Case<l4::LinearGradInputOp>(
+          [&](auto) { return cuda::emitLinearGradInput(ctx); })
+      .Case<l4::LinearGradWeightOp>(
+          [&](auto) { return cuda::emitLinearGradWeight(ctx); })
+      .Case<l4::RmsNormGradOp>([&](l4::RmsNormGradOp n) {
+        return cuda::emitNormGrad(ctx, n.getEps().convertToDouble(), true);
+      })
+      .Case<l4::L2NormGradOp>([&](l4::L2NormGradOp n) {
+        return cuda::emitNormGrad(ctx, n.getEps().convertToDouble(), false);
+      })
+      .Case<l4::AttentionGradOp>(
+          [&](auto) { return cuda::emitAttentionGrad(ctx); })
+      .Case<l4::RouterScoresGradOp>(
+          [&](auto) { return cuda::emitRouterScoresGrad(ctx); })
+      .Case<l4::SwigluGradOp>([&](auto) { return cuda::emitSwigluGrad(ctx); })
+      .Case<l4::EmbeddingGradOp>(
+          [&](auto) { return cuda::emitEmbeddingGrad(ctx); })
+      .Case<l4::MoeExpertsGradOp>(
+          [&](auto) { return cuda::emitMoeExpertsGrad(ctx); })
       .Default(
           [&](Operation *) { return ctx.fail("no CUDA emitter for this op"); });
 }

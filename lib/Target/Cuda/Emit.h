@@ -81,6 +81,16 @@ llvm::Error emitTakeLast(OpContext &ctx);
 llvm::Error emitLinear(OpContext &ctx);
 llvm::Error emitMoeExperts(OpContext &ctx);
 llvm::Error emitAttention(OpContext &ctx);
+// Training (GradOps.cpp).
+llvm::Error emitCrossEntropy(OpContext &ctx, bool grad);
+llvm::Error emitLinearGradInput(OpContext &ctx);
+llvm::Error emitLinearGradWeight(OpContext &ctx);
+llvm::Error emitNormGrad(OpContext &ctx, double eps, bool hasWeight);
+llvm::Error emitAttentionGrad(OpContext &ctx);
+llvm::Error emitRouterScoresGrad(OpContext &ctx);
+llvm::Error emitSwigluGrad(OpContext &ctx);
+llvm::Error emitEmbeddingGrad(OpContext &ctx);
+llvm::Error emitMoeExpertsGrad(OpContext &ctx);
 
 // Text helpers.
 

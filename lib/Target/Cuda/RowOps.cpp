@@ -320,6 +320,25 @@ __device__ __forceinline__ bool @B@_before(float a, long long ia, float b, long 
 
 llvm::Error emitElementwise(OpContext &ctx, llvm::StringRef expr) {
   const View &a = ctx.operands[0], &c = ctx.operands[1], &y = ctx.results[0];
+  if (!a.hasBatch && !c.hasBatch && !y.hasBatch) {
+    // Parameter-shaped (a tied embedding's two gradients): every element.
+    if (a.inner != y.inner || c.inner != y.inner)
+      return ctx.fail("expected operands of the result's shape");
+    Body &b = ctx.body;
+    llvm::raw_string_ostream os(b.code);
+    os << constant("N", y.inner)
+       << llvm::formatv(R"cuda(  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < N;
+       i += (long long)gridDim.x * blockDim.x) {{
+    const float va = l4_ld({0}, i);
+    const float vb = l4_ld({1}, i);
+    l4_st(y, i, {2});
+  }
+)cuda",
+                        a.name, c.name, expr);
+    b.threads = 256;
+    b.blocks = gridFor(uint64_t(y.inner), b.threads);
+    return llvm::Error::success();
+  }
   auto lt = liveRows(ctx, {&a, &c, &y});
   if (!lt)
     return lt.takeError();

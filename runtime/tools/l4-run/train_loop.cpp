@@ -191,8 +191,13 @@ int runTraining(const Options &o, l4rt_plan plan, const l4rt_plan_summary &s) {
 
   l4rt_session session = nullptr;
   const std::string &from = !o.resume.empty() ? o.resume : o.weights;
-  check(l4rt_session_create(plan, o.randomSeed ? nullptr : from.c_str(),
-                            o.randomSeed.value_or(0), &session));
+  l4rt_session_options so = l4rt_session_options_default();
+  so.weights_dir = o.randomSeed ? nullptr : from.c_str();
+  so.random_seed = o.randomSeed.value_or(0);
+  so.device = o.device.c_str();
+  check(l4rt_session_create_with(plan, &so, &session));
+  if (o.device != "cpu")
+    std::fprintf(stderr, "l4-run: device %s\n", l4rt_session_device(session));
   int64_t cursor = 0;
   if (!o.resume.empty()) {
     check(l4rt_load_optimizer(session, o.resume.c_str()));

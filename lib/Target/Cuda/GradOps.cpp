@@ -1,0 +1,714 @@
+//===- GradOps.cpp - CUDA for the training ops ----------------------------===//
+//
+// The loss, its gradient and the vector-Jacobian products of l4c-autodiff,
+// written for correctness first: straightforward grid-stride kernels that
+// follow the CPU backend's formulas (runtime/src/cpu/grad_kernels.cpp), with
+// double accumulators where the CPU has them. Reductions into parameter-
+// shaped gradients (embedding, experts, a norm's weight) run in one block,
+// which owns its output and needs no atomics or pre-zeroed memory; attention's
+// backward recomputes each query's softmax statistics where it needs them
+// instead of keeping them. Fast versions (grouped GEMMs, flash-style
+// backward) belong to the fusion and Hopper-kernel work.
+//
+//===----------------------------------------------------------------------===//
+#include "Emit.h"
+#include "l4c/Dialect/L4/L4Ops.h"
+#include "llvm/Support/FormatVariadic.h"
+
+using namespace mlir;
+
+namespace l4c::cuda {
+
+namespace {
+
+/// "T" or "1": the live rows per batch entry of token-major views.
+llvm::Expected<std::string>
+rowsOf(const OpContext &ctx, std::initializer_list<const View *> views) {
+  std::optional<bool> seq;
+  for (const View *v : views) {
+    if (!v->hasBatch)
+      return ctx.fail("'" + v->name + "' is not a token-major activation");
+    if (seq && *seq != v->hasSeq)
+      return ctx.fail("'" + v->name +
+                      "' disagrees with the other operands on the seq dim");
+    seq = v->hasSeq;
+  }
+  return std::string(seq.value_or(false) ? "T" : "1");
+}
+
+uint64_t rowsAtMax(const View &v) {
+  return uint64_t(v.bmax) * v.maxLiveRows();
+}
+
+/// A block-wide double sum (every thread calls; each gets the total);
+/// `red` is 32 doubles of shared memory.
+const char *kBlockSumD =
+    R"cuda(__device__ __forceinline__ double @B@_bsum(double v, double *red) {
+  for (int o = 16; o > 0; o >>= 1)
+    v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  __syncthreads(); // the previous call is done with red
+  if (lane == 0)
+    red[w] = v;
+  __syncthreads();
+  double t = 0;
+  for (int i = 0; i < (int)((blockDim.x + 31) >> 5); ++i)
+    t += red[i];
+  return t;
+}
+)cuda";
+
+} // namespace
+
+llvm::Error emitCrossEntropy(OpContext &ctx, bool grad) {
+  const View &logits = ctx.operands[0], &ids = ctx.operands[1],
+             &y = ctx.results[0];
+  if (!logits.hasSeq || !ids.hasSeq || logits.shape().size() != 3)
+    return ctx.fail("expected logits [B, S, V] and ids [B, S]");
+  if (grad && (y.inner != logits.inner || !y.hasSeq))
+    return ctx.fail("expected the gradient to have the logits' shape");
+  if (!grad && (y.hasBatch || y.inner != 1))
+    return ctx.fail("expected a scalar loss");
+  Body &b = ctx.body;
+  b.globals += kBlockSumD;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("V", logits.inner) << stride(b, "L_S", logits.rowsPerBatch)
+     << stride(b, "I_S", ids.rowsPerBatch);
+  if (grad)
+    os << stride(b, "Y_S", y.rowsPerBatch);
+  os << R"cuda(  // HF's shift: row (b, t) predicts ids[b, t + 1] for t < T - 1; -100
+  // is torch's ignore_index. The mean runs over the labelled rows.
+  __shared__ double red[32];
+  __shared__ float redf[32];
+  long long count = 0;
+  for (long long b = 0; b < B; ++b)
+    for (long long t = 0; t + 1 < T; ++t)
+      count += l4_ldi(ids, b * I_S + t + 1) != -100;
+)cuda";
+  if (!grad) {
+    os << R"cuda(  if (blockIdx.x != 0)
+    return;
+  double nll = 0.0;
+  for (long long r = 0; r < B * (T - 1); ++r) {
+    const long long b = r / (T - 1), t = r - b * (T - 1);
+    const long long label = l4_ldi(ids, b * I_S + t + 1);
+    if (label == -100)
+      continue;
+    const long long lo = (b * L_S + t) * V;
+    float mx = l4_neg_inf();
+    for (long long i = threadIdx.x; i < V; i += blockDim.x)
+      mx = fmaxf(mx, l4_ld(logits, lo + i));
+    mx = l4_block_max(mx, redf);
+    double s = 0.0;
+    for (long long i = threadIdx.x; i < V; i += blockDim.x)
+      s += exp((double)l4_ld(logits, lo + i) - (double)mx);
+    s = @B@_bsum(s, red);
+    nll += (double)mx + log(s) - (double)l4_ld(logits, lo + label);
+  }
+  if (threadIdx.x == 0)
+    l4_st(y, 0, count ? (float)(nll / (double)count) : __int_as_float(0x7fc00000));
+)cuda";
+    b.threads = 256;
+    b.blocks = 1;
+    return llvm::Error::success();
+  }
+  os << R"cuda(  const double seed = count ? 1.0 / (double)count : 0.0;
+  // A block per row; the row is read whole (the reductions' barriers)
+  // before it is written, so the gradient may overwrite the logits.
+  for (long long r = blockIdx.x; r < B * L_S; r += gridDim.x) {
+    const long long b = r / L_S, t = r - b * L_S;
+    const long long lo = (b * L_S + t) * V, yo = (b * Y_S + t) * V;
+    const long long label = t + 1 < T ? l4_ldi(ids, b * I_S + t + 1) : -100;
+    if (label == -100) {
+      __syncthreads();
+      for (long long i = threadIdx.x; i < V; i += blockDim.x)
+        l4_st(y, yo + i, 0.0f);
+      continue;
+    }
+    float mx = l4_neg_inf();
+    for (long long i = threadIdx.x; i < V; i += blockDim.x)
+      mx = fmaxf(mx, l4_ld(logits, lo + i));
+    mx = l4_block_max(mx, redf);
+    double s = 0.0;
+    for (long long i = threadIdx.x; i < V; i += blockDim.x)
+      s += exp((double)l4_ld(logits, lo + i) - (double)mx);
+    s = @B@_bsum(s, red);
+    const double lse = (double)mx + log(s);
+    for (long long i = threadIdx.x; i < V; i += blockDim.x) {
+      const double p = exp((double)l4_ld(logits, lo + i) - lse);
+      l4_st(y, yo + i, (float)((i == label ? p - 1.0 : p) * seed));
+    }
+  }
+)cuda";
+  b.threads = 256;
+  b.blocks = gridFor(uint64_t(logits.bmax) * logits.rowsPerBatch, 1);
+  return llvm::Error::success();
+}
+
+llvm::Error emitLinearGradInput(OpContext &ctx) {
+  const View &dy = ctx.operands[0], &w = ctx.operands[1], &dx = ctx.results[0];
+  auto lt = rowsOf(ctx, {&dy, &dx});
+  if (!lt)
+    return lt.takeError();
+  auto ws = w.shape();
+  if (ws.size() != 2 || dy.inner != ws[0] || dx.inner != ws[1])
+    return ctx.fail("expected dy [.., N], w [N, K] and dx [.., K]");
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("N", ws[0]) << constant("K", ws[1])
+     << stride(b, "DY_S", dy.rowsPerBatch) << stride(b, "DX_S", dx.rowsPerBatch)
+     << "  const long long LT = " << *lt << ";\n"
+     << R"cuda(  // dx = dy @ w: one thread per element of dx.
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+       i < B * LT * K; i += (long long)gridDim.x * blockDim.x) {
+    const long long k = i % K, r = i / K, b = r / LT, t = r - b * LT;
+    const long long yo = (b * DY_S + t) * N;
+    float acc = 0.0f;
+    for (long long n = 0; n < N; ++n)
+      acc = fmaf(l4_ld(dy, yo + n), l4_ld(w, n * K + k), acc);
+    l4_st(y, (b * DX_S + t) * K + k, acc);
+  }
+)cuda";
+  b.threads = 256;
+  b.blocks = gridFor(rowsAtMax(dx) * dx.inner, b.threads);
+  return llvm::Error::success();
+}
+
+llvm::Error emitLinearGradWeight(OpContext &ctx) {
+  const View &x = ctx.operands[0], &dy = ctx.operands[1], &dw = ctx.results[0];
+  auto lt = rowsOf(ctx, {&x, &dy});
+  if (!lt)
+    return lt.takeError();
+  auto ws = dw.shape();
+  if (ws.size() != 2 || dy.inner != ws[0] || x.inner != ws[1] || dw.hasBatch)
+    return ctx.fail("expected x [.., K], dy [.., N] and dw [N, K]");
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("N", ws[0]) << constant("K", ws[1])
+     << stride(b, "X_S", x.rowsPerBatch) << stride(b, "DY_S", dy.rowsPerBatch)
+     << "  const long long LT = " << *lt << ";\n"
+     << R"cuda(  // dw[n, k] = sum over the live rows of dy[., n] * x[., k], in double.
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < N * K;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long n = i / K, k = i - n * K;
+    double acc = 0.0;
+    for (long long b = 0; b < B; ++b)
+      for (long long t = 0; t < LT; ++t)
+        acc += (double)l4_ld(dy, (b * DY_S + t) * N + n) *
+               (double)l4_ld(x, (b * X_S + t) * K + k);
+    l4_st(y, i, (float)acc);
+  }
+)cuda";
+  b.threads = 256;
+  b.blocks = gridFor(uint64_t(ws[0]) * ws[1], b.threads);
+  return llvm::Error::success();
+}
+
+llvm::Error emitNormGrad(OpContext &ctx, double eps, bool hasWeight) {
+  const View &x = ctx.operands[0], &dy = ctx.operands[hasWeight ? 2 : 1],
+             &dx = ctx.results[0];
+  auto lt = rowsOf(ctx, {&x, &dy, &dx});
+  if (!lt)
+    return lt.takeError();
+  int64_t n = x.shape().back();
+  if (n <= 0 || x.inner % n || dy.inner != x.inner || dx.inner != x.inner)
+    return ctx.fail("expected dy and dx of the input's shape");
+  if (hasWeight &&
+      (ctx.operands[1].inner != n || ctx.results[1].inner != n ||
+       x.inner != n))
+    return ctx.fail("expected a weight (and its gradient) of the row width");
+  Body &b = ctx.body;
+  b.globals += kBlockSumD;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("N", n, "normalised width")
+     << constant("NV", x.inner / n, "vectors per token row")
+     << stride(b, "X_S", x.rowsPerBatch) << stride(b, "G_S", dy.rowsPerBatch)
+     << stride(b, "D_S", dx.rowsPerBatch)
+     << "  constexpr float EPS = " << floatLit(float(eps)) << ";\n"
+     << "  const long long LT = " << *lt << ";\n";
+  std::string wexpr = hasWeight ? "(double)l4_ld(w, i)" : "1.0";
+  os << llvm::formatv(R"cuda(  // dx = inv * (g - x * inv^2 * <g, x> / N), g = dy * w, with the
+  // forward's f32 inverse RMS; one warp per vector.
+  const int lane = threadIdx.x & 31;
+  const long long warps = blockDim.x >> 5;
+  const long long nvec = B * LT * NV;
+  for (long long v = blockIdx.x * warps + (threadIdx.x >> 5); v < nvec;
+       v += (long long)gridDim.x * warps) {{
+    const long long j = v % NV, r = v / NV, b = r / LT, t = r - b * LT;
+    const long long xo = (b * X_S + t) * (N * NV) + j * N;
+    const long long go = (b * G_S + t) * (N * NV) + j * N;
+    const long long yo = (b * D_S + t) * (N * NV) + j * N;
+    double ss = 0.0, gx = 0.0;
+    for (long long i = lane; i < N; i += 32) {{
+      const double a = l4_ld(x, xo + i);
+      ss += a * a;
+      gx += (double)l4_ld(dy, go + i) * {0} * a;
+    }
+    for (int o = 16; o > 0; o >>= 1) {{
+      ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      gx += __shfl_xor_sync(0xffffffffu, gx, o);
+    }
+    const float var = (float)(ss / (double)N);
+    const float inv = (float)(1.0 / sqrt((double)(var + EPS)));
+    const double c = (double)inv * inv * gx / (double)N;
+    for (long long i = lane; i < N; i += 32) {{
+      const double g = (double)l4_ld(dy, go + i) * {0};
+      l4_st({1}, yo + i, (float)((double)inv * (g - (double)l4_ld(x, xo + i) * c)));
+    }
+  }
+)cuda",
+                      wexpr, hasWeight ? "y0" : "y");
+  if (hasWeight)
+    os << R"cuda(  // dw in block 0 alone, which owns it: per vector, the block rebuilds the
+  // inverse RMS, and each thread sums its columns over all vectors.
+  if (blockIdx.x != 0)
+    return;
+  __shared__ double red[32];
+  constexpr long long NT = 256, NC = (N + NT - 1) / NT;
+  double acc[NC];
+  for (int c = 0; c < NC; ++c)
+    acc[c] = 0.0;
+  for (long long v = 0; v < nvec; ++v) {
+    const long long j = v % NV, r = v / NV, b = r / LT, t = r - b * LT;
+    const long long xo = (b * X_S + t) * (N * NV) + j * N;
+    const long long go = (b * G_S + t) * (N * NV) + j * N;
+    double ss = 0.0;
+    for (long long i = threadIdx.x; i < N; i += NT) {
+      const double a = l4_ld(x, xo + i);
+      ss += a * a;
+    }
+    ss = @B@_bsum(ss, red);
+    const float var = (float)(ss / (double)N);
+    const float inv = (float)(1.0 / sqrt((double)(var + EPS)));
+    for (int c = 0; c < NC; ++c) {
+      const long long i = threadIdx.x + c * NT;
+      if (i < N) // the forward rounds x * inv to f32 before the weight
+        acc[c] += (double)l4_ld(dy, go + i) * (double)(l4_ld(x, xo + i) * inv);
+    }
+  }
+  for (int c = 0; c < NC; ++c) {
+    const long long i = threadIdx.x + c * NT;
+    if (i < N)
+      l4_st(y1, i, (float)acc[c]);
+  }
+)cuda";
+  b.threads = 256;
+  b.blocks = gridFor(rowsAtMax(x) * (x.inner / n), b.threads / 32);
+  return llvm::Error::success();
+}
+
+llvm::Error emitAttentionGrad(OpContext &ctx) {
+  auto op = cast<l4::AttentionGradOp>(ctx.op);
+  const View &q = ctx.operands[0], &k = ctx.operands[1], &v = ctx.operands[2],
+             &pos = ctx.operands[3], &dout = ctx.operands[4];
+  auto qs = q.shape(), ks = k.shape();
+  if (!q.hasSeq || !k.hasSeq || !v.hasSeq || !pos.hasSeq || !dout.hasSeq ||
+      qs.size() != 4 || ks.size() != 4 || k.shape() != v.shape() ||
+      dout.inner != q.inner)
+    return ctx.fail("expected q, dout [B, S, H, d], fresh k and v [B, S, Hkv, "
+                    "d] and positions [B, S]");
+  int64_t heads = qs[2], dim = qs[3], kvHeads = ks[2];
+  if (ks[3] != dim || kvHeads <= 0 || heads % kvHeads)
+    return ctx.fail("head dims or GQA group sizes disagree");
+  Body &b = ctx.body;
+  b.globals += kBlockSumD;
+  b.globals += R"cuda(// The key range [lo, hi] query position p sees (causal; the same chunk
+// when CHUNK > 0); empty when hi < lo.
+__device__ __forceinline__ void @B@_range(long long p, long long kvLen, long long chunk,
+                                        long long &lo, long long &hi) {
+  hi = p < kvLen - 1 ? p : kvLen - 1;
+  lo = chunk > 0 && p >= 0 ? p / chunk * chunk : 0;
+  if (p < 0)
+    hi = -1;
+}
+)cuda";
+  llvm::raw_string_ostream os(b.code);
+  os << constant("H", heads) << constant("HKV", kvHeads)
+     << constant("DH", dim, "head dim")
+     << constant("G", heads / kvHeads, "query heads per kv head")
+     << stride(b, "Q_S", q.rowsPerBatch) << stride(b, "K_S", k.rowsPerBatch)
+     << stride(b, "O_S", dout.rowsPerBatch) << stride(b, "P_S", pos.rowsPerBatch)
+     << stride(b, "DQ_S", ctx.results[0].rowsPerBatch)
+     << stride(b, "DK_S", ctx.results[1].rowsPerBatch)
+     << stride(b, "DV_S", ctx.results[2].rowsPerBatch)
+     << constant("CHUNK", op.getChunkSize(), "0: causal only")
+     << "  constexpr float SCALE = "
+     << floatLit(float(op.getScale().convertToDouble())) << ";\n"
+     << R"cuda(  constexpr long long NT = 128, KW = HKV * DH, QW = H * DH;
+  constexpr long long NACC = (DH + NT - 1) / NT;
+  __shared__ double red[32];
+  // Softmax statistics of query row (b, t, h): log-sum-exp and
+  // delta = sum_j P_j <dout, v_j>, recomputed where needed (block-wide).
+  auto stats = [&](long long b, long long t, long long h, double &lse,
+                   double &delta) -> bool {
+    long long lo, hi;
+    @B@_range(l4_ldi(pos, b * P_S + t), T, CHUNK, lo, hi);
+    if (hi < lo)
+      return false;
+    const long long qo = (b * Q_S + t) * QW + h * DH;
+    const long long oo = (b * O_S + t) * QW + h * DH;
+    const long long ko = b * K_S * KW + h / G * DH;
+    double mx = -1e300;
+    for (long long j = lo + threadIdx.x; j <= hi; j += NT) {
+      float dot = 0.0f;
+      for (long long i = 0; i < DH; ++i)
+        dot = fmaf(l4_ld(q, qo + i), l4_ld(k, ko + j * KW + i), dot);
+      mx = fmax(mx, (double)(dot * SCALE));
+    }
+    // A block max in double, through the sums' shared slots.
+    for (int o = 16; o > 0; o >>= 1)
+      mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0)
+      red[threadIdx.x >> 5] = mx;
+    __syncthreads();
+    for (int w = 0; w < (int)(NT >> 5); ++w)
+      mx = fmax(mx, red[w]);
+    double s = 0.0, dl = 0.0;
+    for (long long j = lo + threadIdx.x; j <= hi; j += NT) {
+      float dot = 0.0f, dv = 0.0f;
+      for (long long i = 0; i < DH; ++i) {
+        dot = fmaf(l4_ld(q, qo + i), l4_ld(k, ko + j * KW + i), dot);
+        dv = fmaf(l4_ld(dout, oo + i), l4_ld(v, ko + j * KW + i), dv);
+      }
+      const double e = exp((double)(dot * SCALE) - mx);
+      s += e;
+      dl += e * (double)dv;
+    }
+    s = @B@_bsum(s, red);
+    dl = @B@_bsum(dl, red);
+    lse = mx + log(s);
+    delta = dl / s;
+    return true;
+  };
+  const long long qTasks = B * T * H, kTasks = B * T * HKV;
+  for (long long task = blockIdx.x; task < qTasks + kTasks; task += gridDim.x) {
+    if (task < qTasks) {
+      // dq[t, h] = SCALE * sum_j P_j (dp_j - delta) k_j.
+      const long long h = task % H, r = task / H, b = r / T, t = r - b * T;
+      const long long qo = (b * Q_S + t) * QW + h * DH;
+      const long long oo = (b * O_S + t) * QW + h * DH;
+      const long long ko = b * K_S * KW + h / G * DH;
+      double lse = 0.0, delta = 0.0;
+      const bool live = stats(b, t, h, lse, delta);
+      long long lo = 0, hi = -1;
+      if (live)
+        @B@_range(l4_ldi(pos, b * P_S + t), T, CHUNK, lo, hi);
+      for (int c = 0; c < NACC; ++c) {
+        const long long i = threadIdx.x + c * NT;
+        if (i >= DH)
+          continue;
+        double acc = 0.0;
+        for (long long j = lo; j <= hi; ++j) {
+          float dot = 0.0f, dv = 0.0f;
+          for (long long e = 0; e < DH; ++e) {
+            dot = fmaf(l4_ld(q, qo + e), l4_ld(k, ko + j * KW + e), dot);
+            dv = fmaf(l4_ld(dout, oo + e), l4_ld(v, ko + j * KW + e), dv);
+          }
+          const double p = exp((double)(dot * SCALE) - lse);
+          acc += p * ((double)dv - delta) * (double)l4_ld(k, ko + j * KW + i);
+        }
+        l4_st(y0, (b * DQ_S + t) * QW + h * DH + i, (float)(acc * SCALE));
+      }
+    } else {
+      // dk[j], dv[j] of kv head kvh: over the queries that see key j and
+      // the group's heads.
+      const long long u = task - qTasks;
+      const long long kvh = u % HKV, r = u / HKV, b = r / T, j = r - b * T;
+      const long long ko = (b * K_S + j) * KW + kvh * DH;
+      double gk[NACC], gv[NACC];
+      for (int c = 0; c < NACC; ++c)
+        gk[c] = gv[c] = 0.0;
+      for (long long t = 0; t < T; ++t) {
+        long long lo, hi;
+        @B@_range(l4_ldi(pos, b * P_S + t), T, CHUNK, lo, hi);
+        if (j < lo || j > hi)
+          continue;
+        for (long long h = kvh * G; h < (kvh + 1) * G; ++h) {
+          double lse = 0.0, delta = 0.0;
+          stats(b, t, h, lse, delta);
+          const long long qo = (b * Q_S + t) * QW + h * DH;
+          const long long oo = (b * O_S + t) * QW + h * DH;
+          float dot = 0.0f, dv = 0.0f;
+          for (long long e = 0; e < DH; ++e) {
+            dot = fmaf(l4_ld(q, qo + e), l4_ld(k, ko + e), dot);
+            dv = fmaf(l4_ld(dout, oo + e), l4_ld(v, ko + e), dv);
+          }
+          const double p = exp((double)(dot * SCALE) - lse);
+          const double ds = p * ((double)dv - delta);
+          for (int c = 0; c < NACC; ++c) {
+            const long long i = threadIdx.x + c * NT;
+            if (i < DH) {
+              gk[c] += ds * (double)l4_ld(q, qo + i);
+              gv[c] += p * (double)l4_ld(dout, oo + i);
+            }
+          }
+        }
+      }
+      for (int c = 0; c < NACC; ++c) {
+        const long long i = threadIdx.x + c * NT;
+        if (i < DH) {
+          l4_st(y1, (b * DK_S + j) * KW + kvh * DH + i, (float)(gk[c] * SCALE));
+          l4_st(y2, (b * DV_S + j) * KW + kvh * DH + i, (float)gv[c]);
+        }
+      }
+    }
+  }
+)cuda";
+  b.threads = 128;
+  b.blocks = gridFor(uint64_t(q.bmax) * q.rowsPerBatch * (heads + kvHeads), 1);
+  return llvm::Error::success();
+}
+
+llvm::Error emitRouterScoresGrad(OpContext &ctx) {
+  auto op = cast<l4::RouterScoresGradOp>(ctx.op);
+  const View &x = ctx.operands[0], &ds = ctx.operands[1], &y = ctx.results[0];
+  auto lt = rowsOf(ctx, {&x, &ds, &y});
+  if (!lt)
+    return lt.takeError();
+  int64_t experts = x.shape().back();
+  if (x.inner != experts || ds.inner != experts || y.inner != experts)
+    return ctx.fail("expected logits, dscores and the result [B, S, E]");
+  Body &b = ctx.body;
+  b.globals +=
+      R"cuda(// The forward's order: NaN first, then larger values, then lower indices.
+__device__ __forceinline__ bool @B@_before(float a, long long ia, float b, long long ib) {
+  const bool na = a != a, nb = b != b;
+  if (na != nb) return na;
+  if (na) return ia < ib;
+  return a > b || (a == b && ia < ib);
+}
+)cuda";
+  llvm::raw_string_ostream os(b.code);
+  os << constant("E", experts)
+     << constant("TOPK", std::min<int64_t>(op.getTopK(), experts))
+     << stride(b, "X_S", x.rowsPerBatch) << stride(b, "D_S", ds.rowsPerBatch)
+     << stride(b, "Y_S", y.rowsPerBatch)
+     << "  const long long LT = " << *lt << ";\n"
+     << R"cuda(  // dlogit = dscore * s * (1 - s) on the experts the forward selected.
+  for (long long r = blockIdx.x * (long long)blockDim.x + threadIdx.x; r < B * LT;
+       r += (long long)gridDim.x * blockDim.x) {
+    const long long b = r / LT, t = r - b * LT;
+    const long long xo = (b * X_S + t) * E, go = (b * D_S + t) * E,
+                    yo = (b * Y_S + t) * E;
+    for (long long e = 0; e < E; ++e)
+      l4_st(y, yo + e, 0.0f);
+    long long prev = -1;
+    float prevV = 0.0f;
+    for (long long kk = 0; kk < TOPK; ++kk) {
+      long long best = -1;
+      float bestV = 0.0f;
+      for (long long e = 0; e < E; ++e) {
+        const float v = l4_ld(x, xo + e);
+        if (prev >= 0 && !@B@_before(prevV, prev, v, e))
+          continue;
+        if (best < 0 || @B@_before(v, e, bestV, best)) {
+          best = e;
+          bestV = v;
+        }
+      }
+      if (best < 0)
+        break;
+      const float s = 1.0f / (1.0f + expf(-bestV));
+      l4_st(y, yo + best,
+            (float)((double)l4_ld(ds, go + best) * s * (1.0 - (double)s)));
+      prev = best;
+      prevV = bestV;
+    }
+  }
+)cuda";
+  b.threads = 128;
+  b.blocks = gridFor(rowsAtMax(x), b.threads);
+  return llvm::Error::success();
+}
+
+llvm::Error emitSwigluGrad(OpContext &ctx) {
+  const View &g = ctx.operands[0], &u = ctx.operands[1], &dy = ctx.operands[2];
+  const View &dg = ctx.results[0], &du = ctx.results[1];
+  auto lt = rowsOf(ctx, {&g, &u, &dy, &dg, &du});
+  if (!lt)
+    return lt.takeError();
+  if (u.inner != g.inner || dy.inner != g.inner || dg.inner != g.inner ||
+      du.inner != g.inner)
+    return ctx.fail("expected operands and results of one shape");
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("W", g.inner) << stride(b, "G_S", g.rowsPerBatch)
+     << stride(b, "U_S", u.rowsPerBatch) << stride(b, "Y_S", dy.rowsPerBatch)
+     << stride(b, "A_S", dg.rowsPerBatch) << stride(b, "B_S", du.rowsPerBatch)
+     << "  const long long LT = " << *lt << ";\n"
+     << R"cuda(  // out = up * silu(gate); both reads before either store (in place is fine).
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+       i < B * LT * W; i += (long long)gridDim.x * blockDim.x) {
+    const long long e = i % W, r = i / W, b = r / LT, t = r - b * LT;
+    const double gv = l4_ld(gate, (b * G_S + t) * W + e);
+    const double uv = l4_ld(up, (b * U_S + t) * W + e);
+    const double yv = l4_ld(dy, (b * Y_S + t) * W + e);
+    const double sig = 1.0 / (1.0 + exp(-gv));
+    const float a = (float)(yv * uv * sig * (1.0 + gv * (1.0 - sig)));
+    const float c = (float)(yv * gv * sig);
+    l4_st(y0, (b * A_S + t) * W + e, a);
+    l4_st(y1, (b * B_S + t) * W + e, c);
+  }
+)cuda";
+  b.threads = 256;
+  b.blocks = gridFor(rowsAtMax(g) * g.inner, b.threads);
+  return llvm::Error::success();
+}
+
+llvm::Error emitEmbeddingGrad(OpContext &ctx) {
+  auto op = cast<l4::EmbeddingGradOp>(ctx.op);
+  const View &ids = ctx.operands[0], &dy = ctx.operands[1], &y = ctx.results[0];
+  auto lt = rowsOf(ctx, {&ids, &dy});
+  if (!lt)
+    return lt.takeError();
+  auto ts = y.shape();
+  if (ts.size() != 2 || ids.inner != 1 || dy.inner != ts[1] || y.hasBatch)
+    return ctx.fail("expected ids [B, S], dy [B, S, D] and a table [V, D]");
+  int64_t pad = -1;
+  if (auto p = op.getPaddingIdxAttr())
+    pad = p.getInt();
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("V", ts[0]) << constant("D", ts[1])
+     << constant("PAD", pad, "nn.Embedding's padding_idx; -1: none")
+     << stride(b, "I_S", ids.rowsPerBatch) << stride(b, "Y_S", dy.rowsPerBatch)
+     << "  const long long LT = " << *lt << ";\n"
+     << R"cuda(  // One block owns the table: zero it, then add each token's row in
+  // token order (no atomics, the same sums on every run).
+  if (blockIdx.x != 0)
+    return;
+  for (long long i = threadIdx.x; i < V * D; i += blockDim.x)
+    l4_st(y, i, 0.0f);
+  __syncthreads();
+  for (long long r = 0; r < B * LT; ++r) {
+    const long long b = r / LT, t = r - b * LT;
+    const long long id = l4_ldi(ids, b * I_S + t);
+    if (id < 0 || id >= V || id == PAD)
+      continue;
+    for (long long c = threadIdx.x; c < D; c += blockDim.x)
+      l4_st(y, id * D + c, l4_ld(y, id * D + c) + l4_ld(dy, (b * Y_S + t) * D + c));
+  }
+)cuda";
+  b.threads = 256;
+  b.blocks = 1;
+  return llvm::Error::success();
+}
+
+llvm::Error emitMoeExpertsGrad(OpContext &ctx) {
+  const View &x = ctx.operands[0], &scores = ctx.operands[1],
+             &gateUp = ctx.operands[2], &down = ctx.operands[3],
+             &dy = ctx.operands[4];
+  const View &dx = ctx.results[0], &dscores = ctx.results[1];
+  auto lt = rowsOf(ctx, {&x, &scores, &dy, &dx, &dscores});
+  if (!lt)
+    return lt.takeError();
+  auto gs = gateUp.shape(), ds = down.shape();
+  if (gs.size() != 3 || ds.size() != 3 || gs[2] % 2 || x.inner != gs[1] ||
+      ds[0] != gs[0] || ds[1] != gs[2] / 2 || ds[2] != gs[1] ||
+      scores.inner != gs[0] || dy.inner != gs[1])
+    return ctx.fail("expected x [.., D], scores [.., E], gate_up [E, D, 2I], "
+                    "down [E, I, D] and dy [.., D]");
+  int64_t experts = gs[0], dim = gs[1], inter = gs[2] / 2;
+  // z, dy, gu, h, dh, dgu, dz live in shared memory, per token and expert.
+  uint64_t sharedBytes = 4 * uint64_t(2 * dim + 2 * inter + 2 * inter + 2 * dim);
+  if (sharedBytes > 48 * 1024)
+    return ctx.fail(llvm::formatv(
+        "the CUDA experts backward keeps a token's vectors in {0} bytes of "
+        "static shared memory, above 48 KiB (hidden {1}, expert width {2}); "
+        "experts this large train on the cpu backend for now",
+        sharedBytes, dim, inter));
+  Body &b = ctx.body;
+  b.globals += kBlockSumD;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("E", experts) << constant("D", dim) << constant("I", inter)
+     << stride(b, "X_S", x.rowsPerBatch) << stride(b, "S_S", scores.rowsPerBatch)
+     << stride(b, "G_S", dy.rowsPerBatch) << stride(b, "DX_S", dx.rowsPerBatch)
+     << stride(b, "DS_S", dscores.rowsPerBatch)
+     << "  const long long LT = " << *lt << ";\n"
+     << R"cuda(  // One block owns every output: for each token and each expert it was
+  // routed to, recompute the expert's forward (z = x * s, gu = z @ gate_up,
+  // h = up * silu(gate)) and back-propagate dy through it.
+  if (blockIdx.x != 0)
+    return;
+  __shared__ float z[D], g[D], gu[2 * I], h[I], dh[I], dgu[2 * I], dz[D];
+  __shared__ double red[32];
+  for (long long i = threadIdx.x; i < E * D * 2 * I; i += blockDim.x)
+    l4_st(y2, i, 0.0f);
+  for (long long i = threadIdx.x; i < E * I * D; i += blockDim.x)
+    l4_st(y3, i, 0.0f);
+  for (long long r = 0; r < B * LT; ++r) {
+    const long long b = r / LT, t = r - b * LT;
+    for (long long c = threadIdx.x; c < D; c += blockDim.x)
+      l4_st(y0, (b * DX_S + t) * D + c, 0.0f);
+    for (long long e = threadIdx.x; e < E; e += blockDim.x)
+      l4_st(y1, (b * DS_S + t) * E + e, 0.0f);
+  }
+  __syncthreads();
+  for (long long r = 0; r < B * LT; ++r) {
+    const long long b = r / LT, t = r - b * LT;
+    const long long xo = (b * X_S + t) * D, go = (b * G_S + t) * D;
+    for (long long e = 0; e < E; ++e) {
+      const float s = l4_ld(scores, (b * S_S + t) * E + e);
+      if (s == 0.0f)
+        continue;
+      const long long gbase = e * D * 2 * I, dbase = e * I * D;
+      for (long long c = threadIdx.x; c < D; c += blockDim.x) {
+        z[c] = l4_ld(x, xo + c) * s;
+        g[c] = l4_ld(dy, go + c);
+      }
+      __syncthreads();
+      for (long long j = threadIdx.x; j < 2 * I; j += blockDim.x) {
+        float a = 0.0f;
+        for (long long c = 0; c < D; ++c)
+          a = fmaf(z[c], l4_ld(gate_up, gbase + c * 2 * I + j), a);
+        gu[j] = a;
+      }
+      __syncthreads();
+      for (long long i = threadIdx.x; i < I; i += blockDim.x) {
+        const float gate = gu[i];
+        h[i] = gu[I + i] * (gate / (1.0f + expf(-gate)));
+        float a = 0.0f; // dh = dy @ down[e]^T
+        for (long long c = 0; c < D; ++c)
+          a = fmaf(g[c], l4_ld(down, dbase + i * D + c), a);
+        dh[i] = a;
+      }
+      __syncthreads();
+      for (long long i = threadIdx.x; i < I; i += blockDim.x) {
+        const double gv = gu[i], uv = gu[I + i], yv = dh[i];
+        const double sig = 1.0 / (1.0 + exp(-gv));
+        dgu[i] = (float)(yv * uv * sig * (1.0 + gv * (1.0 - sig)));
+        dgu[I + i] = (float)(yv * gv * sig);
+      }
+      __syncthreads();
+      double dsum = 0.0;
+      for (long long c = threadIdx.x; c < D; c += blockDim.x) {
+        float a = 0.0f; // dz = dgu @ gate_up[e]^T
+        for (long long j = 0; j < 2 * I; ++j)
+          a = fmaf(dgu[j], l4_ld(gate_up, gbase + c * 2 * I + j), a);
+        dz[c] = a;
+        const long long at = (b * DX_S + t) * D + c;
+        l4_st(y0, at, l4_ld(y0, at) + s * a);
+        dsum += (double)l4_ld(x, xo + c) * a;
+      }
+      dsum = @B@_bsum(dsum, red);
+      if (threadIdx.x == 0)
+        l4_st(y1, (b * DS_S + t) * E + e, (float)dsum);
+      for (long long k = threadIdx.x; k < I * D; k += blockDim.x) {
+        const long long i = k / D, c = k - i * D;
+        l4_st(y3, dbase + k, l4_ld(y3, dbase + k) + h[i] * g[c]);
+      }
+      for (long long k = threadIdx.x; k < D * 2 * I; k += blockDim.x) {
+        const long long c = k / (2 * I), j = k - c * 2 * I;
+        l4_st(y2, gbase + k, l4_ld(y2, gbase + k) + z[c] * dgu[j]);
+      }
+      __syncthreads(); // the vectors are reused by the next expert
+    }
+  }
+)cuda";
+  b.threads = 256;
+  b.blocks = 1;
+  return llvm::Error::success();
+}
+
+} // namespace l4c::cuda
