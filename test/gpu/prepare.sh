@@ -36,6 +36,7 @@ while read -r name dir B T G; do
   compile "$name-generate" "$dir" generate "$B" $((T + G))
   compile "$name-forward-bf16" "$dir" forward "$B" "$T" --precision=bf16
   compile "$name-generate-bf16" "$dir" generate "$B" $((T + G)) --precision=bf16
+  compile "$name-train" "$dir" train "$B" "$T"
 done <"$b/cases.txt"
 
 echo "== odd shapes (hidden 200, 5 heads / 1 kv head of 40, vocab 1001, top-2 of 5 experts, chunk 13)"

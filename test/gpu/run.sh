@@ -5,6 +5,7 @@
 #   2. golden parity on the GPU: logits within the GPU f32 tolerance of
 #      ARCHITECTURE.md (1e-3 of max |logit|) and identical greedy ids, for the
 #      five HF float64 golden cases;
+#   2a. one training step of each golden case (loss, gradients, AdamW);
 #   2b. the same in bf16, and HF's own bf16 distance from its goldens;
 #   3. a differential run of an odd-shaped model (no size a multiple of a
 #      tile) against the CPU backend on the same plan, weights and inputs;
@@ -72,6 +73,19 @@ while read -r name dir B T G; do
     --max-new-tokens="$G" --out "$o-generate.safetensors" &&
     check "golden $name generate: greedy ids" "$name-gen-cmp" "$cmp" \
       "$o-generate.safetensors" "$dir/golden.safetensors" --exact greedy_ids
+done <"$b/cases.txt"
+
+echo "== 2a. golden training step (f32): loss, gradients, one AdamW step"
+while read -r name dir B T G; do
+  check "golden $name train: run" "$name-train" "$run" "$b/plans/$name-train.plan" \
+    --device=cuda --weights "$dir" --inputs "$dir/golden.safetensors" \
+    --adamw=lr=0.01,beta1=0.9,beta2=0.95,eps=1e-8,weight_decay=0.1 \
+    --out "$out/$name-train.safetensors" &&
+    check "golden $name train: loss, grads, adamw" "$name-train-cmp" "$cmp" \
+      "$out/$name-train.safetensors" "$dir/golden.safetensors" \
+      --tol loss=1e-3 --grads 1e-3,1e-3 --adamw 1e-5
+  check "kernels $name train (1e-3)" "$name-train-kernels" "$run" "$b/plans/$name-train.plan" \
+    --device=cuda --weights "$dir" --inputs "$dir/golden.safetensors" --check-kernels=1e-3
 done <"$b/cases.txt"
 
 echo "== 2b. golden parity (bf16; limits as test/golden/bf16.test)"
