@@ -25,19 +25,6 @@ namespace l4c::rt {
 
 namespace {
 
-const char *regionLabel(plan::Region r) {
-  switch (r) {
-  case plan::Region::Arena:
-    return "arena";
-  case plan::Region::Weights:
-    return "weights";
-  case plan::Region::Cache:
-    return "cache";
-  case plan::Region::Io:
-    return "io";
-  }
-  return "?";
-}
 
 std::string shapeStr(const std::vector<int64_t> &shape) {
   std::string s = "[";
@@ -350,7 +337,7 @@ Status Session::allocate() {
     if (m == MAP_FAILED)
       return Status::fail(StatusCode::OutOfMemory,
                           plan_->label() + ": cannot allocate the " +
-                              regionLabel(plan::Region(r)) + " region of " +
+                              regionName(plan::Region(r)) + " region of " +
                               std::to_string(size) + " bytes");
     regions_[r] = {static_cast<uint8_t *>(m), size_t(size)};
   }

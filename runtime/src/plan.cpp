@@ -87,6 +87,20 @@ size_t dtypeSize(plan::DType t) {
   return 0;
 }
 
+const char *regionName(plan::Region r) {
+  switch (r) {
+  case plan::Region::Arena:
+    return "arena";
+  case plan::Region::Weights:
+    return "weights";
+  case plan::Region::Cache:
+    return "cache";
+  case plan::Region::Io:
+    return "io";
+  }
+  return "?";
+}
+
 const char *dtypeName(plan::DType t) {
   switch (t) {
   case plan::DType::F32:
@@ -185,19 +199,6 @@ std::string shapeStr(const std::vector<int64_t> &shape) {
   return s + "]";
 }
 
-const char *regionName(plan::Region r) {
-  switch (r) {
-  case plan::Region::Arena:
-    return "arena";
-  case plan::Region::Weights:
-    return "weights";
-  case plan::Region::Cache:
-    return "cache";
-  case plan::Region::Io:
-    return "io";
-  }
-  return "?";
-}
 
 bool overlaps(const BufferDesc &a, const BufferDesc &b) {
   return a.region == b.region && a.offset < b.offset + b.size &&

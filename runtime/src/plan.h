@@ -76,6 +76,7 @@ const char *opKindName(OpKind k);
 
 size_t dtypeSize(plan::DType t);
 const char *dtypeName(plan::DType t); ///< "f32", "bf16", ...
+const char *regionName(plan::Region r); ///< "arena", "weights", ...
 bool isFloat(plan::DType t);
 bool isIndex(plan::DType t);
 

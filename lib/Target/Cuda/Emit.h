@@ -94,6 +94,10 @@ llvm::Error emitMoeExpertsGrad(OpContext &ctx);
 
 // Text helpers.
 
+/// Device helpers (for Body::globals) that pick a router's top k in
+/// torch.topk's order: @B@_before and @B@_next.
+std::string topkGlobals();
+
 /// An exact C float literal for `v` (hex float; infinities and NaN spelled
 /// through __int_as_float).
 std::string floatLit(float v);

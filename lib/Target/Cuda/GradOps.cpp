@@ -470,15 +470,7 @@ llvm::Error emitRouterScoresGrad(OpContext &ctx) {
   if (x.inner != experts || ds.inner != experts || y.inner != experts)
     return ctx.fail("expected logits, dscores and the result [B, S, E]");
   Body &b = ctx.body;
-  b.globals +=
-      R"cuda(// The forward's order: NaN first, then larger values, then lower indices.
-__device__ __forceinline__ bool @B@_before(float a, long long ia, float b, long long ib) {
-  const bool na = a != a, nb = b != b;
-  if (na != nb) return na;
-  if (na) return ia < ib;
-  return a > b || (a == b && ia < ib);
-}
-)cuda";
+  b.globals += topkGlobals(); // the forward's selection
   llvm::raw_string_ostream os(b.code);
   os << constant("E", experts)
      << constant("TOPK", std::min<int64_t>(op.getTopK(), experts))
@@ -496,17 +488,8 @@ __device__ __forceinline__ bool @B@_before(float a, long long ia, float b, long 
     long long prev = -1;
     float prevV = 0.0f;
     for (long long kk = 0; kk < TOPK; ++kk) {
-      long long best = -1;
       float bestV = 0.0f;
-      for (long long e = 0; e < E; ++e) {
-        const float v = l4_ld(x, xo + e);
-        if (prev >= 0 && !@B@_before(prevV, prev, v, e))
-          continue;
-        if (best < 0 || @B@_before(v, e, bestV, best)) {
-          best = e;
-          bestV = v;
-        }
-      }
+      const long long best = @B@_next(x, xo, E, prev, prevV, bestV);
       if (best < 0)
         break;
       const float s = 1.0f / (1.0f + expf(-bestV));

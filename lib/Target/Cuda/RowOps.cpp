@@ -47,6 +47,34 @@ uint64_t maxRows(const View &v) { return uint64_t(v.bmax) * v.maxLiveRows(); }
 
 } // namespace
 
+std::string topkGlobals() {
+  return R"cuda(// torch.topk's order: NaN first, then larger values, then lower indices.
+__device__ __forceinline__ bool @B@_before(float a, long long ia, float b, long long ib) {
+  const bool na = a != a, nb = b != b;
+  if (na != nb) return na;
+  if (na) return ia < ib;
+  return a > b || (a == b && ia < ib);
+}
+// The pick after (prev, prevV) in that order among x[xo, xo + E), or -1; its
+// value in bestV. Picking k times this way needs no per-expert flags.
+template <typename P>
+__device__ __forceinline__ long long @B@_next(const P *x, long long xo, long long E,
+                                            long long prev, float prevV, float &bestV) {
+  long long best = -1;
+  for (long long e = 0; e < E; ++e) {
+    const float v = l4_ld(x, xo + e);
+    if (prev >= 0 && !@B@_before(prevV, prev, v, e))
+      continue;
+    if (best < 0 || @B@_before(v, e, bestV, best)) {
+      best = e;
+      bestV = v;
+    }
+  }
+  return best;
+}
+)cuda";
+}
+
 llvm::Error emitEmbedding(OpContext &ctx) {
   const View &table = ctx.operands[0], &ids = ctx.operands[1],
              &y = ctx.results[0];
@@ -269,15 +297,7 @@ llvm::Error emitRouterScores(OpContext &ctx) {
   if (x.inner != experts || y.inner != experts)
     return ctx.fail("expected logits [B, S, E]");
   Body &b = ctx.body;
-  b.globals +=
-      R"cuda(// torch.topk's order: NaN first, then larger values, then lower indices.
-__device__ __forceinline__ bool @B@_before(float a, long long ia, float b, long long ib) {
-  const bool na = a != a, nb = b != b;
-  if (na != nb) return na;
-  if (na) return ia < ib;
-  return a > b || (a == b && ia < ib);
-}
-)cuda";
+  b.globals += topkGlobals();
   llvm::raw_string_ostream os(b.code);
   os << constant("E", experts)
      << constant("TOPK", std::min<int64_t>(op.getTopK(), experts))
@@ -294,17 +314,8 @@ __device__ __forceinline__ bool @B@_before(float a, long long ia, float b, long 
     long long prev = -1;
     float prevV = 0.0f;
     for (long long k = 0; k < TOPK; ++k) {
-      long long best = -1;
       float bestV = 0.0f;
-      for (long long e = 0; e < E; ++e) {
-        const float v = l4_ld(x, xo + e);
-        if (prev >= 0 && !@B@_before(prevV, prev, v, e))
-          continue;
-        if (best < 0 || @B@_before(v, e, bestV, best)) {
-          best = e;
-          bestV = v;
-        }
-      }
+      const long long best = @B@_next(x, xo, E, prev, prevV, bestV);
       if (best < 0)
         break;
       l4_st(y, yo + best, 1.0f / (1.0f + expf(-bestV)));

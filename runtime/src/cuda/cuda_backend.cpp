@@ -17,19 +17,6 @@ using rt::StatusCode;
 
 namespace {
 
-const char *regionName(plan::Region r) {
-  switch (r) {
-  case plan::Region::Arena:
-    return "arena";
-  case plan::Region::Weights:
-    return "weights";
-  case plan::Region::Cache:
-    return "cache";
-  case plan::Region::Io:
-    return "io";
-  }
-  return "?";
-}
 
 constexpr uint64_t kAlign = 256;
 
@@ -125,7 +112,7 @@ Status CudaBackend::allocateRegions() {
     if (size == 0)
       continue;
     size = (size + kAlign - 1) / kAlign * kAlign;
-    std::string what = std::string("region '") + regionName(plan::Region(r)) +
+    std::string what = std::string("region '") + rt::regionName(plan::Region(r)) +
                        "' (" + std::to_string(size) + " bytes)";
     if (Status s = drv_.check(a.cuMemAlloc(&base_[r], size_t(size)),
                               "cuMemAlloc", what);
@@ -190,7 +177,7 @@ Status CudaBackend::checkRange(const char *what, plan::Region r,
     return Status::fail(StatusCode::InvalidArgument,
                         std::string(what) + " of " + std::to_string(bytes) +
                             " bytes at offset " + std::to_string(offset) +
-                            " exceeds region '" + regionName(r) + "' of " +
+                            " exceeds region '" + rt::regionName(r) + "' of " +
                             std::to_string(size) + " bytes");
   return Status::success();
 }
@@ -212,7 +199,7 @@ Status CudaBackend::upload(plan::Region r, uint64_t offset, const void *src,
     return Status::success();
   if (Status s = makeCurrent(); !s.ok())
     return s;
-  std::string what = std::string("upload to region '") + regionName(r) + "' [" +
+  std::string what = std::string("upload to region '") + rt::regionName(r) + "' [" +
                      std::to_string(offset) + ", +" + std::to_string(bytes) +
                      ")";
   const DriverApi &a = drv_.api();
@@ -235,7 +222,7 @@ Status CudaBackend::download(plan::Region r, uint64_t offset, void *dst,
     return Status::success();
   if (Status s = makeCurrent(); !s.ok())
     return s;
-  std::string what = std::string("download from region '") + regionName(r) +
+  std::string what = std::string("download from region '") + rt::regionName(r) +
                      "' [" + std::to_string(offset) + ", +" +
                      std::to_string(bytes) + ")";
   const DriverApi &a = drv_.api();
@@ -259,7 +246,7 @@ Status CudaBackend::fill(plan::Region r, uint64_t offset, uint64_t bytes,
   return drv_.check(drv_->cuMemsetD8Async(base_[int(r)] + offset, value,
                                           size_t(bytes), stream_),
                     "cuMemsetD8Async",
-                    std::string("fill of region '") + regionName(r) + "'");
+                    std::string("fill of region '") + rt::regionName(r) + "'");
 }
 
 Status CudaBackend::checkExtents(const rt::ProgramDesc &prog, int64_t B,
