@@ -9,7 +9,8 @@
 // variables become function statics: one block runs at a time, so one copy
 // is the block's.
 //
-// Test-only: meant for the tiny shapes of the golden cases.
+// Test-only, x86-64 only (its context switch): meant for the tiny shapes of
+// the golden cases.
 //
 //===----------------------------------------------------------------------===//
 #ifndef L4C_CUEMU_SHIM_H
@@ -24,7 +25,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <ucontext.h>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -43,15 +43,37 @@ inline Dim bDim{1, 1, 1}, gDim{1, 1, 1};
 /// finishes, then the next one runs; a barrier releases its waiters when
 /// all of its threads have arrived. No locks, no OS threads, deterministic.
 struct Fiber {
-  ucontext_t ctx;
+  void *sp = nullptr; // saved stack pointer while switched out
   bool done = false;
   void *waitingOn = nullptr; // the barrier it waits at
 };
 inline std::vector<Fiber> fibers;
 inline std::vector<std::vector<char>> stacks;
-inline ucontext_t scheduler;
+inline void *schedulerSp = nullptr;
 inline unsigned current = 0;
 inline std::function<void()> *blockBody = nullptr;
+
+// A context switch of our own (x86-64 System V): saves the callee-saved
+// registers on the current stack, stores the stack pointer in *from and
+// continues on `to`. Unlike swapcontext it makes no system call, which is
+// most of the emulator's time at a barrier per few lines of kernel code.
+extern "C" void l4emu_swap(void **from, void *to);
+asm(".text\n"
+    ".p2align 4\n"
+    ".type l4emu_swap,@function\n"
+    "l4emu_swap:\n"
+    "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n"
+    "  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+    "  movq %rsp, (%rdi)\n"
+    "  movq %rsi, %rsp\n"
+    "  popq %r15\n  popq %r14\n  popq %r13\n"
+    "  popq %r12\n  popq %rbx\n  popq %rbp\n"
+    "  ret\n"
+    ".size l4emu_swap, .-l4emu_swap\n");
+
+inline void yieldToScheduler() {
+  l4emu_swap(&fibers[current].sp, schedulerSp);
+}
 
 class Barrier {
 public:
@@ -67,7 +89,7 @@ public:
       return;
     }
     fibers[current].waitingOn = this;
-    swapcontext(&fibers[current].ctx, &scheduler);
+    yieldToScheduler();
   }
   const char *what_ = "";
 
@@ -80,10 +102,25 @@ inline std::vector<Barrier> warpBarriers;
 inline unsigned long long shuffleSlots[1024];
 inline unsigned char *dynamicShared = nullptr;
 
-inline void fiberMain() {
+/// Where a fiber starts (entered by l4emu_swap's ret); never returns.
+[[noreturn]] inline void fiberMain() {
   (*blockBody)();
   fibers[current].done = true;
-  // Returning resumes the scheduler (uc_link).
+  for (;;)
+    yieldToScheduler();
+}
+
+/// A fresh fiber's stack: the six registers l4emu_swap pops, then
+/// fiberMain as the address it returns to, placed so that fiberMain starts
+/// with the stack aligned as after a call.
+inline void *fiberStack(std::vector<char> &stack) {
+  uintptr_t top = reinterpret_cast<uintptr_t>(stack.data() + stack.size());
+  uintptr_t ret = (top - 64) & ~uintptr_t(15); // 16-aligned return slot
+  *reinterpret_cast<void **>(ret) = reinterpret_cast<void *>(&fiberMain);
+  void **regs = reinterpret_cast<void **>(ret) - 6;
+  for (int i = 0; i < 6; ++i)
+    regs[i] = nullptr;
+  return regs;
 }
 
 /// Runs body() as `grid` blocks of `block` threads (blocks capped by
@@ -114,14 +151,8 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
     for (unsigned w = 0; w * 32 < block; ++w)
       warpBarriers[w].reset(std::min(32u, block - w * 32));
     fibers.assign(block, Fiber());
-    for (unsigned t = 0; t < block; ++t) {
-      Fiber &f = fibers[t];
-      getcontext(&f.ctx);
-      f.ctx.uc_stack.ss_sp = stacks[t].data();
-      f.ctx.uc_stack.ss_size = kStack;
-      f.ctx.uc_link = &scheduler;
-      makecontext(&f.ctx, fiberMain, 0);
-    }
+    for (unsigned t = 0; t < block; ++t)
+      fibers[t].sp = fiberStack(stacks[t]);
     unsigned live = block;
     while (live) {
       bool ran = false;
@@ -131,7 +162,7 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
           continue;
         current = t;
         tIdx = {t, 0, 0};
-        swapcontext(&scheduler, &f.ctx);
+        l4emu_swap(&schedulerSp, f.sp);
         ran = true;
         if (f.done)
           --live;
