@@ -25,6 +25,14 @@
 
 #include <unistd.h>
 
+// These tests bring their own (fake) drivers and plans with cubins; the
+// emulator's settings, if the environment carries them, do not apply.
+[[maybe_unused]] static const bool kEmulatorSettingsCleared = [] {
+  ::unsetenv("L4C_CUDA_IMAGE");
+  ::unsetenv("L4C_CUDA_DRIVER");
+  return true;
+}();
+
 using namespace l4c;
 using namespace l4c::test;
 using cuda::CudaBackend;
