@@ -320,6 +320,22 @@ static LogicalResult expectSameType(Operation *op, StringRef what, Value v,
   return success();
 }
 
+/// A weight's gradient: the weight's shape, and its element type or f32
+/// (bf16 plans keep weight gradients in f32 for the optimizer).
+static LogicalResult expectWeightGradType(Operation *op, StringRef what,
+                                          Value v, StringRef refName,
+                                          Value ref) {
+  auto t = cast<RankedTensorType>(v.getType());
+  auto r = cast<RankedTensorType>(ref.getType());
+  if (t.getShape() != r.getShape() ||
+      (t.getElementType() != r.getElementType() &&
+       !t.getElementType().isF32()))
+    return op->emitOpError()
+           << what << " type " << v.getType() << " must be the " << refName
+           << " type " << ref.getType() << ", or that shape in f32";
+  return success();
+}
+
 LogicalResult CrossEntropyOp::verify() {
   Operation *op = getOperation();
   if (failed(expectRank(op, "logits", getLogits(), 3)) ||
@@ -366,8 +382,8 @@ LogicalResult RmsNormGradOp::verify() {
       failed(expectSameType(op, "input_grad", getInputGrad(), "input",
                             getInput())))
     return failure();
-  return expectSameType(op, "weight_grad", getWeightGrad(), "weight",
-                        getWeight());
+  return expectWeightGradType(op, "weight_grad", getWeightGrad(), "weight",
+                              getWeight());
 }
 
 LogicalResult L2NormGradOp::verify() {
@@ -414,10 +430,11 @@ LogicalResult MoeExpertsGradOp::verify() {
                             getInput())) ||
       failed(expectSameType(op, "scores_grad", getScoresGrad(), "scores",
                             getScores())) ||
-      failed(expectSameType(op, "gate_up_grad", getGateUpGrad(), "gate_up",
-                            getGateUp())))
+      failed(expectWeightGradType(op, "gate_up_grad", getGateUpGrad(),
+                                  "gate_up", getGateUp())))
     return failure();
-  return expectSameType(op, "down_grad", getDownGrad(), "down", getDown());
+  return expectWeightGradType(op, "down_grad", getDownGrad(), "down",
+                              getDown());
 }
 
 LogicalResult EmbeddingGradOp::verify() {

@@ -45,6 +45,15 @@ private:
   DenseMap<Value, Value> adj;
 };
 
+/// The type of a weight's gradient: the weight's shape in f32, whatever the
+/// weight's own precision (bf16 plans accumulate and apply their weight
+/// gradients in f32, as mixed-precision training does).
+Type weightGradType(Value weight) {
+  auto t = cast<RankedTensorType>(weight.getType());
+  return RankedTensorType::get(t.getShape(),
+                               Float32Type::get(weight.getContext()));
+}
+
 /// Emits the vector-Jacobian product of `op` given its result adjoints.
 LogicalResult backprop(Operation *op, Adjoints &adj, OpBuilder &b) {
   Location loc = op->getLoc();
@@ -63,12 +72,13 @@ LogicalResult backprop(Operation *op, Adjoints &adj, OpBuilder &b) {
                            b, loc, l.getInput().getType(), dy, l.getWeight()));
         adj.accumulate(loc, l.getWeight(),
                        l4::LinearGradWeightOp::create(
-                           b, loc, l.getWeight().getType(), l.getInput(), dy));
+                           b, loc, weightGradType(l.getWeight()), l.getInput(),
+                           dy));
         return success();
       })
       .Case([&](l4::RmsNormOp n) {
         auto g = l4::RmsNormGradOp::create(
-            b, loc, n.getInput().getType(), n.getWeight().getType(),
+            b, loc, n.getInput().getType(), weightGradType(n.getWeight()),
             n.getInput(), n.getWeight(), grad(), n.getEpsAttr());
         adj.accumulate(loc, n.getInput(), g.getInputGrad());
         adj.accumulate(loc, n.getWeight(), g.getWeightGrad());
@@ -125,7 +135,8 @@ LogicalResult backprop(Operation *op, Adjoints &adj, OpBuilder &b) {
       .Case([&](l4::MoeExpertsOp m) {
         auto g = l4::MoeExpertsGradOp::create(
             b, loc, m.getInput().getType(), m.getScores().getType(),
-            m.getGateUp().getType(), m.getDown().getType(), m.getInput(),
+            weightGradType(m.getGateUp()), weightGradType(m.getDown()),
+            m.getInput(),
             m.getScores(), m.getGateUp(), m.getDown(), grad());
         adj.accumulate(loc, m.getInput(), g.getInputGrad());
         adj.accumulate(loc, m.getScores(), g.getScoresGrad());
@@ -151,7 +162,8 @@ LogicalResult backprop(Operation *op, Adjoints &adj, OpBuilder &b) {
         // still reaches every row of the same table.
         adj.accumulate(loc, e.getTable(),
                        l4::EmbeddingGradOp::create(
-                           b, loc, e.getTable().getType(), e.getIds(), grad(),
+                           b, loc, weightGradType(e.getTable()), e.getIds(),
+                           grad(),
                            e.getPaddingIdxAttr()));
         return success();
       })

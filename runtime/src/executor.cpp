@@ -166,6 +166,9 @@ Status Session::create(std::shared_ptr<const Plan> plan,
     if (Status st = s->randomWeights(opts.randomSeed); !st.ok())
       return st;
   }
+  if (s->plan_->program("train_step"))
+    if (Status st = s->initMasterWeights(opts); !st.ok())
+      return st;
   if (s->gpu_) {
     if (Status st = s->gpu_->synchronize(); !st.ok())
       return st;
@@ -294,10 +297,11 @@ Status Session::checkSupported() const {
     if (pr.logits >= 0)
       if (Status s = check(uint32_t(pr.logits)); !s.ok())
         return s;
-  // AdamW updates the weights in place, in f32.
+  // AdamW updates f32 weights in place, and f32 masters of bf16 ones.
   if (p.program("train_step"))
     for (const WeightDesc &w : p.weights)
-      if (p.buffers[w.buffer].dtype != plan::DType::F32)
+      if (p.buffers[w.buffer].dtype != plan::DType::F32 &&
+          p.buffers[w.buffer].dtype != plan::DType::BF16)
         return Status::fail(StatusCode::Unsupported,
                             p.label() + ": weight '" + w.hfName +
                                 "' has dtype " +
@@ -377,6 +381,50 @@ Status Session::loadWeights(const std::string &path) {
   return Status::success();
 }
 
+/// --random-weights' standard deviation for a weight buffer: 1/sqrt(fan_in)
+/// with fan_in the input dim of nn.Linear [out, in] or of HF's input-major
+/// expert weights [E, in, out]; rank-1 (norm) weights are ones instead.
+static float randomStddev(const BufferDesc &b) {
+  int64_t fanIn = b.shape.size() <= 1   ? 1
+                  : b.shape.size() == 2 ? b.shape[1]
+                                        : b.shape[b.shape.size() - 2];
+  return float(1.0 / std::sqrt(double(fanIn)));
+}
+
+Status Session::initMasterWeights(const SessionOptions &opts) {
+  const Plan &p = *plan_;
+  bool any = false;
+  for (const WeightDesc &w : p.weights)
+    any |= p.buffers[w.buffer].dtype == plan::DType::BF16;
+  if (!any)
+    return Status::success();
+  master_.assign(p.weights.size(), {});
+  io::Checkpoint ckpt;
+  if (!opts.weightsPath.empty())
+    if (io::Status s = io::Checkpoint::open(opts.weightsPath, ckpt); !s.ok())
+      return Status::fail(StatusCode::Io, s.error);
+  for (size_t i = 0; i < p.weights.size(); ++i) {
+    const BufferDesc &b = p.buffers[p.weights[i].buffer];
+    if (b.dtype != plan::DType::BF16)
+      continue;
+    std::vector<float> &m = master_[i];
+    m.resize(b.numel);
+    if (!opts.weightsPath.empty()) {
+      if (io::Status s = ckpt.read(p.weights[i].hfName, io::DType::F32,
+                                   m.data(), b.numel);
+          !s.ok())
+        return Status::fail(StatusCode::InvalidArgument, s.error);
+    } else if (b.shape.size() == 1) {
+      std::fill(m.begin(), m.end(), 1.0f);
+    } else {
+      fillRandom(m.data(), b.numel, randomKey(opts.randomSeed,
+                                              p.weights[i].hfName),
+                 randomStddev(b));
+    }
+  }
+  return Status::success();
+}
+
 Status Session::randomWeights(uint64_t seed) {
   // Element i of tensor N depends on (seed, N, i) only (random.h), so the
   // values do not depend on binding order or backend. Norm weights (rank 1)
@@ -390,10 +438,7 @@ Status Session::randomWeights(uint64_t seed) {
     if (b.dtype != plan::DType::F32 && !bf16)
       continue;
     bool ones = b.shape.size() == 1;
-    int64_t fanIn = ones                  ? 1
-                    : b.shape.size() == 2 ? b.shape[1]
-                                          : b.shape[b.shape.size() - 2];
-    float stddev = float(1.0 / std::sqrt(double(fanIn)));
+    float stddev = randomStddev(b);
     uint64_t key = randomKey(seed, w.hfName);
     if (gpu_ && !ones) {
       Status s = gpu_->fillRandom(b.region, b.offset, b.numel, bf16, key,

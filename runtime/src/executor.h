@@ -155,6 +155,9 @@ private:
   Status allocate();
   Status loadWeights(const std::string &path);
   Status randomWeights(uint64_t seed);
+  /// bf16 train plans: the f32 master weights, from the checkpoint's f32
+  /// values or the seed's, before any rounding to bf16.
+  Status initMasterWeights(const SessionOptions &opts);
   /// GPU sessions keep the weights on the device only; this copies them to
   /// the host region once, for what needs them there (kernel checks).
   Status hostWeights();
@@ -193,6 +196,8 @@ private:
   Timing timing_;
   // Training state, per Plan::weights entry.
   std::vector<std::vector<float>> gradSum_, m_, v_;
+  /// bf16 train plans: f32 master weights (empty for f32 weights).
+  std::vector<std::vector<float>> master_;
   int64_t microBatches_ = 0, step_ = 0;
   std::map<std::string, int64_t> counters_;
 };

@@ -185,6 +185,10 @@ const ProgramDesc *Session::trainProgram(Status &st) const {
 }
 
 float *Session::weightData(size_t w) const {
+  // bf16 weights: the f32 master copy (the plan's bf16 weights are its
+  // rounding, refreshed after every optimizer step).
+  if (w < master_.size() && !master_[w].empty())
+    return const_cast<float *>(master_[w].data());
   const BufferDesc &b = plan_->buffers[plan_->weights[w].buffer];
   return reinterpret_cast<float *>(regions_[int(b.region)].base + b.offset);
 }
@@ -300,8 +304,15 @@ Status Session::adamwStep(const AdamWParams &h) {
     cpu::adamwStep(weightData(i), g.data(), m_[i].data(), v_[i].data(),
                    g.size(), step_, h.lr, h.beta1, h.beta2, h.eps,
                    h.weightDecay);
-    if (Status s = pushBuffer(plan_->buffers[plan_->weights[i].buffer]);
-        !s.ok())
+    const BufferDesc &wb = plan_->buffers[plan_->weights[i].buffer];
+    if (wb.dtype == plan::DType::BF16) {
+      uint16_t *dst = reinterpret_cast<uint16_t *>(
+          regions_[int(wb.region)].base + wb.offset);
+      const float *src = weightData(i);
+      for (uint64_t k = 0; k < wb.numel; ++k)
+        dst[k] = io::f32ToBf16(src[k]);
+    }
+    if (Status s = pushBuffer(wb); !s.ok())
       return s;
   }
   microBatches_ = 0;
@@ -350,7 +361,8 @@ Status Session::readTensor(std::string_view name, float *dst,
                    ", not " + std::to_string(numel));
   switch (kind) {
   case 'w':
-    if (b.dtype != plan::DType::F32)
+    if (b.dtype != plan::DType::F32 &&
+        !(size_t(w) < master_.size() && !master_[size_t(w)].empty()))
       return Status::fail(StatusCode::Unsupported,
                           "weight '" + std::string(hf) + "' is " +
                               dtypeName(b.dtype) + ", not f32");
