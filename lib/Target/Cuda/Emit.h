@@ -94,6 +94,14 @@ llvm::Error emitMoeExpertsGrad(OpContext &ctx);
 
 // Text helpers.
 
+/// The live rows per batch entry that token-major views share: "T" with a
+/// seq dim, "1" after take_last; fails when they disagree or a view is not
+/// token-major.
+llvm::Expected<std::string>
+liveRows(const OpContext &ctx, std::initializer_list<const View *> views);
+/// A token-major view's rows at the compiled maxima.
+uint64_t maxRows(const View &v);
+
 /// Device helpers (for Body::globals) that pick a router's top k in
 /// torch.topk's order: @B@_before and @B@_next.
 std::string topkGlobals();

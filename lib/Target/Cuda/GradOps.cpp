@@ -21,25 +21,6 @@ namespace l4c::cuda {
 
 namespace {
 
-/// "T" or "1": the live rows per batch entry of token-major views.
-llvm::Expected<std::string>
-rowsOf(const OpContext &ctx, std::initializer_list<const View *> views) {
-  std::optional<bool> seq;
-  for (const View *v : views) {
-    if (!v->hasBatch)
-      return ctx.fail("'" + v->name + "' is not a token-major activation");
-    if (seq && *seq != v->hasSeq)
-      return ctx.fail("'" + v->name +
-                      "' disagrees with the other operands on the seq dim");
-    seq = v->hasSeq;
-  }
-  return std::string(seq.value_or(false) ? "T" : "1");
-}
-
-uint64_t rowsAtMax(const View &v) {
-  return uint64_t(v.bmax) * v.maxLiveRows();
-}
-
 /// A block-wide double sum (every thread calls; each gets the total);
 /// `red` is 32 doubles of shared memory.
 const char *kBlockSumD =
@@ -147,7 +128,7 @@ llvm::Error emitCrossEntropy(OpContext &ctx, bool grad) {
 
 llvm::Error emitLinearGradInput(OpContext &ctx) {
   const View &dy = ctx.operands[0], &w = ctx.operands[1], &dx = ctx.results[0];
-  auto lt = rowsOf(ctx, {&dy, &dx});
+  auto lt = liveRows(ctx, {&dy, &dx});
   if (!lt)
     return lt.takeError();
   auto ws = w.shape();
@@ -170,13 +151,13 @@ llvm::Error emitLinearGradInput(OpContext &ctx) {
   }
 )cuda";
   b.threads = 256;
-  b.blocks = gridFor(rowsAtMax(dx) * dx.inner, b.threads);
+  b.blocks = gridFor(maxRows(dx) * dx.inner, b.threads);
   return llvm::Error::success();
 }
 
 llvm::Error emitLinearGradWeight(OpContext &ctx) {
   const View &x = ctx.operands[0], &dy = ctx.operands[1], &dw = ctx.results[0];
-  auto lt = rowsOf(ctx, {&x, &dy});
+  auto lt = liveRows(ctx, {&x, &dy});
   if (!lt)
     return lt.takeError();
   auto ws = dw.shape();
@@ -207,7 +188,7 @@ llvm::Error emitLinearGradWeight(OpContext &ctx) {
 llvm::Error emitNormGrad(OpContext &ctx, double eps, bool hasWeight) {
   const View &x = ctx.operands[0], &dy = ctx.operands[hasWeight ? 2 : 1],
              &dx = ctx.results[0];
-  auto lt = rowsOf(ctx, {&x, &dy, &dx});
+  auto lt = liveRows(ctx, {&x, &dy, &dx});
   if (!lt)
     return lt.takeError();
   int64_t n = x.shape().back();
@@ -293,7 +274,7 @@ llvm::Error emitNormGrad(OpContext &ctx, double eps, bool hasWeight) {
   }
 )cuda";
   b.threads = 256;
-  b.blocks = gridFor(rowsAtMax(x) * (x.inner / n), b.threads / 32);
+  b.blocks = gridFor(maxRows(x) * (x.inner / n), b.threads / 32);
   return llvm::Error::success();
 }
 
@@ -463,7 +444,7 @@ __device__ __forceinline__ void @B@_range(long long p, long long kvLen, long lon
 llvm::Error emitRouterScoresGrad(OpContext &ctx) {
   auto op = cast<l4::RouterScoresGradOp>(ctx.op);
   const View &x = ctx.operands[0], &ds = ctx.operands[1], &y = ctx.results[0];
-  auto lt = rowsOf(ctx, {&x, &ds, &y});
+  auto lt = liveRows(ctx, {&x, &ds, &y});
   if (!lt)
     return lt.takeError();
   int64_t experts = x.shape().back();
@@ -501,14 +482,14 @@ llvm::Error emitRouterScoresGrad(OpContext &ctx) {
   }
 )cuda";
   b.threads = 128;
-  b.blocks = gridFor(rowsAtMax(x), b.threads);
+  b.blocks = gridFor(maxRows(x), b.threads);
   return llvm::Error::success();
 }
 
 llvm::Error emitSwigluGrad(OpContext &ctx) {
   const View &g = ctx.operands[0], &u = ctx.operands[1], &dy = ctx.operands[2];
   const View &dg = ctx.results[0], &du = ctx.results[1];
-  auto lt = rowsOf(ctx, {&g, &u, &dy, &dg, &du});
+  auto lt = liveRows(ctx, {&g, &u, &dy, &dg, &du});
   if (!lt)
     return lt.takeError();
   if (u.inner != g.inner || dy.inner != g.inner || dg.inner != g.inner ||
@@ -535,14 +516,14 @@ llvm::Error emitSwigluGrad(OpContext &ctx) {
   }
 )cuda";
   b.threads = 256;
-  b.blocks = gridFor(rowsAtMax(g) * g.inner, b.threads);
+  b.blocks = gridFor(maxRows(g) * g.inner, b.threads);
   return llvm::Error::success();
 }
 
 llvm::Error emitEmbeddingGrad(OpContext &ctx) {
   auto op = cast<l4::EmbeddingGradOp>(ctx.op);
   const View &ids = ctx.operands[0], &dy = ctx.operands[1], &y = ctx.results[0];
-  auto lt = rowsOf(ctx, {&ids, &dy});
+  auto lt = liveRows(ctx, {&ids, &dy});
   if (!lt)
     return lt.takeError();
   auto ts = y.shape();
@@ -583,7 +564,7 @@ llvm::Error emitMoeExpertsGrad(OpContext &ctx) {
              &gateUp = ctx.operands[2], &down = ctx.operands[3],
              &dy = ctx.operands[4];
   const View &dx = ctx.results[0], &dscores = ctx.results[1];
-  auto lt = rowsOf(ctx, {&x, &scores, &dy, &dx, &dscores});
+  auto lt = liveRows(ctx, {&x, &scores, &dy, &dx, &dscores});
   if (!lt)
     return lt.takeError();
   auto gs = gateUp.shape(), ds = down.shape();

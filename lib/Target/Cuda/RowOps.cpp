@@ -25,6 +25,8 @@ std::string rowConstants(Body &b, llvm::StringRef prefix, const View &v) {
          constant((prefix + "_W").str(), v.inner);
 }
 
+} // namespace
+
 /// The live rows per batch entry shared by token-major views ("T" when they
 /// have a seq dim, "1" after take_last); fails when they disagree or a view
 /// is not token-major.
@@ -45,7 +47,6 @@ liveRows(const OpContext &ctx, std::initializer_list<const View *> views) {
 /// Rows at the compiled maxima.
 uint64_t maxRows(const View &v) { return uint64_t(v.bmax) * v.maxLiveRows(); }
 
-} // namespace
 
 std::string topkGlobals() {
   return R"cuda(// torch.topk's order: NaN first, then larger values, then lower indices.
