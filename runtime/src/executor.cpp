@@ -235,7 +235,7 @@ Status Session::uploadInputs(const ProgramDesc &prog, int64_t B, int64_t T) {
     if (idx < 0)
       continue;
     const BufferDesc &d = plan_->buffers[size_t(idx)];
-    uint64_t elem = d.dtype == plan::DType::I64 ? 8 : 4;
+    uint64_t elem = dtypeSize(d.dtype);
     uint64_t bytes = (uint64_t(B - 1) * d.batchStride + uint64_t(T)) * elem;
     if (Status s = gpu_->upload(d.region, d.offset,
                                 regions_[int(d.region)].base + d.offset, bytes);
@@ -251,7 +251,7 @@ Status Session::fetchLogits(const ProgramDesc &prog, int64_t B, int64_t r0,
     return Status::success();
   const BufferDesc &d = plan_->buffers[size_t(prog.logits)];
   uint64_t V = uint64_t(d.lastDim());
-  uint64_t elem = d.dtype == plan::DType::BF16 ? 2 : 4;
+  uint64_t elem = dtypeSize(d.dtype);
   uint8_t *host = regions_[int(d.region)].base;
   for (int64_t b = 0; b < B; ++b) {
     uint64_t at =
@@ -466,7 +466,7 @@ Status Session::randomWeights(uint64_t seed) {
     }
     if (gpu_) {
       if (Status s = gpu_->upload(b.region, b.offset, wide.data(),
-                                  b.numel * (bf16 ? 2 : 4));
+                                  b.numel * dtypeSize(b.dtype));
           !s.ok())
         return s;
     } else if (bf16) {

@@ -36,20 +36,6 @@ liveRanges(const BufferDesc &d, int64_t B, int64_t T, uint64_t elem) {
   return r;
 }
 
-uint64_t elemBytes(plan::DType t) {
-  switch (t) {
-  case plan::DType::F32:
-  case plan::DType::I32:
-    return 4;
-  case plan::DType::I64:
-    return 8;
-  case plan::DType::BF16:
-  case plan::DType::F16:
-    return 2;
-  }
-  return 4;
-}
-
 } // namespace
 
 Status Session::checkKernels(const std::string &program, const int64_t *ids,
@@ -106,7 +92,7 @@ Status Session::checkKernels(const std::string &program, const int64_t *ids,
     double worst = -1;
     for (uint32_t bi : results) {
       const BufferDesc &d = p.buffers[bi];
-      uint64_t elem = elemBytes(d.dtype);
+      uint64_t elem = dtypeSize(d.dtype);
       KernelCheck c;
       c.integer = !isFloat(d.dtype);
       for (auto [at, bytes] : liveRanges(d, B, T, elem)) {

@@ -35,6 +35,9 @@ Status CudaBackend::create(std::shared_ptr<const rt::Plan> plan, int device,
   b->maxBlocks_ = opts.maxBlocks ? opts.maxBlocks : kDefaultMaxBlocks;
   b->cacheDir_ = opts.cacheDir;
   b->diskCache_ = opts.diskCache;
+  const char *image = std::getenv("L4C_CUDA_IMAGE");
+  b->sourceImages_ =
+      opts.sourceImages || (image && std::strcmp(image, "source") == 0);
   const char *sync = std::getenv("L4C_CUDA_SYNC");
   b->syncEachLaunch_ =
       opts.syncEachLaunch || (sync && *sync && std::strcmp(sync, "0") != 0);

@@ -43,6 +43,11 @@ struct CudaOptions {
   /// Synchronize after every launch, so that a kernel that faults is named
   /// (slow; for debugging). L4C_CUDA_SYNC=1 in the environment sets it too.
   bool syncEachLaunch = false;
+  /// Hand the driver each module's CUDA source text as its image, for a
+  /// driver that builds modules from source (the emulator in
+  /// runtime/test/cuemu); a real driver rejects it. L4C_CUDA_IMAGE=source in
+  /// the environment sets it too.
+  bool sourceImages = false;
 };
 
 /// How the kernels' code was obtained, for logs and tests.
@@ -171,6 +176,7 @@ private:
   uint64_t graphClock_ = 0;
   CUevent timerStart_ = nullptr, timerStop_ = nullptr;
   std::string lastRun_; ///< "program 'decode' (B=1, T=1)"
+  bool sourceImages_ = false;       ///< CudaOptions::sourceImages
   CUfunction randomFill_ = nullptr; ///< fillRandom's kernel, once loaded
   std::string cacheDir_;            ///< CudaOptions::cacheDir, resolved
   bool diskCache_ = true;

@@ -6,8 +6,6 @@
 //
 //===----------------------------------------------------------------------===//
 #include "cuda/cuda_backend.h"
-
-#include <cstdlib>
 #include "cuda/kernel_cache.h"
 #include "cuda/nvrtc.h"
 
@@ -115,11 +113,7 @@ Status CudaBackend::loadKernels(const CudaOptions &opts) {
   // sm_90 also runs where we would build sm_90a.
   bool cubinFits = !opts.preferSource && !planArch.empty() &&
                    (planArch == arch_ || planArch + "a" == arch_);
-  // L4C_CUDA_IMAGE=source hands the driver each kernel's CUDA source text as
-  // its module image, for a driver that builds modules from source (the
-  // emulator in runtime/test/cuemu); a real driver rejects it.
-  const char *imageKind = std::getenv("L4C_CUDA_IMAGE");
-  bool sourceImages = imageKind && std::string_view(imageKind) == "source";
+
 
   // Kernels of identical layers share one code object with an entry each;
   // the plan writer stores it once, so most share the same bytes, and equal
@@ -132,11 +126,11 @@ Status CudaBackend::loadKernels(const CudaOptions &opts) {
     const plan::Kernel *kernel = kernels.Get(k);
     const auto *cubin = kernel->cubin();
     std::string_view source = view(kernel->cuda_source());
-    if (sourceImages) {
+    if (sourceImages_) { // CudaOptions::sourceImages
       if (source.empty())
         return Status::fail(StatusCode::Unsupported,
                             plan_->label() + ": " + kernelLabel(k) +
-                                " has no CUDA source (L4C_CUDA_IMAGE=source)");
+                                " has no CUDA source to use as its module image");
       auto [at, fresh] = byAddress.try_emplace({source.data(), source.size()},
                                                images.size());
       if (fresh) {
