@@ -75,6 +75,7 @@ pl::DimKind dimOf(DimKind d) {
 struct PendingKernel {
   fb::Offset<fb::String> name, kind;
   fb::Offset<fb::Vector<fb::Offset<pl::SemanticOp>>> ops;
+  fb::Offset<fb::Vector<uint32_t>> temps;
   std::optional<CudaKernel> cuda;
   std::string program; ///< the function it belongs to (for --emit=cuda)
 };
@@ -198,19 +199,26 @@ LogicalResult Writer::addKernel(kernel::GroupOp g, const FunctionMemoryPlan &f,
     local[yield.getValues()[i]] = *idx;
   }
   std::vector<fb::Offset<pl::SemanticOp>> ops;
+  std::vector<uint32_t> temps;
   for (Operation &op : body.without_terminator()) {
     std::vector<uint32_t> operands, results;
     for (Value v : op.getOperands()) {
       auto it = local.find(v);
       if (it == local.end())
-        return op.emitOpError() << "operand has no buffer (intermediates "
-                                   "inside a fused kernel are not placed yet)";
+        return op.emitOpError() << "operand has no buffer";
       operands.push_back(it->second);
     }
     for (Value v : op.getResults()) {
       auto it = local.find(v);
-      if (it == local.end())
-        return op.emitOpError() << "result is not yielded by its kernel";
+      if (it == local.end()) {
+        // A value the fused kernel consumes itself.
+        auto idx = buffer(v, f,
+                          (g.getName() + ".t" + Twine(temps.size())).str());
+        if (failed(idx))
+          return op.emitOpError() << "intermediate result has no memory slot";
+        it = local.try_emplace(v, *idx).first;
+        temps.push_back(*idx);
+      }
       results.push_back(it->second);
     }
     std::vector<fb::Offset<pl::Attr>> attrs;
@@ -225,6 +233,7 @@ LogicalResult Writer::addKernel(kernel::GroupOp g, const FunctionMemoryPlan &f,
   k.name = fbb.CreateString(g.getName().str());
   k.kind = fbb.CreateString(g.getKind().str());
   k.ops = fbb.CreateVector(ops);
+  k.temps = fbb.CreateVector(temps);
   k.program = currentFunction.str();
   if (emitCuda) {
     SmallVector<CudaBuffer> ins, outs;
@@ -441,12 +450,14 @@ llvm::Expected<std::string> Writer::finish(const Llama4Config &c,
       }
       tables.push_back(pl::CreateKernel(
           fbb, k.name, k.kind, k.ops, it->second.first, it->second.second,
-          fbb.CreateString(ck.entry), ck.threads, ck.blocks, ck.sharedBytes));
+          fbb.CreateString(ck.entry), ck.threads, ck.blocks, ck.sharedBytes,
+          k.temps));
     }
     nvrtcVersion = nvrtc::version();
   } else {
     for (const PendingKernel &k : kernels)
-      tables.push_back(pl::CreateKernel(fbb, k.name, k.kind, k.ops));
+      tables.push_back(pl::CreateKernel(fbb, k.name, k.kind, k.ops, 0, 0, 0,
+                                        0, 0, 0, k.temps));
   }
   std::string target = arch.empty() ? opts.target : "cuda:" + arch.str();
   auto model = pl::CreateModelInfo(fbb, fbb.CreateString(c.source),

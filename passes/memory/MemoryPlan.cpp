@@ -93,6 +93,8 @@ private:
   ModuleMemoryPlan &m;
   FunctionMemoryPlan &f;
   llvm::DenseMap<Value, Value> aliasOf;
+  /// Values internal to a fused group, with the group's kernel index.
+  SmallVector<std::pair<Value, int64_t>> temps;
 };
 
 } // namespace
@@ -216,6 +218,15 @@ LogicalResult FunctionPlanner::run(func::FuncOp fn) {
       for (unsigned r = 0; r < innerOp.getNumResults(); ++r)
         local[innerOp.getResult(r)] = resultDims(&innerOp, r, operandDims);
     }
+    // Values a fused group computes and consumes itself: the CUDA kernel
+    // keeps them in registers, the CPU backend needs bytes for them. They
+    // live in the arena for the kernel's duration only.
+    for (Operation &innerOp : inner.without_terminator())
+      for (Value v : innerOp.getResults())
+        if (!llvm::is_contained(yield.getValues(), v)) {
+          f.dims[v] = local[v];
+          temps.push_back({v, index[&op]});
+        }
     for (auto [res, yielded] : llvm::zip(group.getResults(), yield.getValues())) {
       Operation *def = yielded.getDefiningOp();
       f.dims[res] = local[yielded];
@@ -301,6 +312,10 @@ LogicalResult FunctionPlanner::run(func::FuncOp fn) {
       int64_t at = isa<func::ReturnOp>(op) ? n : index[&op];
       it->second.end = std::max(it->second.end, at);
     }
+  for (auto [v, at] : temps) {
+    life[v] = Lifetime{at, at, byteSize(v.getType())};
+    roots.push_back(v);
+  }
   std::vector<Lifetime> lifetimes;
   for (Value r : roots)
     lifetimes.push_back(life[r]);

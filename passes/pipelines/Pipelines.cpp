@@ -17,6 +17,9 @@ void l4c::buildLowerToKernelPipeline(mlir::OpPassManager &pm,
   pm.addPass(mlir::createCanonicalizerPass());
   pm.addPass(mlir::createCSEPass());
   pm.addPass(l4c::createConvertL4ToKernelPass());
+  l4c::FusionPassOptions fuse;
+  fuse.fusions = opts.fusions;
+  pm.addPass(l4c::createFusionPass(fuse));
   pm.addPass(l4c::createPlanMemoryPass());
 }
 

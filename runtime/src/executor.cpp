@@ -537,10 +537,9 @@ Status Session::runProgram(const ProgramDesc &prog, const int64_t *ids,
                                  : gpu_->runProgram(prog, B, T);
   }
   for (uint32_t k : prog.steps)
-    for (const OpDesc &op : p.kernels[k].ops)
-      if (Status s = runCpuOp(p, bases, p.kernels[k], op, size_t(B), size_t(T));
-          !s.ok())
-        return s;
+    if (Status s = runCpuKernel(p, bases, p.kernels[k], size_t(B), size_t(T));
+        !s.ok())
+      return s;
   return Status::success();
 }
 

@@ -202,10 +202,11 @@ private:
   std::map<std::string, int64_t> counters_;
 };
 
-/// Runs one semantic op for batch entries [0, B) over run-time length T
-/// (cpu/ops.cpp). `regions` are the bases of the session's four regions.
-Status runCpuOp(const Plan &plan, uint8_t *const regions[4],
-                const KernelDesc &kernel, const OpDesc &op, size_t B, size_t T);
+/// Runs a kernel's semantic ops for batch entries [0, B) over run-time
+/// length T (cpu/ops.cpp). `regions` are the bases of the session's four
+/// regions.
+Status runCpuKernel(const Plan &plan, uint8_t *const regions[4],
+                    const KernelDesc &kernel, size_t B, size_t T);
 
 } // namespace l4c::rt
 

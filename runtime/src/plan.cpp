@@ -490,6 +490,24 @@ Status PlanVerifier::checkKernels(const plan::Plan &fb) {
         return s;
       kd.ops.push_back(std::move(d));
     }
+    if (kernel->temps())
+      for (uint32_t t : *kernel->temps()) {
+        if (t >= p.buffers.size())
+          return fail(kwhere + ": temporary buffer index " + std::to_string(t) +
+                      " out of range (" + std::to_string(p.buffers.size()) +
+                      " buffers)");
+        bool written = false, read = false;
+        for (const OpDesc &d : kd.ops) {
+          written |= std::find(d.results.begin(), d.results.end(), t) !=
+                     d.results.end();
+          read |= written && std::find(d.operands.begin(), d.operands.end(),
+                                       t) != d.operands.end();
+        }
+        if (!written || !read)
+          return fail(kwhere + ": temporary buffer " + std::to_string(t) +
+                      " is not both written and then read by the kernel's ops");
+        kd.temps.push_back(t);
+      }
   }
   return Status::success();
 }

@@ -117,6 +117,9 @@ struct OpDesc {
 struct KernelDesc {
   std::string name, kind;
   std::vector<OpDesc> ops;
+  /// Results of ops that a fused kernel consumes itself: only the CPU
+  /// backend writes them (see plan.fbs, Kernel.temps).
+  std::vector<uint32_t> temps;
 };
 
 struct ProgramDesc {

@@ -347,6 +347,31 @@ TEST(PlanVerifier, RejectsBadOps) {
   expectRejected(p, "has dtype f32, expected i64 or i32");
 }
 
+TEST(PlanVerifier, ChecksFusedKernelTemporaries) {
+  // A temporary must be an op's result that a later op of the kernel reads.
+  PlanSpec p = linearPlan();
+  uint32_t h = findBuffer(p, "h");
+  p.kernels[1].temps = {h};
+  expectRejected(p, "kernel 1 'model.norm': temporary buffer " +
+                        std::to_string(h) +
+                        " is not both written and then read by the kernel's "
+                        "ops");
+  // The norm and the head as one kernel, x living inside it, is accepted.
+  p = linearPlan();
+  uint32_t x = findBuffer(p, "x");
+  p.kernels[1].ops.push_back(p.kernels[2].ops[0]);
+  p.kernels[1].temps = {x};
+  p.programs[0].steps = {0, 1};
+  std::shared_ptr<const rt::Plan> plan;
+  rt::Status s = parse(p, &plan);
+  ASSERT_TRUE(s.ok()) << s.message;
+  EXPECT_EQ(plan->kernels[1].temps, std::vector<uint32_t>{x});
+  p = linearPlan();
+  p.kernels[1].temps = {4000};
+  expectRejected(p, "kernel 1 'model.norm': temporary buffer index 4000 out "
+                    "of range");
+}
+
 TEST(PlanVerifier, RejectsBadAttributes) {
   auto withAttr = [](const std::string &opName,
                      const std::function<void(OpSpec &)> &edit) {

@@ -57,6 +57,7 @@ struct OpSpec {
 struct KernelSpec {
   std::string name, kind;
   std::vector<OpSpec> ops;
+  std::vector<uint32_t> temps; ///< results the kernel consumes itself
 };
 
 struct IoSpec {
@@ -165,9 +166,10 @@ struct PlanSpec {
             fbb, fbb.CreateString(o.op), fbb.CreateVector(attrs),
             fbb.CreateVector(o.operands), fbb.CreateVector(o.results)));
       }
-      ks.push_back(pl::CreateKernel(fbb, fbb.CreateString(k.name),
-                                    fbb.CreateString(k.kind),
-                                    fbb.CreateVector(ops)));
+      ks.push_back(pl::CreateKernel(
+          fbb, fbb.CreateString(k.name), fbb.CreateString(k.kind),
+          fbb.CreateVector(ops), 0, 0, 0, 0, 0, 0,
+          k.temps.empty() ? 0 : fbb.CreateVector(k.temps)));
     }
     std::vector<flatbuffers::Offset<pl::Program>> ps;
     for (const ProgramSpec &p : programs) {

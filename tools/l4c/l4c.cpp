@@ -62,6 +62,11 @@ static cl::opt<std::string> recomputeOpt(
     cl::desc("train programs: none (keep every activation) | layers (keep "
              "each decoder layer's input, recompute the rest in backward)"),
     cl::sub(compileCmd));
+static cl::opt<std::string> fuseOpt(
+    "fuse", cl::init("all"),
+    cl::desc("kernel fusions (l4c-fuse): all | none | a comma list of swiglu, "
+             "epilogue, norm"),
+    cl::sub(compileCmd));
 static cl::opt<bool> printLocs(
     "print-locations", cl::init(false),
     cl::desc("print each op's location (its HF module path) inline"),
@@ -147,6 +152,7 @@ static int runCompile() {
   mlir::PassManager pm(&ctx);
   l4c::LowerToKernelOptions lopts;
   lopts.recompute = recomputeOpt;
+  lopts.fusions = fuseOpt;
   l4c::buildLowerToKernelPipeline(pm, lopts);
   if (failed(pm.run(**module)))
     return fail("lowering to kernels failed");

@@ -78,4 +78,49 @@ def PlanMemoryPass : Pass<"l4c-plan-memory", "mlir::ModuleOp"> {
   }];
 }
 
+//===----------------------------------------------------------------------===//
+// Fusion
+//===----------------------------------------------------------------------===//
+
+def FusionPass : Pass<"l4c-fuse", "mlir::ModuleOp"> {
+  let summary = "merge kernel.groups into the fused kernels the CUDA target generates";
+  let description = [{
+    Regroups the one-op groups of `convert-l4-to-kernel` (the l4 ops stay as
+    they are, so a fused group computes what its parts did):
+
+    - `swiglu`: `linear(x, Wg)`, `linear(x, Wu)` and `swiglu` of the two,
+      whose products nothing else reads, become one GEMM over both weights
+      with SwiGLU in its epilogue;
+    - `epilogue`: an `add` of a GEMM group's only use joins the GEMM as an
+      epilogue, repeatedly (the MoE combine and then the residual add);
+    - `norm`: an `rms_norm` read only as the input of GEMM groups becomes a
+      prologue of each of them (the norm is recomputed per consumer).
+
+    A value that a later kernel still reads is never fused away, so training
+    programs fuse only where the backward pass does not need the
+    intermediate. Fused kernels are named after their GEMM with the parts
+    they absorbed: `model.layers.0.self_attn.o_proj+attn_residual`.
+
+    Before:
+    ```mlir
+    %o = kernel.group "...o_proj" kind "gemm" (%a, %w) ... { l4.linear ... }
+    %h = kernel.group "...attn_residual" kind "elementwise" (%x, %o) ... { l4.add ... }
+    ```
+    After:
+    ```mlir
+    %h = kernel.group "...o_proj+attn_residual" kind "gemm" (%a, %w, %x) ... {
+      %0 = l4.linear ...
+      %1 = l4.add ..., %0 ...
+      kernel.yield %1 ...
+    }
+    ```
+  }];
+  let options = [
+    Option<"fusions", "fusions", "std::string", /*default=*/"\"all\"",
+           "comma-separated fusions to apply: all, none, swiglu, epilogue, "
+           "norm">
+  ];
+  let dependentDialects = ["l4c::kernel::KernelDialect"];
+}
+
 #endif // L4C_PASSES

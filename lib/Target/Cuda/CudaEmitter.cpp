@@ -93,6 +93,53 @@ __device__ __forceinline__ void l4_st(l4_bf16 *p, long long i, float v) {
                   ? (unsigned short)((u >> 16) | 0x40u)
                   : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
+// Four consecutive elements from element i, which must be 4-aligned (16
+// bytes of f32, 8 of bf16). The emulator defines L4_CHECK_ALIGNED to check.
+#ifndef L4_CHECK_ALIGNED
+#define L4_CHECK_ALIGNED(p, bytes)
+#endif
+__device__ __forceinline__ void l4_ld4(const float *p, long long i, float v[4]) {
+  L4_CHECK_ALIGNED(p + i, 16);
+  const float4 q = *reinterpret_cast<const float4 *>(p + i);
+  v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+}
+__device__ __forceinline__ void l4_ld4(const l4_bf16 *p, long long i, float v[4]) {
+  L4_CHECK_ALIGNED(p + i, 8);
+  const uint2 q = *reinterpret_cast<const uint2 *>(p + i);
+  v[0] = __uint_as_float(q.x << 16); v[1] = __uint_as_float(q.x & 0xffff0000u);
+  v[2] = __uint_as_float(q.y << 16); v[3] = __uint_as_float(q.y & 0xffff0000u);
+}
+// A value rounded as storing it in bf16 would round it: what a fused kernel
+// does with the intermediates its unfused parts would have stored.
+__device__ __forceinline__ float l4_round_bf16(float v) {
+  l4_bf16 h;
+  l4_st(&h, 0, v);
+  return l4_ld(&h, 0);
+}
+// Tensor cores (bf16 GEMMs). l4_bf16_bits: the bf16 bits of v, rounded to
+// nearest even (exact for a value that is bf16 already); l4_pair: two
+// adjacent bf16 of shared memory as one register, the lower index in the
+// low half; l4_mma_bf16: d += a * b for one m16n8k16 tile, fragments as the
+// PTX ISA lays them out (the emulator defines L4C_CUEMU and its own).
+__device__ __forceinline__ unsigned short l4_bf16_bits(float v) {
+  l4_bf16 h;
+  l4_st(&h, 0, v);
+  return h.bits;
+}
+__device__ __forceinline__ unsigned l4_pair(const unsigned short *p) {
+  return *reinterpret_cast<const unsigned *>(p);
+}
+__device__ __forceinline__ void l4_mma_bf16(float d[4], const unsigned a[4], const unsigned b[2]) {
+#ifdef L4C_CUEMU
+  l4emu::mmaBf16(d, a, b);
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
 __device__ __forceinline__ long long l4_ldi(const long long *p, long long i) { return p[i]; }
 __device__ __forceinline__ long long l4_ldi(const int *p, long long i) { return (long long)p[i]; }
 
@@ -307,6 +354,130 @@ llvm::Error emitOp(OpContext &ctx) {
           [&](Operation *) { return ctx.fail("no CUDA emitter for this op"); });
 }
 
+/// Recognises a group of l4c-fuse's GEMM shape, [rms_norm] (linear |
+/// linear linear swiglu) add*, checks that its values flow as that shape
+/// says, and makes the views emitGemm takes (see GemmSpec).
+llvm::Expected<cuda::GemmSpec>
+matchFusedGemm(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
+               llvm::ArrayRef<CudaBuffer> results, OpContext &ctx) {
+  Block &block = group.getBody().front();
+  auto yield = cast<kernel::YieldOp>(block.getTerminator());
+  SmallVector<Operation *> ops;
+  for (Operation &op : block.without_terminator())
+    ops.push_back(&op);
+  auto bad = [&](const llvm::Twine &why) {
+    std::string seq;
+    for (Operation *op : ops)
+      seq += (seq.empty() ? "" : ", ") + op->getName().getStringRef().str();
+    return llvm::createStringError(
+        llvm::formatv("kernel '{0}': the CUDA target does not generate this "
+                      "fusion ({1}): {2}",
+                      group.getName(), seq, why.str())
+            .str());
+  };
+  auto isArg = [&](Value v) {
+    auto a = dyn_cast<BlockArgument>(v);
+    return a && a.getOwner() == &block;
+  };
+  cuda::GemmSpec spec;
+  size_t i = 0;
+  Value x, normOut;
+  SmallVector<std::pair<Value, llvm::StringRef>> roles; // block arg, name
+  if (auto n = dyn_cast<l4::RmsNormOp>(ops[i])) {
+    if (!isArg(n.getInput()) || !isArg(n.getWeight()))
+      return bad("the norm must read kernel inputs");
+    spec.norm = true;
+    spec.eps = n.getEps().convertToDouble();
+    x = n.getInput();
+    normOut = n.getResult();
+    ++i;
+  }
+  auto linearAt = [&](size_t k) {
+    return k < ops.size() ? dyn_cast<l4::LinearOp>(ops[k]) : l4::LinearOp();
+  };
+  auto checkLinear = [&](l4::LinearOp lin) -> bool {
+    if (!isArg(lin.getWeight()))
+      return false;
+    if (spec.norm)
+      return lin.getInput() == normOut;
+    if (!x)
+      x = lin.getInput();
+    return lin.getInput() == x && isArg(x);
+  };
+  l4::LinearOp first = linearAt(i);
+  if (!first || !checkLinear(first))
+    return bad("expected a linear of a kernel input (or of the norm)");
+  ctx.op = first;
+  Value w = first.getWeight(), wu, cur = first.getResult();
+  ++i;
+  if (l4::LinearOp second = linearAt(i)) {
+    auto act = i + 1 < ops.size() ? dyn_cast<l4::SwigluOp>(ops[i + 1])
+                                  : l4::SwigluOp();
+    if (!act || !checkLinear(second))
+      return bad("two linears must feed a swiglu");
+    if (act.getGate() == first.getResult() && act.getUp() == second.getResult())
+      wu = second.getWeight();
+    else if (act.getGate() == second.getResult() &&
+             act.getUp() == first.getResult())
+      wu = std::exchange(w, second.getWeight());
+    else
+      return bad("the swiglu must read the two linears");
+    spec.swiglu = true;
+    cur = act.getResult();
+    i += 2;
+  }
+  roles.push_back({x, "x"});
+  roles.push_back({w, "w"});
+  if (spec.swiglu)
+    roles.push_back({wu, "wu"});
+  if (spec.norm)
+    roles.push_back({cast<l4::RmsNormOp>(ops[0]).getWeight(), "nw"});
+  static const char *kResidual[] = {"r0", "r1", "r2", "r3"};
+  for (; i < ops.size(); ++i) {
+    auto add = dyn_cast<l4::AddOp>(ops[i]);
+    if (!add)
+      return bad("only adds may follow the product");
+    if (spec.adds >= std::size(kResidual))
+      return bad("too many residual adds");
+    Value other = add.getLhs() == cur   ? add.getRhs()
+                  : add.getRhs() == cur ? add.getLhs()
+                                        : Value();
+    if (!other || !isArg(other))
+      return bad("an add must combine the product with a kernel input");
+    roles.push_back({other, kResidual[spec.adds++]});
+    cur = add.getResult();
+  }
+  if (yield.getValues().size() != 1 || yield.getValues()[0] != cur)
+    return bad("the kernel must yield the last value only");
+  // The intermediates' dtype: they are rounded to it in the kernel.
+  std::optional<bool> bf16;
+  for (Operation *op : ops)
+    if (op->getResult(0) != cur) {
+      Type t = cast<RankedTensorType>(op->getResult(0).getType())
+                   .getElementType();
+      if (!t.isF32() && !t.isBF16())
+        return bad("intermediates must be f32 or bf16");
+      if (bf16 && *bf16 != t.isBF16())
+        return bad("intermediates mix f32 and bf16");
+      bf16 = t.isBF16();
+    }
+  spec.bf16Temps = bf16.value_or(false);
+  for (auto [v, name] : roles) {
+    unsigned a = cast<BlockArgument>(v).getArgNumber();
+    auto view = makeView(ctx, inputs[a], name);
+    if (!view)
+      return view.takeError();
+    view->param = "in" + std::to_string(a);
+    ctx.operands.push_back(std::move(*view));
+  }
+  auto view = makeView(ctx, results[0], "y");
+  if (!view)
+    return view.takeError();
+  view->param = "out0";
+  ctx.results.push_back(std::move(*view));
+  return spec;
+}
+
 } // namespace
 
 llvm::StringRef cudaPrelude() { return kPrelude; }
@@ -347,19 +518,27 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
     return named("buffer slots do not match the group's operands");
   auto ops = block.without_terminator();
   size_t numOps = std::distance(ops.begin(), ops.end());
-  if (numOps != 1)
-    return named(llvm::formatv("fuses {0} ops; the CUDA emitter takes one op "
-                               "per kernel so far",
-                               numOps));
+  if (numOps == 0)
+    return named("computes nothing");
 
   OpContext ctx;
   ctx.op = &*ops.begin();
   ctx.kernelName = group.getName();
-  std::optional<Names> names = operandNames(ctx.op);
+  std::optional<cuda::GemmSpec> fused;
+  if (numOps > 1) {
+    auto spec = matchFusedGemm(group, inputs, results, ctx);
+    if (!spec)
+      return spec.takeError();
+    fused = *spec;
+  }
+  std::optional<Names> names =
+      fused ? std::optional<Names>(Names{}) : operandNames(ctx.op);
   if (!names)
     return ctx.fail("not supported by --target=cuda yet (the CUDA target "
                     "compiles inference ops only)");
   for (auto [i, v] : llvm::enumerate(ctx.op->getOperands())) {
+    if (fused)
+      break; // matchFusedGemm made the views
     auto arg = dyn_cast<BlockArgument>(v);
     if (!arg || arg.getOwner() != &block)
       return ctx.fail("operand " + llvm::Twine(i) + " is not a kernel input");
@@ -370,6 +549,8 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
     ctx.operands.push_back(std::move(*view));
   }
   for (auto [i, v] : llvm::enumerate(ctx.op->getResults())) {
+    if (fused)
+      break;
     auto it = llvm::find(yield.getValues(), v);
     if (it == yield.getValues().end())
       return ctx.fail("result " + llvm::Twine(i) + " is not yielded");
@@ -382,7 +563,7 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
     view->param = "out" + std::to_string(idx);
     ctx.results.push_back(std::move(*view));
   }
-  if (llvm::Error e = emitOp(ctx))
+  if (llvm::Error e = fused ? cuda::emitGemm(ctx, *fused) : emitOp(ctx))
     return std::move(e);
   std::string casts;
   for (const View &v : ctx.operands)
@@ -408,12 +589,17 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
     params += "const long long " + p.first + ", ";
   // Keep the op comment to one line and free of the SSA names, which vary
   // between layers and would defeat sharing.
-  std::string opComment = ctx.op->getName().getStringRef().str();
-  if (auto attrs = ctx.op->getAttrDictionary(); !attrs.empty()) {
-    std::string a;
-    llvm::raw_string_ostream as(a);
-    attrs.print(as);
-    opComment += " " + a;
+  std::string opComment;
+  for (Operation &op : ops) {
+    if (!opComment.empty())
+      opComment += ", ";
+    opComment += op.getName().getStringRef().str();
+    if (auto attrs = op.getAttrDictionary(); !attrs.empty()) {
+      std::string a;
+      llvm::raw_string_ostream as(a);
+      attrs.print(as);
+      opComment += " " + a;
+    }
   }
   std::string bodyText =
       ctx.body.globals +

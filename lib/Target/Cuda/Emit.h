@@ -79,6 +79,23 @@ llvm::Error emitRouterScores(OpContext &ctx);
 llvm::Error emitElementwise(OpContext &ctx, llvm::StringRef expr);
 llvm::Error emitTakeLast(OpContext &ctx);
 llvm::Error emitLinear(OpContext &ctx);
+
+/// A GEMM fused by l4c-fuse: y = epilogue(A(x) @ W^T). ctx.operands hold
+/// x, w (the gate's with SwiGLU), then the up projection's weight with
+/// `swiglu`, the norm weight with `norm`, and one residual per add.
+struct GemmSpec {
+  bool norm = false;   ///< x is rms_norm(x, nw; eps) first
+  double eps = 0;
+  bool swiglu = false; ///< y = up * silu(gate), w the gate's and wu the up's
+  unsigned adds = 0;   ///< y += r0, then r1, ... (residuals)
+  /// The values passed between the parts are bf16 (else f32): the kernel
+  /// rounds each as storing it would, so fusion never changes the numbers.
+  bool bf16Temps = false;
+};
+/// Plans with at most this many rows (batch x live length at the compiled
+/// maxima) get the weight-streaming GEMV form of a GEMM.
+constexpr uint64_t kGemvMaxRows = 32;
+llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec);
 llvm::Error emitMoeExperts(OpContext &ctx);
 llvm::Error emitAttention(OpContext &ctx);
 // Training (GradOps.cpp).

@@ -1,8 +1,11 @@
 //===- Matmul.cpp - CUDA for linear and the routed experts ----------------===//
 //
-// linear: a shared-memory tiled f32 GEMM over the live token rows (64x64
-// tiles, 16-deep K steps, 256 threads with 4x4 outputs each). moe_experts:
-// one block per token running its selected experts, correct before fast.
+// linear and the fused GEMMs of l4c-fuse (an RMSNorm prologue, a second
+// weight matrix with SwiGLU, residual adds in the epilogue): decode-shaped
+// plans (at most kGemvMaxRows rows) get one warp per output column streaming
+// the weights; the rest a shared-memory tiled f32 GEMM (64x64 tiles, 16-deep
+// K steps, 256 threads with 4x4 outputs each). moe_experts: one block per
+// token running its selected experts, correct before fast.
 //
 //===----------------------------------------------------------------------===//
 #include "Emit.h"
@@ -10,52 +13,411 @@
 
 namespace l4c::cuda {
 
-llvm::Error emitLinear(OpContext &ctx) {
+namespace {
+
+/// Text of the pieces a fused GEMM adds to the plain one.
+struct GemmText {
+  const GemmSpec &spec;
+  const OpContext &ctx;
+
+  /// The x value the product reads at element k of the row whose base is
+  /// `row`, with the norm applied: the standalone norm's arithmetic,
+  /// (x * inv) * g, so the product sees the values it would have read.
+  std::string xValue(llvm::StringRef row, llvm::StringRef k,
+                     llvm::StringRef inv) const {
+    std::string ld = ("l4_ld(x, " + row + " + " + k + ")").str();
+    if (!spec.norm)
+      return ld;
+    return round(("(" + ld + " * " + inv + ") * l4_ld(nw, " + k + ")").str());
+  }
+
+  /// `v` rounded as storing it in an intermediate's dtype would round it.
+  std::string round(llvm::StringRef v) const {
+    return spec.bf16Temps ? ("l4_round_bf16(" + v + ")").str() : v.str();
+  }
+
+  /// Statements turning the accumulators `g` (and `u`) of output (m, n)
+  /// into `v`, the value stored: SwiGLU, then the residual adds in order.
+  std::string epilogue(llvm::StringRef g, llvm::StringRef u,
+                       llvm::StringRef indent) const {
+    std::string s;
+    if (spec.swiglu) {
+      // The projections' outputs, then SwiGLU's, as the unfused kernels
+      // would have stored them.
+      s += (indent + "const float ga = " + round(g) + ", ua = " + round(u) +
+            ";\n")
+               .str();
+      s += (indent + "float v = ua * (ga / (1.0f + expf(-ga)));\n").str();
+    } else {
+      s += (indent + "float v = " + g + ";\n").str();
+    }
+    for (unsigned i = 0; i < spec.adds; ++i)
+      s += llvm::formatv("{0}v = {1} + l4_ld(r{2}, (m / LT * R{2}_S + m % LT) "
+                         "* N + n);\n",
+                         indent, round("v"), i)
+               .str();
+    return s;
+  }
+};
+
+/// The tiled GEMM on tensor cores, for bf16 operands: mma.sync m16n8k16
+/// (bf16 in, f32 accumulate). The normalised x of a norm prologue is bf16
+/// (it is rounded as the unfused norm stores it), so every operand is exact
+/// and only the order of the f32 sums differs from the CPU's.
+void emitMmaTiles(Body &b, const GemmText &text, llvm::raw_ostream &os) {
+  const GemmSpec &spec = text.spec;
+  os << R"cuda(  // Tiles of 64x64 outputs, K in steps of 32 staged as bf16 in shared
+  // memory (rows padded to 40 elements: the fragment reads below hit 32
+  // distinct banks). Warp (wm, wn) computes rows wm*32.. and columns
+  // wn*32.. as 2x4 mma tiles of 16x8; lane (g, t) = (lane / 4, lane % 4)
+  // holds the PTX ISA's fragments: A rows g and g + 8 at k = 2t, 2t + 1
+  // (+8), B column g at the same k, accumulators rows g, g + 8 and
+  // columns 2t, 2t + 1.
+  constexpr int BM = 64, BN = 64, BK = 32, LD = BK + 8;
+  __shared__ __align__(16) unsigned short as[BM][LD];
+  __shared__ __align__(16) unsigned short bs[BN][LD];
+)cuda";
+  if (spec.swiglu)
+    os << "  __shared__ __align__(16) unsigned short us[BN][LD];\n";
+  if (spec.norm)
+    os << "  __shared__ float rinv[BM];\n";
+  os << R"cuda(  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3, wm = warp >> 1, wn = warp & 1;
+  const long long tilesN = (N + BN - 1) / BN;
+  const long long tiles = (M + BM - 1) / BM * tilesN;
+  for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const long long m0 = tile / tilesN * BM, n0 = tile % tilesN * BN;
+)cuda";
+  if (spec.norm)
+    os << R"cuda(    __syncthreads(); // the previous tile is done with rinv
+    // The norm's inverse RMS of the tile's rows, one warp per row.
+    for (int r = warp; r < BM; r += 4) {
+      const long long m = m0 + r;
+      float ss = 0.0f;
+      if (m < M) {
+        const long long xo = (m / LT * X_S + m % LT) * K;
+        for (long long k = lane; k < K; k += 32) {
+          const float a = l4_ld(x, xo + k);
+          ss += a * a;
+        }
+      }
+      ss = l4_warp_sum(ss);
+      const float var = (float)((double)ss / (double)K);
+      if (lane == 0)
+        rinv[r] = (float)(1.0 / sqrt((double)(var + EPS)));
+    }
+    __syncthreads();
+)cuda";
+  os << R"cuda(    float acc[2][4][4];
+)cuda";
+  if (spec.swiglu)
+    os << "    float acc2[2][4][4];\n";
+  os << R"cuda(#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          acc[i][j][c] = 0.0f;
+)cuda";
+  if (spec.swiglu)
+    os << "          acc2[i][j][c] = 0.0f;\n";
+  os << R"cuda(        }
+    for (long long k0 = 0; k0 < K; k0 += BK) {
+      __syncthreads(); // the previous step is done with the tiles
+      // Element e of a 64x32 tile: row e / 32, column e % 32, so a warp
+      // reads 32 consecutive elements of one row.
+      for (int e = tid; e < BM * BK; e += 128) {
+        const int r = e >> 5, c = e & 31;
+        const long long k = k0 + c, m = m0 + r, n = n0 + r;
+        float xv = 0.0f;
+        if (m < M && k < K)
+          xv = )cuda"
+     << text.xValue("(m / LT * X_S + m % LT) * K", "k", "rinv[r]") << R"cuda(;
+        as[r][c] = l4_bf16_bits(xv);
+        bs[r][c] = n < N && k < K ? l4_bf16_bits(l4_ld(w, n * K + k)) : 0;
+)cuda";
+  if (spec.swiglu)
+    os << "        us[r][c] = n < N && k < K ? l4_bf16_bits(l4_ld(wu, n * K + "
+          "k)) : 0;\n";
+  os << R"cuda(      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16) {
+        unsigned af[2][4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int r = wm * 32 + i * 16 + g;
+          af[i][0] = l4_pair(&as[r][kk + 2 * t]);
+          af[i][1] = l4_pair(&as[r + 8][kk + 2 * t]);
+          af[i][2] = l4_pair(&as[r][kk + 2 * t + 8]);
+          af[i][3] = l4_pair(&as[r + 8][kk + 2 * t + 8]);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int n = wn * 32 + j * 8 + g;
+          unsigned bf[2] = {l4_pair(&bs[n][kk + 2 * t]), l4_pair(&bs[n][kk + 2 * t + 8])};
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+            l4_mma_bf16(acc[i][j], af[i], bf);
+)cuda";
+  if (spec.swiglu)
+    os << R"cuda(          unsigned uf[2] = {l4_pair(&us[n][kk + 2 * t]), l4_pair(&us[n][kk + 2 * t + 8])};
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+            l4_mma_bf16(acc2[i][j], af[i], uf);
+)cuda";
+  os << R"cuda(        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const long long m = m0 + wm * 32 + i * 16 + g + (c >= 2 ? 8 : 0);
+          const long long n = n0 + wn * 32 + j * 8 + 2 * t + (c & 1);
+          if (m >= M || n >= N)
+            continue;
+)cuda"
+     << text.epilogue("acc[i][j][c]", "acc2[i][j][c]", "          ")
+     << R"cuda(          l4_st(y, (m / LT * Y_S + m % LT) * N + n, v);
+        }
+  }
+)cuda";
+  (void)b;
+}
+
+} // namespace
+
+llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
   const View &x = ctx.operands[0], &w = ctx.operands[1], &y = ctx.results[0];
   if (!x.hasBatch || !y.hasBatch || x.hasSeq != y.hasSeq)
     return ctx.fail("expected token-major input and result");
   auto ws = w.shape();
   if (ws.size() != 2 || x.inner != ws[1] || y.inner != ws[0])
     return ctx.fail("expected x [.., K], w [N, K] and y [.., N]");
+  size_t next = 2;
+  if (spec.swiglu && ctx.operands[next++].shape() != ws)
+    return ctx.fail("expected the up projection shaped like the gate's");
+  if (spec.norm && ctx.operands[next++].inner != ws[1])
+    return ctx.fail("expected a norm weight of the input's width");
+  size_t firstAdd = next;
+  if (ctx.operands.size() != firstAdd + spec.adds)
+    return ctx.fail("fused GEMM operands do not match its parts");
+  for (unsigned i = 0; i < spec.adds; ++i) {
+    const View &r = ctx.operands[firstAdd + i];
+    if (!r.hasBatch || r.hasSeq != y.hasSeq || r.inner != y.inner)
+      return ctx.fail("expected residuals shaped like the result");
+  }
+
   Body &b = ctx.body;
+  GemmText text{spec, ctx};
   llvm::raw_string_ostream os(b.code);
   os << constant("N", ws[0]) << constant("K", ws[1])
-     << stride(b, "X_S", x.rowsPerBatch) << stride(b, "Y_S", y.rowsPerBatch)
-     << "  const long long LT = " << (x.hasSeq ? "T" : "1") << ";\n"
-     << R"cuda(  // y[m, n] = sum_k x[m, k] * w[n, k] over the M = B * LT live rows; row m
+     << stride(b, "X_S", x.rowsPerBatch) << stride(b, "Y_S", y.rowsPerBatch);
+  for (unsigned i = 0; i < spec.adds; ++i)
+    os << stride(b, ("R" + llvm::Twine(i) + "_S").str(),
+                 ctx.operands[firstAdd + i].rowsPerBatch);
+  if (spec.norm)
+    os << "  constexpr float EPS = " << floatLit(float(spec.eps)) << ";\n";
+  os << "  const long long LT = " << (x.hasSeq ? "T" : "1") << ";\n"
+     << "  const long long M = B * LT;\n";
+  uint64_t maxM = uint64_t(x.bmax) * x.maxLiveRows();
+
+  if (maxM <= kGemvMaxRows) {
+    // Decode-shaped: few rows, so the weights' bytes are the cost. One warp
+    // per output column n streams w's row n once (16 bytes per lane per
+    // step where the rows allow) and applies it to every live x row, 8 rows
+    // per pass; x rows come from L1/L2.
+    bool vec = ws[1] % 4 == 0;
+    os << "  constexpr int MR = 8;\n";
+    if (spec.norm)
+      os << R"cuda(  // The inverse RMS of every live row, once per block.
+  __shared__ float rinv[)cuda"
+         << kGemvMaxRows << R"cuda(];
+  for (long long m = threadIdx.x >> 5; m < M; m += blockDim.x >> 5) {
+    const long long xo = (m / LT * X_S + m % LT) * K;
+    float ss = 0.0f;
+    for (long long k = threadIdx.x & 31; k < K; k += 32) {
+      const float a = l4_ld(x, xo + k);
+      ss += a * a;
+    }
+    ss = l4_warp_sum(ss);
+    const float var = (float)((double)ss / (double)K);
+    if ((threadIdx.x & 31) == 0)
+      rinv[m] = (float)(1.0 / sqrt((double)(var + EPS)));
+  }
+  __syncthreads();
+)cuda";
+    os << R"cuda(  const int lane = threadIdx.x & 31;
+  const long long warps = blockDim.x >> 5;
+  for (long long n = blockIdx.x * warps + (threadIdx.x >> 5); n < N;
+       n += (long long)gridDim.x * warps) {
+    for (long long m0 = 0; m0 < M; m0 += MR) {
+      long long xr[MR];
+      float acc[MR], inv[MR];
+)cuda";
+    if (spec.swiglu)
+      os << "      float acc2[MR];\n";
+    os << R"cuda(#pragma unroll
+      for (int r = 0; r < MR; ++r) {
+        const long long m = m0 + r;
+        xr[r] = m < M ? (m / LT * X_S + m % LT) * K : -1;
+)cuda";
+    os << (spec.norm ? "        inv[r] = m < M ? rinv[m] : 0.0f;\n"
+                     : "        inv[r] = 1.0f;\n");
+    os << "        acc[r] = 0.0f;\n";
+    if (spec.swiglu)
+      os << "        acc2[r] = 0.0f;\n";
+    os << "      }\n";
+    if (vec) {
+      os << R"cuda(      for (long long k = 4 * lane; k < K; k += 128) {
+        float wv[4];
+        l4_ld4(w, n * K + k, wv);
+)cuda";
+      if (spec.swiglu)
+        os << "        float uv[4];\n        l4_ld4(wu, n * K + k, uv);\n";
+      if (spec.norm)
+        os << "        float gv[4];\n        l4_ld4(nw, k, gv);\n";
+      os << R"cuda(#pragma unroll
+        for (int r = 0; r < MR; ++r) {
+          if (xr[r] < 0)
+            continue;
+          float xv[4];
+          l4_ld4(x, xr[r] + k, xv);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+)cuda";
+      if (spec.norm)
+        os << "            const float a = "
+           << text.round("(xv[q] * inv[r]) * gv[q]") << ";\n";
+      else
+        os << "            const float a = xv[q];\n";
+      os << "            acc[r] = fmaf(a, wv[q], acc[r]);\n";
+      if (spec.swiglu)
+        os << "            acc2[r] = fmaf(a, uv[q], acc2[r]);\n";
+      os << "          }\n        }\n      }\n";
+    } else {
+      os << R"cuda(      for (long long k = lane; k < K; k += 32) {
+        const float wv = l4_ld(w, n * K + k);
+)cuda";
+      if (spec.swiglu)
+        os << "        const float uv = l4_ld(wu, n * K + k);\n";
+      os << R"cuda(#pragma unroll
+        for (int r = 0; r < MR; ++r) {
+          if (xr[r] < 0)
+            continue;
+          const float a = )cuda"
+         << text.xValue("xr[r]", "k", "inv[r]") << ";\n"
+         << "          acc[r] = fmaf(a, wv, acc[r]);\n";
+      if (spec.swiglu)
+        os << "          acc2[r] = fmaf(a, uv, acc2[r]);\n";
+      os << "        }\n      }\n";
+    }
+    os << R"cuda(#pragma unroll
+      for (int r = 0; r < MR; ++r) {
+        acc[r] = l4_warp_sum(acc[r]);
+)cuda";
+    if (spec.swiglu)
+      os << "        acc2[r] = l4_warp_sum(acc2[r]);\n";
+    os << R"cuda(      }
+      // Lane r stores row m0 + r.
+#pragma unroll
+      for (int r = 0; r < MR; ++r) {
+        const long long m = m0 + r;
+        if (lane != r || m >= M)
+          continue;
+)cuda"
+       << text.epilogue("acc[r]", "acc2[r]", "        ")
+       << R"cuda(        l4_st(y, (m / LT * Y_S + m % LT) * N + n, v);
+      }
+    }
+  }
+)cuda";
+    b.threads = 256;
+    b.blocks = gridFor(uint64_t(ws[0]), b.threads / 32);
+    return llvm::Error::success();
+  }
+
+  bool bf16Operands = x.ctype == "l4_bf16" && w.ctype == "l4_bf16" &&
+                      (!spec.swiglu || ctx.operands[2].ctype == "l4_bf16");
+  if (bf16Operands && (!spec.norm || spec.bf16Temps)) {
+    emitMmaTiles(b, text, os);
+    b.threads = 128;
+    b.blocks = gridFor((maxM + 63) / 64 * ((uint64_t(ws[0]) + 63) / 64), 1);
+    return llvm::Error::success();
+  }
+
+  os << R"cuda(  // y[m, n] = sum_k x[m, k] * w[n, k] over the M = B * LT live rows; row m
   // is token (m / LT, m % LT). Tiles of 64x64 outputs, K in steps of 16,
   // staged k-major in shared memory; thread (ty, tx) owns rows ty + 16i and
   // columns tx + 16j (i, j < 4), so both shared reads are conflict-free.
   constexpr int BM = 64, BN = 64, BK = 16;
   __shared__ float xs[BK][BM + 4];
   __shared__ float ws[BK][BN + 4];
-  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-  const long long M = B * LT;
+)cuda";
+  if (spec.swiglu)
+    os << "  __shared__ float us[BK][BN + 4];\n";
+  os << R"cuda(  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const long long tilesN = (N + BN - 1) / BN;
   const long long tiles = (M + BM - 1) / BM * tilesN;
   for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const long long m0 = tile / tilesN * BM, n0 = tile % tilesN * BN;
     // The rows this thread stages: x rows m0 + ty + 16i, w rows n0 + ty + 16i.
     long long xrow[4], wrow[4];
+    float inv[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const long long m = m0 + ty + 16 * i, n = n0 + ty + 16 * i;
       xrow[i] = m < M ? (m / LT * X_S + m % LT) * K : -1;
       wrow[i] = n < N ? n * K : -1;
+      inv[i] = 1.0f;
     }
-    float acc[4][4];
+)cuda";
+  if (spec.norm)
+    os << R"cuda(    // The norm's inverse RMS of the rows this thread stages: the 16 threads
+    // of a row (one half-warp) each sum a stride of it.
 #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float ss = 0.0f;
+      if (xrow[i] >= 0)
+        for (long long k = tx; k < K; k += 16) {
+          const float a = l4_ld(x, xrow[i] + k);
+          ss += a * a;
+        }
+      for (int o = 8; o > 0; o >>= 1)
+        ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      const float var = (float)((double)ss / (double)K);
+      inv[i] = (float)(1.0 / sqrt((double)(var + EPS)));
+    }
+)cuda";
+  os << R"cuda(    float acc[4][4];
+)cuda";
+  if (spec.swiglu)
+    os << "    float acc2[4][4];\n";
+  os << R"cuda(#pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < 4; ++j) {
         acc[i][j] = 0.0f;
+)cuda";
+  if (spec.swiglu)
+    os << "        acc2[i][j] = 0.0f;\n";
+  os << R"cuda(      }
     for (long long k0 = 0; k0 < K; k0 += BK) {
       const long long k = k0 + tx;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        xs[tx][ty + 16 * i] = xrow[i] >= 0 && k < K ? l4_ld(x, xrow[i] + k) : 0.0f;
+        xs[tx][ty + 16 * i] = xrow[i] >= 0 && k < K ? )cuda"
+     << text.xValue("xrow[i]", "k", "inv[i]") << R"cuda( : 0.0f;
         ws[tx][ty + 16 * i] = wrow[i] >= 0 && k < K ? l4_ld(w, wrow[i] + k) : 0.0f;
-      }
+)cuda";
+  if (spec.swiglu)
+    os << "        us[tx][ty + 16 * i] = wrow[i] >= 0 && k < K ? l4_ld(wu, "
+          "wrow[i] + k) : 0.0f;\n";
+  os << R"cuda(      }
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < BK; ++kk) {
@@ -70,7 +432,18 @@ llvm::Error emitLinear(OpContext &ctx) {
 #pragma unroll
           for (int j = 0; j < 4; ++j)
             acc[i][j] = fmaf(a[i], c[j], acc[i][j]);
-      }
+)cuda";
+  if (spec.swiglu)
+    os << R"cuda(#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          c[j] = us[kk][tx + 16 * j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            acc2[i][j] = fmaf(a[i], c[j], acc2[i][j]);
+)cuda";
+  os << R"cuda(      }
       __syncthreads();
     }
 #pragma unroll
@@ -82,17 +455,21 @@ llvm::Error emitLinear(OpContext &ctx) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const long long n = n0 + tx + 16 * j;
-        if (n < N)
-          l4_st(y, yo + n, acc[i][j]);
+        if (n >= N)
+          continue;
+)cuda"
+     << text.epilogue("acc[i][j]", "acc2[i][j]", "        ")
+     << R"cuda(        l4_st(y, yo + n, v);
       }
     }
   }
 )cuda";
   b.threads = 256;
-  uint64_t maxM = uint64_t(x.bmax) * x.maxLiveRows();
   b.blocks = gridFor((maxM + 63) / 64 * ((uint64_t(ws[0]) + 63) / 64), 1);
   return llvm::Error::success();
 }
+
+llvm::Error emitLinear(OpContext &ctx) { return emitGemm(ctx, GemmSpec()); }
 
 llvm::Error emitMoeExperts(OpContext &ctx) {
   const View &x = ctx.operands[0], &scores = ctx.operands[1],

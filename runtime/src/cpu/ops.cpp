@@ -479,7 +479,7 @@ Status OpRunner::embeddingGrad() {
 
 } // namespace
 
-Status runCpuOp(const Plan &plan, uint8_t *const regions[4],
+static Status runCpuOp(const Plan &plan, uint8_t *const regions[4],
                 const KernelDesc &kernel, const OpDesc &op, size_t B,
                 size_t T) {
   // bf16 plans: every op reads its bf16 buffers widened to f32, computes in
@@ -543,6 +543,17 @@ Status runCpuOp(const Plan &plan, uint8_t *const regions[4],
       dst[e] = io::f32ToBf16(c.data[e]);
   }
   return st;
+}
+
+Status runCpuKernel(const Plan &plan, uint8_t *const regions[4],
+                    const KernelDesc &kernel, size_t B, size_t T) {
+  // A fused kernel's ops run one by one, each storing its result in its
+  // buffer's dtype: the CUDA kernel rounds the values it keeps in registers
+  // the same way, so fusing never changes what a program computes.
+  for (const OpDesc &op : kernel.ops)
+    if (Status s = runCpuOp(plan, regions, kernel, op, B, T); !s.ok())
+      return s;
+  return Status::success();
 }
 
 } // namespace l4c::rt

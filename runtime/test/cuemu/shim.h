@@ -188,6 +188,43 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
 
 inline void syncBlock() { blockBarrier.wait("__syncthreads"); }
 
+/// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling
+/// warp: every lane publishes its fragments, then computes its own four
+/// accumulators from the whole warp's, with the fragment layout of the PTX
+/// ISA ("Matrix Fragments for mma.m16n8k16 with floating point type").
+inline unsigned mmaA[1024][4], mmaB[1024][2];
+inline void mmaBf16(float d[4], const unsigned a[4], const unsigned b[2]) {
+  unsigned me = tIdx.x, base = me & ~31u;
+  Barrier &w = warpBarriers[me / 32];
+  std::memcpy(mmaA[me], a, sizeof(mmaA[me]));
+  std::memcpy(mmaB[me], b, sizeof(mmaB[me]));
+  w.wait("mma.sync");
+  auto half = [](unsigned v, int k) {
+    unsigned bits = (k & 1) ? v >> 16 : v & 0xffffu;
+    bits <<= 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  };
+  // A[r][k]: lane (r % 8) * 4 + (k % 8) / 2, register r / 8 + 2 * (k / 8);
+  // B[k][n]: lane n * 4 + (k % 8) / 2, register k / 8.
+  auto A = [&](int r, int k) {
+    return half(mmaA[base + (r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)], k);
+  };
+  auto B = [&](int k, int n) {
+    return half(mmaB[base + n * 4 + (k % 8) / 2][k / 8], k);
+  };
+  int g = int(me & 31) >> 2, t = int(me & 3);
+  for (int c = 0; c < 4; ++c) {
+    int row = g + (c >= 2 ? 8 : 0), col = 2 * t + (c & 1);
+    float s = d[c];
+    for (int k = 0; k < 16; ++k)
+      s += A(row, k) * B(k, col);
+    d[c] = s;
+  }
+  w.wait("mma.sync"); // every lane has read the fragments
+}
+
 template <class T> T shuffle(T v, unsigned lane) {
   static_assert(sizeof(T) <= 8);
   unsigned me = tIdx.x, base = me & ~31u;
@@ -236,12 +273,26 @@ template <class... A> void freePacked(void (*)(A...), void *packed) {
 #define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define L4C_CUEMU 1
 #define __constant__ static
 #define threadIdx (l4emu::tIdx)
 #define blockIdx (l4emu::bIdx)
 #define blockDim (l4emu::bDim)
 #define gridDim (l4emu::gDim)
 #define warpSize 32
+
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+// Vector loads fault on a real GPU when misaligned; here they would not.
+#define L4_CHECK_ALIGNED(p, bytes)                                             \
+  do {                                                                         \
+    if (reinterpret_cast<std::uintptr_t>(p) % (bytes)) {                       \
+      std::fprintf(stderr, "cuemu: misaligned %d-byte vector load at %p\n",   \
+                   int(bytes), static_cast<const void *>(p));                  \
+      std::abort();                                                            \
+    }                                                                          \
+  } while (0)
 
 inline void __syncthreads() { l4emu::syncBlock(); }
 template <class T> T __shfl_xor_sync(unsigned, T v, int mask, int = 32) {
@@ -261,6 +312,7 @@ inline float __uint_as_float(unsigned v) { float f; std::memcpy(&f, &v, 4); retu
 inline unsigned __float_as_uint(float v) { unsigned i; std::memcpy(&i, &v, 4); return i; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdividef(float a, float b) { return a / b; }
