@@ -172,11 +172,16 @@ Status Session::create(std::shared_ptr<const Plan> plan,
   if (s->gpu_) {
     if (Status st = s->gpu_->synchronize(); !st.ok())
       return st;
-    // Training keeps the f32 master weights and AdamW on the host: the GPU
-    // runs train_step, the host applies the step and uploads the weights.
-    if (s->plan_->program("train_step"))
+    // Training runs on the device end to end: train_step, the gradient
+    // sums over micro-batches and AdamW (on f32 masters of bf16 weights).
+    // The host keeps copies of the initial weights and refreshes them when
+    // something reads them (syncHostTrainState).
+    if (s->plan_->program("train_step")) {
       if (Status st = s->hostWeights(); !st.ok())
         return st;
+      if (Status st = s->initDeviceOptimizer(); !st.ok())
+        return st;
+    }
   }
   out = std::move(s);
   return Status::success();

@@ -161,6 +161,14 @@ private:
   /// GPU sessions keep the weights on the device only; this copies them to
   /// the host region once, for what needs them there (kernel checks).
   Status hostWeights();
+  /// GPU train sessions: AdamW, its moments, the bf16 masters and the
+  /// gradient sums live on the device (train.cpp).
+  Status initDeviceOptimizer();
+  /// Brings the host's copies of the weights, masters and moments up to
+  /// date after device optimizer steps, for what reads them there
+  /// (checkpoints, readTensor, kernel checks). Const for those readers: it
+  /// refreshes mirrors, not the session's state.
+  Status syncHostTrainState() const;
   Status attachGpu(int ordinal);
   /// CUDA: copies the program's inputs for [0, B) x [0, T) to the device.
   Status uploadInputs(const ProgramDesc &prog, int64_t B, int64_t T);
@@ -192,6 +200,9 @@ private:
   Region regions_[4];
   std::unique_ptr<cuda::CudaBackend> gpu_;
   bool hostWeights_ = false; ///< GPU sessions: host weights region filled
+  bool deviceOptimizer_ = false; ///< initDeviceOptimizer ran
+  /// The device's weights, masters and moments are newer than the host's.
+  mutable bool hostTrainStale_ = false;
   mutable std::mutex mu_; ///< one program run at a time
   Timing timing_;
   // Training state, per Plan::weights entry.

@@ -59,6 +59,8 @@ Status Session::checkKernels(const std::string &program, const int64_t *ids,
     return s;
   if (Status s = hostWeights(); !s.ok())
     return s;
+  if (Status s = syncHostTrainState(); !s.ok()) // after device AdamW steps
+    return s;
   stageInputs(*prog, ids, T, B, T, pos0);
   // Start from identical regions: the host's (weights were uploaded at
   // creation and never change).

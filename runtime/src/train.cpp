@@ -6,6 +6,7 @@
 //
 //===----------------------------------------------------------------------===//
 #include "cpu/grad_kernels.h"
+#include "cuda/cuda_backend.h"
 #include "executor.h"
 #include "io/safetensors.h"
 
@@ -212,6 +213,70 @@ void Session::ensureMoments() {
   }
 }
 
+Status Session::initDeviceOptimizer() {
+  const Plan &p = *plan_;
+  Status st;
+  const ProgramDesc *prog = trainProgram(st);
+  if (!prog)
+    return st;
+  std::vector<cuda::CudaBackend::OptTensor> tensors;
+  for (size_t i = 0; i < p.weights.size(); ++i) {
+    const BufferDesc &w = p.buffers[p.weights[i].buffer];
+    const BufferDesc &g = p.buffers[prog->grads[i]];
+    if (g.dtype != plan::DType::F32 || g.numel != w.numel)
+      return invalid(p.label() + ": gradient of '" + p.weights[i].hfName +
+                     "' is not an f32 tensor shaped like its weight");
+    cuda::CudaBackend::OptTensor t;
+    t.weight = w.offset;
+    t.bf16 = w.dtype == plan::DType::BF16;
+    t.gradRegion = g.region;
+    t.grad = g.offset;
+    t.numel = w.numel;
+    tensors.push_back(t);
+  }
+  if (Status s = gpu_->initOptimizer(tensors); !s.ok())
+    return s;
+  for (size_t i = 0; i < tensors.size(); ++i)
+    if (tensors[i].bf16)
+      if (Status s = gpu_->optUpload(
+              i, cuda::CudaBackend::OptState::Master, master_[i].data());
+          !s.ok())
+        return s;
+  deviceOptimizer_ = true;
+  return Status::success();
+}
+
+Status Session::syncHostTrainState() const {
+  if (!deviceOptimizer_ || !hostTrainStale_)
+    return Status::success();
+  // The mirrors are refreshed, not the session's logical state: a const
+  // reader (a checkpoint, readTensor) may ask for it.
+  Session &self = const_cast<Session &>(*this);
+  using OS = cuda::CudaBackend::OptState;
+  Region &w = self.regions_[int(plan::Region::Weights)];
+  if (w.base)
+    if (Status s = self.gpu_->download(plan::Region::Weights, 0, w.base,
+                                       w.size);
+        !s.ok())
+      return s;
+  self.ensureMoments();
+  for (size_t i = 0; i < plan_->weights.size(); ++i) {
+    if (Status s = self.gpu_->optDownload(i, OS::M, self.m_[i].data());
+        !s.ok())
+      return s;
+    if (Status s = self.gpu_->optDownload(i, OS::V, self.v_[i].data());
+        !s.ok())
+      return s;
+    if (i < master_.size() && !master_[i].empty())
+      if (Status s =
+              self.gpu_->optDownload(i, OS::Master, self.master_[i].data());
+          !s.ok())
+        return s;
+  }
+  hostTrainStale_ = false;
+  return Status::success();
+}
+
 Status Session::trainStep(const int64_t *ids, int64_t B, int64_t T,
                           float *loss) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -237,14 +302,25 @@ Status Session::trainStep(const int64_t *ids, int64_t B, int64_t T,
     return s;
   if (Status s = fetchBuffer(p.buffers[prog->loss]); !s.ok())
     return s;
-  for (uint32_t g : prog->grads)
-    if (Status s = fetchBuffer(p.buffers[g]); !s.ok())
-      return s;
   const BufferDesc &lb = p.buffers[prog->loss];
   float value = *reinterpret_cast<const float *>(regions_[int(lb.region)].base +
                                                  lb.offset);
   if (loss)
     *loss = value;
+  if (deviceOptimizer_) {
+    // The gradients stay on the device, summed there.
+    if (Status s = gpu_->accumulateGrads(microBatches_ == 0); !s.ok())
+      return s;
+    ++microBatches_;
+    timing_.prefillSeconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
+            .count();
+    timing_.prefillTokens = B * T;
+    return Status::success();
+  }
+  for (uint32_t g : prog->grads)
+    if (Status s = fetchBuffer(p.buffers[g]); !s.ok())
+      return s;
   gradSum_.resize(p.weights.size());
   for (size_t i = 0; i < prog->grads.size(); ++i) {
     const BufferDesc &g = p.buffers[prog->grads[i]];
@@ -293,6 +369,28 @@ Status Session::adamwStep(const AdamWParams &h) {
     return bad("weight_decay", h.weightDecay, "a finite number >= 0");
   if (microBatches_ == 0)
     return invalid("no gradients to apply: run a train step first");
+  if (deviceOptimizer_) {
+    // cpu::adamwStep's scalars, computed as it computes them.
+    cuda::CudaBackend::AdamWScalars c;
+    int64_t step = step_ + 1;
+    c.decay = 1.0 - h.lr * h.weightDecay;
+    double bc1 = 1.0 - std::pow(h.beta1, double(step));
+    double bc2 = 1.0 - std::pow(h.beta2, double(step));
+    c.stepSize = h.lr / bc1;
+    c.bc2Sqrt = std::sqrt(bc2);
+    c.w1 = 1.0 - h.beta1;
+    c.oneMinusW1 = 1.0 - c.w1;
+    c.beta2 = h.beta2;
+    c.w2 = 1.0 - h.beta2;
+    c.eps = h.eps;
+    c.microBatches = int(microBatches_);
+    if (Status s = gpu_->adamwStep(c); !s.ok())
+      return s;
+    step_ = step;
+    microBatches_ = 0;
+    hostTrainStale_ = true;
+    return Status::success();
+  }
   ensureMoments();
   ++step_;
   float k = float(microBatches_);
@@ -359,6 +457,9 @@ Status Session::readTensor(std::string_view name, float *dst,
     return invalid("tensor '" + std::string(name) + "' has " +
                    std::to_string(b.numel) + " elements " + shapeText(b.shape) +
                    ", not " + std::to_string(numel));
+  if (kind != 'g')
+    if (Status s = syncHostTrainState(); !s.ok())
+      return s;
   switch (kind) {
   case 'w':
     if (b.dtype != plan::DType::F32 &&
@@ -372,8 +473,18 @@ Status Session::readTensor(std::string_view name, float *dst,
     if (microBatches_ == 0)
       return invalid("no gradient for '" + std::string(hf) +
                      "': no train step ran since the last optimizer step");
-    const std::vector<float> &g = gradSum_[size_t(w)];
     float k = float(microBatches_);
+    if (deviceOptimizer_) {
+      if (Status s = gpu_->optDownload(
+              size_t(w), cuda::CudaBackend::OptState::GradSum, dst);
+          !s.ok())
+        return s;
+      if (microBatches_ > 1)
+        for (uint64_t i = 0; i < numel; ++i)
+          dst[i] = dst[i] / k;
+      return Status::success();
+    }
+    const std::vector<float> &g = gradSum_[size_t(w)];
     for (uint64_t i = 0; i < numel; ++i)
       dst[i] = microBatches_ > 1 ? g[i] / k : g[i];
     return Status::success();
@@ -419,6 +530,8 @@ Status Session::getCounter(const std::string &name, int64_t &value) const {
 }
 
 Status Session::writeCheckpointFiles(const std::string &dir) const {
+  if (Status s = syncHostTrainState(); !s.ok())
+    return s;
   const Plan &p = *plan_;
   std::string config = p.configJson.empty() ? "{}\n" : p.configJson;
   if (io::Status s = io::writeFileAtomic(dir + "/config.json", config); !s.ok())
@@ -554,6 +667,21 @@ Status Session::loadOptimizer(const std::string &pathIn) {
   }
   if (step < 0)
     return invalid(path + ": tensor 'step' is missing or negative");
+  if (deviceOptimizer_) {
+    // The device's weights and masters stay; its moments become these.
+    if (Status s = syncHostTrainState(); !s.ok())
+      return s;
+    for (size_t i = 0; i < p.weights.size(); ++i) {
+      if (Status s = gpu_->optUpload(i, cuda::CudaBackend::OptState::M,
+                                     m[i].data());
+          !s.ok())
+        return s;
+      if (Status s = gpu_->optUpload(i, cuda::CudaBackend::OptState::V,
+                                     v[i].data());
+          !s.ok())
+        return s;
+    }
+  }
   m_ = std::move(m);
   v_ = std::move(v);
   step_ = step;

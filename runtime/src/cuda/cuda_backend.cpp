@@ -158,6 +158,8 @@ CudaBackend::~CudaBackend() {
   for (CUdeviceptr p : base_)
     if (p)
       a.cuMemFree(p);
+  if (optBase_)
+    a.cuMemFree(optBase_);
   if (stream_)
     a.cuStreamDestroy(stream_);
   if (ctxRetained_)

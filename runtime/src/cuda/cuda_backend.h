@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -127,6 +128,38 @@ public:
   /// Waits for all queued work.
   rt::Status synchronize();
 
+  /// Training on the device (cuda_optimizer.cpp). One tensor the optimizer
+  /// updates: a weight (f32, or bf16 with an f32 master copy on the device)
+  /// and the plan buffer its train step writes the gradient to.
+  struct OptTensor {
+    uint64_t weight = 0; ///< offset in the weights region
+    bool bf16 = false;
+    plan::Region gradRegion = plan::Region::Io;
+    uint64_t grad = 0;   ///< offset of the f32 gradient in gradRegion
+    uint64_t numel = 0;
+  };
+  /// What the optimizer keeps per tensor besides the weight itself.
+  enum class OptState { GradSum, M, V, Master };
+  /// Allocates the optimizer's state (the gradient sum over micro-batches,
+  /// AdamW's moments, masters of bf16 weights), zeroed; masters are set
+  /// with optUpload.
+  rt::Status initOptimizer(const std::vector<OptTensor> &tensors);
+  bool hasOptimizer() const { return optBase_ != 0; }
+  /// After a train step: the gradient sum becomes the step's gradients
+  /// (`first`) or adds them.
+  rt::Status accumulateGrads(bool first);
+  /// One AdamW step over every tensor in one launch, the gradient being the
+  /// sum over `microBatches` divided by their number; the arithmetic of the
+  /// CPU's cpu::adamwStep, bit for bit. Scalars as it computes them.
+  struct AdamWScalars {
+    double decay, stepSize, bc2Sqrt, w1, oneMinusW1, beta2, w2, eps;
+    int microBatches;
+  };
+  rt::Status adamwStep(const AdamWScalars &h);
+  /// Copies one tensor's state (numel f32) between host and device.
+  rt::Status optDownload(size_t tensor, OptState which, float *dst);
+  rt::Status optUpload(size_t tensor, OptState which, const float *src);
+
   /// GPU time between startTimer() and stopTimer() on the stream, measured
   /// with CUDA events; stopTimer waits for the work in between.
   rt::Status startTimer();
@@ -156,6 +189,16 @@ private:
                          bool capturing);
   /// Adds which program ran last to an asynchronous error.
   rt::Status streamError(rt::Status s) const;
+  /// Compiles (NVRTC, through the disk cache) or takes as a source image
+  /// one of the runtime's own kernels and loads it, once.
+  rt::Status loadRuntimeKernel(std::string_view source, const char *file,
+                               const char *entry, const char *what,
+                               CUfunction &fn);
+  /// Blocks for a grid-stride loop over `work` items.
+  unsigned streamGrid(uint64_t work, unsigned threads) const;
+  CUdeviceptr optState(size_t tensor, OptState which) const;
+  unsigned chunkGrid() const; ///< blocks for the optimizer's chunks
+  rt::Status optCopy(size_t tensor, OptState which, float *host, bool up);
   std::string kernelLabel(uint32_t k) const;
 
   std::shared_ptr<const rt::Plan> plan_;
@@ -178,6 +221,13 @@ private:
   std::string lastRun_; ///< "program 'decode' (B=1, T=1)"
   bool sourceImages_ = false;       ///< CudaOptions::sourceImages
   CUfunction randomFill_ = nullptr; ///< fillRandom's kernel, once loaded
+  // The optimizer (initOptimizer): one allocation holding every tensor's
+  // state and, at its start, the table of tensors the kernels read.
+  std::vector<OptTensor> optTensors_;
+  std::vector<uint64_t> optOffsets_; ///< per tensor: its state's offset
+  CUdeviceptr optBase_ = 0, optTable_ = 0, optChunks_ = 0;
+  uint64_t optChunkCount_ = 0;
+  CUfunction gradAccumulate_ = nullptr, adamw_ = nullptr;
   std::string cacheDir_;            ///< CudaOptions::cacheDir, resolved
   bool diskCache_ = true;
   LoadStats stats_;

@@ -2,7 +2,9 @@
 //
 // CudaBackend::fillRandom: the generator of runtime/src/random.h, compiled
 // once per process and device architecture with NVRTC (and kept in the disk
-// cache like plan kernels), launched over a region's bytes.
+// cache like plan kernels), launched over a region's bytes; and
+// loadRuntimeKernel, which compiles and loads the runtime's own kernels
+// (this one and the optimizer's) that way.
 //
 //===----------------------------------------------------------------------===//
 #include "cuda/cuda_backend.h"
@@ -10,12 +12,58 @@
 #include "cuda/nvrtc.h"
 #include "random.h"
 
+#include <algorithm>
 #include <string_view>
 
 namespace l4c::cuda {
 
 using rt::Status;
 using rt::StatusCode;
+
+Status CudaBackend::loadRuntimeKernel(std::string_view source,
+                                      const char *file, const char *entry,
+                                      const char *what, CUfunction &fn) {
+  if (fn)
+    return Status::success();
+  const DriverApi &a = drv_.api();
+  if (!sourceImages_ && !nvrtc::available())
+    return Status::fail(StatusCode::Unsupported,
+                        std::string(what) + " on the device need NVRTC: " +
+                            nvrtc::loadError());
+  std::vector<uint8_t> cubin;
+  if (sourceImages_) { // CudaOptions::sourceImages
+    cubin.assign(source.begin(), source.end());
+    cubin.push_back(0);
+  }
+  KernelCache cache(diskCache_ ? cacheDirectory(cacheDir_) : "");
+  std::string text(source);
+  std::string k = compileKey(text, nvrtc::defaultOptions(arch_), arch_,
+                             nvrtc::version());
+  if (cubin.empty() && !cache.lookup(k, cubin)) {
+    nvrtc::Output out;
+    std::string err = nvrtc::compile(text, file, arch_, {}, out);
+    if (!err.empty())
+      return Status::fail(StatusCode::Internal,
+                          std::string(what) + ": " + err + "\n" + out.log);
+    cubin = std::move(out.cubin);
+    cache.store(k, cubin); // a cache that cannot be written costs time only
+  }
+  CUmodule module = nullptr;
+  if (Status s = drv_.check(a.cuModuleLoadDataEx(&module, cubin.data(), 0,
+                                                 nullptr, nullptr),
+                            "cuModuleLoadDataEx", what);
+      !s.ok())
+    return s;
+  modules_.push_back(module);
+  return drv_.check(a.cuModuleGetFunction(&fn, module, entry),
+                    "cuModuleGetFunction", what);
+}
+
+unsigned CudaBackend::streamGrid(uint64_t work, unsigned threads) const {
+  uint64_t blocks = (work + threads - 1) / threads;
+  return unsigned(std::min<uint64_t>(std::max<uint64_t>(blocks, 1),
+                                     uint64_t(sms_ ? sms_ : 1) * 32));
+}
 
 Status CudaBackend::fillRandom(plan::Region r, uint64_t offset, uint64_t numel,
                                bool bf16, uint64_t key, float stddev) {
@@ -25,55 +73,20 @@ Status CudaBackend::fillRandom(plan::Region r, uint64_t offset, uint64_t numel,
     return s;
   if (Status s = makeCurrent(); !s.ok())
     return s;
-  const DriverApi &a = drv_.api();
-  if (!randomFill_) {
-    if (!sourceImages_ && !nvrtc::available())
-      return Status::fail(StatusCode::Unsupported,
-                          "random weights on the device need NVRTC: " +
-                              nvrtc::loadError());
-    std::vector<uint8_t> cubin;
-    if (sourceImages_) { // CudaOptions::sourceImages
-      std::string_view text = rt::kRandomFillCuda;
-      cubin.assign(text.begin(), text.end());
-      cubin.push_back(0);
-    }
-    KernelCache cache(diskCache_ ? cacheDirectory(cacheDir_) : "");
-    std::string k = compileKey(rt::kRandomFillCuda,
-                               nvrtc::defaultOptions(arch_), arch_,
-                               nvrtc::version());
-    if (cubin.empty() && !cache.lookup(k, cubin)) {
-      nvrtc::Output out;
-      std::string err = nvrtc::compile(rt::kRandomFillCuda, "l4_fill_random.cu",
-                                       arch_, {}, out);
-      if (!err.empty())
-        return Status::fail(StatusCode::Internal,
-                            "random weights: " + err + "\n" + out.log);
-      cubin = std::move(out.cubin);
-      cache.store(k, cubin); // a cache that cannot be written costs time only
-    }
-    CUmodule module = nullptr;
-    if (Status s = drv_.check(a.cuModuleLoadDataEx(&module, cubin.data(), 0,
-                                                   nullptr, nullptr),
-                              "cuModuleLoadDataEx", "random weights");
-        !s.ok())
-      return s;
-    modules_.push_back(module);
-    if (Status s = drv_.check(
-            a.cuModuleGetFunction(&randomFill_, module, "l4_fill_random"),
-            "cuModuleGetFunction", "random weights");
-        !s.ok())
-      return s;
-  }
+  if (Status s = loadRuntimeKernel(rt::kRandomFillCuda, "l4_fill_random.cu",
+                                   "l4_fill_random", "random weights",
+                                   randomFill_);
+      !s.ok())
+    return s;
   CUdeviceptr dst = base_[int(r)] + offset;
   unsigned long long n = numel, kk = key;
   int half = bf16;
   void *params[] = {&dst, &n, &kk, &stddev, &half};
   unsigned threads = 256;
-  uint64_t blocks = (numel + threads - 1) / threads;
-  unsigned grid = unsigned(std::min<uint64_t>(std::max<uint64_t>(blocks, 1),
-                                              uint64_t(sms_ ? sms_ : 1) * 32));
-  return drv_.check(a.cuLaunchKernel(randomFill_, grid, 1, 1, threads, 1, 1, 0,
-                                     stream_, params, nullptr),
+  return drv_.check(drv_.api().cuLaunchKernel(randomFill_,
+                                              streamGrid(numel, threads), 1, 1,
+                                              threads, 1, 1, 0, stream_,
+                                              params, nullptr),
                     "cuLaunchKernel", "random weights");
 }
 
