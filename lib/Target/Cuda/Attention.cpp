@@ -1,8 +1,10 @@
 //===- Attention.cpp - CUDA for causal / chunked GQA attention ------------===//
 //
-// One block per (batch entry, query row, head) with an online softmax over
-// the keys the mask allows, read from fresh k/v activations (prefill,
-// forward) or from the KV cache (generation).
+// Forward and prefill: flash-style tiles of 16 query rows x 32 keys in
+// shared memory with an online softmax, visiting only the key tiles some
+// row of the tile may see. Decode: one block per (batch entry, query row,
+// head) with an online softmax over the keys the mask allows. Keys come
+// from fresh k/v activations (forward) or the KV cache (generation).
 //
 //===----------------------------------------------------------------------===//
 #include "Emit.h"
@@ -12,6 +14,158 @@
 using namespace mlir;
 
 namespace l4c::cuda {
+
+namespace {
+
+/// Flash-style attention over query tiles: a block takes 16 query rows of
+/// one head, stages 32 keys and values at a time in shared memory, and
+/// keeps an online softmax per row. The key range of a tile is the union of
+/// its rows' allowed ranges, so key tiles wholly outside the causal window
+/// or the chunk are never visited; keys inside the range but outside a
+/// row's window are masked.
+llvm::Error emitAttentionTiles(OpContext &ctx, bool fromCache) {
+  auto op = cast<l4::AttentionOp>(ctx.op);
+  const View &q = ctx.operands[0], &k = ctx.operands[1], &pos = ctx.operands[3],
+             &y = ctx.results[0];
+  auto qs = q.shape(), ks = k.shape();
+  int64_t heads = qs[2], dim = qs[3], kvHeads = ks[2];
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("H", heads) << constant("HKV", kvHeads)
+     << constant("DH", dim, "head dim")
+     << constant("G", heads / kvHeads, "query heads per kv head")
+     << stride(b, "Q_S", q.rowsPerBatch) << stride(b, "Y_S", y.rowsPerBatch)
+     << stride(b, "P_S", pos.rowsPerBatch) << stride(b, "KR", ks[1])
+     << constant("CHUNK", op.getChunkSize(), "0: causal only")
+     << "  constexpr float SCALE = "
+     << floatLit(float(op.getScale().convertToDouble())) << ";\n"
+     << "  const long long KV_LIMIT = "
+     << (fromCache ? "KR; // cache rows" : "T; // fresh keys: this run's")
+     << "\n"
+     << R"cuda(  constexpr int BQ = 16, BK = 32, NT = 128, ND = (DH + 7) / 8;
+  constexpr long long KW = HKV * DH;
+  // Rows padded by one float: the score loop's reads of q and k rows and
+  // the P reads land in distinct banks.
+  __shared__ float qs[BQ][DH + 1];
+  __shared__ float ks[BK][DH + 1];
+  __shared__ float vs[BK][DH];
+  __shared__ float ps[BQ][BK + 1];
+  __shared__ long long rlo[BQ], rhi[BQ];
+  // Thread (r, c): query row r of the tile; keys c + 8j of a key tile and
+  // output columns c + 8i. The 8 threads of a row are adjacent lanes.
+  const int tid = threadIdx.x, r = tid >> 3, c = tid & 7;
+  const long long qTiles = (T + BQ - 1) / BQ;
+  for (long long task = blockIdx.x; task < B * H * qTiles; task += gridDim.x) {
+    const long long h = task % H, rest = task / H;
+    const long long b = rest / qTiles, t0 = rest % qTiles * BQ;
+    const long long kvo = b * KR * KW + h / G * DH;
+    __syncthreads(); // the previous task is done with the tiles
+    for (int e = tid; e < BQ * DH; e += NT) {
+      const int rr = e / DH, i = e % DH;
+      const long long t = t0 + rr;
+      qs[rr][i] = t < T ? l4_ld(q, (b * Q_S + t) * (H * DH) + h * DH + i) : 0.0f;
+    }
+    if (tid < BQ) {
+      // Row tid's allowed keys: lo <= j <= hi (none when hi < lo).
+      const long long t = t0 + tid;
+      long long lo = 0, hi = -1;
+      if (t < T) {
+        const long long p = l4_ldi(pos, b * P_S + t);
+        if (p >= 0) {
+          hi = p < KV_LIMIT - 1 ? p : KV_LIMIT - 1;
+          lo = CHUNK > 0 ? p / CHUNK * CHUNK : 0;
+        }
+      }
+      rlo[tid] = lo;
+      rhi[tid] = hi;
+    }
+    __syncthreads();
+    long long jmin = KV_LIMIT, jmax = -1;
+    for (int rr = 0; rr < BQ; ++rr)
+      if (rlo[rr] <= rhi[rr]) {
+        jmin = rlo[rr] < jmin ? rlo[rr] : jmin;
+        jmax = rhi[rr] > jmax ? rhi[rr] : jmax;
+      }
+    const long long lo = rlo[r], hi = rhi[r];
+    float m = l4_neg_inf(), l = 0.0f, acc[ND];
+#pragma unroll
+    for (int i = 0; i < ND; ++i)
+      acc[i] = 0.0f;
+    for (long long j0 = jmin; j0 <= jmax; j0 += BK) {
+      __syncthreads(); // the previous key tile is read
+      for (int e = tid; e < BK * DH; e += NT) {
+        const int jj = e / DH, i = e % DH;
+        const long long j = j0 + jj;
+        const bool in = j <= jmax;
+        ks[jj][i] = in ? l4_ld(k, kvo + j * KW + i) : 0.0f;
+        vs[jj][i] = in ? l4_ld(v, kvo + j * KW + i) : 0.0f;
+      }
+      __syncthreads();
+      float s[BK / 8];
+      float tmax = l4_neg_inf();
+#pragma unroll
+      for (int jj = 0; jj < BK / 8; ++jj) {
+        const long long j = j0 + c + 8 * jj;
+        s[jj] = l4_neg_inf();
+        if (j >= lo && j <= hi) {
+          float dot = 0.0f;
+          for (int i = 0; i < DH; ++i)
+            dot = fmaf(qs[r][i], ks[c + 8 * jj][i], dot);
+          s[jj] = dot * SCALE;
+        }
+        tmax = fmaxf(tmax, s[jj]);
+      }
+      for (int o = 4; o > 0; o >>= 1)
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+      const float mNew = fmaxf(m, tmax);
+      // A row that has seen no allowed key yet keeps m = -inf: no rescale.
+      const float corr = mNew == l4_neg_inf() ? 1.0f : expf(m - mNew);
+      float psum = 0.0f;
+#pragma unroll
+      for (int jj = 0; jj < BK / 8; ++jj) {
+        const float e = s[jj] == l4_neg_inf() ? 0.0f : expf(s[jj] - mNew);
+        ps[r][c + 8 * jj] = e;
+        psum += e;
+      }
+      for (int o = 4; o > 0; o >>= 1)
+        psum += __shfl_xor_sync(0xffffffffu, psum, o);
+      l = l * corr + psum;
+      m = mNew;
+      __syncthreads(); // ps is written
+      const int cnt = jmax - j0 + 1 < BK ? (int)(jmax - j0 + 1) : BK;
+#pragma unroll
+      for (int i = 0; i < ND; ++i) {
+        const int d = c + 8 * i;
+        if (d < DH) {
+          float a = acc[i] * corr;
+          for (int jj = 0; jj < cnt; ++jj)
+            a = fmaf(ps[r][jj], vs[jj][d], a);
+          acc[i] = a;
+        }
+      }
+    }
+    // A query that sees no key (masked out entirely) gets zeros.
+    const long long t = t0 + r;
+    if (t < T) {
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      const long long yo = (b * Y_S + t) * (H * DH) + h * DH;
+#pragma unroll
+      for (int i = 0; i < ND; ++i) {
+        const int d = c + 8 * i;
+        if (d < DH)
+          l4_st(y, yo + d, acc[i] * inv);
+      }
+    }
+  }
+)cuda";
+  b.threads = 128;
+  b.blocks = gridFor(uint64_t(q.bmax) * heads *
+                         ((uint64_t(q.rowsPerBatch) + 15) / 16),
+                     1);
+  return llvm::Error::success();
+}
+
+} // namespace
 
 llvm::Error emitAttention(OpContext &ctx) {
   auto op = cast<l4::AttentionOp>(ctx.op);
@@ -29,6 +183,14 @@ llvm::Error emitAttention(OpContext &ctx) {
   // Key j sits at absolute position j. Fresh keys hold exactly the T rows of
   // this run; a cache holds every position below M.
   bool fromCache = !k.hasSeq;
+  // Many query rows (forward, prefill): tiles of queries share each key
+  // tile. One row (decode): one block per (row, head) over the keys.
+  constexpr int64_t kTileRows = 16, kTileKeys = 32;
+  uint64_t tileBytes = 4 * uint64_t(kTileRows * (dim + 1) +
+                                    kTileKeys * (dim + 1) + kTileKeys * dim +
+                                    kTileRows * (kTileKeys + 1));
+  if (q.rowsPerBatch > 1 && tileBytes <= 46 * 1024)
+    return emitAttentionTiles(ctx, fromCache);
   int64_t threads = 128;
   Body &b = ctx.body;
   llvm::raw_string_ostream os(b.code);

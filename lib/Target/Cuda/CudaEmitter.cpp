@@ -109,6 +109,21 @@ __device__ __forceinline__ void l4_ld4(const l4_bf16 *p, long long i, float v[4]
   v[0] = __uint_as_float(q.x << 16); v[1] = __uint_as_float(q.x & 0xffff0000u);
   v[2] = __uint_as_float(q.y << 16); v[3] = __uint_as_float(q.y & 0xffff0000u);
 }
+// Eight from element i, 8-aligned (one 16-byte load of bf16, two of f32).
+__device__ __forceinline__ void l4_ld8(const float *p, long long i, float v[8]) {
+  l4_ld4(p, i, v);
+  l4_ld4(p, i + 4, v + 4);
+}
+__device__ __forceinline__ void l4_ld8(const l4_bf16 *p, long long i, float v[8]) {
+  L4_CHECK_ALIGNED(p + i, 16);
+  const uint4 q = *reinterpret_cast<const uint4 *>(p + i);
+  const unsigned u[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    v[2 * j] = __uint_as_float(u[j] << 16);
+    v[2 * j + 1] = __uint_as_float(u[j] & 0xffff0000u);
+  }
+}
 // A value rounded as storing it in bf16 would round it: what a fused kernel
 // does with the intermediates its unfused parts would have stored.
 __device__ __forceinline__ float l4_round_bf16(float v) {

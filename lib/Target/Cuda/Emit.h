@@ -96,6 +96,25 @@ struct GemmSpec {
 /// maxima) get the weight-streaming GEMV form of a GEMM.
 constexpr uint64_t kGemvMaxRows = 32;
 llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec);
+
+/// A GEMM y[m, c] = sum_r A(m, r) * B(c, r) in the tiled kernels (linear and
+/// the training GEMMs). Offsets of A(m, r) are aRow(m) + aCol(r), of B(c, r)
+/// bRow(c) + bCol(r), of y(m, c) the `y` expression; in those C expressions
+/// @M, @R and @C stand for m, r and c. Row and column offsets are computed
+/// once per tile and per reduction step, so they may divide.
+struct TiledGemm {
+  std::string what;        ///< a comment for the generated code
+  std::string m, n, r;     ///< extents: rows, columns, reduction
+  std::string a, b;        ///< the operands' pointers in the body
+  std::string aRow, aCol, bRow, bCol, y;
+  bool tensorCores = false; ///< bf16 operands: mma.sync tiles
+  uint64_t maxTiles = 1;   ///< 64x64 tiles at the compiled maxima
+};
+struct GemmText;
+/// The statements of a tiled GEMM (sets the body's threads and blocks);
+/// `fused` adds linear's norm prologue, SwiGLU and residual epilogue.
+std::string emitTiles(Body &b, const TiledGemm &g,
+                      const GemmText *fused = nullptr);
 llvm::Error emitMoeExperts(OpContext &ctx);
 llvm::Error emitAttention(OpContext &ctx);
 // Training (GradOps.cpp).

@@ -1,6 +1,8 @@
 //===- GradOps.cpp - CUDA for the training ops ----------------------------===//
 //
-// The loss, its gradient and the vector-Jacobian products of l4c-autodiff,
+// The loss, its gradient and the vector-Jacobian products of l4c-autodiff.
+// linear's two products (dx = dy w, dw = dy^T x) are the tiled GEMMs of
+// Matmul.cpp (tensor cores for bf16 operands, f32 accumulators). The rest is
 // written for correctness first: straightforward grid-stride kernels that
 // follow the CPU backend's formulas (runtime/src/cpu/grad_kernels.cpp), with
 // double accumulators where the CPU has them. Reductions into parameter-
@@ -139,19 +141,22 @@ llvm::Error emitLinearGradInput(OpContext &ctx) {
   os << constant("N", ws[0]) << constant("K", ws[1])
      << stride(b, "DY_S", dy.rowsPerBatch) << stride(b, "DX_S", dx.rowsPerBatch)
      << "  const long long LT = " << *lt << ";\n"
-     << R"cuda(  // dx = dy @ w: one thread per element of dx.
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-       i < B * LT * K; i += (long long)gridDim.x * blockDim.x) {
-    const long long k = i % K, r = i / K, b = r / LT, t = r - b * LT;
-    const long long yo = (b * DY_S + t) * N;
-    float acc = 0.0f;
-    for (long long n = 0; n < N; ++n)
-      acc = fmaf(l4_ld(dy, yo + n), l4_ld(w, n * K + k), acc);
-    l4_st(y, (b * DX_S + t) * K + k, acc);
-  }
-)cuda";
-  b.threads = 256;
-  b.blocks = gridFor(maxRows(dx) * dx.inner, b.threads);
+     << "  const long long M = B * LT;\n";
+  TiledGemm g;
+  g.what = "dx = dy @ w: dx[m, k] = sum_n dy[m, n] * w[n, k].";
+  g.m = "M";
+  g.n = "K";
+  g.r = "N";
+  g.a = "dy";
+  g.aRow = "(@M / LT * DY_S + @M % LT) * N";
+  g.aCol = "@R";
+  g.b = "w";
+  g.bRow = "@C";
+  g.bCol = "@R * K";
+  g.y = "(@M / LT * DX_S + @M % LT) * K + @C";
+  g.tensorCores = dy.ctype == "l4_bf16" && w.ctype == "l4_bf16";
+  g.maxTiles = (maxRows(dx) + 63) / 64 * ((uint64_t(ws[1]) + 63) / 64);
+  os << emitTiles(b, g);
   return llvm::Error::success();
 }
 
@@ -168,20 +173,22 @@ llvm::Error emitLinearGradWeight(OpContext &ctx) {
   os << constant("N", ws[0]) << constant("K", ws[1])
      << stride(b, "X_S", x.rowsPerBatch) << stride(b, "DY_S", dy.rowsPerBatch)
      << "  const long long LT = " << *lt << ";\n"
-     << R"cuda(  // dw[n, k] = sum over the live rows of dy[., n] * x[., k], in double.
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < N * K;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long n = i / K, k = i - n * K;
-    double acc = 0.0;
-    for (long long b = 0; b < B; ++b)
-      for (long long t = 0; t < LT; ++t)
-        acc += (double)l4_ld(dy, (b * DY_S + t) * N + n) *
-               (double)l4_ld(x, (b * X_S + t) * K + k);
-    l4_st(y, i, (float)acc);
-  }
-)cuda";
-  b.threads = 256;
-  b.blocks = gridFor(uint64_t(ws[0]) * ws[1], b.threads);
+     << "  const long long M = B * LT;\n";
+  TiledGemm g;
+  g.what = "dw[n, k] = sum over the M live rows of dy[row, n] * x[row, k].";
+  g.m = "N";
+  g.n = "K";
+  g.r = "M";
+  g.a = "dy";
+  g.aRow = "@M";
+  g.aCol = "(@R / LT * DY_S + @R % LT) * N";
+  g.b = "x";
+  g.bRow = "@C";
+  g.bCol = "(@R / LT * X_S + @R % LT) * K";
+  g.y = "@M * K + @C";
+  g.tensorCores = dy.ctype == "l4_bf16" && x.ctype == "l4_bf16";
+  g.maxTiles = (uint64_t(ws[0]) + 63) / 64 * ((uint64_t(ws[1]) + 63) / 64);
+  os << emitTiles(b, g);
   return llvm::Error::success();
 }
 

@@ -13,8 +13,6 @@
 
 namespace l4c::cuda {
 
-namespace {
-
 /// Text of the pieces a fused GEMM adds to the plain one.
 struct GemmText {
   const GemmSpec &spec;
@@ -60,59 +58,101 @@ struct GemmText {
   }
 };
 
-/// The tiled GEMM on tensor cores, for bf16 operands: mma.sync m16n8k16
-/// (bf16 in, f32 accumulate). The normalised x of a norm prologue is bf16
-/// (it is rounded as the unfused norm stores it), so every operand is exact
-/// and only the order of the f32 sums differs from the CPU's.
-void emitMmaTiles(Body &b, const GemmText &text, llvm::raw_ostream &os) {
-  const GemmSpec &spec = text.spec;
-  os << R"cuda(  // Tiles of 64x64 outputs, K in steps of 32 staged as bf16 in shared
-  // memory (rows padded to 40 elements: the fragment reads below hit 32
-  // distinct banks). Warp (wm, wn) computes rows wm*32.. and columns
-  // wn*32.. as 2x4 mma tiles of 16x8; lane (g, t) = (lane / 4, lane % 4)
-  // holds the PTX ISA's fragments: A rows g and g + 8 at k = 2t, 2t + 1
-  // (+8), B column g at the same k, accumulators rows g, g + 8 and
-  // columns 2t, 2t + 1.
-  constexpr int BM = 64, BN = 64, BK = 32, LD = BK + 8;
+std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
+  std::string text;
+  llvm::raw_string_ostream os(text);
+  const bool norm = fused && fused->spec.norm;
+  const bool swiglu = fused && fused->spec.swiglu;
+  const bool mma = g.tensorCores;
+  auto fill = [](std::string t, llvm::StringRef var, llvm::StringRef val) {
+    std::string out;
+    for (size_t i = 0; i < t.size();) {
+      if (t.compare(i, var.size(), var.str()) == 0) {
+        out += "(" + val.str() + ")";
+        i += var.size();
+      } else {
+        out += t[i++];
+      }
+    }
+    return out;
+  };
+  os << "  // " << g.what << "\n";
+  if (mma)
+    os << R"cuda(  // Tensor cores: tiles of 64x64 outputs, the reduction in steps of 32
+  // staged as bf16 in shared memory (rows padded to 40 elements: the
+  // fragment reads hit 32 distinct banks). Warp (wm, wn) computes rows
+  // wm*32.. and columns wn*32.. as 2x4 mma.sync m16n8k16 tiles; lane
+  // (g, t) = (lane / 4, lane % 4) holds the PTX ISA's fragments: A rows g
+  // and g + 8 at k = 2t, 2t + 1 (+8), B column g at the same k,
+  // accumulators rows g, g + 8 and columns 2t, 2t + 1.
+  constexpr int BM = 64, BN = 64, BK = 32, LD = BK + 8, NT = 128;
   __shared__ __align__(16) unsigned short as[BM][LD];
   __shared__ __align__(16) unsigned short bs[BN][LD];
 )cuda";
-  if (spec.swiglu)
-    os << "  __shared__ __align__(16) unsigned short us[BN][LD];\n";
-  if (spec.norm)
+  else
+    os << R"cuda(  // Tiles of 64x64 outputs, the reduction in steps of 16 staged k-major
+  // in shared memory; thread (ty, tx) owns rows ty + 16i and columns
+  // tx + 16j (i, j < 4), so both shared reads are conflict-free.
+  constexpr int BM = 64, BN = 64, BK = 16, NT = 256;
+  __shared__ float as[BK][BM + 4];
+  __shared__ float bs[BK][BN + 4];
+)cuda";
+  if (swiglu)
+    os << (mma ? "  __shared__ __align__(16) unsigned short us[BN][LD];\n"
+               : "  __shared__ float us[BK][BN + 4];\n");
+  os << R"cuda(  // Element offsets: A(m, r) at arow[m - m0] + acol[r - k0], B(c, r) at
+  // brow[c - n0] + bcol[r - k0]; -1 outside the matrices.
+  __shared__ long long arow[BM], brow[BN], acol[BK], bcol[BK];
+)cuda";
+  if (norm)
     os << "  __shared__ float rinv[BM];\n";
+  os << "  const long long GM = " << g.m << ", GN = " << g.n
+     << ", GR = " << g.r << ";\n";
   os << R"cuda(  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, t = lane & 3, wm = warp >> 1, wn = warp & 1;
-  const long long tilesN = (N + BN - 1) / BN;
-  const long long tiles = (M + BM - 1) / BM * tilesN;
+  const long long tilesN = (GN + BN - 1) / BN;
+  const long long tiles = (GM + BM - 1) / BM * tilesN;
   for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const long long m0 = tile / tilesN * BM, n0 = tile % tilesN * BN;
+    __syncthreads(); // the previous tile is done with the tables
+    for (int i = tid; i < BM; i += NT) {
+      const long long m = m0 + i;
+      arow[i] = m < GM ? )cuda"
+     << fill(g.aRow, "@M", "m") << R"cuda( : -1;
+    }
+    for (int i = tid; i < BN; i += NT) {
+      const long long c = n0 + i;
+      brow[i] = c < GN ? )cuda"
+     << fill(g.bRow, "@C", "c") << R"cuda( : -1;
+    }
 )cuda";
-  if (spec.norm)
-    os << R"cuda(    __syncthreads(); // the previous tile is done with rinv
+  if (norm)
+    os << R"cuda(    __syncthreads();
     // The norm's inverse RMS of the tile's rows, one warp per row.
-    for (int r = warp; r < BM; r += 4) {
-      const long long m = m0 + r;
+    for (int i = warp; i < BM; i += NT / 32) {
       float ss = 0.0f;
-      if (m < M) {
-        const long long xo = (m / LT * X_S + m % LT) * K;
-        for (long long k = lane; k < K; k += 32) {
-          const float a = l4_ld(x, xo + k);
+      if (arow[i] >= 0)
+        for (long long k = lane; k < GR; k += 32) {
+          const float a = l4_ld(x, arow[i] + k);
           ss += a * a;
         }
-      }
       ss = l4_warp_sum(ss);
-      const float var = (float)((double)ss / (double)K);
+      const float var = (float)((double)ss / (double)GR);
       if (lane == 0)
-        rinv[r] = (float)(1.0 / sqrt((double)(var + EPS)));
+        rinv[i] = (float)(1.0 / sqrt((double)(var + EPS)));
     }
-    __syncthreads();
 )cuda";
-  os << R"cuda(    float acc[2][4][4];
+  // The A and B values at tile row i, reduction column j (r = k0 + j).
+  std::string aVal = "l4_ld(" + g.a + ", arow[i] + acol[j])";
+  if (norm)
+    aVal = fused->round("(" + aVal + " * rinv[i]) * l4_ld(nw, k0 + j)");
+  std::string bVal = "l4_ld(" + g.b + ", brow[i] + bcol[j])";
+  std::string uVal = "l4_ld(wu, brow[i] + bcol[j])";
+  if (mma) {
+    os << R"cuda(    float acc[2][4][4];
 )cuda";
-  if (spec.swiglu)
-    os << "    float acc2[2][4][4];\n";
-  os << R"cuda(#pragma unroll
+    if (swiglu)
+      os << "    float acc2[2][4][4];\n";
+    os << R"cuda(#pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j)
@@ -120,27 +160,34 @@ void emitMmaTiles(Body &b, const GemmText &text, llvm::raw_ostream &os) {
         for (int c = 0; c < 4; ++c) {
           acc[i][j][c] = 0.0f;
 )cuda";
-  if (spec.swiglu)
-    os << "          acc2[i][j][c] = 0.0f;\n";
-  os << R"cuda(        }
-    for (long long k0 = 0; k0 < K; k0 += BK) {
+    if (swiglu)
+      os << "          acc2[i][j][c] = 0.0f;\n";
+    os << R"cuda(        }
+    const int g = lane >> 2, t = lane & 3, wm = warp >> 1, wn = warp & 1;
+    for (long long k0 = 0; k0 < GR; k0 += BK) {
       __syncthreads(); // the previous step is done with the tiles
-      // Element e of a 64x32 tile: row e / 32, column e % 32, so a warp
-      // reads 32 consecutive elements of one row.
-      for (int e = tid; e < BM * BK; e += 128) {
-        const int r = e >> 5, c = e & 31;
-        const long long k = k0 + c, m = m0 + r, n = n0 + r;
-        float xv = 0.0f;
-        if (m < M && k < K)
-          xv = )cuda"
-     << text.xValue("(m / LT * X_S + m % LT) * K", "k", "rinv[r]") << R"cuda(;
-        as[r][c] = l4_bf16_bits(xv);
-        bs[r][c] = n < N && k < K ? l4_bf16_bits(l4_ld(w, n * K + k)) : 0;
+      for (int j = tid; j < BK; j += NT) {
+        const long long r = k0 + j;
+        acol[j] = r < GR ? )cuda"
+       << fill(g.aCol, "@R", "r") << R"cuda( : -1;
+        bcol[j] = r < GR ? )cuda"
+       << fill(g.bCol, "@R", "r") << R"cuda( : -1;
+      }
+      __syncthreads();
+      // Element e: row e / 32, reduction column e % 32 (a warp reads 32
+      // consecutive columns of one row).
+      for (int e = tid; e < BM * BK; e += NT) {
+        const int i = e >> 5, j = e & 31;
+        const bool ain = arow[i] >= 0 && acol[j] >= 0;
+        const bool bin = brow[i] >= 0 && bcol[j] >= 0;
+        as[i][j] = ain ? l4_bf16_bits()cuda"
+       << aVal << R"cuda() : 0;
+        bs[i][j] = bin ? l4_bf16_bits()cuda"
+       << bVal << R"cuda() : 0;
 )cuda";
-  if (spec.swiglu)
-    os << "        us[r][c] = n < N && k < K ? l4_bf16_bits(l4_ld(wu, n * K + "
-          "k)) : 0;\n";
-  os << R"cuda(      }
+    if (swiglu)
+      os << "        us[i][j] = bin ? l4_bf16_bits(" << uVal << ") : 0;\n";
+    os << R"cuda(      }
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
@@ -161,13 +208,13 @@ void emitMmaTiles(Body &b, const GemmText &text, llvm::raw_ostream &os) {
           for (int i = 0; i < 2; ++i)
             l4_mma_bf16(acc[i][j], af[i], bf);
 )cuda";
-  if (spec.swiglu)
-    os << R"cuda(          unsigned uf[2] = {l4_pair(&us[n][kk + 2 * t]), l4_pair(&us[n][kk + 2 * t + 8])};
+    if (swiglu)
+      os << R"cuda(          unsigned uf[2] = {l4_pair(&us[n][kk + 2 * t]), l4_pair(&us[n][kk + 2 * t + 8])};
 #pragma unroll
           for (int i = 0; i < 2; ++i)
             l4_mma_bf16(acc2[i][j], af[i], uf);
 )cuda";
-  os << R"cuda(        }
+    os << R"cuda(        }
       }
     }
 #pragma unroll
@@ -178,18 +225,95 @@ void emitMmaTiles(Body &b, const GemmText &text, llvm::raw_ostream &os) {
         for (int c = 0; c < 4; ++c) {
           const long long m = m0 + wm * 32 + i * 16 + g + (c >= 2 ? 8 : 0);
           const long long n = n0 + wn * 32 + j * 8 + 2 * t + (c & 1);
-          if (m >= M || n >= N)
+          if (m >= GM || n >= GN)
             continue;
-)cuda"
-     << text.epilogue("acc[i][j][c]", "acc2[i][j][c]", "          ")
-     << R"cuda(          l4_st(y, (m / LT * Y_S + m % LT) * N + n, v);
-        }
-  }
 )cuda";
-  (void)b;
+    os << (fused ? fused->epilogue("acc[i][j][c]", "acc2[i][j][c]",
+                                   "          ")
+                 : "          const float v = acc[i][j][c];\n")
+       << "          l4_st(y, " << fill(fill(g.y, "@M", "m"), "@C", "n")
+       << ", v);\n        }\n  }\n";
+  } else {
+    os << R"cuda(    const int tx = tid & 15, ty = tid >> 4;
+    float acc[4][4];
+)cuda";
+    if (swiglu)
+      os << "    float acc2[4][4];\n";
+    os << R"cuda(#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        acc[i][j] = 0.0f;
+)cuda";
+    if (swiglu)
+      os << "        acc2[i][j] = 0.0f;\n";
+    os << R"cuda(      }
+    for (long long k0 = 0; k0 < GR; k0 += BK) {
+      __syncthreads(); // the previous step is done with the tiles
+      for (int j = tid; j < BK; j += NT) {
+        const long long r = k0 + j;
+        acol[j] = r < GR ? )cuda"
+       << fill(g.aCol, "@R", "r") << R"cuda( : -1;
+        bcol[j] = r < GR ? )cuda"
+       << fill(g.bCol, "@R", "r") << R"cuda( : -1;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int i = ty + 16 * q, j = tx;
+        const bool bin = brow[i] >= 0 && bcol[j] >= 0;
+        as[j][i] = arow[i] >= 0 && acol[j] >= 0 ? )cuda"
+       << aVal << R"cuda( : 0.0f;
+        bs[j][i] = bin ? )cuda"
+       << bVal << R"cuda( : 0.0f;
+)cuda";
+    if (swiglu)
+      os << "        us[j][i] = bin ? " << uVal << " : 0.0f;\n";
+    os << R"cuda(      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < BK; ++kk) {
+        float a[4], c[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          a[i] = as[kk][ty + 16 * i];
+          c[i] = bs[kk][tx + 16 * i];
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            acc[i][j] = fmaf(a[i], c[j], acc[i][j]);
+)cuda";
+    if (swiglu)
+      os << R"cuda(#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          c[j] = us[kk][tx + 16 * j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            acc2[i][j] = fmaf(a[i], c[j], acc2[i][j]);
+)cuda";
+    os << R"cuda(      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const long long m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+        if (m >= GM || n >= GN)
+          continue;
+)cuda";
+    os << (fused ? fused->epilogue("acc[i][j]", "acc2[i][j]", "        ")
+                 : "        const float v = acc[i][j];\n")
+       << "        l4_st(y, " << fill(fill(g.y, "@M", "m"), "@C", "n")
+       << ", v);\n      }\n  }\n";
+  }
+  b.threads = mma ? 128 : 256;
+  b.blocks = gridFor(g.maxTiles, 1);
+  return text;
 }
-
-} // namespace
 
 llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
   const View &x = ctx.operands[0], &w = ctx.operands[1], &y = ctx.results[0];
@@ -273,23 +397,29 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
       os << "        acc2[r] = 0.0f;\n";
     os << "      }\n";
     if (vec) {
-      os << R"cuda(      for (long long k = 4 * lane; k < K; k += 128) {
-        float wv[4];
-        l4_ld4(w, n * K + k, wv);
-)cuda";
+      // 8 elements per lane and step where the rows allow (16 bytes of
+      // bf16), else 4.
+      int vw = ws[1] % 8 == 0 ? 8 : 4;
+      std::string ld = vw == 8 ? "l4_ld8" : "l4_ld4";
+      os << "      for (long long k = " << vw << " * lane; k < K; k += "
+         << 32 * vw << ") {\n"
+         << "        float wv[" << vw << "];\n        " << ld
+         << "(w, n * K + k, wv);\n";
       if (spec.swiglu)
-        os << "        float uv[4];\n        l4_ld4(wu, n * K + k, uv);\n";
+        os << "        float uv[" << vw << "];\n        " << ld
+           << "(wu, n * K + k, uv);\n";
       if (spec.norm)
-        os << "        float gv[4];\n        l4_ld4(nw, k, gv);\n";
+        os << "        float gv[" << vw << "];\n        " << ld
+           << "(nw, k, gv);\n";
       os << R"cuda(#pragma unroll
         for (int r = 0; r < MR; ++r) {
           if (xr[r] < 0)
             continue;
-          float xv[4];
-          l4_ld4(x, xr[r] + k, xv);
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
 )cuda";
+      os << "          float xv[" << vw << "];\n          " << ld
+         << "(x, xr[r] + k, xv);\n#pragma unroll\n          for (int q = 0; "
+            "q < "
+         << vw << "; ++q) {\n";
       if (spec.norm)
         os << "            const float a = "
            << text.round("(xv[q] * inv[r]) * gv[q]") << ";\n";
@@ -343,129 +473,23 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
 
   bool bf16Operands = x.ctype == "l4_bf16" && w.ctype == "l4_bf16" &&
                       (!spec.swiglu || ctx.operands[2].ctype == "l4_bf16");
-  if (bf16Operands && (!spec.norm || spec.bf16Temps)) {
-    emitMmaTiles(b, text, os);
-    b.threads = 128;
-    b.blocks = gridFor((maxM + 63) / 64 * ((uint64_t(ws[0]) + 63) / 64), 1);
-    return llvm::Error::success();
-  }
-
-  os << R"cuda(  // y[m, n] = sum_k x[m, k] * w[n, k] over the M = B * LT live rows; row m
-  // is token (m / LT, m % LT). Tiles of 64x64 outputs, K in steps of 16,
-  // staged k-major in shared memory; thread (ty, tx) owns rows ty + 16i and
-  // columns tx + 16j (i, j < 4), so both shared reads are conflict-free.
-  constexpr int BM = 64, BN = 64, BK = 16;
-  __shared__ float xs[BK][BM + 4];
-  __shared__ float ws[BK][BN + 4];
-)cuda";
-  if (spec.swiglu)
-    os << "  __shared__ float us[BK][BN + 4];\n";
-  os << R"cuda(  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-  const long long tilesN = (N + BN - 1) / BN;
-  const long long tiles = (M + BM - 1) / BM * tilesN;
-  for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const long long m0 = tile / tilesN * BM, n0 = tile % tilesN * BN;
-    // The rows this thread stages: x rows m0 + ty + 16i, w rows n0 + ty + 16i.
-    long long xrow[4], wrow[4];
-    float inv[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const long long m = m0 + ty + 16 * i, n = n0 + ty + 16 * i;
-      xrow[i] = m < M ? (m / LT * X_S + m % LT) * K : -1;
-      wrow[i] = n < N ? n * K : -1;
-      inv[i] = 1.0f;
-    }
-)cuda";
-  if (spec.norm)
-    os << R"cuda(    // The norm's inverse RMS of the rows this thread stages: the 16 threads
-    // of a row (one half-warp) each sum a stride of it.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float ss = 0.0f;
-      if (xrow[i] >= 0)
-        for (long long k = tx; k < K; k += 16) {
-          const float a = l4_ld(x, xrow[i] + k);
-          ss += a * a;
-        }
-      for (int o = 8; o > 0; o >>= 1)
-        ss += __shfl_xor_sync(0xffffffffu, ss, o);
-      const float var = (float)((double)ss / (double)K);
-      inv[i] = (float)(1.0 / sqrt((double)(var + EPS)));
-    }
-)cuda";
-  os << R"cuda(    float acc[4][4];
-)cuda";
-  if (spec.swiglu)
-    os << "    float acc2[4][4];\n";
-  os << R"cuda(#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        acc[i][j] = 0.0f;
-)cuda";
-  if (spec.swiglu)
-    os << "        acc2[i][j] = 0.0f;\n";
-  os << R"cuda(      }
-    for (long long k0 = 0; k0 < K; k0 += BK) {
-      const long long k = k0 + tx;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        xs[tx][ty + 16 * i] = xrow[i] >= 0 && k < K ? )cuda"
-     << text.xValue("xrow[i]", "k", "inv[i]") << R"cuda( : 0.0f;
-        ws[tx][ty + 16 * i] = wrow[i] >= 0 && k < K ? l4_ld(w, wrow[i] + k) : 0.0f;
-)cuda";
-  if (spec.swiglu)
-    os << "        us[tx][ty + 16 * i] = wrow[i] >= 0 && k < K ? l4_ld(wu, "
-          "wrow[i] + k) : 0.0f;\n";
-  os << R"cuda(      }
-      __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < BK; ++kk) {
-        float a[4], c[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          a[i] = xs[kk][ty + 16 * i];
-          c[i] = ws[kk][tx + 16 * i];
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-            acc[i][j] = fmaf(a[i], c[j], acc[i][j]);
-)cuda";
-  if (spec.swiglu)
-    os << R"cuda(#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          c[j] = us[kk][tx + 16 * j];
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-            acc2[i][j] = fmaf(a[i], c[j], acc2[i][j]);
-)cuda";
-  os << R"cuda(      }
-      __syncthreads();
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const long long m = m0 + ty + 16 * i;
-      if (m >= M)
-        continue;
-      const long long yo = (m / LT * Y_S + m % LT) * N;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const long long n = n0 + tx + 16 * j;
-        if (n >= N)
-          continue;
-)cuda"
-     << text.epilogue("acc[i][j]", "acc2[i][j]", "        ")
-     << R"cuda(        l4_st(y, yo + n, v);
-      }
-    }
-  }
-)cuda";
-  b.threads = 256;
-  b.blocks = gridFor((maxM + 63) / 64 * ((uint64_t(ws[0]) + 63) / 64), 1);
+  TiledGemm g;
+  g.what = "y[m, n] = sum_k x[m, k] * w[n, k] over the M = B * LT live rows; "
+           "row m is token (m / LT, m % LT).";
+  g.m = "M";
+  g.n = "N";
+  g.r = "K";
+  g.a = "x";
+  g.b = "w";
+  g.aRow = "(@M / LT * X_S + @M % LT) * K";
+  g.aCol = "@R";
+  g.bRow = "@C * K";
+  g.bCol = "@R";
+  g.y = "(@M / LT * Y_S + @M % LT) * N + @C";
+  // The normalised x is exact in bf16 only when the norm's output is bf16.
+  g.tensorCores = bf16Operands && (!spec.norm || spec.bf16Temps);
+  g.maxTiles = (maxM + 63) / 64 * ((uint64_t(ws[0]) + 63) / 64);
+  os << emitTiles(b, g, &text);
   return llvm::Error::success();
 }
 

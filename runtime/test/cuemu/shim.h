@@ -284,6 +284,7 @@ template <class... A> void freePacked(void (*)(A...), void *packed) {
 
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
 // Vector loads fault on a real GPU when misaligned; here they would not.
 #define L4_CHECK_ALIGNED(p, bytes)                                             \
   do {                                                                         \
