@@ -4,7 +4,8 @@
 # 4-layer slice in bf16 with random weights, HF transformers (eager, and
 # torch.compile unless NO_COMPILE=1) on the same configs in the same run,
 # and the roofline floors from this device's measured copy bandwidth and
-# bf16 GEMM rate. Writes $OUT/bench.md (a table for docs/performance.md).
+# bf16 GEMM rate. Writes $OUT/bench.md (a table for docs/performance.md);
+# bench.log also holds every kernel's GPU time (l4-run --profile).
 # Usage: bench/run.sh [BUNDLE]   (default build/bench)
 set -uo pipefail
 b=${1:-build/bench}
@@ -19,8 +20,9 @@ l4c() { # NAME PLAN ARGS...
   local name=$1 plan=$2
   shift 2
   echo "== l4c $name" | tee -a "$log"
-  timeout 300 "$run" "$b/plans/$plan.plan" --device=cuda --random-weights=1 --bench "$@" \
-    2>&1 | tee -a "$log" | tail -1
+  timeout 300 "$run" "$b/plans/$plan.plan" --device=cuda --random-weights=1 --bench --profile "$@" \
+    2>&1 | tee -a "$log" | grep -E '^(bench|profile):'
+
 }
 l4c prefill-2048 scout4-b1-2k --batch 1 --seq 2048 --max-new-tokens 32 --repeats 5
 l4c decode-b1 scout4-b1 --batch 1 --seq 128 --max-new-tokens 64 --repeats 5
@@ -51,7 +53,7 @@ for name, ours, key, floor in rows:
     e = peer.get("eager", {}).get(key); c = peer.get("compile", {}).get(key)
     print("| %s | %s | %s | %s | %s | %s |" % (name, f(ours), f(e), f(c), f(peer.get(floor)),
           "n/a" if not (ours and e) else "%.2f" % (ours / e)))
-print("| train step 4x2048, 2048 wide (tokens/s) | n/a (no GPU training yet) | %s | %s | | |"
+print("| train step 4x2048, 2048 wide (tokens/s) | n/a (the experts' backward is a single-block kernel yet) | %s | %s | | |"
       % (f(peer.get("eager", {}).get("train_tokens_per_s")), f(peer.get("compile", {}).get("train_tokens_per_s"))))
 print()
 print("copy bandwidth %s GB/s, bf16 GEMM %s TFLOP/s (measured in this run)"

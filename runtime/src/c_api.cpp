@@ -24,6 +24,8 @@ struct l4rt_session_s {
   std::string device; ///< l4rt_session_device()
   std::vector<l4c::rt::KernelCheck> checks; ///< l4rt_check_kernels
   std::vector<l4rt_kernel_check> checkViews;
+  std::vector<l4c::rt::KernelTime> times; ///< l4rt_profile_kernels
+  std::vector<l4rt_kernel_time> timeViews;
 };
 
 namespace {
@@ -242,6 +244,28 @@ l4rt_status l4rt_check_kernels(l4rt_session session, const char *program,
     }
     *out_checks = session->checkViews.data();
     *out_count = session->checkViews.size();
+    return report(s);
+  });
+}
+
+l4rt_status l4rt_profile_kernels(l4rt_session session, const char *program,
+                                 const int64_t *ids, int64_t batch, int64_t seq,
+                                 int64_t pos0, int64_t repeats,
+                                 const l4rt_kernel_time **out_times,
+                                 size_t *out_count) {
+  return guarded([&] {
+    if (!session || !program || !out_times || !out_count)
+      return invalid("l4rt_profile_kernels: session, program and outputs "
+                     "must not be null");
+    session->times.clear();
+    session->timeViews.clear();
+    Status s = session->session->profileKernels(program, ids, batch, seq, pos0,
+                                                repeats, session->times);
+    for (const l4c::rt::KernelTime &t : session->times)
+      session->timeViews.push_back(
+          {t.kernel, t.name.c_str(), t.kind.c_str(), t.ms});
+    *out_times = session->timeViews.data();
+    *out_count = session->timeViews.size();
     return report(s);
   });
 }

@@ -75,6 +75,13 @@ struct KernelCheck {
   }
 };
 
+/// One kernel's GPU time in a profile (Session::profileKernels).
+struct KernelTime {
+  uint32_t kernel = 0;
+  std::string name, kind;
+  double ms = 0; ///< median over the repeats
+};
+
 class Session {
 public:
   static Status create(std::shared_ptr<const Plan> plan,
@@ -108,6 +115,14 @@ public:
   Status checkKernels(const std::string &program, const int64_t *ids,
                       int64_t B, int64_t T, int64_t pos0,
                       std::vector<KernelCheck> &out);
+
+  /// CUDA sessions: the GPU time of every kernel of `program` on ids [B, T]
+  /// at position pos0, the median of `repeats` runs, in program order. The
+  /// run changes what the program writes (a decode profile appends to the
+  /// KV cache at pos0).
+  Status profileKernels(const std::string &program, const int64_t *ids,
+                        int64_t B, int64_t T, int64_t pos0, int64_t repeats,
+                        std::vector<KernelTime> &out);
 
   // Training (train.cpp). Gradients of micro-batches are summed in the
   // session; the optimizer applies their mean, then clears them.

@@ -4,7 +4,8 @@
 // Before each kernel the two sides hold identical regions; after it, its
 // results are compared over their live elements and the CPU's results are
 // uploaded, so an error is charged to the kernel that made it and never
-// carried into the next one.
+// carried into the next one. Session::profileKernels: every kernel's GPU
+// time, from CUDA events between the launches.
 //
 //===----------------------------------------------------------------------===//
 #include "cuda/cuda_backend.h"
@@ -150,6 +151,54 @@ Status Session::checkKernels(const std::string &program, const int64_t *ids,
     out.push_back(std::move(kc));
   }
   return gpu_->synchronize();
+}
+
+Status Session::profileKernels(const std::string &program, const int64_t *ids,
+                               int64_t B, int64_t T, int64_t pos0,
+                               int64_t repeats, std::vector<KernelTime> &out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Plan &p = *plan_;
+  if (!gpu_)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "profiling kernels needs a cuda session");
+  const ProgramDesc *prog = p.program(program);
+  if (!prog)
+    return Status::fail(StatusCode::InvalidArgument,
+                        p.label() + ": no program '" + program + "'");
+  if (B < 1 || B > p.maxBatch || T < 1 || T > prog->seqCapacity ||
+      repeats < 1)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "batch " + std::to_string(B) + " x length " +
+                            std::to_string(T) + " (" +
+                            std::to_string(repeats) +
+                            " repeats) is outside the " + program +
+                            " program's range");
+  if (Status s = checkIds(ids, B, T, T); !s.ok())
+    return s;
+  stageInputs(*prog, ids, T, B, T, pos0);
+  if (Status s = uploadInputs(*prog, B, T); !s.ok())
+    return s;
+  std::vector<std::vector<double>> runs(prog->steps.size());
+  std::vector<double> ms;
+  for (int64_t r = 0; r < repeats; ++r) {
+    if (Status s = gpu_->profileProgram(*prog, B, T, ms); !s.ok())
+      return s;
+    for (size_t i = 0; i < ms.size(); ++i)
+      runs[i].push_back(ms[i]);
+  }
+  out.clear();
+  for (size_t i = 0; i < prog->steps.size(); ++i) {
+    std::vector<double> &v = runs[i];
+    std::sort(v.begin(), v.end());
+    size_t n = v.size();
+    KernelTime t;
+    t.kernel = prog->steps[i];
+    t.name = p.kernels[t.kernel].name;
+    t.kind = p.kernels[t.kernel].kind;
+    t.ms = n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+    out.push_back(std::move(t));
+  }
+  return Status::success();
 }
 
 } // namespace l4c::rt

@@ -308,6 +308,57 @@ Status CudaBackend::runProgram(const rt::ProgramDesc &prog, int64_t B,
   return launchSteps(prog, B, T, /*capturing=*/false);
 }
 
+Status CudaBackend::profileProgram(const rt::ProgramDesc &prog, int64_t B,
+                                   int64_t T, std::vector<double> &ms) {
+  if (Status s = checkExtents(prog, B, T); !s.ok())
+    return s;
+  if (Status s = makeCurrent(); !s.ok())
+    return s;
+  const DriverApi &a = drv_.api();
+  lastRun_ = "profile of program '" + prog.name + "' (B=" + std::to_string(B) +
+             ", T=" + std::to_string(T) + ")";
+  std::vector<CUevent> events(prog.steps.size() + 1, nullptr);
+  auto release = [&] {
+    for (CUevent e : events)
+      if (e)
+        a.cuEventDestroy(e);
+  };
+  for (CUevent &e : events)
+    if (Status s = drv_.check(a.cuEventCreate(&e, 0), "cuEventCreate",
+                              "kernel profile");
+        !s.ok()) {
+      release();
+      return s;
+    }
+  long long b = B, t = T;
+  L4Regions regions{base_[0], base_[1], base_[2], base_[3]};
+  void *params[] = {&regions, &b, &t};
+  Status st = drv_.check(a.cuEventRecord(events[0], stream_), "cuEventRecord",
+                         "kernel profile");
+  for (size_t i = 0; st.ok() && i < prog.steps.size(); ++i) {
+    uint32_t k = prog.steps[i];
+    const Launch &l = launches_[k];
+    st = drv_.check(a.cuLaunchKernel(l.fn, l.grid, 1, 1, l.threads, 1, 1,
+                                     l.sharedBytes, stream_, params, nullptr),
+                    "cuLaunchKernel", kernelLabel(k));
+    if (st.ok())
+      st = drv_.check(a.cuEventRecord(events[i + 1], stream_),
+                      "cuEventRecord", kernelLabel(k));
+  }
+  if (st.ok())
+    st = streamError(drv_.check(a.cuEventSynchronize(events.back()),
+                                "cuEventSynchronize", "kernel profile"));
+  ms.assign(prog.steps.size(), 0.0);
+  for (size_t i = 0; st.ok() && i < prog.steps.size(); ++i) {
+    float v = 0;
+    st = drv_.check(a.cuEventElapsedTime(&v, events[i], events[i + 1]),
+                    "cuEventElapsedTime", kernelLabel(prog.steps[i]));
+    ms[i] = v;
+  }
+  release();
+  return st;
+}
+
 Status CudaBackend::runProgramGraph(const rt::ProgramDesc &prog, int64_t B,
                                     int64_t T) {
   if (Status s = checkExtents(prog, B, T); !s.ok())

@@ -160,6 +160,11 @@ public:
   rt::Status optDownload(size_t tensor, OptState which, float *dst);
   rt::Status optUpload(size_t tensor, OptState which, const float *src);
 
+  /// Runs the program once with a CUDA event between every two launches;
+  /// ms[i] receives the GPU time of prog.steps[i].
+  rt::Status profileProgram(const rt::ProgramDesc &prog, int64_t B, int64_t T,
+                            std::vector<double> &ms);
+
   /// GPU time between startTimer() and stopTimer() on the stream, measured
   /// with CUDA events; stopTimer waits for the work in between.
   rt::Status startTimer();

@@ -45,9 +45,14 @@ const char *kUsage =
     "              --inputs IN.safetensors --check-kernels[=TOL]\n"
     "       l4-run PLAN (--weights CKPT_DIR | --random-weights=SEED) --bench\n"
     "              [--batch B] [--seq P] [--max-new-tokens G] [--repeats R]\n"
+    "              [--profile]\n"
     "Every mode takes --device=cpu|cuda|cuda:N (default cpu; cuda needs a "
     "plan\n"
-    "compiled with --target=cuda; train plans run on the cpu).\n"
+    "compiled with --target=cuda).\n"
+    "--profile (cuda): after the bench, every kernel's GPU time (CUDA events\n"
+    "between launches, medians of R runs) for the forward pass, or the "
+    "prefill\n"
+    "and one decode step, slowest first, and the time per kernel kind.\n"
     "IN holds input_ids (i64 [B, T]). OUT gets logits (f32 [B, T, V]) from a "
     "forward\n"
     "plan, and greedy_ids (i64 [B, T + G]) from a generate plan or when\n"
@@ -213,6 +218,8 @@ Options parseArgs(int argc, char **argv) {
       o.randomSeed = parseSeed(flag, take());
     else if (flag == "--bench" && !inlineValue)
       o.bench = true;
+    else if (flag == "--profile" && !inlineValue)
+      o.profile = true;
     else if (flag == "--repeats")
       o.repeats = parseInt(flag, take());
     else if (flag == "--check-kernels")
@@ -297,8 +304,12 @@ Options parseArgs(int argc, char **argv) {
       usage("--batch, --seq and --repeats must be at least 1");
     if (o.maxNewTokens && *o.maxNewTokens < 1)
       usage("--max-new-tokens must be at least 1 with --bench");
+    if (o.profile && o.device.rfind("cuda", 0) != 0)
+      usage("--profile times GPU kernels: give --device=cuda");
     return o;
   }
+  if (o.profile)
+    usage("--profile goes with --bench");
   for (const auto &[given, flag] : {std::pair{o.steps.has_value(), "--steps"},
                                     {o.batch.has_value(), "--batch"},
                                     {o.seq.has_value(), "--seq"},
@@ -450,6 +461,43 @@ int runFiles(const Options &o, l4rt_session session,
   return 0;
 }
 
+/// --profile: each kernel's GPU time in one program, slowest first, then
+/// the sum per kernel kind.
+void printProfile(l4rt_session session, const char *program,
+                  const std::vector<int64_t> &ids, int64_t B, int64_t T,
+                  int64_t pos0, int64_t repeats) {
+  const l4rt_kernel_time *times = nullptr;
+  size_t n = 0;
+  check(l4rt_profile_kernels(session, program, ids.data(), B, T, pos0, repeats,
+                             &times, &n));
+  std::vector<l4rt_kernel_time> v(times, times + n);
+  double total = 0;
+  std::map<std::string, std::pair<double, int>> kinds;
+  for (const l4rt_kernel_time &t : v) {
+    total += t.ms;
+    kinds[t.kind].first += t.ms;
+    kinds[t.kind].second += 1;
+  }
+  std::stable_sort(v.begin(), v.end(),
+                   [](const l4rt_kernel_time &a, const l4rt_kernel_time &b) {
+                     return a.ms > b.ms;
+                   });
+  std::printf("profile: %s batch=%lld length=%lld: %zu kernels, %.3f ms of "
+              "GPU time (medians of %lld runs)\n",
+              program, (long long)B, (long long)T, n, total,
+              (long long)repeats);
+  size_t shown = std::min<size_t>(v.size(), 25);
+  for (size_t i = 0; i < shown; ++i)
+    std::printf("  %9.4f ms %5.1f%%  %-10s #%-4u %s\n", v[i].ms,
+                total > 0 ? 100 * v[i].ms / total : 0.0, v[i].kind,
+                v[i].kernel, v[i].name);
+  if (shown < v.size())
+    std::printf("  ... %zu more\n", v.size() - shown);
+  for (const auto &[kind, sum] : kinds)
+    std::printf("  kind %-10s %4d kernels %9.4f ms %5.1f%%\n", kind.c_str(),
+                sum.second, sum.first, total > 0 ? 100 * sum.first / total : 0.0);
+}
+
 /// --bench: times the plan on seeded random ids [B, P] (a forward pass, or
 /// a prefill of P tokens and G - 1 decode steps), once to warm up and then
 /// R times; prints every repeat and the medians. Wall-clock times of whole
@@ -516,6 +564,18 @@ int runBench(const Options &o, l4rt_session session,
     std::printf(" decode_ms_per_step=%.3f decode_tokens_per_s=%.1f", dec,
                 dec > 0 ? 1e3 * double(B) / dec : 0.0);
   std::printf(" (medians)\n");
+  if (o.profile) {
+    if (forward) {
+      printProfile(session, "forward", ids, B, P, 0, o.repeats);
+    } else {
+      printProfile(session, "prefill", ids, B, P, 0, o.repeats);
+      // One decode step after the prompt: the last prompt token again.
+      std::vector<int64_t> last;
+      for (int64_t b = 0; b < B; ++b)
+        last.push_back(ids[size_t(b * P + P - 1)]);
+      printProfile(session, "decode", last, B, 1, P, o.repeats);
+    }
+  }
   return 0;
 }
 

@@ -22,6 +22,7 @@ struct Options {
   std::string device = "cpu"; ///< --device: cpu, cuda, cuda:N
   std::optional<double> checkKernels; ///< --check-kernels=TOL
   bool bench = false;                 ///< --bench (with --batch, --seq)
+  bool profile = false;               ///< --profile (with --bench, cuda)
   int64_t repeats = 5;                ///< --repeats (bench)
   bool info = false, hasPrompt = false;
   std::optional<uint64_t> randomSeed;

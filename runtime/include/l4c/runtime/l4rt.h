@@ -174,6 +174,27 @@ L4RT_API l4rt_status l4rt_check_kernels(l4rt_session session,
                                         const l4rt_kernel_check **out_checks,
                                         size_t *out_count);
 
+/* One kernel of l4rt_profile_kernels. */
+typedef struct l4rt_kernel_time {
+  uint32_t kernel;  /* index in the plan */
+  const char *name; /* the kernel's name */
+  const char *kind; /* gemm, attention, norm, ... */
+  double ms;        /* GPU time, the median over the repeats */
+} l4rt_kernel_time;
+
+/* CUDA sessions: runs `program` on ids [batch, seq] (positions pos0 + s)
+ * `repeats` times with a CUDA event between every two kernels; *out_times
+ * (valid until the next call on the session) receives each kernel's median
+ * GPU time, in program order. The runs write what the program writes (a
+ * decode profile appends to the KV cache at pos0). */
+L4RT_API l4rt_status l4rt_profile_kernels(l4rt_session session,
+                                          const char *program,
+                                          const int64_t *ids, int64_t batch,
+                                          int64_t seq, int64_t pos0,
+                                          int64_t repeats,
+                                          const l4rt_kernel_time **out_times,
+                                          size_t *out_count);
+
 /*---- Training (plans compiled with --program=train) ----------------------*/
 
 /* Runs the train_step program on ids [batch, seq] (seq >= 2): *loss (may be
