@@ -296,6 +296,55 @@ LogicalResult MoeExpertsOp::verify() {
   return success();
 }
 
+LogicalResult MoeHiddenOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "input", getInput(), 3)) ||
+      failed(expectRank(op, "scores", getScores(), 3)) ||
+      failed(expectRank(op, "gate_up", getGateUp(), 3)) ||
+      failed(expectRank(op, "result", getResult(), 4)))
+    return failure();
+  ArrayRef<int64_t> x = shapeOf(getInput()), gu = shapeOf(getGateUp()),
+                    h = shapeOf(getResult());
+  int64_t e = gu[0], d = x[2];
+  if (gu[2] % 2 != 0)
+    return emitOpError() << "gate_up dimension 2 must be even (gate | up), got "
+                         << gu[2];
+  int64_t i = gu[2] / 2;
+  if (failed(expectShape(op, "scores", getScores(), {x[0], x[1], e})) ||
+      failed(expectShape(op, "gate_up", getGateUp(), {e, d, 2 * i})))
+    return failure();
+  if (h[2] < 1 || h[2] > e)
+    return emitOpError() << "result slots " << h[2] << " must be in [1, " << e
+                         << "] (the experts a token may use)";
+  if (failed(expectShape(op, "result", getResult(), {x[0], x[1], h[2], i})))
+    return failure();
+  if (!getResult().getType().getElementType().isF32())
+    return emitOpError() << "result must be f32 (the activations keep the "
+                            "precision they have inside l4.moe_experts)";
+  return success();
+}
+
+LogicalResult MoeDownOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "hidden", getHidden(), 4)) ||
+      failed(expectRank(op, "scores", getScores(), 3)) ||
+      failed(expectRank(op, "down", getDown(), 3)) ||
+      failed(expectRank(op, "result", getResult(), 3)))
+    return failure();
+  ArrayRef<int64_t> h = shapeOf(getHidden()), dn = shapeOf(getDown());
+  int64_t e = dn[0];
+  if (h[2] < 1 || h[2] > e)
+    return emitOpError() << "hidden slots " << h[2] << " must be in [1, " << e
+                         << "]";
+  if (failed(expectShape(op, "scores", getScores(), {h[0], h[1], e})) ||
+      failed(expectShape(op, "down", getDown(), {e, h[3], dn[2]})) ||
+      failed(expectShape(op, "result", getResult(), {h[0], h[1], dn[2]})))
+    return failure();
+  if (!getHidden().getType().getElementType().isF32())
+    return emitOpError() << "hidden must be f32";
+  return success();
+}
+
 LogicalResult TakeLastOp::verify() {
   Operation *op = getOperation();
   if (failed(expectRank(op, "input", getInput(), 3)))

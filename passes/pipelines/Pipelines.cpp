@@ -16,6 +16,7 @@ void l4c::buildLowerToKernelPipeline(mlir::OpPassManager &pm,
   pm.addPass(l4c::createAutodiffPass(ad));
   pm.addPass(mlir::createCanonicalizerPass());
   pm.addPass(mlir::createCSEPass());
+  pm.addPass(l4c::createSplitExpertsPass());
   pm.addPass(l4c::createConvertL4ToKernelPass());
   l4c::FusionPassOptions fuse;
   fuse.fusions = opts.fusions;

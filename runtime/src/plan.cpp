@@ -41,6 +41,10 @@ const char *opKindName(OpKind k) {
     return "router_scores";
   case OpKind::MoeExperts:
     return "moe_experts";
+  case OpKind::MoeHidden:
+    return "moe_hidden";
+  case OpKind::MoeDown:
+    return "moe_down";
   case OpKind::Swiglu:
     return "swiglu";
   case OpKind::Add:
@@ -151,6 +155,8 @@ constexpr OpSpec kOpSpecs[] = {
     {"attention", OpKind::Attention, 4, 1},
     {"router_scores", OpKind::RouterScores, 1, 1},
     {"moe_experts", OpKind::MoeExperts, 4, 1},
+    {"moe_hidden", OpKind::MoeHidden, 3, 1},
+    {"moe_down", OpKind::MoeDown, 3, 1},
     {"swiglu", OpKind::Swiglu, 2, 1},
     {"add", OpKind::Add, 2, 1},
     {"take_last", OpKind::TakeLast, 1, 1},
@@ -1101,6 +1107,56 @@ Status PlanVerifier::checkOpShapes(
     }
     if (e.empty())
       e = sameAsX();
+    break;
+  }
+  case OpKind::MoeHidden: {
+    // x [B, S, D], scores [B, S, E], gate_up [E, D, 2I] -> h [B, S, K, I].
+    const BufferDesc &scores = B(1), &gateUp = B(2);
+    e = needActivation(x, "input " + role(0));
+    if (e.empty())
+      e = needStatic(gateUp, "gate_up " + role(2), 3);
+    if (e.empty()) {
+      int64_t E = gateUp.shape[0], D = gateUp.shape[1], I2 = gateUp.shape[2];
+      int64_t K = res.shape.size() == x.shape.size() + 1
+                      ? res.shape[res.shape.size() - 2]
+                      : 0;
+      if (I2 % 2 != 0 || D != x.lastDim())
+        e = "gate_up " + role(2) + " has shape " + shapeStr(gateUp.shape) +
+            ", expected [E, " + std::to_string(x.lastDim()) + ", 2I]";
+      else if (scores.lastDim() != E ||
+               !tokenAligned(x, uint64_t(D), scores, uint64_t(E)))
+        e = "scores " + role(1) + " has shape " + shapeStr(scores.shape) +
+            ", expected one row of " + std::to_string(E) + " per input token";
+      else if (K < 1 || K > E || res.lastDim() != I2 / 2 ||
+               !tokenAligned(x, uint64_t(D), res, uint64_t(K * I2 / 2)))
+        e = resName + " has shape " + shapeStr(res.shape) +
+            ", expected [.., K, " + std::to_string(I2 / 2) +
+            "] per input token with 1 <= K <= " + std::to_string(E);
+    }
+    break;
+  }
+  case OpKind::MoeDown: {
+    // h [B, S, K, I], scores [B, S, E], down [E, I, D] -> y [B, S, D].
+    const BufferDesc &h = x, &scores = B(1), &down = B(2);
+    e = needActivation(h, "hidden " + role(0));
+    if (e.empty())
+      e = needStatic(down, "down " + role(2), 3);
+    if (e.empty()) {
+      int64_t E = down.shape[0], I = down.shape[1], D = down.shape[2];
+      int64_t K = h.shape.size() >= 2 ? h.shape[h.shape.size() - 2] : 0;
+      if (h.lastDim() != I || K < 1 || K > E)
+        e = "hidden " + role(0) + " has shape " + shapeStr(h.shape) +
+            ", expected [.., K, " + std::to_string(I) + "] with 1 <= K <= " +
+            std::to_string(E);
+      else if (scores.lastDim() != E ||
+               !tokenAligned(h, uint64_t(K * I), scores, uint64_t(E)))
+        e = "scores " + role(1) + " has shape " + shapeStr(scores.shape) +
+            ", expected one row of " + std::to_string(E) + " per token";
+      else if (!res.hasBatch || res.lastDim() != D ||
+               !tokenAligned(h, uint64_t(K * I), res, uint64_t(D)))
+        e = resName + " has shape " + shapeStr(res.shape) + ", expected [.., " +
+            std::to_string(D) + "] per token";
+    }
     break;
   }
   case OpKind::Swiglu:

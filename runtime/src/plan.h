@@ -56,6 +56,8 @@ enum class OpKind {
   Attention,
   RouterScores,
   MoeExperts,
+  MoeHidden,
+  MoeDown,
   Swiglu,
   Add,
   TakeLast,

@@ -11,7 +11,7 @@
 #      tile) against the CPU backend on the same plan, weights and inputs;
 #   3b. every kernel of those plans against the CPU backend, each on the
 #      same inputs (l4-run --check-kernels);
-#   4. compute-sanitizer memcheck on two golden plans;
+#   4. compute-sanitizer memcheck and racecheck on golden plans;
 #   5. HF transformers loads a checkpoint l4c trained and saved, and its
 #      logits equal l4c's (CPU and GPU);
 #   6. decode speed: l4c on the GPU and CPU, HF eager on the same config;
@@ -144,6 +144,14 @@ if command -v compute-sanitizer >/dev/null; then
   check "memcheck scout-tiny generate" memcheck-gen compute-sanitizer --tool memcheck \
     --error-exitcode 9 "$run" "$b/plans/scout-tiny-generate.plan" --device=cuda \
     --weights $d --inputs $d/golden.safetensors --max-new-tokens=12 --out "$out/mc-gen.safetensors"
+  # Shared-memory races: the emulator switches threads only at barriers, so
+  # a missing __syncthreads can hide there; racecheck sees it. The bf16
+  # plans run the tensor-core tiles.
+  for plan in scout-tiny-forward scout-tiny-generate-bf16; do
+    check "racecheck $plan" "racecheck-$plan" compute-sanitizer --tool racecheck \
+      --error-exitcode 9 "$run" "$b/plans/$plan.plan" --device=cuda \
+      --weights $d --inputs $d/golden.safetensors --max-new-tokens=4 --out "$out/rc-$plan.safetensors"
+  done
 else
   row "memcheck" SKIP "compute-sanitizer not found"
 fi

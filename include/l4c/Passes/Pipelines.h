@@ -13,8 +13,8 @@
 namespace l4c {
 
 /// l4 IR -> kernel IR with every value placed in memory:
-/// l4c-autodiff (train programs), canonicalize, cse, convert-l4-to-kernel,
-/// l4c-fuse, l4c-plan-memory.
+/// l4c-autodiff (train programs), canonicalize, cse, l4c-split-experts,
+/// convert-l4-to-kernel, l4c-fuse, l4c-plan-memory.
 struct LowerToKernelOptions
     : public mlir::PassPipelineOptions<LowerToKernelOptions> {
   Option<std::string> recompute{

@@ -29,7 +29,8 @@ llvm::StringRef l4c::kernelKindOf(Operation *op) {
       .Case<l4::KvCacheUpdateOp>([](auto) { return "cache"; })
       .Case<l4::AttentionOp>([](auto) { return "attention"; })
       .Case<l4::RouterScoresOp>([](auto) { return "router"; })
-      .Case<l4::MoeExpertsOp>([](auto) { return "moe"; })
+      .Case<l4::MoeExpertsOp, l4::MoeHiddenOp, l4::MoeDownOp>(
+          [](auto) { return "moe"; })
       .Case<l4::TakeLastOp>([](auto) { return "copy"; })
       .Default([](auto) { return "elementwise"; });
 }

@@ -262,6 +262,12 @@ std::optional<Names> operandNames(Operation *op) {
       .Case<l4::MoeExpertsOp>([](auto) {
         return Names{"x", "scores", "gate_up", "down"};
       })
+      .Case<l4::MoeHiddenOp>([](auto) {
+        return Names{"x", "scores", "gate_up"};
+      })
+      .Case<l4::MoeDownOp>([](auto) {
+        return Names{"h", "scores", "down"};
+      })
       .Case<l4::SwigluOp>([](auto) {
         return Names{"gate", "up"};
       })
@@ -336,6 +342,8 @@ llvm::Error emitOp(OpContext &ctx) {
       .Case<l4::RouterScoresOp>(
           [&](auto) { return cuda::emitRouterScores(ctx); })
       .Case<l4::MoeExpertsOp>([&](auto) { return cuda::emitMoeExperts(ctx); })
+      .Case<l4::MoeHiddenOp>([&](auto) { return cuda::emitMoeHidden(ctx); })
+      .Case<l4::MoeDownOp>([&](auto) { return cuda::emitMoeDown(ctx); })
       .Case<l4::SwigluOp>([&](auto) {
         return cuda::emitElementwise(ctx, "vb * (va / (1.0f + expf(-va)))");
       })

@@ -116,6 +116,8 @@ struct GemmText;
 std::string emitTiles(Body &b, const TiledGemm &g,
                       const GemmText *fused = nullptr);
 llvm::Error emitMoeExperts(OpContext &ctx);
+llvm::Error emitMoeHidden(OpContext &ctx);
+llvm::Error emitMoeDown(OpContext &ctx);
 llvm::Error emitAttention(OpContext &ctx);
 // Training (GradOps.cpp).
 llvm::Error emitCrossEntropy(OpContext &ctx, bool grad);

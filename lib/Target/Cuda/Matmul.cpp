@@ -5,7 +5,10 @@
 // plans (at most kGemvMaxRows rows) get one warp per output column streaming
 // the weights; the rest a shared-memory tiled f32 GEMM (64x64 tiles, 16-deep
 // K steps, 256 threads with 4x4 outputs each). moe_experts: one block per
-// token running its selected experts, correct before fast.
+// token running its selected experts, correct before fast (what l4c-split-
+// experts leaves of it: moe_hidden and moe_down, which spread a token's
+// expert weights over many blocks, 64 columns x 4 quarters of the reduction
+// each).
 //
 //===----------------------------------------------------------------------===//
 #include "Emit.h"
@@ -559,6 +562,165 @@ llvm::Error emitMoeExperts(OpContext &ctx) {
 )cuda";
   b.threads = 256;
   b.blocks = gridFor(uint64_t(x.bmax) * x.maxLiveRows(), 1);
+  return llvm::Error::success();
+}
+
+llvm::Error emitMoeHidden(OpContext &ctx) {
+  const View &x = ctx.operands[0], &scores = ctx.operands[1],
+             &gateUp = ctx.operands[2], &h = ctx.results[0];
+  if (!x.hasBatch || !scores.hasBatch || !h.hasBatch || x.hasSeq != h.hasSeq ||
+      x.hasSeq != scores.hasSeq)
+    return ctx.fail("expected token-major x, scores and result");
+  auto gs = gateUp.shape(), hs = h.shape();
+  if (gs.size() != 3 || gs[2] % 2 || hs.size() < 2)
+    return ctx.fail("expected gate_up [E, D, 2I] and h [.., K, I]");
+  int64_t experts = gs[0], dim = gs[1], inter = gs[2] / 2,
+          slots = hs[hs.size() - 2];
+  if (x.inner != dim || scores.inner != experts || hs.back() != inter ||
+      h.inner != slots * inter)
+    return ctx.fail("operand shapes disagree on E, D, K or I");
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("E", experts) << constant("D", dim) << constant("I", inter)
+     << constant("KS", slots, "slots per token")
+     << stride(b, "X_S", x.rowsPerBatch) << stride(b, "S_S", scores.rowsPerBatch)
+     << stride(b, "H_S", h.rowsPerBatch)
+     << "  const long long LT = " << (x.hasSeq ? "T" : "1") << ";\n"
+     << R"cuda(  // Task (row m, slot k, 64 columns of I): the block's 256 threads are 64
+  // columns x 4 quarters of D. A thread sums its quarter of
+  // gate[i] = sum_d (x[d] * s) * gate_up[e, d, i] and of up (column I + i),
+  // reading a row of gate_up's columns per step (consecutive threads,
+  // consecutive columns); the quarters meet in shared memory in a fixed
+  // order. h = up * silu(gate), f32. Slots past the token's experts are 0.
+  constexpr int CW = 64, NQ = 4;
+  constexpr long long CHUNKS = (I + CW - 1) / CW;
+  __shared__ float part[2][NQ][CW];
+  __shared__ long long sexp;
+  __shared__ float sscore;
+  const int c = threadIdx.x % CW, q = threadIdx.x / CW;
+  const long long M = B * LT;
+  for (long long task = blockIdx.x; task < M * KS * CHUNKS; task += gridDim.x) {
+    const long long chunk = task % CHUNKS, rk = task / CHUNKS;
+    const long long k = rk % KS, m = rk / KS;
+    const long long b = m / LT, t = m % LT;
+    __syncthreads(); // the previous task is done with sexp and part
+    if (threadIdx.x == 0) {
+      // The k-th expert with a nonzero score, in increasing order.
+      long long e = -1, seen = 0;
+      float s = 0.0f;
+      for (long long j = 0; j < E; ++j) {
+        const float v = l4_ld(scores, (b * S_S + t) * E + j);
+        if (v != 0.0f && seen++ == k) {
+          e = j;
+          s = v;
+          break;
+        }
+      }
+      sexp = e;
+      sscore = s;
+    }
+    __syncthreads();
+    const long long e = sexp, i = chunk * CW + c;
+    const float s = sscore;
+    float g = 0.0f, u = 0.0f;
+    if (e >= 0 && i < I) {
+      const long long xo = (b * X_S + t) * D, go = e * D * 2 * I;
+      const long long d0 = q * ((D + NQ - 1) / NQ);
+      const long long d1 = d0 + (D + NQ - 1) / NQ < D ? d0 + (D + NQ - 1) / NQ : D;
+      for (long long d = d0; d < d1; ++d) {
+        // The score scales the expert's input, as in HF.
+        const float z = l4_ld(x, xo + d) * s;
+        g = fmaf(z, l4_ld(gate_up, go + d * 2 * I + i), g);
+        u = fmaf(z, l4_ld(gate_up, go + d * 2 * I + I + i), u);
+      }
+    }
+    part[0][q][c] = g;
+    part[1][q][c] = u;
+    __syncthreads();
+    if (q == 0 && i < I) {
+      float gs = 0.0f, us = 0.0f;
+#pragma unroll
+      for (int p = 0; p < NQ; ++p) {
+        gs += part[0][p][c];
+        us += part[1][p][c];
+      }
+      const float v = e >= 0 ? us * (gs / (1.0f + expf(-gs))) : 0.0f;
+      l4_st(y, (b * H_S + t) * (KS * I) + k * I + i, v);
+    }
+  }
+)cuda";
+  b.threads = 256;
+  b.blocks = gridFor(uint64_t(x.bmax) * x.maxLiveRows() * uint64_t(slots) *
+                         ((uint64_t(inter) + 63) / 64),
+                     1);
+  return llvm::Error::success();
+}
+
+llvm::Error emitMoeDown(OpContext &ctx) {
+  const View &h = ctx.operands[0], &scores = ctx.operands[1],
+             &down = ctx.operands[2], &y = ctx.results[0];
+  if (!h.hasBatch || !scores.hasBatch || !y.hasBatch || h.hasSeq != y.hasSeq ||
+      h.hasSeq != scores.hasSeq)
+    return ctx.fail("expected token-major h, scores and result");
+  auto ds = down.shape(), hs = h.shape();
+  if (ds.size() != 3 || hs.size() < 2)
+    return ctx.fail("expected down [E, I, D] and h [.., K, I]");
+  int64_t experts = ds[0], inter = ds[1], dim = ds[2],
+          slots = hs[hs.size() - 2];
+  if (y.inner != dim || scores.inner != experts || hs.back() != inter ||
+      h.inner != slots * inter)
+    return ctx.fail("operand shapes disagree on E, D, K or I");
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("E", experts) << constant("D", dim) << constant("I", inter)
+     << constant("KS", slots, "slots per token")
+     << stride(b, "H_S", h.rowsPerBatch) << stride(b, "S_S", scores.rowsPerBatch)
+     << stride(b, "Y_S", y.rowsPerBatch)
+     << "  const long long LT = " << (h.hasSeq ? "T" : "1") << ";\n"
+     << R"cuda(  // Task (row m, 64 output columns): 256 threads = 64 columns x 4
+  // quarters of I. For each of the token's experts in increasing order,
+  // y_e[col] = sum_i h[k, i] * down[e, i, col] (quarters combined in shared
+  // memory in a fixed order), added to the sum as the CPU adds them.
+  constexpr int CW = 64, NQ = 4;
+  constexpr long long CHUNKS = (D + CW - 1) / CW;
+  __shared__ float part[NQ][CW];
+  const int c = threadIdx.x % CW, q = threadIdx.x / CW;
+  const long long M = B * LT;
+  for (long long task = blockIdx.x; task < M * CHUNKS; task += gridDim.x) {
+    const long long chunk = task % CHUNKS, m = task / CHUNKS;
+    const long long b = m / LT, t = m % LT, col = chunk * CW + c;
+    const long long i0 = q * ((I + NQ - 1) / NQ);
+    const long long i1 = i0 + (I + NQ - 1) / NQ < I ? i0 + (I + NQ - 1) / NQ : I;
+    float acc = 0.0f;
+    long long k = 0;
+    for (long long e = 0; e < E && k < KS; ++e) {
+      if (l4_ld(scores, (b * S_S + t) * E + e) == 0.0f)
+        continue;
+      const long long ho = (b * H_S + t) * (KS * I) + k * I, dn = e * I * D;
+      float p = 0.0f;
+      if (col < D)
+        for (long long i = i0; i < i1; ++i)
+          p = fmaf(l4_ld(h, ho + i), l4_ld(down, dn + i * D + col), p);
+      __syncthreads(); // the previous expert's parts are read
+      part[q][c] = p;
+      __syncthreads();
+      if (q == 0) {
+        float ye = 0.0f;
+#pragma unroll
+        for (int r = 0; r < NQ; ++r)
+          ye += part[r][c];
+        acc += ye;
+      }
+      ++k;
+    }
+    if (q == 0 && col < D)
+      l4_st(y, (b * Y_S + t) * D + col, acc);
+  }
+)cuda";
+  b.threads = 256;
+  b.blocks = gridFor(uint64_t(y.bmax) * y.maxLiveRows() *
+                         ((uint64_t(dim) + 63) / 64),
+                     1);
   return llvm::Error::success();
 }
 

@@ -218,6 +218,90 @@ void expertsForward(const float *x, const float *scores, const float *gateUp,
   }
 }
 
+namespace {
+
+/// The slot of expert e in token t's row of scores: how many experts before
+/// it have a nonzero score.
+size_t slotOf(const float *row, size_t e) {
+  size_t k = 0;
+  for (size_t j = 0; j < e; ++j)
+    k += row[j] != 0.f;
+  return k;
+}
+
+} // namespace
+
+bool expertsHidden(const float *x, const float *scores, const float *gateUp,
+                   size_t T, size_t D, size_t I, size_t E, size_t K,
+                   float *h) {
+  std::fill(h, h + T * K * I, 0.f);
+  std::vector<size_t> tokens;
+  std::vector<float> z, gu;
+  for (size_t e = 0; e < E; ++e) {
+    tokens.clear();
+    for (size_t t = 0; t < T; ++t)
+      if (scores[t * E + e] != 0.f) {
+        if (slotOf(scores + t * E, e) >= K)
+          return false;
+        tokens.push_back(t);
+      }
+    size_t n = tokens.size();
+    if (n == 0)
+      continue;
+    // As expertsForward: the score scales the expert's input.
+    z.resize(n * D);
+    for (size_t i = 0; i < n; ++i) {
+      const float *xr = x + tokens[i] * D;
+      float s = scores[tokens[i] * E + e];
+      for (size_t c = 0; c < D; ++c)
+        z[i * D + c] = xr[c] * s;
+    }
+    gu.resize(n * 2 * I);
+    matmul(z.data(), D, gateUp + e * D * 2 * I, 2 * I, gu.data(), 2 * I, n,
+           2 * I, D);
+    // h overwrites the gate half in place, as in expertsForward.
+    swiglu(gu.data(), 2 * I, gu.data() + I, 2 * I, n, I, gu.data(), 2 * I);
+    for (size_t i = 0; i < n; ++i) {
+      size_t t = tokens[i], k = slotOf(scores + t * E, e);
+      std::copy(gu.data() + i * 2 * I, gu.data() + i * 2 * I + I,
+                h + (t * K + k) * I);
+    }
+  }
+  return true;
+}
+
+bool expertsDown(const float *h, const float *scores, const float *down,
+                 size_t T, size_t D, size_t I, size_t E, size_t K,
+                 float *out) {
+  std::fill(out, out + T * D, 0.f);
+  std::vector<size_t> tokens;
+  std::vector<float> hs, y;
+  for (size_t e = 0; e < E; ++e) {
+    tokens.clear();
+    for (size_t t = 0; t < T; ++t)
+      if (scores[t * E + e] != 0.f) {
+        if (slotOf(scores + t * E, e) >= K)
+          return false;
+        tokens.push_back(t);
+      }
+    size_t n = tokens.size();
+    if (n == 0)
+      continue;
+    hs.resize(n * I);
+    for (size_t i = 0; i < n; ++i) {
+      size_t t = tokens[i], k = slotOf(scores + t * E, e);
+      std::copy(h + (t * K + k) * I, h + (t * K + k + 1) * I,
+                hs.data() + i * I);
+    }
+    y.resize(n * D);
+    matmul(hs.data(), I, down + e * I * D, D, y.data(), D, n, D, I);
+    // Experts in increasing order, as expertsForward sums them.
+    for (size_t i = 0; i < n; ++i)
+      add(out + tokens[i] * D, y.data() + i * D, D, out + tokens[i] * D);
+  }
+  return true;
+}
+
 void add(const float *a, const float *b, size_t n, float *out) {
   for (size_t i = 0; i < n; ++i)
     out[i] = a[i] + b[i];

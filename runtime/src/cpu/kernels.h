@@ -83,6 +83,15 @@ void expertsForward(const float *x, const float *scores, const float *gateUp,
                     const float *down, size_t T, size_t D, size_t I, size_t E,
                     float *out, bool accumulate = false);
 
+/// The halves of expertsForward (l4.moe_hidden, l4.moe_down). h is
+/// [T, K, I]: slot k of token t holds the SwiGLU activations of its k-th
+/// expert with a nonzero score, zeros after its last. expertsHidden fails
+/// (returns false) when a token has more than K such experts.
+bool expertsHidden(const float *x, const float *scores, const float *gateUp,
+                   size_t T, size_t D, size_t I, size_t E, size_t K, float *h);
+bool expertsDown(const float *h, const float *scores, const float *down,
+                 size_t T, size_t D, size_t I, size_t E, size_t K, float *out);
+
 /// out[i] = a[i] + b[i]; out may alias a or b.
 void add(const float *a, const float *b, size_t n, float *out);
 

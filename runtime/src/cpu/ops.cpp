@@ -113,6 +113,8 @@ private:
   Status attention();
   Status routerScores();
   Status moeExperts();
+  Status moeHidden();
+  Status moeDown();
   Status elementwise();
   Status takeLast();
   Status crossEntropy();
@@ -157,6 +159,10 @@ Status OpRunner::run() {
     return routerScores();
   case OpKind::MoeExperts:
     return moeExperts();
+  case OpKind::MoeHidden:
+    return moeHidden();
+  case OpKind::MoeDown:
+    return moeDown();
   case OpKind::Swiglu:
   case OpKind::Add:
     return elementwise();
@@ -311,6 +317,40 @@ Status OpRunner::moeExperts() {
     cpu::expertsForward(f32(x, b), f32(scores, b), f32(gateUp), f32(down),
                         nb * rows(x, D), D, I, E, f32(y, b));
   });
+  return Status::success();
+}
+
+Status OpRunner::moeHidden() {
+  const BufferDesc &x = in(0), &scores = in(1), &gateUp = in(2), &h = out();
+  size_t E = size_t(gateUp.shape[0]), D = size_t(gateUp.shape[1]),
+         I = size_t(gateUp.shape[2] / 2), K = size_t(h.shape[h.shape.size() - 2]);
+  bool ok = true;
+  batches({&x, &scores, &h}, [&](size_t b, size_t nb) {
+    ok &= cpu::expertsHidden(f32(x, b), f32(scores, b), f32(gateUp),
+                             nb * rows(x, D), D, I, E, K, f32(h, b));
+  });
+  if (!ok)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "kernel '" + kernel.name + "': a token has more than " +
+                            std::to_string(K) +
+                            " experts with a nonzero score (the router's top_k)");
+  return Status::success();
+}
+
+Status OpRunner::moeDown() {
+  const BufferDesc &h = in(0), &scores = in(1), &down = in(2), &y = out();
+  size_t E = size_t(down.shape[0]), I = size_t(down.shape[1]),
+         D = size_t(down.shape[2]), K = size_t(h.shape[h.shape.size() - 2]);
+  bool ok = true;
+  batches({&h, &scores, &y}, [&](size_t b, size_t nb) {
+    ok &= cpu::expertsDown(f32(h, b), f32(scores, b), f32(down),
+                           nb * rows(y, D), D, I, E, K, f32(y, b));
+  });
+  if (!ok)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "kernel '" + kernel.name + "': a token has more than " +
+                            std::to_string(K) +
+                            " experts with a nonzero score (the router's top_k)");
   return Status::success();
 }
 

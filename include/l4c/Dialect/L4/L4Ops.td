@@ -156,6 +156,34 @@ def L4_MoeExpertsOp : L4_PureOp<"moe_experts"> {
   let results = (outs L4_FloatTensor:$result);
 }
 
+def L4_MoeHiddenOp : L4_PureOp<"moe_hidden"> {
+  let summary = "routed experts, first half: the selected experts' SwiGLU activations";
+  let description = [{
+    `x` `[B, S, D]`, `scores` `[B, S, E]`, `gate_up` `[E, D, 2I]`; the result
+    `h` is `[B, S, K, I]` in f32 (the precision the activations have inside
+    `l4.moe_experts`, so splitting changes no number): slot k of a token holds
+    `swiglu((x * scores[e]) @ gate_up[e])` for the token's k-th expert with a
+    nonzero score (in increasing expert order), and zeros when it has fewer.
+    With `l4.moe_down` it computes `l4.moe_experts`, in two kernels with
+    `h` between them (l4c-split-experts).
+  }];
+  let arguments = (ins L4_FloatTensor:$input, L4_FloatTensor:$scores,
+                   L4_FloatTensor:$gate_up);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_MoeDownOp : L4_PureOp<"moe_down"> {
+  let summary = "routed experts, second half: down projections summed over the slots";
+  let description = [{
+    `h` `[B, S, K, I]` f32 (from `l4.moe_hidden`), `scores` `[B, S, E]`, `down`
+    `[E, I, D]`; the result `[B, S, D]` is the sum over the token's experts
+    with a nonzero score, in increasing expert order, of `h[k] @ down[e]`.
+  }];
+  let arguments = (ins L4_FloatTensor:$hidden, L4_FloatTensor:$scores,
+                   L4_FloatTensor:$down);
+  let results = (outs L4_FloatTensor:$result);
+}
+
 def L4_SwigluOp : L4_PureOp<"swiglu", [SameOperandsAndResultType]> {
   let summary = "up * silu(gate)";
   let arguments = (ins L4_FloatTensor:$gate, L4_FloatTensor:$up);
