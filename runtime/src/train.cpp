@@ -311,27 +311,22 @@ Status Session::trainStep(const int64_t *ids, int64_t B, int64_t T,
     // The gradients stay on the device, summed there.
     if (Status s = gpu_->accumulateGrads(microBatches_ == 0); !s.ok())
       return s;
-    ++microBatches_;
-    timing_.prefillSeconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
-            .count();
-    timing_.prefillTokens = B * T;
-    return Status::success();
-  }
-  for (uint32_t g : prog->grads)
-    if (Status s = fetchBuffer(p.buffers[g]); !s.ok())
-      return s;
-  gradSum_.resize(p.weights.size());
-  for (size_t i = 0; i < prog->grads.size(); ++i) {
-    const BufferDesc &g = p.buffers[prog->grads[i]];
-    const float *src = reinterpret_cast<const float *>(
-        regions_[int(g.region)].base + g.offset);
-    std::vector<float> &sum = gradSum_[i];
-    if (microBatches_ == 0) {
-      sum.assign(src, src + g.numel);
-    } else {
-      for (size_t k = 0; k < g.numel; ++k)
-        sum[k] += src[k];
+  } else {
+    for (uint32_t g : prog->grads)
+      if (Status s = fetchBuffer(p.buffers[g]); !s.ok())
+        return s;
+    gradSum_.resize(p.weights.size());
+    for (size_t i = 0; i < prog->grads.size(); ++i) {
+      const BufferDesc &g = p.buffers[prog->grads[i]];
+      const float *src = reinterpret_cast<const float *>(
+          regions_[int(g.region)].base + g.offset);
+      std::vector<float> &sum = gradSum_[i];
+      if (microBatches_ == 0) {
+        sum.assign(src, src + g.numel);
+      } else {
+        for (size_t k = 0; k < g.numel; ++k)
+          sum[k] += src[k];
+      }
     }
   }
   ++microBatches_;

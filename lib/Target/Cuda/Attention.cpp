@@ -17,20 +17,17 @@ namespace l4c::cuda {
 
 namespace {
 
-/// Flash-style attention over query tiles: a block takes 16 query rows of
-/// one head, stages 32 keys and values at a time in shared memory, and
-/// keeps an online softmax per row. The key range of a tile is the union of
-/// its rows' allowed ranges, so key tiles wholly outside the causal window
-/// or the chunk are never visited; keys inside the range but outside a
-/// row's window are masked.
-llvm::Error emitAttentionTiles(OpContext &ctx, bool fromCache) {
+/// The constants both attention kernels declare: head counts and dims,
+/// row strides, the chunk, the scale and the key limit.
+std::string attentionConstants(OpContext &ctx, bool fromCache) {
   auto op = cast<l4::AttentionOp>(ctx.op);
   const View &q = ctx.operands[0], &k = ctx.operands[1], &pos = ctx.operands[3],
              &y = ctx.results[0];
   auto qs = q.shape(), ks = k.shape();
   int64_t heads = qs[2], dim = qs[3], kvHeads = ks[2];
   Body &b = ctx.body;
-  llvm::raw_string_ostream os(b.code);
+  std::string text;
+  llvm::raw_string_ostream os(text);
   os << constant("H", heads) << constant("HKV", kvHeads)
      << constant("DH", dim, "head dim")
      << constant("G", heads / kvHeads, "query heads per kv head")
@@ -41,7 +38,22 @@ llvm::Error emitAttentionTiles(OpContext &ctx, bool fromCache) {
      << floatLit(float(op.getScale().convertToDouble())) << ";\n"
      << "  const long long KV_LIMIT = "
      << (fromCache ? "KR; // cache rows" : "T; // fresh keys: this run's")
-     << "\n"
+     << "\n";
+  return text;
+}
+
+/// Flash-style attention over query tiles: a block takes 16 query rows of
+/// one head, stages 32 keys and values at a time in shared memory, and
+/// keeps an online softmax per row. The key range of a tile is the union of
+/// its rows' allowed ranges, so key tiles wholly outside the causal window
+/// or the chunk are never visited; keys inside the range but outside a
+/// row's window are masked.
+llvm::Error emitAttentionTiles(OpContext &ctx, bool fromCache) {
+  const View &q = ctx.operands[0];
+  int64_t heads = q.shape()[2];
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << attentionConstants(ctx, fromCache)
      << R"cuda(  constexpr int BQ = 16, BK = 32, NT = 128, ND = (DH + 7) / 8;
   constexpr long long KW = HKV * DH;
   // Rows padded by one float: the score loop's reads of q and k rows and
@@ -168,7 +180,6 @@ llvm::Error emitAttentionTiles(OpContext &ctx, bool fromCache) {
 } // namespace
 
 llvm::Error emitAttention(OpContext &ctx) {
-  auto op = cast<l4::AttentionOp>(ctx.op);
   const View &q = ctx.operands[0], &k = ctx.operands[1], &v = ctx.operands[2],
              &pos = ctx.operands[3], &y = ctx.results[0];
   auto qs = q.shape(), ks = k.shape();
@@ -194,17 +205,7 @@ llvm::Error emitAttention(OpContext &ctx) {
   int64_t threads = 128;
   Body &b = ctx.body;
   llvm::raw_string_ostream os(b.code);
-  os << constant("H", heads) << constant("HKV", kvHeads)
-     << constant("DH", dim, "head dim")
-     << constant("G", heads / kvHeads, "query heads per kv head")
-     << stride(b, "Q_S", q.rowsPerBatch) << stride(b, "Y_S", y.rowsPerBatch)
-     << stride(b, "P_S", pos.rowsPerBatch) << stride(b, "KR", ks[1])
-     << constant("CHUNK", op.getChunkSize(), "0: causal only")
-     << constant("NT", threads) << "  constexpr float SCALE = "
-     << floatLit(float(op.getScale().convertToDouble())) << ";\n"
-     << "  const long long KV_LIMIT = "
-     << (fromCache ? "KR; // cache rows" : "T; // fresh keys: this run's")
-     << "\n"
+  os << attentionConstants(ctx, fromCache) << constant("NT", threads)
      << R"cuda(  constexpr long long KW = HKV * DH, NACC = (DH + NT - 1) / NT;
   __shared__ float qv[DH];
   __shared__ float pr[NT];

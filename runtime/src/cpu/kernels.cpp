@@ -183,42 +183,38 @@ void swiglu(const float *gate, size_t ldg, const float *up, size_t ldu,
   });
 }
 
-void expertsForward(const float *x, const float *scores, const float *gateUp,
-                    const float *down, size_t T, size_t D, size_t I, size_t E,
-                    float *out, bool accumulate) {
-  if (!accumulate)
-    std::fill(out, out + T * D, 0.f);
-  std::vector<size_t> tokens;
-  std::vector<float> z, gu, y;
-  for (size_t e = 0; e < E; ++e) {
-    tokens.clear();
-    for (size_t t = 0; t < T; ++t)
-      if (scores[t * E + e] != 0.f)
-        tokens.push_back(t);
-    size_t n = tokens.size();
-    if (n == 0)
-      continue;
-    // The score scales the expert's input (not its output), as in HF.
-    z.resize(n * D);
-    for (size_t i = 0; i < n; ++i) {
-      const float *xr = x + tokens[i] * D;
-      float s = scores[tokens[i] * E + e];
-      for (size_t c = 0; c < D; ++c)
-        z[i * D + c] = xr[c] * s;
-    }
-    gu.resize(n * 2 * I);
-    matmul(z.data(), D, gateUp + e * D * 2 * I, 2 * I, gu.data(), 2 * I, n,
-           2 * I, D);
-    // h overwrites the gate half in place; row stride stays 2I.
-    swiglu(gu.data(), 2 * I, gu.data() + I, 2 * I, n, I, gu.data(), 2 * I);
-    y.resize(n * D);
-    matmul(gu.data(), 2 * I, down + e * I * D, D, y.data(), D, n, D, I);
-    for (size_t i = 0; i < n; ++i)
-      add(out + tokens[i] * D, y.data() + i * D, D, out + tokens[i] * D);
-  }
+namespace {
+
+/// The tokens whose score for expert e is nonzero, in order.
+void expertTokens(const float *scores, size_t T, size_t E, size_t e,
+                  std::vector<size_t> &tokens) {
+  tokens.clear();
+  for (size_t t = 0; t < T; ++t)
+    if (scores[t * E + e] != 0.f)
+      tokens.push_back(t);
 }
 
-namespace {
+/// Expert e's SwiGLU activations of `tokens`, in gu's rows (the first I of
+/// each 2I): swiglu((x * score) @ gateUp[e]).
+void expertActivations(const float *x, const float *scores,
+                       const float *gateUp, const std::vector<size_t> &tokens,
+                       size_t e, size_t D, size_t I, size_t E,
+                       std::vector<float> &z, std::vector<float> &gu) {
+  size_t n = tokens.size();
+  // The score scales the expert's input (not its output), as in HF.
+  z.resize(n * D);
+  for (size_t i = 0; i < n; ++i) {
+    const float *xr = x + tokens[i] * D;
+    float s = scores[tokens[i] * E + e];
+    for (size_t c = 0; c < D; ++c)
+      z[i * D + c] = xr[c] * s;
+  }
+  gu.resize(n * 2 * I);
+  matmul(z.data(), D, gateUp + e * D * 2 * I, 2 * I, gu.data(), 2 * I, n,
+         2 * I, D);
+  // h overwrites the gate half in place; row stride stays 2I.
+  swiglu(gu.data(), 2 * I, gu.data() + I, 2 * I, n, I, gu.data(), 2 * I);
+}
 
 /// The slot of expert e in token t's row of scores: how many experts before
 /// it have a nonzero score.
@@ -229,7 +225,37 @@ size_t slotOf(const float *row, size_t e) {
   return k;
 }
 
+/// expertTokens, failing when a token's slot for e would be K or more.
+bool slottedTokens(const float *scores, size_t T, size_t E, size_t e,
+                   size_t K, std::vector<size_t> &tokens) {
+  expertTokens(scores, T, E, e, tokens);
+  for (size_t t : tokens)
+    if (slotOf(scores + t * E, e) >= K)
+      return false;
+  return true;
+}
+
 } // namespace
+
+void expertsForward(const float *x, const float *scores, const float *gateUp,
+                    const float *down, size_t T, size_t D, size_t I, size_t E,
+                    float *out, bool accumulate) {
+  if (!accumulate)
+    std::fill(out, out + T * D, 0.f);
+  std::vector<size_t> tokens;
+  std::vector<float> z, gu, y;
+  for (size_t e = 0; e < E; ++e) {
+    expertTokens(scores, T, E, e, tokens);
+    size_t n = tokens.size();
+    if (n == 0)
+      continue;
+    expertActivations(x, scores, gateUp, tokens, e, D, I, E, z, gu);
+    y.resize(n * D);
+    matmul(gu.data(), 2 * I, down + e * I * D, D, y.data(), D, n, D, I);
+    for (size_t i = 0; i < n; ++i)
+      add(out + tokens[i] * D, y.data() + i * D, D, out + tokens[i] * D);
+  }
+}
 
 bool expertsHidden(const float *x, const float *scores, const float *gateUp,
                    size_t T, size_t D, size_t I, size_t E, size_t K,
@@ -238,29 +264,12 @@ bool expertsHidden(const float *x, const float *scores, const float *gateUp,
   std::vector<size_t> tokens;
   std::vector<float> z, gu;
   for (size_t e = 0; e < E; ++e) {
-    tokens.clear();
-    for (size_t t = 0; t < T; ++t)
-      if (scores[t * E + e] != 0.f) {
-        if (slotOf(scores + t * E, e) >= K)
-          return false;
-        tokens.push_back(t);
-      }
+    if (!slottedTokens(scores, T, E, e, K, tokens))
+      return false;
     size_t n = tokens.size();
     if (n == 0)
       continue;
-    // As expertsForward: the score scales the expert's input.
-    z.resize(n * D);
-    for (size_t i = 0; i < n; ++i) {
-      const float *xr = x + tokens[i] * D;
-      float s = scores[tokens[i] * E + e];
-      for (size_t c = 0; c < D; ++c)
-        z[i * D + c] = xr[c] * s;
-    }
-    gu.resize(n * 2 * I);
-    matmul(z.data(), D, gateUp + e * D * 2 * I, 2 * I, gu.data(), 2 * I, n,
-           2 * I, D);
-    // h overwrites the gate half in place, as in expertsForward.
-    swiglu(gu.data(), 2 * I, gu.data() + I, 2 * I, n, I, gu.data(), 2 * I);
+    expertActivations(x, scores, gateUp, tokens, e, D, I, E, z, gu);
     for (size_t i = 0; i < n; ++i) {
       size_t t = tokens[i], k = slotOf(scores + t * E, e);
       std::copy(gu.data() + i * 2 * I, gu.data() + i * 2 * I + I,
@@ -277,13 +286,8 @@ bool expertsDown(const float *h, const float *scores, const float *down,
   std::vector<size_t> tokens;
   std::vector<float> hs, y;
   for (size_t e = 0; e < E; ++e) {
-    tokens.clear();
-    for (size_t t = 0; t < T; ++t)
-      if (scores[t * E + e] != 0.f) {
-        if (slotOf(scores + t * E, e) >= K)
-          return false;
-        tokens.push_back(t);
-      }
+    if (!slottedTokens(scores, T, E, e, K, tokens))
+      return false;
     size_t n = tokens.size();
     if (n == 0)
       continue;

@@ -115,6 +115,10 @@ private:
   Status moeExperts();
   Status moeHidden();
   Status moeDown();
+  Status tooManyExperts(size_t K) const {
+    return fail("a token has more than " + std::to_string(K) +
+                " experts with a nonzero score (the router's top_k)");
+  }
   Status elementwise();
   Status takeLast();
   Status crossEntropy();
@@ -329,12 +333,7 @@ Status OpRunner::moeHidden() {
     ok &= cpu::expertsHidden(f32(x, b), f32(scores, b), f32(gateUp),
                              nb * rows(x, D), D, I, E, K, f32(h, b));
   });
-  if (!ok)
-    return Status::fail(StatusCode::InvalidArgument,
-                        "kernel '" + kernel.name + "': a token has more than " +
-                            std::to_string(K) +
-                            " experts with a nonzero score (the router's top_k)");
-  return Status::success();
+  return ok ? Status::success() : tooManyExperts(K);
 }
 
 Status OpRunner::moeDown() {
@@ -346,12 +345,7 @@ Status OpRunner::moeDown() {
     ok &= cpu::expertsDown(f32(h, b), f32(scores, b), f32(down),
                            nb * rows(y, D), D, I, E, K, f32(y, b));
   });
-  if (!ok)
-    return Status::fail(StatusCode::InvalidArgument,
-                        "kernel '" + kernel.name + "': a token has more than " +
-                            std::to_string(K) +
-                            " experts with a nonzero score (the router's top_k)");
-  return Status::success();
+  return ok ? Status::success() : tooManyExperts(K);
 }
 
 Status OpRunner::elementwise() {

@@ -202,7 +202,8 @@ private:
   /// Blocks for a grid-stride loop over `work` items.
   unsigned streamGrid(uint64_t work, unsigned threads) const;
   CUdeviceptr optState(size_t tensor, OptState which) const;
-  unsigned chunkGrid() const; ///< blocks for the optimizer's chunks
+  /// Launches one of the optimizer's kernels over its chunks.
+  rt::Status launchOptimizer(CUfunction fn, void **params, const char *what);
   rt::Status optCopy(size_t tensor, OptState which, float *host, bool up);
   std::string kernelLabel(uint32_t k) const;
 

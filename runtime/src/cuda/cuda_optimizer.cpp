@@ -109,9 +109,19 @@ uint64_t alignUp(uint64_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
 
 } // namespace
 
-unsigned CudaBackend::chunkGrid() const {
+Status CudaBackend::launchOptimizer(CUfunction fn, void **params,
+                                    const char *what) {
+  if (optChunkCount_ == 0)
+    return Status::success();
+  if (Status s = makeCurrent(); !s.ok())
+    return s;
+  // Blocks stride over the chunks; a few per SM keep the memory busy.
   uint64_t most = uint64_t(sms_ ? sms_ : 1) * 8;
-  return unsigned(std::max<uint64_t>(1, std::min(optChunkCount_, most)));
+  unsigned grid = unsigned(std::max<uint64_t>(1, std::min(optChunkCount_, most)));
+  return streamError(drv_.check(drv_.api().cuLaunchKernel(fn, grid, 1, 1, 256,
+                                                          1, 1, 0, stream_,
+                                                          params, nullptr),
+                                "cuLaunchKernel", what));
 }
 
 CUdeviceptr CudaBackend::optState(size_t tensor, OptState which) const {
@@ -215,37 +225,23 @@ Status CudaBackend::initOptimizer(const std::vector<OptTensor> &tensors) {
 Status CudaBackend::accumulateGrads(bool first) {
   if (!optBase_)
     return Status::fail(StatusCode::Internal, "no optimizer on the device");
-  if (optChunkCount_ == 0)
-    return Status::success();
-  if (Status s = makeCurrent(); !s.ok())
-    return s;
   CUdeviceptr table = optTable_, chunks = optChunks_;
   unsigned long long n = optChunkCount_;
   int f = first;
   void *params[] = {&table, &chunks, &n, &f};
-  return streamError(drv_.check(
-      drv_.api().cuLaunchKernel(gradAccumulate_, chunkGrid(), 1, 1, 256, 1, 1,
-                                0, stream_, params, nullptr),
-      "cuLaunchKernel", "gradient sums"));
+  return launchOptimizer(gradAccumulate_, params, "gradient sums");
 }
 
 Status CudaBackend::adamwStep(const AdamWScalars &h) {
   if (!optBase_)
     return Status::fail(StatusCode::Internal, "no optimizer on the device");
-  if (optChunkCount_ == 0)
-    return Status::success();
-  if (Status s = makeCurrent(); !s.ok())
-    return s;
   CUdeviceptr table = optTable_, chunks = optChunks_;
   unsigned long long n = optChunkCount_;
   AdamWScalars c = h;
   void *params[] = {&table,  &chunks,       &n,       &c.decay,
                     &c.stepSize, &c.bc2Sqrt, &c.w1,   &c.oneMinusW1,
                     &c.beta2, &c.w2,         &c.eps,  &c.microBatches};
-  return streamError(drv_.check(
-      drv_.api().cuLaunchKernel(adamw_, chunkGrid(), 1, 1, 256, 1, 1, 0,
-                                stream_, params, nullptr),
-      "cuLaunchKernel", "AdamW"));
+  return launchOptimizer(adamw_, params, "AdamW");
 }
 
 Status CudaBackend::optCopy(size_t tensor, OptState which, float *host,
