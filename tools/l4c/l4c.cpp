@@ -9,6 +9,7 @@
 #include "l4c/InitAll.h"
 #include "l4c/Passes/Pipelines.h"
 #include "l4c/Plan/PlanWriter.h"
+#include "llvm/ADT/StringExtras.h"
 #include "mlir/Pass/PassManager.h"
 #include "io/safetensors.h"
 #include "mlir/Dialect/Func/IR/FuncOps.h"
@@ -149,6 +150,12 @@ static int runCompile() {
                 "'");
   if (recomputeOpt != "none" && *program != l4c::Program::Train)
     return fail("--recompute goes with --program=train");
+  for (llvm::StringRef f : llvm::split(llvm::StringRef(fuseOpt), ','))
+    if (!llvm::is_contained({"all", "none", "swiglu", "epilogue", "norm"},
+                            f.trim()))
+      return fail("--fuse takes all, none or a comma list of swiglu, "
+                  "epilogue and norm; got '" +
+                  fuseOpt + "'");
   mlir::PassManager pm(&ctx);
   l4c::LowerToKernelOptions lopts;
   lopts.recompute = recomputeOpt;
