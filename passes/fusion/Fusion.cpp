@@ -148,13 +148,13 @@ std::optional<GemmShape> gemmShape(GroupOp g) {
 struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
   using FusionPassBase::FusionPassBase;
 
-  bool epilogue = false, swiglu = false, norm = false;
+  bool epilogue = false, swiglu = false, norm = false, rope = false;
 
   LogicalResult parseFusions() {
     for (StringRef f : llvm::split(fusions, ',')) {
       f = f.trim();
       if (f == "all")
-        epilogue = swiglu = norm = true;
+        epilogue = swiglu = norm = rope = true;
       else if (f == "none" || f.empty())
         continue;
       else if (f == "epilogue")
@@ -163,10 +163,12 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
         swiglu = true;
       else if (f == "norm")
         norm = true;
+      else if (f == "rope")
+        rope = true;
       else
         return emitError(UnknownLoc::get(&getContext()))
                << "l4c-fuse: unknown fusion '" << f
-               << "' (expected all, none, epilogue, swiglu or norm)";
+               << "' (expected all, none, epilogue, swiglu, norm or rope)";
     }
     return success();
   }
@@ -273,10 +275,30 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
     }
   }
 
+  /// rope(x) read only by l2_norm (the QK norm after RoPE) -> one kernel
+  /// that rotates and normalises each head vector.
+  void fuseRopeNorms(func::FuncOp fn) {
+    SmallVector<GroupOp> norms;
+    fn.walk([&](GroupOp g) {
+      if (single<l4::L2NormOp>(g))
+        norms.push_back(g);
+    });
+    for (GroupOp n : norms) {
+      auto r = n.getInputs()[0].getDefiningOp<GroupOp>();
+      auto ropeOp = r ? single<l4::RopeOp>(r) : l4::RopeOp();
+      if (!ropeOp || ropeOp.getInverse() || !onlyFeeds(r, n))
+        continue;
+      std::string name = (r.getName() + "+" + lastSegment(n.getName())).str();
+      fuse({r}, n, name).setKindAttr(StringAttr::get(&getContext(), "rope"));
+    }
+  }
+
   void runOnOperation() override {
     if (failed(parseFusions()))
       return signalPassFailure();
     getOperation().walk([&](func::FuncOp fn) {
+      if (rope)
+        fuseRopeNorms(fn);
       if (swiglu)
         fuseSwiglu(fn);
       if (epilogue)

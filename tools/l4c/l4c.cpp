@@ -66,7 +66,7 @@ static cl::opt<std::string> recomputeOpt(
 static cl::opt<std::string> fuseOpt(
     "fuse", cl::init("all"),
     cl::desc("kernel fusions (l4c-fuse): all | none | a comma list of swiglu, "
-             "epilogue, norm"),
+             "epilogue, norm, rope"),
     cl::sub(compileCmd));
 static cl::opt<bool> printLocs(
     "print-locations", cl::init(false),
@@ -151,10 +151,10 @@ static int runCompile() {
   if (recomputeOpt != "none" && *program != l4c::Program::Train)
     return fail("--recompute goes with --program=train");
   for (llvm::StringRef f : llvm::split(llvm::StringRef(fuseOpt), ','))
-    if (!llvm::is_contained({"all", "none", "swiglu", "epilogue", "norm"},
-                            f.trim()))
+    if (!llvm::is_contained(
+            {"all", "none", "swiglu", "epilogue", "norm", "rope"}, f.trim()))
       return fail("--fuse takes all, none or a comma list of swiglu, "
-                  "epilogue and norm; got '" +
+                  "epilogue, norm and rope; got '" +
                   fuseOpt + "'");
   mlir::PassManager pm(&ctx);
   l4c::LowerToKernelOptions lopts;

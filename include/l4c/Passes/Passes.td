@@ -120,7 +120,9 @@ def FusionPass : Pass<"l4c-fuse", "mlir::ModuleOp"> {
     - `epilogue`: an `add` of a GEMM group's only use joins the GEMM as an
       epilogue, repeatedly (the MoE combine and then the residual add);
     - `norm`: an `rms_norm` read only as the input of GEMM groups becomes a
-      prologue of each of them (the norm is recomputed per consumer).
+      prologue of each of them (the norm is recomputed per consumer);
+    - `rope`: `rope` read only by an `l2_norm` (the QK norm) becomes one
+      kernel that rotates and normalises each head vector.
 
     A value that a later kernel still reads is never fused away, so training
     programs fuse only where the backward pass does not need the
@@ -144,7 +146,7 @@ def FusionPass : Pass<"l4c-fuse", "mlir::ModuleOp"> {
   let options = [
     Option<"fusions", "fusions", "std::string", /*default=*/"\"all\"",
            "comma-separated fusions to apply: all, none, swiglu, epilogue, "
-           "norm">
+           "norm, rope">
   ];
   let dependentDialects = ["l4c::kernel::KernelDialect"];
 }

@@ -23,7 +23,7 @@ struct LowerToKernelOptions
       llvm::cl::init("none")};
   Option<std::string> fusions{
       *this, "fusions",
-      llvm::cl::desc("all | none | a list of swiglu, epilogue, norm "
+      llvm::cl::desc("all | none | a list of swiglu, epilogue, norm, rope "
                      "(l4c-fuse)"),
       llvm::cl::init("all")};
 };

@@ -548,7 +548,19 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
   ctx.op = &*ops.begin();
   ctx.kernelName = group.getName();
   std::optional<cuda::GemmSpec> fused;
-  if (numOps > 1) {
+  std::optional<cuda::RopeNorm> ropeNorm;
+  if (numOps == 2 && isa<l4::RopeOp>(*ops.begin()) &&
+      isa<l4::L2NormOp>(*std::next(ops.begin()))) {
+    // rope then the QK norm: the rope's views, the norm's result.
+    auto norm = cast<l4::L2NormOp>(*std::next(ops.begin()));
+    if (norm.getInput() != ctx.op->getResult(0) ||
+        yield.getValues().size() != 1 || yield.getValues()[0] != norm.getResult())
+      return named("rope and l2_norm must form a chain ending the kernel");
+    ropeNorm = cuda::RopeNorm{norm.getEps().convertToDouble(),
+                              cast<RankedTensorType>(ctx.op->getResult(0).getType())
+                                  .getElementType()
+                                  .isBF16()};
+  } else if (numOps > 1) {
     auto spec = matchFusedGemm(group, inputs, results, ctx);
     if (!spec)
       return spec.takeError();
@@ -571,9 +583,11 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
     view->param = "in" + std::to_string(arg.getArgNumber());
     ctx.operands.push_back(std::move(*view));
   }
-  for (auto [i, v] : llvm::enumerate(ctx.op->getResults())) {
+  for (auto [i, r] : llvm::enumerate(ctx.op->getResults())) {
     if (fused)
       break;
+    // A fused rope's result is the norm's: the kernel's only result.
+    Value v = ropeNorm ? yield.getValues()[0] : Value(r);
     auto it = llvm::find(yield.getValues(), v);
     if (it == yield.getValues().end())
       return ctx.fail("result " + llvm::Twine(i) + " is not yielded");
@@ -586,7 +600,9 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
     view->param = "out" + std::to_string(idx);
     ctx.results.push_back(std::move(*view));
   }
-  if (llvm::Error e = fused ? cuda::emitGemm(ctx, *fused) : emitOp(ctx))
+  if (llvm::Error e = fused      ? cuda::emitGemm(ctx, *fused)
+                      : ropeNorm ? cuda::emitRope(ctx, &*ropeNorm)
+                                 : emitOp(ctx))
     return std::move(e);
   std::string casts;
   for (const View &v : ctx.operands)

@@ -72,7 +72,12 @@ struct OpContext {
 // Op families; each fills ctx.body or fails with ctx.fail.
 llvm::Error emitEmbedding(OpContext &ctx);
 llvm::Error emitNorm(OpContext &ctx, double eps, bool hasWeight);
-llvm::Error emitRope(OpContext &ctx);
+/// rope fused with the l2_norm that follows it (l4c-fuse's `rope`).
+struct RopeNorm {
+  double eps = 0;
+  bool bf16Temps = false; ///< the rotated values are bf16 between the parts
+};
+llvm::Error emitRope(OpContext &ctx, const RopeNorm *norm = nullptr);
 llvm::Error emitTemperatureScale(OpContext &ctx);
 llvm::Error emitKvCacheUpdate(OpContext &ctx);
 llvm::Error emitRouterScores(OpContext &ctx);

@@ -151,7 +151,7 @@ llvm::Error emitNorm(OpContext &ctx, double eps, bool hasWeight) {
   return llvm::Error::success();
 }
 
-llvm::Error emitRope(OpContext &ctx) {
+llvm::Error emitRope(OpContext &ctx, const RopeNorm *norm) {
   auto rope = cast<l4::RopeOp>(ctx.op);
   const View &x = ctx.operands[0], &pos = ctx.operands[1], &y = ctx.results[0];
   auto lt = liveRows(ctx, {&x, &pos, &y});
@@ -203,7 +203,47 @@ llvm::Error emitRope(OpContext &ctx) {
   os << R"cuda(    }
     __syncthreads();
     const long long xo = (b * X_S + t) * X_W, yo = (b * Y_S + t) * Y_W;
-    for (long long e = threadIdx.x; e < H * HALF; e += blockDim.x) {
+)cuda";
+  if (norm) {
+    // Fused with the QK norm: one warp per head vector rotates it twice,
+    // once for its sum of squares and once to store it normalised; the
+    // rotated values are rounded as the unfused rope would store them.
+    auto rot = [&](llvm::StringRef v) {
+      return norm->bf16Temps ? ("l4_round_bf16(" + v + ")").str() : v.str();
+    };
+    os << "    constexpr float EPS = " << floatLit(float(norm->eps)) << ";\n"
+       << R"cuda(    const int lane = threadIdx.x & 31;
+    for (long long h = threadIdx.x >> 5; h < H; h += blockDim.x >> 5) {
+      float ss = 0.0f;
+      for (long long j = lane; j < HALF; j += 32) {
+        const long long k = h * D + 2 * j;
+        const float a = l4_ld(x, xo + k), bv = l4_ld(x, xo + k + 1);
+        const float c = cs[2 * j], s = cs[2 * j + 1];
+        const float ra = )cuda"
+       << rot("a * c - bv * s") << ", rb = " << rot("a * s + bv * c") << R"cuda(;
+        ss += ra * ra;
+        ss += rb * rb;
+      }
+      ss = l4_warp_sum(ss);
+      const float var = (float)((double)ss / (double)D);
+      const float inv = (float)(1.0 / sqrt((double)(var + EPS)));
+      for (long long j = lane; j < HALF; j += 32) {
+        const long long k = h * D + 2 * j;
+        const float a = l4_ld(x, xo + k), bv = l4_ld(x, xo + k + 1);
+        const float c = cs[2 * j], s = cs[2 * j + 1];
+        l4_st(y, yo + k, ()cuda"
+       << rot("a * c - bv * s") << R"cuda() * inv);
+        l4_st(y, yo + k + 1, ()cuda"
+       << rot("a * s + bv * c") << R"cuda() * inv);
+      }
+    }
+  }
+)cuda";
+    b.threads = 128;
+    b.blocks = gridFor(maxRows(x), 1);
+    return llvm::Error::success();
+  }
+  os << R"cuda(    for (long long e = threadIdx.x; e < H * HALF; e += blockDim.x) {
       const long long h = e / HALF, j = e - h * HALF, k = h * D + 2 * j;
       const float a = l4_ld(x, xo + k), bv = l4_ld(x, xo + k + 1);
       const float c = cs[2 * j], s = cs[2 * j + 1];

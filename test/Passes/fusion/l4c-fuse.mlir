@@ -1,10 +1,10 @@
 // RUN: l4-opt %s --split-input-file --convert-l4-to-kernel --l4c-fuse | FileCheck %s
 // RUN: l4-opt %s --split-input-file --convert-l4-to-kernel --l4c-fuse=fusions=none | FileCheck %s --check-prefix=NONE
 // RUN: l4-opt %s --split-input-file --convert-l4-to-kernel --l4c-fuse=fusions=epilogue | FileCheck %s --check-prefix=EPI
-// RUN: not l4-opt %s --split-input-file --convert-l4-to-kernel --l4c-fuse=fusions=rope 2>&1 | FileCheck %s --check-prefix=BAD
+// RUN: not l4-opt %s --split-input-file --convert-l4-to-kernel --l4c-fuse=fusions=qkv 2>&1 | FileCheck %s --check-prefix=BAD
 // RUN: l4-opt %s --split-input-file --convert-l4-to-kernel --l4c-fuse --l4c-plan-memory | FileCheck %s --check-prefix=MEM
 
-// BAD: l4c-fuse: unknown fusion 'rope' (expected all, none, epilogue, swiglu or norm)
+// BAD: l4c-fuse: unknown fusion 'qkv' (expected all, none, epilogue, swiglu, norm or rope)
 
 // A dense feed-forward block: the norm, both projections and SwiGLU become
 // one kernel, the down projection and the residual another.
@@ -101,4 +101,21 @@ func.func @kept(%h: tensor<1x8x32xf32> {l4.input = "x"}, %g: tensor<32xf32> {l4.
   %s = l4.swiglu %a, %b : (tensor<1x8x32xf32>, tensor<1x8x32xf32>) -> tensor<1x8x32xf32> loc("act")
   %t = l4.add %n, %h : (tensor<1x8x32xf32>, tensor<1x8x32xf32>) -> tensor<1x8x32xf32> loc("sum")
   return %s, %a, %t : tensor<1x8x32xf32>, tensor<1x8x32xf32>, tensor<1x8x32xf32>
+}
+
+// -----
+
+// RoPE read only by the QK norm: one kernel (kind rope). An inverse
+// rotation (the backward's) is left alone.
+// CHECK-LABEL: func.func @qk
+// CHECK: kernel.group "q_rope+q_norm" kind "rope"
+// CHECK-NEXT: ^bb0
+// CHECK-NEXT: l4.rope
+// CHECK-NEXT: l4.l2_norm
+// CHECK-NEXT: kernel.yield
+func.func @qk(%q: tensor<1x8x2x16xf32> {l4.input = "q"}, %p: tensor<1x8xi64> {l4.input = "positions"})
+    -> (tensor<1x8x2x16xf32> {l4.output = "logits"}) {
+  %r = l4.rope %q, %p {theta = 1.0e4 : f64, scaling = #l4<rope_scaling none>, factor = 1.0 : f64, low_freq_factor = 1.0 : f64, high_freq_factor = 1.0 : f64, original_max_position = 8 : i64} : (tensor<1x8x2x16xf32>, tensor<1x8xi64>) -> tensor<1x8x2x16xf32> loc("q_rope")
+  %n = l4.l2_norm %r {eps = 1.0e-5 : f64} : (tensor<1x8x2x16xf32>) -> tensor<1x8x2x16xf32> loc("q_norm")
+  return %n : tensor<1x8x2x16xf32>
 }
