@@ -346,12 +346,15 @@ func::FuncOp ModelBuilder::build(ModuleOp module, StringRef name, Kind k) {
                               weight(p + "post_attention_layernorm.weight"), eps);
     h = l4::AddOp::create(b, loc(p + "ffn_residual"), h, feedForward(x, i));
   }
-  h = l4::RmsNormOp::create(b, loc("model.norm"), h.getType(), h,
-                            weight("model.norm.weight"),
-                            b.getF64FloatAttr(c.rmsNormEps));
+  // Prefill keeps the last token only; the norm is per row, so taking the
+  // row first normalises one row instead of S (and lets the norm join the
+  // vocabulary projection as a prologue).
   if (k == Kind::Prefill)
     h = l4::TakeLastOp::create(b, loc("last_token"),
                                tensor({batch, 1, c.hiddenSize}), h);
+  h = l4::RmsNormOp::create(b, loc("model.norm"), h.getType(), h,
+                            weight("model.norm.weight"),
+                            b.getF64FloatAttr(c.rmsNormEps));
   std::string head =
       c.tieWordEmbeddings ? "model.embed_tokens.weight" : "lm_head.weight";
   Value logits = linear(h, head, c.vocabSize, "lm_head");
