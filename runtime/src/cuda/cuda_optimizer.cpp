@@ -135,6 +135,17 @@ Status CudaBackend::initOptimizer(const std::vector<OptTensor> &tensors) {
     return Status::fail(StatusCode::Internal, "the optimizer exists already");
   if (Status s = makeCurrent(); !s.ok())
     return s;
+  // The kernels first: without NVRTC this fails (Unsupported) before any
+  // memory is taken, and the caller may keep the optimizer on the host.
+  if (Status s = loadRuntimeKernel(kOptimizerCuda, "l4_optimizer.cu",
+                                   "l4_grad_accumulate", "gradient sums",
+                                   gradAccumulate_);
+      !s.ok())
+    return s;
+  if (Status s = loadRuntimeKernel(kOptimizerCuda, "l4_optimizer.cu",
+                                   "l4_adamw", "AdamW", adamw_);
+      !s.ok())
+    return s;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const OptTensor &t = tensors[i];
     if (Status s = checkRange("optimizer weight", plan::Region::Weights,
@@ -209,15 +220,6 @@ Status CudaBackend::initOptimizer(const std::vector<OptTensor> &tensors) {
                               "cuMemcpyHtoDAsync", what);
         !s.ok())
       return s;
-  if (Status s = loadRuntimeKernel(kOptimizerCuda, "l4_optimizer.cu",
-                                   "l4_grad_accumulate", "gradient sums",
-                                   gradAccumulate_);
-      !s.ok())
-    return s;
-  if (Status s = loadRuntimeKernel(kOptimizerCuda, "l4_optimizer.cu",
-                                   "l4_adamw", "AdamW", adamw_);
-      !s.ok())
-    return s;
   return drv_.check(a.cuStreamSynchronize(stream_), "cuStreamSynchronize",
                     what);
 }
