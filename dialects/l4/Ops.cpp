@@ -296,6 +296,36 @@ LogicalResult MoeExpertsOp::verify() {
   return success();
 }
 
+/// Per-slot expert values: f32, or the element type of `ref`.
+static LogicalResult expectF32OrLike(Operation *op, StringRef what, Value v,
+                                     Value ref, StringRef refName) {
+  if (cast<RankedTensorType>(v.getType()).getElementType().isF32())
+    return success();
+  return expectSameElementType(op, what, v, ref, refName);
+}
+
+/// `route` is l4.moe_route's table for [b, s, e] scores with `slots` slots.
+static LogicalResult expectRoute(Operation *op, Value route, int64_t b,
+                                 int64_t s, int64_t e, int64_t slots) {
+  if (failed(expectRank(op, "route", route, 1)))
+    return failure();
+  if (!cast<RankedTensorType>(route.getType()).getElementType().isInteger(32))
+    return op->emitOpError() << "route must be i32";
+  return expectShape(op, "route", route, {e + 1 + b * s * slots});
+}
+
+LogicalResult MoeRouteOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "scores", getScores(), 3)))
+    return failure();
+  ArrayRef<int64_t> sc = shapeOf(getScores());
+  int64_t slots = getSlots();
+  if (slots < 1 || slots > sc[2])
+    return emitOpError() << "slots " << slots << " must be in [1, " << sc[2]
+                         << "] (the experts a token may use)";
+  return expectRoute(op, getResult(), sc[0], sc[1], sc[2], slots);
+}
+
 LogicalResult MoeHiddenOp::verify() {
   Operation *op = getOperation();
   if (failed(expectRank(op, "input", getInput(), 3)) ||
@@ -318,9 +348,10 @@ LogicalResult MoeHiddenOp::verify() {
                          << "] (the experts a token may use)";
   if (failed(expectShape(op, "result", getResult(), {x[0], x[1], h[2], i})))
     return failure();
-  if (!getResult().getType().getElementType().isF32())
-    return emitOpError() << "result must be f32 (the activations keep the "
-                            "precision they have inside l4.moe_experts)";
+  if (failed(expectRoute(op, getRoute(), x[0], x[1], e, h[2])))
+    return failure();
+  if (failed(expectF32OrLike(op, "result", getResult(), getInput(), "input")))
+    return failure();
   return success();
 }
 
@@ -340,8 +371,10 @@ LogicalResult MoeDownOp::verify() {
       failed(expectShape(op, "down", getDown(), {e, h[3], dn[2]})) ||
       failed(expectShape(op, "result", getResult(), {h[0], h[1], dn[2]})))
     return failure();
-  if (!getHidden().getType().getElementType().isF32())
-    return emitOpError() << "hidden must be f32";
+  if (failed(expectRoute(op, getRoute(), h[0], h[1], e, h[2])))
+    return failure();
+  if (failed(expectF32OrLike(op, "hidden", getHidden(), getResult(), "result")))
+    return failure();
   return success();
 }
 
@@ -484,6 +517,123 @@ LogicalResult MoeExpertsGradOp::verify() {
     return failure();
   return expectWeightGradType(op, "down_grad", getDownGrad(), "down",
                               getDown());
+}
+
+namespace {
+/// The shapes the split experts' gradient ops share: x-like token rows
+/// [B, S, D], scores [B, S, E], per-slot rows [B, S, K, W] and the route.
+struct ExpertDims {
+  int64_t b = 0, s = 0, e = 0, k = 0;
+};
+
+/// Checks `slotted` is [B, S, K, width] over `scores` [B, S, E] and `route`
+/// is the table for them; fills `d`.
+LogicalResult expectSlotted(Operation *op, StringRef what, Value slotted,
+                            int64_t width, Value scores, Value route,
+                            ExpertDims &d) {
+  if (failed(expectRank(op, what, slotted, 4)) ||
+      failed(expectRank(op, "scores", scores, 3)))
+    return failure();
+  ArrayRef<int64_t> sl = shapeOf(slotted), sc = shapeOf(scores);
+  d = {sc[0], sc[1], sc[2], sl[2]};
+  if (d.k < 1 || d.k > d.e)
+    return op->emitOpError()
+           << what << " slots " << d.k << " must be in [1, " << d.e << "]";
+  if (failed(expectShape(op, what, slotted, {d.b, d.s, d.k, width})))
+    return failure();
+  return route ? expectRoute(op, route, d.b, d.s, d.e, d.k) : success();
+}
+} // namespace
+
+LogicalResult MoeGateUpOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "input", getInput(), 3)) ||
+      failed(expectRank(op, "gate_up", getGateUp(), 3)))
+    return failure();
+  ArrayRef<int64_t> gu = shapeOf(getGateUp());
+  ExpertDims d;
+  if (failed(expectSlotted(op, "result", getResult(), gu[2], getScores(),
+                           getRoute(), d)) ||
+      failed(expectShape(op, "input", getInput(), {d.b, d.s, gu[1]})) ||
+      failed(expectDim(op, "gate_up", getGateUp(), 0, d.e, "the experts")))
+    return failure();
+  return expectF32OrLike(op, "result", getResult(), getInput(), "input");
+}
+
+LogicalResult MoeDownGradOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "down", getDown(), 3)))
+    return failure();
+  ArrayRef<int64_t> dn = shapeOf(getDown());
+  ExpertDims d;
+  if (failed(expectSlotted(op, "gate_up_out", getGateUpOut(), 2 * dn[1],
+                           getScores(), getRoute(), d)) ||
+      failed(expectDim(op, "down", getDown(), 0, d.e, "the experts")) ||
+      failed(expectShape(op, "grad", getGrad(), {d.b, d.s, dn[2]})))
+    return failure();
+  return expectSameType(op, "result", getResult(), "gate_up_out",
+                        getGateUpOut());
+}
+
+LogicalResult MoeDownGradWeightOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "grad", getGrad(), 3)) ||
+      failed(expectRank(op, "result", getResult(), 3)))
+    return failure();
+  ArrayRef<int64_t> w = shapeOf(getResult());
+  ExpertDims d;
+  if (failed(expectSlotted(op, "gate_up_out", getGateUpOut(), 2 * w[1],
+                           getScores(), getRoute(), d)) ||
+      failed(expectShape(op, "grad", getGrad(), {d.b, d.s, w[2]})) ||
+      failed(expectDim(op, "result", getResult(), 0, d.e, "the experts")))
+    return failure();
+  return success();
+}
+
+LogicalResult MoeGateUpGradInputOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "gate_up", getGateUp(), 3)) ||
+      failed(expectRank(op, "result", getResult(), 4)))
+    return failure();
+  ArrayRef<int64_t> gu = shapeOf(getGateUp());
+  ExpertDims d;
+  if (failed(expectSlotted(op, "grad", getGrad(), gu[2], getScores(),
+                           getRoute(), d)) ||
+      failed(expectDim(op, "gate_up", getGateUp(), 0, d.e, "the experts")) ||
+      failed(expectShape(op, "result", getResult(), {d.b, d.s, d.k, gu[1]})))
+    return failure();
+  return expectF32OrLike(op, "result", getResult(), getGrad(), "grad");
+}
+
+LogicalResult MoeCombineGradOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "input", getInput(), 3)))
+    return failure();
+  ArrayRef<int64_t> x = shapeOf(getInput());
+  ExpertDims d;
+  if (failed(expectSlotted(op, "grad", getGrad(), x[2], getScores(), Value(),
+                           d)) ||
+      failed(expectShape(op, "input", getInput(), {d.b, d.s, x[2]})) ||
+      failed(expectSameType(op, "input_grad", getInputGrad(), "input",
+                            getInput())))
+    return failure();
+  return expectSameType(op, "scores_grad", getScoresGrad(), "scores",
+                        getScores());
+}
+
+LogicalResult MoeGateUpGradWeightOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "input", getInput(), 3)) ||
+      failed(expectRank(op, "result", getResult(), 3)))
+    return failure();
+  ArrayRef<int64_t> w = shapeOf(getResult());
+  ExpertDims d;
+  if (failed(expectSlotted(op, "grad", getGrad(), w[2], getScores(), getRoute(),
+                           d)) ||
+      failed(expectShape(op, "input", getInput(), {d.b, d.s, w[1]})) ||
+      failed(expectDim(op, "result", getResult(), 0, d.e, "the experts")))
+    return failure();
+  return success();
 }
 
 LogicalResult EmbeddingGradOp::verify() {

@@ -133,8 +133,9 @@ static std::vector<DimKind> staticDims(Type t) {
 }
 
 /// Dims of result `idx` of the l4 op `op`, from the dims of its operands.
-/// Parameter-shaped results (weight gradients) and the scalar loss have no
-/// run-time dims; in-place and gradient results mirror the operand they
+/// Parameter-shaped results (weight gradients), the scalar loss and the
+/// experts' route table (sized for the compiled maxima) have no run-time
+/// dims; in-place and gradient results mirror the operand they
 /// stand for; everything else follows its first token-major operand.
 static std::vector<DimKind>
 resultDims(Operation *op, unsigned idx,
@@ -145,7 +146,9 @@ resultDims(Operation *op, unsigned idx,
     d.resize(cast<RankedTensorType>(t).getRank(), DimKind::Static);
     return d;
   };
-  if (isa<l4::LinearGradWeightOp, l4::EmbeddingGradOp, l4::CrossEntropyOp>(op) ||
+  if (isa<l4::LinearGradWeightOp, l4::EmbeddingGradOp, l4::CrossEntropyOp,
+          l4::MoeRouteOp, l4::MoeDownGradWeightOp, l4::MoeGateUpGradWeightOp>(
+          op) ||
       (isa<l4::RmsNormGradOp>(op) && idx == 1) ||
       (isa<l4::MoeExpertsGradOp>(op) && idx >= 2))
     return staticDims(t);

@@ -41,6 +41,8 @@ const char *opKindName(OpKind k) {
     return "router_scores";
   case OpKind::MoeExperts:
     return "moe_experts";
+  case OpKind::MoeRoute:
+    return "moe_route";
   case OpKind::MoeHidden:
     return "moe_hidden";
   case OpKind::MoeDown:
@@ -69,6 +71,18 @@ const char *opKindName(OpKind k) {
     return "router_scores_grad";
   case OpKind::MoeExpertsGrad:
     return "moe_experts_grad";
+  case OpKind::MoeGateUp:
+    return "moe_gate_up";
+  case OpKind::MoeDownGrad:
+    return "moe_down_grad";
+  case OpKind::MoeDownGradWeight:
+    return "moe_down_grad_weight";
+  case OpKind::MoeGateUpGradInput:
+    return "moe_gate_up_grad_input";
+  case OpKind::MoeCombineGrad:
+    return "moe_combine_grad";
+  case OpKind::MoeGateUpGradWeight:
+    return "moe_gate_up_grad_weight";
   case OpKind::SwigluGrad:
     return "swiglu_grad";
   case OpKind::EmbeddingGrad:
@@ -155,8 +169,9 @@ constexpr OpSpec kOpSpecs[] = {
     {"attention", OpKind::Attention, 4, 1},
     {"router_scores", OpKind::RouterScores, 1, 1},
     {"moe_experts", OpKind::MoeExperts, 4, 1},
-    {"moe_hidden", OpKind::MoeHidden, 3, 1},
-    {"moe_down", OpKind::MoeDown, 3, 1},
+    {"moe_route", OpKind::MoeRoute, 1, 1},
+    {"moe_hidden", OpKind::MoeHidden, 4, 1},
+    {"moe_down", OpKind::MoeDown, 4, 1},
     {"swiglu", OpKind::Swiglu, 2, 1},
     {"add", OpKind::Add, 2, 1},
     {"take_last", OpKind::TakeLast, 1, 1},
@@ -169,6 +184,12 @@ constexpr OpSpec kOpSpecs[] = {
     {"attention_grad", OpKind::AttentionGrad, 5, 3},
     {"router_scores_grad", OpKind::RouterScoresGrad, 2, 1},
     {"moe_experts_grad", OpKind::MoeExpertsGrad, 5, 4},
+    {"moe_gate_up", OpKind::MoeGateUp, 4, 1},
+    {"moe_down_grad", OpKind::MoeDownGrad, 5, 1},
+    {"moe_down_grad_weight", OpKind::MoeDownGradWeight, 4, 1},
+    {"moe_gate_up_grad_input", OpKind::MoeGateUpGradInput, 4, 1},
+    {"moe_combine_grad", OpKind::MoeCombineGrad, 3, 2},
+    {"moe_gate_up_grad_weight", OpKind::MoeGateUpGradWeight, 4, 1},
     {"swiglu_grad", OpKind::SwigluGrad, 3, 2},
     {"embedding_grad", OpKind::EmbeddingGrad, 2, 1},
 };
@@ -189,6 +210,15 @@ bool isIndexOperand(OpKind k, size_t i) {
     return i == 3;
   case OpKind::EmbeddingGrad:
     return i == 0;
+  case OpKind::MoeHidden:
+  case OpKind::MoeDown:
+  case OpKind::MoeGateUp:
+  case OpKind::MoeDownGradWeight:
+  case OpKind::MoeGateUpGradInput:
+  case OpKind::MoeGateUpGradWeight:
+    return i == 3; // the route table
+  case OpKind::MoeDownGrad:
+    return i == 4;
   default:
     return false;
   }
@@ -627,6 +657,23 @@ std::string label(const Plan &p, uint32_t i) {
 }
 
 /// Shapes and attributes of the training ops; returns the first problem.
+/// Why `route` is not l4.moe_route's table for `scores` [.., E] with `slots`
+/// entries per token; empty when it is.
+std::string routeMismatch(const BufferDesc &route, const BufferDesc &scores,
+                          int64_t slots, const std::string &who) {
+  int64_t E = scores.lastDim();
+  uint64_t tokens = E > 0 ? scores.numel / uint64_t(E) : 0;
+  int64_t want = E + 1 + int64_t(tokens) * slots;
+  if (route.dtype != plan::DType::I32)
+    return who + " has dtype " + dtypeName(route.dtype) + ", expected i32";
+  if (route.hasBatch || route.shape != std::vector<int64_t>{want})
+    return who + " has shape " + shapeStr(route.shape) + ", expected [" +
+           std::to_string(want) + "] without run-time dims (E + 1 + " +
+           std::to_string(tokens) + " tokens x " + std::to_string(slots) +
+           " slots)";
+  return "";
+}
+
 /// Activations are token-major with a batch dim; parameter-shaped gradients
 /// have none and the exact shape of their parameter.
 std::string checkTrainOp(const Plan &p, OpDesc &d, AttrReader &ar,
@@ -832,6 +879,153 @@ std::string checkTrainOp(const Plan &p, OpDesc &d, AttrReader &ar,
       e = param(3, down.shape);
     break;
   }
+  case OpKind::MoeGateUp:
+  case OpKind::MoeDownGrad:
+  case OpKind::MoeDownGradWeight:
+  case OpKind::MoeGateUpGradInput:
+  case OpKind::MoeCombineGrad:
+  case OpKind::MoeGateUpGradWeight: {
+    // The split experts' backward (l4c-split-experts). Token rows x-like
+    // [.., D], per-slot rows [.., K, W], scores [.., E], the route table.
+    bool combine = d.kind == OpKind::MoeCombineGrad;
+    const BufferDesc &scores = B(combine ? 2 : 1);
+    int64_t E = scores.lastDim(), K = 0;
+    e = activation(combine ? 2 : 1, "scores");
+    // Operand i holds K slots of `width` per token of the scores.
+    auto slottedRows = [&](size_t i, int64_t width,
+                           const char *what) -> std::string {
+      const BufferDesc &b = B(i);
+      std::string err = activation(i, what);
+      if (!err.empty())
+        return err;
+      K = b.shape.size() >= 2 ? b.shape[b.shape.size() - 2] : 0;
+      if (b.lastDim() != width || K < 1 || K > E ||
+          !tokenAligned(b, uint64_t(K * width), scores, uint64_t(E)))
+        return std::string(what) + " " + role(i) + " has shape " +
+               shapeStr(b.shape) + ", expected [.., K, " +
+               std::to_string(width) +
+               "] per token of the scores with 1 <= K <= " +
+               std::to_string(E);
+      return "";
+    };
+    // Operand i holds one row of `width` per token of the scores.
+    auto tokenRows = [&](size_t i, int64_t width,
+                         const char *what) -> std::string {
+      const BufferDesc &b = B(i);
+      if (!b.hasBatch || b.lastDim() != width ||
+          !tokenAligned(b, uint64_t(width), scores, uint64_t(E)))
+        return std::string(what) + " " + role(i) + " has shape " +
+               shapeStr(b.shape) + ", expected one row of " +
+               std::to_string(width) + " per token of the scores";
+      return "";
+    };
+    // A weight-shaped [E, a, b] operand.
+    auto expertMatrix = [&](size_t i, const char *what) -> std::string {
+      std::string err = matrix(i, what, 3);
+      if (err.empty() && B(i).shape[0] != E)
+        err = std::string(what) + " " + role(i) + " has shape " +
+              shapeStr(B(i).shape) + ", expected " + std::to_string(E) +
+              " experts";
+      return err;
+    };
+    auto route = [&](size_t i) {
+      return routeMismatch(B(i), scores, K, "route " + role(i));
+    };
+    // The result's slots per token, `width` each.
+    auto slottedResult = [&](int64_t width) -> std::string {
+      const BufferDesc &r = R(0);
+      if (!r.hasBatch || r.lastDim() != width || r.shape.size() < 2 ||
+          r.shape[r.shape.size() - 2] != K ||
+          !tokenAligned(scores, uint64_t(E), r, uint64_t(K * width)))
+        return resRole(0) + " has shape " + shapeStr(r.shape) +
+               ", expected [.., " + std::to_string(K) + ", " +
+               std::to_string(width) + "] per token";
+      return "";
+    };
+    switch (d.kind) {
+    case OpKind::MoeGateUp: { // x, scores, gate_up, route -> gu
+      if (e.empty())
+        e = expertMatrix(2, "gate_up");
+      int64_t D = e.empty() ? B(2).shape[1] : 0,
+              W = e.empty() ? B(2).shape[2] : 0;
+      if (e.empty())
+        e = tokenRows(0, D, "input");
+      if (e.empty()) {
+        const BufferDesc &r = R(0);
+        K = r.shape.size() >= 2 ? r.shape[r.shape.size() - 2] : 0;
+        if (K < 1 || K > E)
+          e = resRole(0) + " has shape " + shapeStr(r.shape) +
+              ", expected [.., K, " + std::to_string(W) +
+              "] with 1 <= K <= " + std::to_string(E);
+      }
+      if (e.empty())
+        e = slottedResult(W);
+      if (e.empty())
+        e = route(3);
+      break;
+    }
+    case OpKind::MoeDownGrad: // gu, scores, down, dy, route -> dgu
+      if (e.empty())
+        e = expertMatrix(2, "down");
+      if (e.empty())
+        e = slottedRows(0, 2 * B(2).shape[1], "gate_up_out");
+      if (e.empty())
+        e = tokenRows(3, B(2).shape[2], "gradient");
+      if (e.empty())
+        e = like(0, 0, true, "");
+      if (e.empty())
+        e = route(4);
+      break;
+    case OpKind::MoeDownGradWeight: { // gu, scores, dy, route -> [E, I, D]
+      const BufferDesc &dy = B(2);
+      if (e.empty() && (!dy.hasBatch || dy.shape.empty()))
+        e = "gradient " + role(2) + " must have a batch dim";
+      if (e.empty() && B(0).lastDim() % 2 != 0)
+        e = "gate_up_out " + role(0) + " has an odd last dim";
+      if (e.empty())
+        e = slottedRows(0, B(0).lastDim(), "gate_up_out");
+      if (e.empty())
+        e = tokenRows(2, dy.lastDim(), "gradient");
+      if (e.empty())
+        e = param(0, {E, B(0).lastDim() / 2, dy.lastDim()});
+      if (e.empty())
+        e = route(3);
+      break;
+    }
+    case OpKind::MoeGateUpGradInput: // dgu, scores, gate_up, route -> dz
+      if (e.empty())
+        e = expertMatrix(2, "gate_up");
+      if (e.empty())
+        e = slottedRows(0, B(2).shape[2], "gradient");
+      if (e.empty())
+        e = slottedResult(B(2).shape[1]);
+      if (e.empty())
+        e = route(3);
+      break;
+    case OpKind::MoeCombineGrad: // dz, x, scores -> dx, dscores
+      if (e.empty())
+        e = tokenRows(1, B(1).lastDim(), "input");
+      if (e.empty())
+        e = slottedRows(0, B(1).lastDim(), "gradient");
+      if (e.empty())
+        e = like(1, 0, true, "");
+      if (e.empty())
+        e = like(2, 1, true, "");
+      break;
+    default: { // MoeGateUpGradWeight: x, scores, dgu, route -> [E, D, 2I]
+      if (e.empty())
+        e = tokenRows(0, B(0).lastDim(), "input");
+      if (e.empty())
+        e = slottedRows(2, B(2).lastDim(), "gradient");
+      if (e.empty())
+        e = param(0, {E, B(0).lastDim(), B(2).lastDim()});
+      if (e.empty())
+        e = route(3);
+      break;
+    }
+    }
+    break;
+  }
   case OpKind::SwigluGrad:
     e = activation(0, "gate");
     if (e.empty())
@@ -895,9 +1089,10 @@ Status PlanVerifier::checkOpShapes(
   }
   for (size_t i = 0; i < d.results.size(); ++i) {
     const BufferDesc &r = p.buffers[d.results[i]];
-    if (!isFloat(r.dtype))
+    bool table = d.kind == OpKind::MoeRoute;
+    if (table ? r.dtype != plan::DType::I32 : !isFloat(r.dtype))
       return bad(resLabel(i) + " has dtype " + dtypeName(r.dtype) +
-                 ", expected a float type");
+                 ", expected " + (table ? "i32" : "a float type"));
     if (r.region == plan::Region::Weights)
       return bad(resLabel(i) + " lies in the weights region");
   }
@@ -922,6 +1117,10 @@ Status PlanVerifier::checkOpShapes(
                ? ""
                : resName + " has shape " + shapeStr(res.shape) +
                      " (or dims) unlike the input's " + shapeStr(x.shape);
+  };
+  auto needRoute = [&](const BufferDesc &route, const BufferDesc &scores,
+                       int64_t slots, const std::string &who) {
+    return routeMismatch(route, scores, slots, who);
   };
   std::string e;
   // May a result be the very bytes of an operand? Only where the CPU kernel
@@ -1109,6 +1308,16 @@ Status PlanVerifier::checkOpShapes(
       e = sameAsX();
     break;
   }
+  case OpKind::MoeRoute: {
+    d.slots = ar.i("slots");
+    e = needActivation(x, "scores " + role(0));
+    if (e.empty() && ar.err.empty() && (d.slots < 1 || d.slots > x.lastDim()))
+      ar.err = "attribute slots " + std::to_string(d.slots) +
+               " is outside [1, " + std::to_string(x.lastDim()) + "]";
+    if (e.empty() && ar.err.empty())
+      e = needRoute(res, x, d.slots, resName);
+    break;
+  }
   case OpKind::MoeHidden: {
     // x [B, S, D], scores [B, S, E], gate_up [E, D, 2I] -> h [B, S, K, I].
     const BufferDesc &scores = B(1), &gateUp = B(2);
@@ -1132,6 +1341,8 @@ Status PlanVerifier::checkOpShapes(
         e = resName + " has shape " + shapeStr(res.shape) +
             ", expected [.., K, " + std::to_string(I2 / 2) +
             "] per input token with 1 <= K <= " + std::to_string(E);
+      else
+        e = needRoute(B(3), scores, K, "route " + role(3));
     }
     break;
   }
@@ -1156,6 +1367,8 @@ Status PlanVerifier::checkOpShapes(
                !tokenAligned(h, uint64_t(K * I), res, uint64_t(D)))
         e = resName + " has shape " + shapeStr(res.shape) + ", expected [.., " +
             std::to_string(D) + "] per token";
+      else
+        e = needRoute(B(3), scores, K, "route " + role(3));
     }
     break;
   }

@@ -56,6 +56,7 @@ enum class OpKind {
   Attention,
   RouterScores,
   MoeExperts,
+  MoeRoute,
   MoeHidden,
   MoeDown,
   Swiglu,
@@ -71,6 +72,13 @@ enum class OpKind {
   AttentionGrad,
   RouterScoresGrad,
   MoeExpertsGrad,
+  // l4c-split-experts' parts of moe_experts_grad.
+  MoeGateUp,
+  MoeDownGrad,
+  MoeDownGradWeight,
+  MoeGateUpGradInput,
+  MoeCombineGrad,
+  MoeGateUpGradWeight,
   SwigluGrad,
   EmbeddingGrad,
 };
@@ -111,6 +119,7 @@ struct OpDesc {
   // Attributes, decoded once; those an op does not have stay zero.
   double eps = 0, scale = 0, floorScale = 0, attnScale = 0;
   int64_t chunkSize = 0, topK = 0;
+  int64_t slots = 0;          ///< moe_route: entries per token
   bool inverse = false;       ///< rope: the adjoint (negated angle) rotation
   int64_t paddingIdx = -1;    ///< embedding_grad: a row that gets no gradient
   std::vector<float> invFreq; ///< rope: cpu::ropeInvFreq, head_dim / 2 entries

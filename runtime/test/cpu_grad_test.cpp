@@ -572,6 +572,69 @@ TEST_P(CpuGradExperts, MatchesFiniteDifferences) {
   expectNear(toDouble(ds), toDouble(ds2), "dscores again", 0);
 }
 
+// l4c-split-experts' parts of the backward compute what expertsBackward
+// computes, bit for bit (the same per-expert calls in the same order), with
+// slot rows zero where a token has fewer experts than slots.
+TEST_P(CpuGradExperts, SplitPartsEqualTheFusedBackward) {
+  const size_t T = 9, D = 6, I = 5, E = 4, topK = GetParam(), K = topK + 1;
+  FVec logits = randomVec(T * E, 191, -2.f, 2.f), s(T * E);
+  routerScores(logits.data(), T, E, topK, s.data());
+  for (size_t e = 0; e < E; ++e) // a token with no expert at all
+    s[4 * E + e] = 0.f;
+  FVec x = randomVec(T * D, 192), gateUp = randomVec(E * D * 2 * I, 193),
+       down = randomVec(E * I * D, 194), dy = randomVec(T * D, 195);
+  FVec dx(T * D), ds(T * E), dg(E * D * 2 * I), dd(E * I * D);
+  expertsBackward(x.data(), s.data(), gateUp.data(), down.data(), T, D, I, E,
+                  dy.data(), dx.data(), ds.data(), dg.data(), dd.data());
+
+  FVec gu(T * K * 2 * I, 7.f), dgu(T * K * 2 * I, 7.f), dz(T * K * D, 7.f);
+  FVec dx2(T * D, 7.f), ds2(T * E, 7.f), dg2(E * D * 2 * I, 7.f),
+      dd2(E * I * D, 7.f);
+  ASSERT_TRUE(expertsGateUp(x.data(), s.data(), gateUp.data(), T, D, I, E, K,
+                            gu.data()));
+  ASSERT_TRUE(expertsDownGrad(gu.data(), s.data(), down.data(), dy.data(), T,
+                              D, I, E, K, dgu.data()));
+  ASSERT_TRUE(expertsDownGradWeight(gu.data(), s.data(), dy.data(), T, D, I,
+                                    E, K, dd2.data(), false));
+  ASSERT_TRUE(expertsGateUpGradInput(dgu.data(), s.data(), gateUp.data(), T,
+                                     D, I, E, K, dz.data()));
+  ASSERT_TRUE(expertsCombineGrad(dz.data(), x.data(), s.data(), T, D, E, K,
+                                 dx2.data(), ds2.data()));
+  ASSERT_TRUE(expertsGateUpGradWeight(x.data(), s.data(), dgu.data(), T, D, I,
+                                      E, K, dg2.data(), false));
+  EXPECT_EQ(dx, dx2);
+  EXPECT_EQ(ds, ds2);
+  EXPECT_EQ(dg, dg2);
+  EXPECT_EQ(dd, dd2);
+  // The token without experts and every token's unused last slot: zeros.
+  for (size_t k = 0; k < K; ++k)
+    for (size_t c = 0; c < 2 * I; ++c) {
+      EXPECT_EQ(gu[(4 * K + k) * 2 * I + c], 0.f);
+      EXPECT_EQ(dgu[(4 * K + k) * 2 * I + c], 0.f);
+    }
+  for (size_t t = 0; t < T; ++t)
+    for (size_t c = 0; c < D; ++c)
+      EXPECT_EQ(dz[(t * K + K - 1) * D + c], 0.f) << "token " << t;
+
+  // More nonzero scores than slots: refused, as expertsHidden refuses.
+  if (topK > 1)
+    EXPECT_FALSE(expertsGateUp(x.data(), s.data(), gateUp.data(), T, D, I, E,
+                               1, gu.data()));
+}
+
+TEST(CpuKernels, RouteTable) {
+  // Tokens: 0 -> {1}, 1 -> {0, 2}, 2 -> {}, 3 -> {2}; 2 slots, 3 experts.
+  const size_t M = 4, E = 3, K = 2, n = E + 1 + M * K;
+  FVec s = {0, .5f, 0, .2f, 0, .7f, 0, 0, 0, 0, 0, .9f};
+  std::vector<int32_t> table(n, 99);
+  ASSERT_TRUE(expertsRoute(s.data(), M, E, K, table.data(), n));
+  // Offsets 0, 1, 2, 4; entries m * K + k: expert 0: (1, 0); expert 1:
+  // (0, 0); expert 2: (1, 1), (3, 0); then -1.
+  std::vector<int32_t> want = {0, 1, 2, 4, 2, 0, 3, 6, -1, -1, -1, -1};
+  EXPECT_EQ(table, want);
+  EXPECT_FALSE(expertsRoute(s.data(), M, E, 1, table.data(), E + 1 + M));
+}
+
 INSTANTIATE_TEST_SUITE_P(CpuGrad, CpuGradExperts, ::testing::Values(1, 2));
 
 TEST(CpuGrad, Embedding) {

@@ -83,23 +83,26 @@ def PlanMemoryPass : Pass<"l4c-plan-memory", "mlir::ModuleOp"> {
 //===----------------------------------------------------------------------===//
 
 def SplitExpertsPass : Pass<"l4c-split-experts", "mlir::ModuleOp"> {
-  let summary = "routed experts as l4.moe_hidden then l4.moe_down";
+  let summary = "routed experts as l4.moe_route, l4.moe_hidden, l4.moe_down";
   let description = [{
-    Replaces each `l4.moe_experts` by `l4.moe_hidden` (the selected experts'
-    SwiGLU activations of every token, `[B, S, K, I]` with K the router's
-    top_k) and `l4.moe_down` (their down projections summed in increasing
-    expert order). The activations become a value between two kernels, so
-    each half can spread one token's expert weights across the whole GPU;
-    the fused op needs all of a token's activations before its first down
-    product. Locations get `.gate_up` and `.down` appended.
+    Replaces each `l4.moe_experts` by `l4.moe_route` (each expert's (token,
+    slot) pairs, so that the GPU can run an expert's tokens as one GEMM),
+    `l4.moe_hidden` (the selected experts' SwiGLU activations of every
+    token, `[B, S, K, I]` with K the router's top_k) and `l4.moe_down`
+    (their down projections summed in increasing expert order). The
+    activations become a value between two kernels, so each half can
+    spread one token's expert weights across the whole GPU; the fused op
+    needs all of a token's activations before its first down product.
+    Locations get `.route`, `.gate_up` and `.down` appended.
 
     ```mlir
     %y = l4.moe_experts %x, %s, %gu, %dn : ... loc("model.layers.1.feed_forward.experts")
     ```
     becomes
     ```mlir
-    %h = l4.moe_hidden %x, %s, %gu : ... -> tensor<1x8x1x64xf32> loc("...experts.gate_up")
-    %y = l4.moe_down %h, %s, %dn : ... loc("...experts.down")
+    %r = l4.moe_route %s {slots = 1} : ... -> tensor<25xi32> loc("...experts.route")
+    %h = l4.moe_hidden %x, %s, %gu, %r : ... -> tensor<1x8x1x64xf32> loc("...experts.gate_up")
+    %y = l4.moe_down %h, %s, %dn, %r : ... loc("...experts.down")
     ```
   }];
 }

@@ -22,14 +22,23 @@ using namespace l4c;
 
 llvm::StringRef l4c::kernelKindOf(Operation *op) {
   return llvm::TypeSwitch<Operation *, StringRef>(op)
-      .Case<l4::EmbeddingOp>([](auto) { return "gather"; })
-      .Case<l4::RmsNormOp, l4::L2NormOp>([](auto) { return "norm"; })
-      .Case<l4::LinearOp>([](auto) { return "gemm"; })
+      .Case<l4::EmbeddingOp, l4::EmbeddingGradOp>([](auto) { return "gather"; })
+      .Case<l4::RmsNormOp, l4::L2NormOp, l4::RmsNormGradOp, l4::L2NormGradOp>(
+          [](auto) { return "norm"; })
+      .Case<l4::LinearOp, l4::LinearGradInputOp, l4::LinearGradWeightOp>(
+          [](auto) { return "gemm"; })
       .Case<l4::RopeOp>([](auto) { return "rope"; })
       .Case<l4::KvCacheUpdateOp>([](auto) { return "cache"; })
-      .Case<l4::AttentionOp>([](auto) { return "attention"; })
-      .Case<l4::RouterScoresOp>([](auto) { return "router"; })
-      .Case<l4::MoeExpertsOp, l4::MoeHiddenOp, l4::MoeDownOp>(
+      .Case<l4::AttentionOp, l4::AttentionGradOp>(
+          [](auto) { return "attention"; })
+      .Case<l4::RouterScoresOp, l4::RouterScoresGradOp>(
+          [](auto) { return "router"; })
+      .Case<l4::CrossEntropyOp, l4::CrossEntropyGradOp>(
+          [](auto) { return "loss"; })
+      .Case<l4::MoeExpertsOp, l4::MoeRouteOp, l4::MoeHiddenOp, l4::MoeDownOp,
+            l4::MoeExpertsGradOp, l4::MoeGateUpOp, l4::MoeDownGradOp,
+            l4::MoeDownGradWeightOp, l4::MoeGateUpGradInputOp,
+            l4::MoeCombineGradOp, l4::MoeGateUpGradWeightOp>(
           [](auto) { return "moe"; })
       .Case<l4::TakeLastOp>([](auto) { return "copy"; })
       .Default([](auto) { return "elementwise"; });

@@ -141,6 +141,11 @@ __device__ __forceinline__ unsigned short l4_bf16_bits(float v) {
   l4_st(&h, 0, v);
   return h.bits;
 }
+// The bf16 bits of what v's bf16 rounding `hi` left out: hi + lo carries v
+// to about 16 significant bits (two tensor-core products instead of one).
+__device__ __forceinline__ unsigned short l4_bf16_lo(float v, unsigned short hi) {
+  return l4_bf16_bits(v - __uint_as_float((unsigned)hi << 16));
+}
 __device__ __forceinline__ unsigned l4_pair(const unsigned short *p) {
   return *reinterpret_cast<const unsigned *>(p);
 }
@@ -159,6 +164,7 @@ __device__ __forceinline__ long long l4_ldi(const long long *p, long long i) { r
 __device__ __forceinline__ long long l4_ldi(const int *p, long long i) { return (long long)p[i]; }
 
 __device__ __forceinline__ float l4_neg_inf() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ float l4_swiglu(float g, float u) { return u * (g / (1.0f + expf(-g))); }
 __device__ __forceinline__ float l4_warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -262,11 +268,12 @@ std::optional<Names> operandNames(Operation *op) {
       .Case<l4::MoeExpertsOp>([](auto) {
         return Names{"x", "scores", "gate_up", "down"};
       })
+      .Case<l4::MoeRouteOp>([](auto) { return Names{"scores"}; })
       .Case<l4::MoeHiddenOp>([](auto) {
-        return Names{"x", "scores", "gate_up"};
+        return Names{"x", "scores", "gate_up", "route"};
       })
       .Case<l4::MoeDownOp>([](auto) {
-        return Names{"h", "scores", "down"};
+        return Names{"h", "scores", "down", "route"};
       })
       .Case<l4::SwigluOp>([](auto) {
         return Names{"gate", "up"};
@@ -291,6 +298,24 @@ std::optional<Names> operandNames(Operation *op) {
       .Case<l4::EmbeddingGradOp>([](auto) { return Names{"ids", "dy"}; })
       .Case<l4::MoeExpertsGradOp>([](auto) {
         return Names{"x", "scores", "gate_up", "down", "dy"};
+      })
+      .Case<l4::MoeGateUpOp>([](auto) {
+        return Names{"x", "scores", "gate_up", "route"};
+      })
+      .Case<l4::MoeDownGradOp>([](auto) {
+        return Names{"gu", "scores", "down", "dy", "route"};
+      })
+      .Case<l4::MoeDownGradWeightOp>([](auto) {
+        return Names{"gu", "scores", "dy", "route"};
+      })
+      .Case<l4::MoeGateUpGradInputOp>([](auto) {
+        return Names{"dgu", "scores", "gate_up", "route"};
+      })
+      .Case<l4::MoeCombineGradOp>([](auto) {
+        return Names{"dz", "x", "scores"};
+      })
+      .Case<l4::MoeGateUpGradWeightOp>([](auto) {
+        return Names{"x", "scores", "dgu", "route"};
       })
       .Default([](Operation *) { return std::nullopt; });
 }
@@ -342,6 +367,9 @@ llvm::Error emitOp(OpContext &ctx) {
       .Case<l4::RouterScoresOp>(
           [&](auto) { return cuda::emitRouterScores(ctx); })
       .Case<l4::MoeExpertsOp>([&](auto) { return cuda::emitMoeExperts(ctx); })
+      .Case<l4::MoeRouteOp>([&](l4::MoeRouteOp r) {
+        return cuda::emitMoeRoute(ctx, r.getSlots());
+      })
       .Case<l4::MoeHiddenOp>([&](auto) { return cuda::emitMoeHidden(ctx); })
       .Case<l4::MoeDownOp>([&](auto) { return cuda::emitMoeDown(ctx); })
       .Case<l4::SwigluOp>([&](auto) {
@@ -373,6 +401,17 @@ llvm::Error emitOp(OpContext &ctx) {
           [&](auto) { return cuda::emitEmbeddingGrad(ctx); })
       .Case<l4::MoeExpertsGradOp>(
           [&](auto) { return cuda::emitMoeExpertsGrad(ctx); })
+      .Case<l4::MoeGateUpOp>([&](auto) { return cuda::emitMoeGateUp(ctx); })
+      .Case<l4::MoeDownGradOp>(
+          [&](auto) { return cuda::emitMoeDownGrad(ctx); })
+      .Case<l4::MoeDownGradWeightOp>(
+          [&](auto) { return cuda::emitMoeDownGradWeight(ctx); })
+      .Case<l4::MoeGateUpGradInputOp>(
+          [&](auto) { return cuda::emitMoeGateUpGradInput(ctx); })
+      .Case<l4::MoeCombineGradOp>(
+          [&](auto) { return cuda::emitMoeCombineGrad(ctx); })
+      .Case<l4::MoeGateUpGradWeightOp>(
+          [&](auto) { return cuda::emitMoeGateUpGradWeight(ctx); })
       .Default(
           [&](Operation *) { return ctx.fail("no CUDA emitter for this op"); });
 }

@@ -13,6 +13,7 @@
 #include "llvm/ADT/SmallVector.h"
 #include "llvm/ADT/StringRef.h"
 #include "llvm/Support/raw_ostream.h"
+#include <optional>
 #include <string>
 
 namespace l4c::cuda {
@@ -113,14 +114,61 @@ struct TiledGemm {
   std::string a, b;        ///< the operands' pointers in the body
   std::string aRow, aCol, bRow, bCol, y;
   bool tensorCores = false; ///< bf16 operands: mma.sync tiles
-  uint64_t maxTiles = 1;   ///< 64x64 tiles at the compiled maxima
+  /// With tensor cores: A's (B's) values are not bf16 (f32 activations,
+  /// products): each is staged as a bf16 pair hi + lo and multiplied twice,
+  /// so the product keeps about 16 significant bits of it, not 8.
+  bool aSplit = false, bSplit = false;
+  uint64_t maxTiles = 1;    ///< 64x64 tiles at the compiled maxima (grouped:
+                            ///< the column tiles of one expert's GEMM)
+  /// One GEMM per expert over the rows l4.moe_route's table gives it: the
+  /// rows of expert e's GEMM are its (token, slot) entries, and @T, @K and
+  /// @G in aRow, bRow, bCol and y stand for the row's token, slot and
+  /// expert (m, n and r are not used; `m` is ignored). Output rows (token,
+  /// slot) that no expert covers (a token with fewer nonzero scores than
+  /// slots) get zeros, so the kernel still writes all of y.
+  struct Grouped {
+    std::string table; ///< the route table's pointer
+    int64_t experts = 0, slots = 1;
+    std::string tokens;           ///< live tokens (the table's M)
+    std::string scores, scoreRow; ///< pointer; offset of token @T's row
+    /// When set, each accumulator is multiplied by this expression of @T
+    /// and @G before the epilogue (the router score).
+    std::string rowScale;
+    uint64_t maxTokens = 0; ///< live tokens at the compiled maxima
+    /// Columns of a row the zero tasks clear (default: the GEMM's n).
+    std::string zeroCols;
+    /// The other grouping: the reduction runs over expert e's entries (a
+    /// weight gradient summed over its tokens) and @T, @K stand for the
+    /// entry's token and slot in aCol and bCol; the outputs are
+    /// [experts, m, n] (@G, @M and @C in y), every one written.
+    bool overReduction = false;
+    /// overReduction: when set, A's values are multiplied by this
+    /// expression of @T and @G (the router score of the entry).
+    std::string reductionScale;
+  };
+  std::optional<Grouped> grouped;
+  /// When set, A(m, r) is swiglu(gate, up) of the values at A's offset
+  /// (gate) and that offset plus this expression (up).
+  std::string aSwigluUp;
+  /// When set, the statements that store `v` at output (m, n) instead of
+  /// `l4_st(y, <y>, v)`; the same placeholders as y.
+  std::string store;
+  /// A's rows (B's columns) are contiguous in memory, not its reduction
+  /// index: the tile loads walk them with consecutive threads.
+  bool aByRow = false, bByCol = false;
 };
+/// The grouping of l4.moe_route's table for the routed experts' GEMMs: the
+/// body names the table "route" and the scores "scores" (rows of E at
+/// (@T / LT * S_S + @T % LT) * E) and declares M, the live tokens.
+TiledGemm::Grouped routeGroups(const View &scores, int64_t experts,
+                               int64_t slots);
 struct GemmText;
 /// The statements of a tiled GEMM (sets the body's threads and blocks);
 /// `fused` adds linear's norm prologue, SwiGLU and residual epilogue.
 std::string emitTiles(Body &b, const TiledGemm &g,
                       const GemmText *fused = nullptr);
 llvm::Error emitMoeExperts(OpContext &ctx);
+llvm::Error emitMoeRoute(OpContext &ctx, int64_t slots);
 llvm::Error emitMoeHidden(OpContext &ctx);
 llvm::Error emitMoeDown(OpContext &ctx);
 llvm::Error emitAttention(OpContext &ctx);
@@ -134,6 +182,13 @@ llvm::Error emitRouterScoresGrad(OpContext &ctx);
 llvm::Error emitSwigluGrad(OpContext &ctx);
 llvm::Error emitEmbeddingGrad(OpContext &ctx);
 llvm::Error emitMoeExpertsGrad(OpContext &ctx);
+// The split experts' backward (Experts.cpp).
+llvm::Error emitMoeGateUp(OpContext &ctx);
+llvm::Error emitMoeDownGrad(OpContext &ctx);
+llvm::Error emitMoeDownGradWeight(OpContext &ctx);
+llvm::Error emitMoeGateUpGradInput(OpContext &ctx);
+llvm::Error emitMoeCombineGrad(OpContext &ctx);
+llvm::Error emitMoeGateUpGradWeight(OpContext &ctx);
 
 // Text helpers.
 
@@ -148,6 +203,9 @@ uint64_t maxRows(const View &v);
 /// Device helpers (for Body::globals) that pick a router's top k in
 /// torch.topk's order: @B@_before and @B@_next.
 std::string topkGlobals();
+/// A block-wide double sum for Body::globals: @B@_bsum(v, red), every
+/// thread calls and gets the total; `red` is 32 doubles of shared memory.
+extern const char *const kBlockSumD;
 
 /// An exact C float literal for `v` (hex float; infinities and NaN spelled
 /// through __int_as_float).

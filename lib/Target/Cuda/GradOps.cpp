@@ -21,11 +21,7 @@ using namespace mlir;
 
 namespace l4c::cuda {
 
-namespace {
-
-/// A block-wide double sum (every thread calls; each gets the total);
-/// `red` is 32 doubles of shared memory.
-const char *kBlockSumD =
+const char *const kBlockSumD =
     R"cuda(__device__ __forceinline__ double @B@_bsum(double v, double *red) {
   for (int o = 16; o > 0; o >>= 1)
     v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -40,8 +36,6 @@ const char *kBlockSumD =
   return t;
 }
 )cuda";
-
-} // namespace
 
 llvm::Error emitCrossEntropy(OpContext &ctx, bool grad) {
   const View &logits = ctx.operands[0], &ids = ctx.operands[1],

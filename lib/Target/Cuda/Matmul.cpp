@@ -67,6 +67,7 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
   const bool norm = fused && fused->spec.norm;
   const bool swiglu = fused && fused->spec.swiglu;
   const bool mma = g.tensorCores;
+  using Grouped = TiledGemm::Grouped;
   auto fill = [](std::string t, llvm::StringRef var, llvm::StringRef val) {
     std::string out;
     for (size_t i = 0; i < t.size();) {
@@ -78,6 +79,62 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
       }
     }
     return out;
+  };
+  const Grouped *gr = g.grouped ? &*g.grouped : nullptr;
+  // An expression with the grouped GEMM's expert (@G) filled in.
+  auto expert = [&](std::string t) { return gr ? fill(t, "@G", "ge") : t; };
+  const bool byEntry = gr && !gr->overReduction; // rows are route entries
+  // `t` (y or the store) at accumulator row `li` (tile-local), column n.
+  auto place = [&](const std::string &t, llvm::StringRef li) {
+    if (!byEntry)
+      return fill(fill(expert(t), "@M", "m"), "@C", "n");
+    std::string q = ("rq[" + li + "]").str();
+    return fill(fill(fill(expert(t), "@T", q + " / GK"), "@K", q + " % GK"),
+                "@C", "n");
+  };
+  // The statements storing v at row li, column n.
+  auto storeAt = [&](llvm::StringRef li, llvm::StringRef indent) {
+    if (!g.store.empty())
+      return indent.str() + place(g.store, li) + "\n";
+    return (indent + "l4_st(y, " + place(g.y, li) + ", v);\n").str();
+  };
+  // Accumulator (li, n)'s epilogue: bounds, the row scale, the fused
+  // epilogue, the store.
+  auto epilogueAt = [&](std::string a1, std::string a2,
+                        llvm::StringRef indent) {
+    std::string t =
+        (indent + (byEntry ? "if (rq[li] < 0 || n >= GN)\n"
+                           : "if (m >= GM || n >= GN)\n") +
+         indent + "  continue;\n")
+            .str();
+    if (byEntry && !gr->rowScale.empty()) {
+      a1 = "(" + a1 + " * rsc[li])";
+      a2 = "(" + a2 + " * rsc[li])";
+    }
+    t += fused ? fused->epilogue(a1, a2, indent)
+               : indent.str() + "const float v = " + a1 + ";\n";
+    return t + storeAt("li", indent);
+  };
+  // The reduction step's column tables (r = k0 + j): plain offsets, or the
+  // entries of the expert in route order.
+  auto colTables = [&]() {
+    std::string t;
+    if (gr && gr->overReduction) {
+      auto entry = [&](const std::string &e) {
+        return fill(fill(expert(e), "@T", "q / GK"), "@K", "q % GK");
+      };
+      t = "        const int q = r < GR ? " + gr->table +
+          "[GE + 1 + goff[ge] + r] : -1;\n";
+      t += "        acol[j] = q >= 0 ? " + entry(g.aCol) + " : -1;\n";
+      t += "        bcol[j] = q >= 0 ? " + entry(g.bCol) + " : -1;\n";
+      if (!gr->reductionScale.empty())
+        t += "        csc[j] = q >= 0 ? " + entry(gr->reductionScale) +
+             " : 0.0f;\n";
+      return t;
+    }
+    return "        acol[j] = r < GR ? " + fill(expert(g.aCol), "@R", "r") +
+           " : -1;\n        bcol[j] = r < GR ? " +
+           fill(expert(g.bCol), "@R", "r") + " : -1;\n";
   };
   os << "  // " << g.what << "\n";
   if (mma)
@@ -103,15 +160,128 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
   if (swiglu)
     os << (mma ? "  __shared__ __align__(16) unsigned short us[BN][LD];\n"
                : "  __shared__ float us[BK][BN + 4];\n");
+  const bool aSplit = mma && g.aSplit, bSplit = mma && g.bSplit;
+  if (aSplit)
+    os << "  __shared__ __align__(16) unsigned short asl[BM][LD]; // A's lo\n";
+  if (bSplit)
+    os << "  __shared__ __align__(16) unsigned short bsl[BN][LD]; // B's lo\n";
   os << R"cuda(  // Element offsets: A(m, r) at arow[m - m0] + acol[r - k0], B(c, r) at
   // brow[c - n0] + bcol[r - k0]; -1 outside the matrices.
   __shared__ long long arow[BM], brow[BN], acol[BK], bcol[BK];
 )cuda";
   if (norm)
     os << "  __shared__ float rinv[BM];\n";
-  os << "  const long long GM = " << g.m << ", GN = " << g.n
-     << ", GR = " << g.r << ";\n";
-  os << R"cuda(  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (gr && gr->overReduction) {
+    os << "  const long long GM = " << g.m << ", GN = " << g.n << ";\n"
+       << "  constexpr int GE = " << gr->experts << ", GK = " << gr->slots
+       << ";\n";
+    os << R"cuda(  // Expert e's entries (token * GK + slot) are route[GE + 1 + goff[e] ..];
+  // tile (e, m0, n0) sums over them in route order.
+  __shared__ int goff[GE + 1];
+)cuda";
+    if (!gr->reductionScale.empty())
+      os << "  __shared__ float csc[BK];\n";
+    os << R"cuda(  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const long long tilesN = (GN + BN - 1) / BN, tilesM = (GM + BM - 1) / BM;
+  for (int e = tid; e <= GE; e += NT)
+    goff[e] = )cuda"
+       << gr->table << R"cuda([e];
+  const long long tiles = GE * tilesM * tilesN;
+  for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int ge = (int)(tile / (tilesM * tilesN));
+    const long long rest = tile % (tilesM * tilesN);
+    const long long m0 = rest / tilesN * BM, n0 = rest % tilesN * BN;
+    __syncthreads(); // goff is loaded; the previous tile is done with the tables
+    const long long GR = goff[ge + 1] - goff[ge];
+    for (int i = tid; i < BM; i += NT) {
+      const long long m = m0 + i;
+      arow[i] = m < GM ? )cuda"
+       << fill(expert(g.aRow), "@M", "m") << R"cuda( : -1;
+    }
+    for (int i = tid; i < BN; i += NT) {
+      const long long c = n0 + i;
+      brow[i] = c < GN ? )cuda"
+       << fill(expert(g.bRow), "@C", "c") << R"cuda( : -1;
+    }
+)cuda";
+  } else if (gr) {
+    os << "  const long long GN = " << g.n << ", GR = " << g.r << ";\n"
+       << "  constexpr int GE = " << gr->experts << ", GK = " << gr->slots
+       << ";\n"
+       << "  const long long GT = " << gr->tokens << "; // live tokens\n";
+    os << R"cuda(  // The route table: expert e's entries (token * GK + slot) are
+  // route[GE + 1 + goff[e] ..], goff[e + 1] - goff[e] of them. Tiles run
+  // expert by expert, row tiles then column tiles; after them, tasks of 64
+  // tokens write the zeros of the rows no expert covers.
+  __shared__ int goff[GE + 1];
+  __shared__ int rq[BM];
+)cuda";
+    if (!gr->rowScale.empty())
+      os << "  __shared__ float rsc[BM];\n";
+    os << R"cuda(  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const long long tilesN = (GN + BN - 1) / BN;
+  for (int e = tid; e <= GE; e += NT)
+    goff[e] = )cuda"
+       << gr->table << R"cuda([e];
+  __syncthreads();
+  long long tiles = 0;
+  for (int e = 0; e < GE; ++e)
+    tiles += (goff[e + 1] - goff[e] + BM - 1) / BM * tilesN;
+  const long long zeroTasks = (GT + 63) / 64;
+  for (long long tile = blockIdx.x; tile < tiles + zeroTasks; tile += gridDim.x) {
+    if (tile >= tiles) {
+      // Tokens z0.. : zeros in the slots past their nonzero scores.
+      const long long z0 = (tile - tiles) * 64;
+      for (int r = warp; r < 64 && z0 + r < GT; r += NT / 32) {
+        const long long tk = z0 + r;
+        float nz = 0.0f;
+        for (int e = lane; e < GE; e += 32)
+          nz += l4_ld()cuda"
+       << gr->scores << ", " << fill(gr->scoreRow, "@T", "tk")
+       << R"cuda( + e) != 0.0f ? 1.0f : 0.0f;
+        const int cnt = (int)l4_warp_sum(nz);
+        for (int k = cnt < GK ? cnt : GK; k < GK; ++k)
+          for (long long n = lane; n < )cuda"
+       << (gr->zeroCols.empty() ? std::string("GN") : gr->zeroCols)
+       << R"cuda(; n += 32)
+            l4_st(y, )cuda"
+       << fill(fill(fill(g.y, "@T", "tk"), "@K", "k"), "@C", "n")
+       << R"cuda(, 0.0f);
+      }
+      continue;
+    }
+    long long rest = tile;
+    int ge = 0;
+    for (;; ++ge) {
+      const long long te = (goff[ge + 1] - goff[ge] + BM - 1) / BM * tilesN;
+      if (rest < te)
+        break;
+      rest -= te;
+    }
+    const long long GM = goff[ge + 1] - goff[ge];
+    const long long m0 = rest / tilesN * BM, n0 = rest % tilesN * BN;
+    __syncthreads(); // the previous tile is done with the tables
+    for (int i = tid; i < BM; i += NT) {
+      const int q = m0 + i < GM ? )cuda"
+       << gr->table << R"cuda([GE + 1 + goff[ge] + m0 + i] : -1;
+      rq[i] = q;
+      arow[i] = q >= 0 ? )cuda"
+       << fill(fill(expert(g.aRow), "@T", "q / GK"), "@K", "q % GK")
+       << " : -1;\n";
+    if (!gr->rowScale.empty())
+      os << "      rsc[i] = q >= 0 ? "
+         << fill(expert(gr->rowScale), "@T", "q / GK") << " : 0.0f;\n";
+    os << R"cuda(    }
+    for (int i = tid; i < BN; i += NT) {
+      const long long c = n0 + i;
+      brow[i] = c < GN ? )cuda"
+       << fill(expert(g.bRow), "@C", "c") << R"cuda( : -1;
+    }
+)cuda";
+  } else {
+    os << "  const long long GM = " << g.m << ", GN = " << g.n
+       << ", GR = " << g.r << ";\n";
+    os << R"cuda(  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const long long tilesN = (GN + BN - 1) / BN;
   const long long tiles = (GM + BM - 1) / BM * tilesN;
   for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
@@ -120,14 +290,15 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
     for (int i = tid; i < BM; i += NT) {
       const long long m = m0 + i;
       arow[i] = m < GM ? )cuda"
-     << fill(g.aRow, "@M", "m") << R"cuda( : -1;
+       << fill(g.aRow, "@M", "m") << R"cuda( : -1;
     }
     for (int i = tid; i < BN; i += NT) {
       const long long c = n0 + i;
       brow[i] = c < GN ? )cuda"
-     << fill(g.bRow, "@C", "c") << R"cuda( : -1;
+       << fill(g.bRow, "@C", "c") << R"cuda( : -1;
     }
 )cuda";
+  }
   if (norm)
     os << R"cuda(    __syncthreads();
     // The norm's inverse RMS of the tile's rows, one warp per row.
@@ -146,6 +317,11 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
 )cuda";
   // The A and B values at tile row i, reduction column j (r = k0 + j).
   std::string aVal = "l4_ld(" + g.a + ", arow[i] + acol[j])";
+  if (!g.aSwigluUp.empty())
+    aVal = "l4_swiglu(" + aVal + ", l4_ld(" + g.a + ", arow[i] + acol[j] + " +
+           g.aSwigluUp + "))";
+  if (gr && !gr->reductionScale.empty())
+    aVal = "(" + aVal + " * csc[j])";
   if (norm)
     aVal = fused->round("(" + aVal + " * rinv[i]) * l4_ld(nw, k0 + j)");
   std::string bVal = "l4_ld(" + g.b + ", brow[i] + bcol[j])";
@@ -171,46 +347,78 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
       __syncthreads(); // the previous step is done with the tiles
       for (int j = tid; j < BK; j += NT) {
         const long long r = k0 + j;
-        acol[j] = r < GR ? )cuda"
-       << fill(g.aCol, "@R", "r") << R"cuda( : -1;
-        bcol[j] = r < GR ? )cuda"
-       << fill(g.bCol, "@R", "r") << R"cuda( : -1;
-      }
+)cuda" << colTables()
+       << R"cuda(      }
       __syncthreads();
       // Element e: row e / 32, reduction column e % 32 (a warp reads 32
-      // consecutive columns of one row).
-      for (int e = tid; e < BM * BK; e += NT) {
-        const int i = e >> 5, j = e & 31;
-        const bool ain = arow[i] >= 0 && acol[j] >= 0;
-        const bool bin = brow[i] >= 0 && bcol[j] >= 0;
-        as[i][j] = ain ? l4_bf16_bits()cuda"
-       << aVal << R"cuda() : 0;
-        bs[i][j] = bin ? l4_bf16_bits()cuda"
-       << bVal << R"cuda() : 0;
+      // consecutive columns of one row), or row e % 64, column e / 64 for
+      // an operand whose rows are contiguous.
 )cuda";
+    // Stages `val` into tab[i][j] (and its lo part into `lo` when given).
+    auto mmaLoad =
+        [&](bool byRow, llvm::StringRef rowTab,
+            llvm::ArrayRef<std::pair<const char *, std::string>> dst,
+            const char *lo = nullptr) {
+          os << "      for (int e = tid; e < BM * BK; e += NT) {\n"
+             << (byRow ? "        const int i = e & 63, j = e >> 6;\n"
+                       : "        const int i = e >> 5, j = e & 31;\n")
+             << "        const bool in = " << rowTab << "[i] >= 0 && "
+             << (rowTab == "arow" ? "acol" : "bcol") << "[j] >= 0;\n";
+          for (auto &[tab, val] : dst) {
+            if (!lo) {
+              os << "        " << tab << "[i][j] = in ? l4_bf16_bits(" << val
+                 << ") : 0;\n";
+              continue;
+            }
+            os << "        const float w = in ? " << val << " : 0.0f;\n"
+               << "        const unsigned short hi = l4_bf16_bits(w);\n"
+               << "        " << tab << "[i][j] = hi;\n"
+               << "        " << lo << "[i][j] = l4_bf16_lo(w, hi);\n";
+          }
+          os << "      }\n";
+        };
+    mmaLoad(g.aByRow, "arow", {{"as", aVal}}, aSplit ? "asl" : nullptr);
     if (swiglu)
-      os << "        us[i][j] = bin ? l4_bf16_bits(" << uVal << ") : 0;\n";
-    os << R"cuda(      }
-      __syncthreads();
+      mmaLoad(g.bByCol, "brow", {{"bs", bVal}, {"us", uVal}});
+    else
+      mmaLoad(g.bByCol, "brow", {{"bs", bVal}}, bSplit ? "bsl" : nullptr);
+    os << R"cuda(      __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
         unsigned af[2][4];
-#pragma unroll
+)cuda";
+    if (aSplit)
+      os << "        unsigned afl[2][4];\n";
+    os << R"cuda(#pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int r = wm * 32 + i * 16 + g;
           af[i][0] = l4_pair(&as[r][kk + 2 * t]);
           af[i][1] = l4_pair(&as[r + 8][kk + 2 * t]);
           af[i][2] = l4_pair(&as[r][kk + 2 * t + 8]);
           af[i][3] = l4_pair(&as[r + 8][kk + 2 * t + 8]);
-        }
+)cuda";
+    if (aSplit)
+      os << R"cuda(          afl[i][0] = l4_pair(&asl[r][kk + 2 * t]);
+          afl[i][1] = l4_pair(&asl[r + 8][kk + 2 * t]);
+          afl[i][2] = l4_pair(&asl[r][kk + 2 * t + 8]);
+          afl[i][3] = l4_pair(&asl[r + 8][kk + 2 * t + 8]);
+)cuda";
+    os << R"cuda(        }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           const int n = wn * 32 + j * 8 + g;
           unsigned bf[2] = {l4_pair(&bs[n][kk + 2 * t]), l4_pair(&bs[n][kk + 2 * t + 8])};
-#pragma unroll
-          for (int i = 0; i < 2; ++i)
-            l4_mma_bf16(acc[i][j], af[i], bf);
 )cuda";
+    if (bSplit)
+      os << "          unsigned bfl[2] = {l4_pair(&bsl[n][kk + 2 * t]), "
+            "l4_pair(&bsl[n][kk + 2 * t + 8])};\n";
+    // The small products first (lo x hi), then hi x hi.
+    os << "#pragma unroll\n          for (int i = 0; i < 2; ++i) {\n";
+    if (aSplit)
+      os << "            l4_mma_bf16(acc[i][j], afl[i], bf);\n";
+    if (bSplit)
+      os << "            l4_mma_bf16(acc[i][j], af[i], bfl);\n";
+    os << "            l4_mma_bf16(acc[i][j], af[i], bf);\n          }\n";
     if (swiglu)
       os << R"cuda(          unsigned uf[2] = {l4_pair(&us[n][kk + 2 * t]), l4_pair(&us[n][kk + 2 * t + 8])};
 #pragma unroll
@@ -226,16 +434,12 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
       for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const long long m = m0 + wm * 32 + i * 16 + g + (c >= 2 ? 8 : 0);
+          const int li = wm * 32 + i * 16 + g + (c >= 2 ? 8 : 0);
+          const long long m = m0 + li;
           const long long n = n0 + wn * 32 + j * 8 + 2 * t + (c & 1);
-          if (m >= GM || n >= GN)
-            continue;
-)cuda";
-    os << (fused ? fused->epilogue("acc[i][j][c]", "acc2[i][j][c]",
-                                   "          ")
-                 : "          const float v = acc[i][j][c];\n")
-       << "          l4_st(y, " << fill(fill(g.y, "@M", "m"), "@C", "n")
-       << ", v);\n        }\n  }\n";
+)cuda"
+       << epilogueAt("acc[i][j][c]", "acc2[i][j][c]", "          ")
+       << "        }\n  }\n";
   } else {
     os << R"cuda(    const int tx = tid & 15, ty = tid >> 4;
     float acc[4][4];
@@ -255,25 +459,30 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
       __syncthreads(); // the previous step is done with the tiles
       for (int j = tid; j < BK; j += NT) {
         const long long r = k0 + j;
-        acol[j] = r < GR ? )cuda"
-       << fill(g.aCol, "@R", "r") << R"cuda( : -1;
-        bcol[j] = r < GR ? )cuda"
-       << fill(g.bCol, "@R", "r") << R"cuda( : -1;
-      }
+)cuda" << colTables()
+       << R"cuda(      }
       __syncthreads();
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int i = ty + 16 * q, j = tx;
-        const bool bin = brow[i] >= 0 && bcol[j] >= 0;
-        as[j][i] = arow[i] >= 0 && acol[j] >= 0 ? )cuda"
-       << aVal << R"cuda( : 0.0f;
-        bs[j][i] = bin ? )cuda"
-       << bVal << R"cuda( : 0.0f;
 )cuda";
+    // Thread tid loads row ty + 16q, column tx, or (for an operand whose
+    // rows are contiguous) row tid % 64, column tid / 64 + 4q.
+    auto simtLoad = [&](bool byRow, llvm::StringRef rowTab,
+                        llvm::ArrayRef<std::pair<const char *, std::string>>
+                            dst) {
+      os << "#pragma unroll\n      for (int q = 0; q < 4; ++q) {\n"
+         << (byRow ? "        const int i = tid & 63, j = (tid >> 6) + 4 * q;\n"
+                   : "        const int i = ty + 16 * q, j = tx;\n")
+         << "        const bool in = " << rowTab << "[i] >= 0 && "
+         << (rowTab == "arow" ? "acol" : "bcol") << "[j] >= 0;\n";
+      for (auto &[tab, val] : dst)
+        os << "        " << tab << "[j][i] = in ? " << val << " : 0.0f;\n";
+      os << "      }\n";
+    };
+    simtLoad(g.aByRow, "arow", {{"as", aVal}});
     if (swiglu)
-      os << "        us[j][i] = bin ? " << uVal << " : 0.0f;\n";
-    os << R"cuda(      }
-      __syncthreads();
+      simtLoad(g.bByCol, "brow", {{"bs", bVal}, {"us", uVal}});
+    else
+      simtLoad(g.bByCol, "brow", {{"bs", bVal}});
+    os << R"cuda(      __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < BK; ++kk) {
         float a[4], c[4];
@@ -304,17 +513,20 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const long long m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-        if (m >= GM || n >= GN)
-          continue;
-)cuda";
-    os << (fused ? fused->epilogue("acc[i][j]", "acc2[i][j]", "        ")
-                 : "        const float v = acc[i][j];\n")
-       << "        l4_st(y, " << fill(fill(g.y, "@M", "m"), "@C", "n")
-       << ", v);\n      }\n  }\n";
+        const int li = ty + 16 * i;
+        const long long m = m0 + li, n = n0 + tx + 16 * j;
+)cuda"
+       << epilogueAt("acc[i][j]", "acc2[i][j]", "        ")
+       << "      }\n  }\n";
   }
   b.threads = mma ? 128 : 256;
-  b.blocks = gridFor(g.maxTiles, 1);
+  uint64_t tiles = g.maxTiles;
+  if (byEntry) // row tiles: at most one partial tile per expert beyond the
+               // full ones
+    tiles = (gr->maxTokens * uint64_t(gr->slots) / 64 + uint64_t(gr->experts)) *
+                g.maxTiles +
+            (gr->maxTokens + 63) / 64;
+  b.blocks = gridFor(tiles, 1);
   return text;
 }
 
@@ -583,10 +795,42 @@ llvm::Error emitMoeHidden(OpContext &ctx) {
   llvm::raw_string_ostream os(b.code);
   os << constant("E", experts) << constant("D", dim) << constant("I", inter)
      << constant("KS", slots, "slots per token")
-     << stride(b, "X_S", x.rowsPerBatch) << stride(b, "S_S", scores.rowsPerBatch)
+     << stride(b, "X_S", x.rowsPerBatch)
+     << stride(b, "S_S", scores.rowsPerBatch)
      << stride(b, "H_S", h.rowsPerBatch)
-     << "  const long long LT = " << (x.hasSeq ? "T" : "1") << ";\n"
-     << R"cuda(  // Task (row m, slot k, 64 columns of I): the block's 256 threads are 64
+     << "  const long long LT = " << (x.hasSeq ? "T" : "1") << ";\n";
+  uint64_t maxTokens = uint64_t(x.bmax) * x.maxLiveRows();
+  if (maxTokens > kGemvMaxRows) {
+    // Prefill and training: each expert's tokens as one GEMM, so an
+    // expert's weights are read once per 64 tokens instead of per token.
+    os << "  const long long M = B * LT;\n"
+       << "  const auto *wu = gate_up + I; // the up half of each row\n";
+    TiledGemm g;
+    g.what = "h[m, k, i] = up * silu(gate) with gate = s * sum_d x[m, d] * "
+             "gate_up[e, d, i] (up: column I + i), one GEMM per expert e over "
+             "its (token, slot) rows; s, the score, scales the accumulators "
+             "(HF scales the input: the same product).";
+    g.n = "I";
+    g.r = "D";
+    g.a = "x";
+    g.b = "gate_up";
+    g.aRow = "(@T / LT * X_S + @T % LT) * D";
+    g.aCol = "@R";
+    g.bRow = "@G * D * 2 * I + @C";
+    g.bCol = "@R * 2 * I";
+    g.bByCol = true;
+    g.y = "(@T / LT * H_S + @T % LT) * (KS * I) + @K * I + @C";
+    g.tensorCores = x.ctype == "l4_bf16" && gateUp.ctype == "l4_bf16";
+    g.maxTiles = (uint64_t(inter) + 63) / 64;
+    g.grouped = routeGroups(scores, experts, slots);
+    g.grouped->rowScale = "l4_ld(scores, (@T / LT * S_S + @T % LT) * E + @G)";
+    GemmSpec spec;
+    spec.swiglu = true;
+    GemmText text{spec, ctx};
+    os << emitTiles(b, g, &text);
+    return llvm::Error::success();
+  }
+  os << R"cuda(  // Task (row m, slot k, 64 columns of I): the block's 256 threads are 64
   // columns x 4 quarters of D. A thread sums its quarter of
   // gate[i] = sum_d (x[d] * s) * gate_up[e, d, i] and of up (column I + i),
   // reading a row of gate_up's columns per step (consecutive threads,
@@ -674,10 +918,39 @@ llvm::Error emitMoeDown(OpContext &ctx) {
   llvm::raw_string_ostream os(b.code);
   os << constant("E", experts) << constant("D", dim) << constant("I", inter)
      << constant("KS", slots, "slots per token")
-     << stride(b, "H_S", h.rowsPerBatch) << stride(b, "S_S", scores.rowsPerBatch)
+     << stride(b, "H_S", h.rowsPerBatch)
+     << stride(b, "S_S", scores.rowsPerBatch)
      << stride(b, "Y_S", y.rowsPerBatch)
-     << "  const long long LT = " << (h.hasSeq ? "T" : "1") << ";\n"
-     << R"cuda(  // Task (row m, 64 output columns): 256 threads = 64 columns x 4
+     << "  const long long LT = " << (h.hasSeq ? "T" : "1") << ";\n";
+  uint64_t maxTokens = uint64_t(y.bmax) * y.maxLiveRows();
+  if (maxTokens > kGemvMaxRows && slots == 1) {
+    // One expert per token (Llama 4's top_k): each output row belongs to
+    // one expert's GEMM. (With more, the rows of several experts' GEMMs
+    // would have to be summed in order: the per-token kernel below.)
+    os << "  const long long M = B * LT;\n";
+    TiledGemm g;
+    g.what = "y[m, c] = sum_i h[m, 0, i] * down[e, i, c], one GEMM per expert "
+             "e over its tokens.";
+    g.n = "D";
+    g.r = "I";
+    g.a = "h";
+    g.b = "down";
+    g.aRow = "(@T / LT * H_S + @T % LT) * (KS * I) + @K * I";
+    g.aCol = "@R";
+    g.bRow = "@G * I * D + @C";
+    g.bCol = "@R * D";
+    g.bByCol = true;
+    g.y = "(@T / LT * Y_S + @T % LT) * D + @C";
+    // bf16 plans: tensor cores, f32 activations staged as hi + lo bf16.
+    g.tensorCores =
+        down.ctype == "l4_bf16" && (h.ctype == "l4_bf16" || h.ctype == "float");
+    g.aSplit = h.ctype == "float";
+    g.maxTiles = (uint64_t(dim) + 63) / 64;
+    g.grouped = routeGroups(scores, experts, slots);
+    os << emitTiles(b, g);
+    return llvm::Error::success();
+  }
+  os << R"cuda(  // Task (row m, 64 output columns): 256 threads = 64 columns x 4
   // quarters of I. For each of the token's experts in increasing order,
   // y_e[col] = sum_i h[k, i] * down[e, i, col] (quarters combined in shared
   // memory in a fixed order), added to the sum as the CPU adds them.
@@ -721,6 +994,115 @@ llvm::Error emitMoeDown(OpContext &ctx) {
   b.blocks = gridFor(uint64_t(y.bmax) * y.maxLiveRows() *
                          ((uint64_t(dim) + 63) / 64),
                      1);
+  return llvm::Error::success();
+}
+
+llvm::Error emitMoeRoute(OpContext &ctx, int64_t slots) {
+  const View &scores = ctx.operands[0], &table = ctx.results[0];
+  if (!scores.hasBatch || table.hasBatch || table.ctype != "int")
+    return ctx.fail("expected token-major scores and an i32 table");
+  int64_t experts = scores.inner;
+  uint64_t tokens = uint64_t(scores.bmax) * scores.maxLiveRows();
+  if (table.inner != experts + 1 + int64_t(tokens) * slots)
+    return ctx.fail("table size disagrees with E, the tokens and the slots");
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("E", experts) << constant("KS", slots, "slots per token")
+     << constant("N", table.inner, "table entries")
+     << stride(b, "S_S", scores.rowsPerBatch)
+     << "  const long long LT = " << (scores.hasSeq ? "T" : "1") << ";\n"
+     << R"cuda(  // One block of NW warps; warp w owns a contiguous range of the live
+  // tokens. Pass 0 counts each warp's entries per expert; thread 0 turns
+  // the counts into each (warp, expert)'s first position (expert-major,
+  // then warp order = token order); pass 1 writes the entries. Within 32
+  // tokens a lane's position among the lanes with the same expert comes
+  // from the warp's other lanes through shuffles.
+  constexpr int NW = 8;
+  __shared__ int cur[NW][E];
+  __shared__ int off[E + 1];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const long long M = B * LT;
+  const long long per = (M + NW - 1) / NW;
+  const long long t0 = w * per < M ? w * per : M;
+  const long long t1 = t0 + per < M ? t0 + per : M;
+  for (int e = lane; e < E; e += 32)
+    cur[w][e] = 0;
+  __syncwarp();
+  for (int pass = 0; pass < 2; ++pass) {
+    for (long long c0 = t0; c0 < t1; c0 += 32) {
+      const long long m = c0 + lane;
+      // The token's first KS experts with a nonzero score, in order.
+      int ex[KS];
+      int n = 0;
+#pragma unroll
+      for (int k = 0; k < KS; ++k)
+        ex[k] = -1;
+      if (m < t1) {
+        const long long so = (m / LT * S_S + m % LT) * E;
+        for (int e0 = 0; e0 < E; e0 += 8) {
+          float v[8];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) // eight loads in flight
+            v[j] = e0 + j < E ? l4_ld(scores, so + e0 + j) : 0.0f;
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            if (v[j] != 0.0f && n < KS)
+              ex[n++] = e0 + j;
+        }
+      }
+      int before[KS], total[KS];
+#pragma unroll
+      for (int k = 0; k < KS; ++k)
+        before[k] = total[k] = 0;
+      for (int l = 0; l < 32; ++l)
+#pragma unroll
+        for (int k2 = 0; k2 < KS; ++k2) {
+          const int el = __shfl_sync(0xffffffffu, ex[k2], l);
+#pragma unroll
+          for (int k = 0; k < KS; ++k)
+            if (el >= 0 && el == ex[k]) {
+              ++total[k];
+              before[k] += l < lane;
+            }
+        }
+      int pos[KS];
+#pragma unroll
+      for (int k = 0; k < KS; ++k)
+        pos[k] = ex[k] >= 0 ? cur[w][ex[k]] + before[k] : 0;
+      __syncwarp(); // every lane has read cur
+#pragma unroll
+      for (int k = 0; k < KS; ++k)
+        if (ex[k] >= 0 && before[k] == 0)
+          cur[w][ex[k]] += total[k];
+      __syncwarp();
+      if (pass == 1)
+#pragma unroll
+        for (int k = 0; k < KS; ++k)
+          if (ex[k] >= 0)
+            y[E + 1 + pos[k]] = (int)(m * KS + k);
+    }
+    __syncthreads();
+    if (pass == 0 && threadIdx.x == 0) {
+      int at = 0;
+      for (int e = 0; e < E; ++e) {
+        off[e] = at;
+        for (int v = 0; v < NW; ++v) {
+          const int c = cur[v][e];
+          cur[v][e] = at;
+          at += c;
+        }
+      }
+      off[E] = at;
+    }
+    __syncthreads();
+  }
+  for (int e = threadIdx.x; e <= E; e += blockDim.x)
+    y[e] = off[e];
+  for (long long i = E + 1 + off[E] + threadIdx.x; i < N; i += blockDim.x)
+    y[i] = -1;
+)cuda";
+  b.threads = 256;
+  b.blocks = 1;
   return llvm::Error::success();
 }
 

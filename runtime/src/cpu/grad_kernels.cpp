@@ -482,6 +482,169 @@ void expertsBackward(const float *x, const float *scores, const float *gateUp,
   }
 }
 
+namespace {
+/// Rows `tokens[i] * K + slots[i]` of the [T, K, W] `src`, gathered.
+void gatherSlots(const float *src, size_t W, size_t K,
+                 const std::vector<size_t> &tokens,
+                 const std::vector<size_t> &slots, std::vector<float> &out) {
+  out.resize(tokens.size() * W);
+  for (size_t i = 0; i < tokens.size(); ++i)
+    std::memcpy(out.data() + i * W, src + (tokens[i] * K + slots[i]) * W,
+                W * sizeof(float));
+}
+/// The inverse: row i of `rows` to row tokens[i] * K + slots[i] of dst.
+void scatterSlots(const std::vector<float> &rows, size_t W, size_t K,
+                  const std::vector<size_t> &tokens,
+                  const std::vector<size_t> &slots, float *dst) {
+  for (size_t i = 0; i < tokens.size(); ++i)
+    std::memcpy(dst + (tokens[i] * K + slots[i]) * W, rows.data() + i * W,
+                W * sizeof(float));
+}
+/// Rows of `src` [T, W] at `tokens`, each times `scale[t * E + e]` when
+/// scale is given.
+void gatherTokens(const float *src, size_t W, const std::vector<size_t> &tokens,
+                  const float *scale, size_t E, size_t e,
+                  std::vector<float> &out) {
+  out.resize(tokens.size() * W);
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    const float *r = src + tokens[i] * W;
+    float *o = out.data() + i * W;
+    if (!scale) {
+      std::memcpy(o, r, W * sizeof(float));
+      continue;
+    }
+    float s = scale[tokens[i] * E + e];
+    for (size_t c = 0; c < W; ++c)
+      o[c] = r[c] * s;
+  }
+}
+using Ids = std::vector<size_t>;
+/// fn(e, tokens, slots) for each expert with tokens, in order (expertSlots'
+/// lists); false when a token has more than K experts.
+template <typename F>
+bool forEachExpert(const float *scores, size_t T, size_t E, size_t K, F &&fn) {
+  Ids tokens, slots;
+  for (size_t e = 0; e < E; ++e) {
+    if (!expertSlots(scores, T, E, e, K, tokens, slots))
+      return false;
+    if (!tokens.empty())
+      fn(e, tokens, slots);
+  }
+  return true;
+}
+} // namespace
+
+bool expertsGateUp(const float *x, const float *scores, const float *gateUp,
+                   size_t T, size_t D, size_t I, size_t E, size_t K,
+                   float *gu) {
+  std::fill(gu, gu + T * K * 2 * I, 0.f);
+  std::vector<float> z, rows;
+  return forEachExpert(scores, T, E, K, [&](size_t e, const Ids &tokens,
+                                            const Ids &slots) {
+    gatherTokens(x, D, tokens, scores, E, e, z);
+    rows.resize(tokens.size() * 2 * I);
+    matmul(z.data(), D, gateUp + e * D * 2 * I, 2 * I, rows.data(), 2 * I,
+           tokens.size(), 2 * I, D);
+    scatterSlots(rows, 2 * I, K, tokens, slots, gu);
+  });
+}
+
+bool expertsDownGrad(const float *gu, const float *scores, const float *down,
+                     const float *dy, size_t T, size_t D, size_t I, size_t E,
+                     size_t K, float *dgu) {
+  std::fill(dgu, dgu + T * K * 2 * I, 0.f);
+  std::vector<float> g, gus, dh, rows;
+  return forEachExpert(scores, T, E, K, [&](size_t e, const Ids &tokens,
+                                            const Ids &slots) {
+    size_t n = tokens.size();
+    gatherTokens(dy, D, tokens, nullptr, E, e, g);
+    gatherSlots(gu, 2 * I, K, tokens, slots, gus);
+    dh.resize(n * I);
+    linear(g.data(), D, down + e * I * D, D, dh.data(), I, n, I, D);
+    rows.resize(n * 2 * I);
+    swigluGrad(gus.data(), 2 * I, gus.data() + I, 2 * I, dh.data(), I, n, I,
+               rows.data(), 2 * I, rows.data() + I, 2 * I);
+    scatterSlots(rows, 2 * I, K, tokens, slots, dgu);
+  });
+}
+
+bool expertsDownGradWeight(const float *gu, const float *scores,
+                           const float *dy, size_t T, size_t D, size_t I,
+                           size_t E, size_t K, float *dDown, bool accumulate) {
+  if (!accumulate)
+    std::fill(dDown, dDown + E * I * D, 0.f);
+  std::vector<float> g, gus, h;
+  return forEachExpert(scores, T, E, K, [&](size_t e, const Ids &tokens,
+                                            const Ids &slots) {
+    size_t n = tokens.size();
+    gatherTokens(dy, D, tokens, nullptr, E, e, g);
+    gatherSlots(gu, 2 * I, K, tokens, slots, gus);
+    h.resize(n * I);
+    swiglu(gus.data(), 2 * I, gus.data() + I, 2 * I, n, I, h.data(), I);
+    linearGradWeight(g.data(), D, h.data(), I, dDown + e * I * D, D, n, I, D,
+                     true);
+  });
+}
+
+bool expertsGateUpGradInput(const float *dgu, const float *scores,
+                            const float *gateUp, size_t T, size_t D, size_t I,
+                            size_t E, size_t K, float *dz) {
+  std::fill(dz, dz + T * K * D, 0.f);
+  std::vector<float> dgus, rows;
+  return forEachExpert(scores, T, E, K, [&](size_t e, const Ids &tokens,
+                                            const Ids &slots) {
+    gatherSlots(dgu, 2 * I, K, tokens, slots, dgus);
+    rows.resize(tokens.size() * D);
+    linear(dgus.data(), 2 * I, gateUp + e * D * 2 * I, 2 * I, rows.data(), D,
+           tokens.size(), D, 2 * I);
+    scatterSlots(rows, D, K, tokens, slots, dz);
+  });
+}
+
+bool expertsCombineGrad(const float *dz, const float *x, const float *scores,
+                        size_t T, size_t D, size_t E, size_t K, float *dx,
+                        float *dscores) {
+  for (size_t t = 0; t < T; ++t) {
+    const float *xr = x + t * D;
+    float *dxr = dx + t * D;
+    std::fill(dxr, dxr + D, 0.f);
+    std::fill(dscores + t * E, dscores + (t + 1) * E, 0.f);
+    size_t k = 0;
+    for (size_t e = 0; e < E; ++e) {
+      float s = scores[t * E + e];
+      if (s == 0.f)
+        continue;
+      if (k == K)
+        return false;
+      const float *dzr = dz + (t * K + k++) * D;
+      // z = x * s: dx += s * dz, ds = <x, dz>.
+      double ds = 0;
+      for (size_t c = 0; c < D; ++c) {
+        ds += double(xr[c]) * dzr[c];
+        dxr[c] += s * dzr[c];
+      }
+      dscores[t * E + e] = float(ds);
+    }
+  }
+  return true;
+}
+
+bool expertsGateUpGradWeight(const float *x, const float *scores,
+                             const float *dgu, size_t T, size_t D, size_t I,
+                             size_t E, size_t K, float *dGateUp,
+                             bool accumulate) {
+  if (!accumulate)
+    std::fill(dGateUp, dGateUp + E * D * 2 * I, 0.f);
+  std::vector<float> z, dgus;
+  return forEachExpert(scores, T, E, K, [&](size_t e, const Ids &tokens,
+                                            const Ids &slots) {
+    gatherTokens(x, D, tokens, scores, E, e, z);
+    gatherSlots(dgu, 2 * I, K, tokens, slots, dgus);
+    linearGradWeight(dgus.data(), 2 * I, z.data(), D, dGateUp + e * D * 2 * I,
+                     2 * I, tokens.size(), D, 2 * I, true);
+  });
+}
+
 void embeddingGrad(const int64_t *ids, size_t n, const float *dy, size_t D,
                    float *dtable, int64_t paddingIdx) {
   // Rows grouped by id: each group is summed in double by one task, so a

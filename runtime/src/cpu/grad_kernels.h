@@ -102,6 +102,38 @@ void expertsBackward(const float *x, const float *scores, const float *gateUp,
                      const float *dy, float *dx, float *dscores, float *dGateUp,
                      float *dDown, bool accumulate = false);
 
+/// The parts l4c-split-experts makes of expertsBackward, over T tokens
+/// (scores [T, E]) with K slots each: per-slot rows are [T, K, W], slot k
+/// of a token holding its k-th expert with a nonzero score (rows of slots
+/// no expert covers are zero). Each computes what expertsBackward computes
+/// for its part, in the same order, so the split changes no number. Each
+/// fails (returns false) when a token has more than K such experts.
+/// gu [T, K, 2I] = (x * s) @ gateUp[e] (l4.moe_gate_up).
+bool expertsGateUp(const float *x, const float *scores, const float *gateUp,
+                   size_t T, size_t D, size_t I, size_t E, size_t K, float *gu);
+/// dgu [T, K, 2I]: SwiGLU's backward at gu of dy @ down[e]^T.
+bool expertsDownGrad(const float *gu, const float *scores, const float *down,
+                     const float *dy, size_t T, size_t D, size_t I, size_t E,
+                     size_t K, float *dgu);
+/// dDown [E, I, D] (+)= swiglu(gu)^T dy over each expert's entries.
+bool expertsDownGradWeight(const float *gu, const float *scores,
+                           const float *dy, size_t T, size_t D, size_t I,
+                           size_t E, size_t K, float *dDown, bool accumulate);
+/// dz [T, K, D] = dgu @ gateUp[e]^T.
+bool expertsGateUpGradInput(const float *dgu, const float *scores,
+                            const float *gateUp, size_t T, size_t D, size_t I,
+                            size_t E, size_t K, float *dz);
+/// dx [T, D] = sum_k s_k dz[k] (experts in increasing order); dscores
+/// [T, E] = <x, dz[k]> at the token's experts, 0 elsewhere.
+bool expertsCombineGrad(const float *dz, const float *x, const float *scores,
+                        size_t T, size_t D, size_t E, size_t K, float *dx,
+                        float *dscores);
+/// dGateUp [E, D, 2I] (+)= (x * s)^T dgu over each expert's entries.
+bool expertsGateUpGradWeight(const float *x, const float *scores,
+                             const float *dgu, size_t T, size_t D, size_t I,
+                             size_t E, size_t K, float *dGateUp,
+                             bool accumulate);
+
 /// dtable[ids[i], :] += dy[i, :] for every i < n with ids[i] != paddingIdx
 /// (nn.Embedding's padding_idx; pass -1 for none). The caller zeroes dtable
 /// and has checked the ids.

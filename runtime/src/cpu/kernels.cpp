@@ -257,6 +257,40 @@ void expertsForward(const float *x, const float *scores, const float *gateUp,
   }
 }
 
+bool expertSlots(const float *scores, size_t T, size_t E, size_t e, size_t K,
+                 std::vector<size_t> &tokens, std::vector<size_t> &slots) {
+  if (!slottedTokens(scores, T, E, e, K, tokens))
+    return false;
+  slots.resize(tokens.size());
+  for (size_t i = 0; i < tokens.size(); ++i)
+    slots[i] = slotOf(scores + tokens[i] * E, e);
+  return true;
+}
+
+bool expertsRoute(const float *scores, size_t M, size_t E, size_t K,
+                  int32_t *table, size_t n) {
+  std::fill(table, table + n, -1);
+  std::vector<std::vector<int32_t>> lists(E);
+  for (size_t m = 0; m < M; ++m) {
+    size_t k = 0;
+    for (size_t e = 0; e < E; ++e) {
+      if (scores[m * E + e] == 0.f)
+        continue;
+      if (k == K)
+        return false;
+      lists[e].push_back(int32_t(m * K + k++));
+    }
+  }
+  size_t at = E + 1;
+  for (size_t e = 0; e < E; ++e) {
+    table[e] = int32_t(at - (E + 1));
+    std::copy(lists[e].begin(), lists[e].end(), table + at);
+    at += lists[e].size();
+  }
+  table[E] = int32_t(at - (E + 1));
+  return true;
+}
+
 bool expertsHidden(const float *x, const float *scores, const float *gateUp,
                    size_t T, size_t D, size_t I, size_t E, size_t K,
                    float *h) {

@@ -11,6 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
+#include <vector>
 
 namespace l4c::cpu {
 
@@ -82,6 +83,19 @@ void swiglu(const float *gate, size_t ldg, const float *up, size_t ldu,
 void expertsForward(const float *x, const float *scores, const float *gateUp,
                     const float *down, size_t T, size_t D, size_t I, size_t E,
                     float *out, bool accumulate = false);
+
+/// Expert e's (token, slot) pairs over T tokens (scores [T, E]): the tokens
+/// with a nonzero score for e, in order, and how many experts before e each
+/// of them uses. False when a slot would be K or more.
+bool expertSlots(const float *scores, size_t T, size_t E, size_t e, size_t K,
+                 std::vector<size_t> &tokens, std::vector<size_t> &slots);
+
+/// l4.moe_route: `table` (n entries) gets E + 1 offsets, then for each
+/// expert in order the entries m * K + k of the tokens m < M (in order)
+/// whose k-th nonzero score, k < K, is expert e's; -1 after the last.
+/// Fails (returns false) when a token has more than K nonzero scores.
+bool expertsRoute(const float *scores, size_t M, size_t E, size_t K,
+                  int32_t *table, size_t n);
 
 /// The halves of expertsForward (l4.moe_hidden, l4.moe_down). h is
 /// [T, K, I]: slot k of token t holds the SwiGLU activations of its k-th

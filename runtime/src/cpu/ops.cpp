@@ -113,6 +113,7 @@ private:
   Status attention();
   Status routerScores();
   Status moeExperts();
+  Status moeRoute();
   Status moeHidden();
   Status moeDown();
   Status tooManyExperts(size_t K) const {
@@ -128,6 +129,7 @@ private:
   Status attentionGrad();
   Status routerScoresGrad();
   Status moeExpertsGrad();
+  Status moeSplitGrad();
   Status swigluGrad();
   Status embeddingGrad();
 
@@ -163,6 +165,8 @@ Status OpRunner::run() {
     return routerScores();
   case OpKind::MoeExperts:
     return moeExperts();
+  case OpKind::MoeRoute:
+    return moeRoute();
   case OpKind::MoeHidden:
     return moeHidden();
   case OpKind::MoeDown:
@@ -188,6 +192,13 @@ Status OpRunner::run() {
     return routerScoresGrad();
   case OpKind::MoeExpertsGrad:
     return moeExpertsGrad();
+  case OpKind::MoeGateUp:
+  case OpKind::MoeDownGrad:
+  case OpKind::MoeDownGradWeight:
+  case OpKind::MoeGateUpGradInput:
+  case OpKind::MoeCombineGrad:
+  case OpKind::MoeGateUpGradWeight:
+    return moeSplitGrad();
   case OpKind::SwigluGrad:
     return swigluGrad();
   case OpKind::EmbeddingGrad:
@@ -322,6 +333,23 @@ Status OpRunner::moeExperts() {
                         nb * rows(x, D), D, I, E, f32(y, b));
   });
   return Status::success();
+}
+
+Status OpRunner::moeRoute() {
+  const BufferDesc &scores = in(0), &table = out();
+  size_t E = size_t(scores.lastDim()), K = size_t(op.slots);
+  // The live tokens' rows, m = b * T + t, gathered contiguously.
+  size_t perEntry = rows(scores, E);
+  std::vector<float> live(B * perEntry * E);
+  for (size_t b = 0; b < B; ++b)
+    std::copy(f32(scores, b), f32(scores, b) + perEntry * E,
+              live.begin() + b * perEntry * E);
+  auto *t =
+      reinterpret_cast<int32_t *>(regions[int(table.region)] + table.offset);
+  return cpu::expertsRoute(live.data(), B * perEntry, E, K, t,
+                           size_t(table.numel))
+             ? Status::success()
+             : tooManyExperts(K);
 }
 
 Status OpRunner::moeHidden() {
@@ -479,6 +507,81 @@ Status OpRunner::moeExpertsGrad() {
                          f32(dscores, b), f32(dGateUp), f32(dDown), b > 0);
   });
   return Status::success();
+}
+
+Status OpRunner::moeSplitGrad() {
+  // The scores' operand, the tokens of a batch chunk, and K from the
+  // per-slot operand or result ([.., K, W]).
+  bool combine = op.kind == OpKind::MoeCombineGrad;
+  const BufferDesc &scores = in(combine ? 2 : 1);
+  size_t E = size_t(scores.lastDim());
+  auto slotsOf = [](const BufferDesc &b) {
+    return size_t(b.shape[b.shape.size() - 2]);
+  };
+  auto tokens = [&](size_t nb) { return nb * rows(scores, E); };
+  bool ok = true;
+  switch (op.kind) {
+  case OpKind::MoeGateUp: { // x, scores, gate_up, route -> gu
+    const BufferDesc &x = in(0), &gateUp = in(2), &gu = out();
+    size_t D = size_t(gateUp.shape[1]), I = size_t(gateUp.shape[2] / 2);
+    batches({&x, &scores, &gu}, [&](size_t b, size_t nb) {
+      ok &= cpu::expertsGateUp(f32(x, b), f32(scores, b), f32(gateUp),
+                               tokens(nb), D, I, E, slotsOf(gu), f32(gu, b));
+    });
+    return ok ? Status::success() : tooManyExperts(slotsOf(gu));
+  }
+  case OpKind::MoeDownGrad: { // gu, scores, down, dy, route -> dgu
+    const BufferDesc &gu = in(0), &down = in(2), &dy = in(3), &dgu = out();
+    size_t I = size_t(down.shape[1]), D = size_t(down.shape[2]);
+    batches({&gu, &scores, &dy, &dgu}, [&](size_t b, size_t nb) {
+      ok &= cpu::expertsDownGrad(f32(gu, b), f32(scores, b), f32(down),
+                                 f32(dy, b), tokens(nb), D, I, E, slotsOf(gu),
+                                 f32(dgu, b));
+    });
+    return ok ? Status::success() : tooManyExperts(slotsOf(gu));
+  }
+  case OpKind::MoeDownGradWeight: { // gu, scores, dy, route -> [E, I, D]
+    const BufferDesc &gu = in(0), &dy = in(2), &dDown = out();
+    size_t I = size_t(dDown.shape[1]), D = size_t(dDown.shape[2]);
+    // Later batch chunks add to the earlier ones' sums.
+    batches({&gu, &scores, &dy}, [&](size_t b, size_t nb) {
+      ok &= cpu::expertsDownGradWeight(f32(gu, b), f32(scores, b), f32(dy, b),
+                                       tokens(nb), D, I, E, slotsOf(gu),
+                                       f32(dDown), b > 0);
+    });
+    return ok ? Status::success() : tooManyExperts(slotsOf(gu));
+  }
+  case OpKind::MoeGateUpGradInput: { // dgu, scores, gate_up, route -> dz
+    const BufferDesc &dgu = in(0), &gateUp = in(2), &dz = out();
+    size_t D = size_t(gateUp.shape[1]), I = size_t(gateUp.shape[2] / 2);
+    batches({&dgu, &scores, &dz}, [&](size_t b, size_t nb) {
+      ok &= cpu::expertsGateUpGradInput(f32(dgu, b), f32(scores, b),
+                                        f32(gateUp), tokens(nb), D, I, E,
+                                        slotsOf(dgu), f32(dz, b));
+    });
+    return ok ? Status::success() : tooManyExperts(slotsOf(dgu));
+  }
+  case OpKind::MoeCombineGrad: { // dz, x, scores -> dx, dscores
+    const BufferDesc &dz = in(0), &x = in(1), &dx = out(0), &ds = out(1);
+    size_t D = size_t(x.lastDim());
+    batches({&dz, &x, &scores, &dx, &ds}, [&](size_t b, size_t nb) {
+      ok &= cpu::expertsCombineGrad(f32(dz, b), f32(x, b), f32(scores, b),
+                                    tokens(nb), D, E, slotsOf(dz), f32(dx, b),
+                                    f32(ds, b));
+    });
+    return ok ? Status::success() : tooManyExperts(slotsOf(dz));
+  }
+  default: { // MoeGateUpGradWeight: x, scores, dgu, route -> [E, D, 2I]
+    const BufferDesc &x = in(0), &dgu = in(2), &dGateUp = out();
+    size_t D = size_t(dGateUp.shape[1]), I = size_t(dGateUp.shape[2] / 2);
+    batches({&x, &scores, &dgu}, [&](size_t b, size_t nb) {
+      ok &= cpu::expertsGateUpGradWeight(f32(x, b), f32(scores, b), f32(dgu, b),
+                                         tokens(nb), D, I, E, slotsOf(dgu),
+                                         f32(dGateUp), b > 0);
+    });
+    return ok ? Status::success() : tooManyExperts(slotsOf(dgu));
+  }
+  }
 }
 
 Status OpRunner::swigluGrad() {

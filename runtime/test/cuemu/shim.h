@@ -296,6 +296,10 @@ struct alignas(16) uint4 { unsigned x, y, z, w; };
   } while (0)
 
 inline void __syncthreads() { l4emu::syncBlock(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  l4emu::warpBarriers[l4emu::tIdx.x / 32].wait("__syncwarp");
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
 template <class T> T __shfl_xor_sync(unsigned, T v, int mask, int = 32) {
   return l4emu::shuffle(v, (l4emu::tIdx.x & 31u) ^ unsigned(mask));
 }

@@ -156,31 +156,51 @@ def L4_MoeExpertsOp : L4_PureOp<"moe_experts"> {
   let results = (outs L4_FloatTensor:$result);
 }
 
+def L4_MoeRouteOp : L4_PureOp<"moe_route"> {
+  let summary = "each expert's (token, slot) pairs, for grouped expert GEMMs";
+  let description = [{
+    `scores` is `[B, S, E]`; the result is a 1-D i32 table of
+    `E + 1 + B * S * slots` entries: `E + 1` offsets (`table[e]` is where
+    expert e's entries start, counted from entry `E + 1`; `table[E]` is
+    their total), then the entries `m * slots + k`, expert by expert and in
+    token order within an expert, for each live token m (row `b * T + t` of
+    the run's `B x T` tokens) and each of its first `slots` experts with a
+    nonzero score (k counts those experts in increasing order); -1 after
+    the last entry. l4.moe_hidden and l4.moe_down read it so that the GPU
+    can run each expert's tokens as one GEMM (l4c-split-experts).
+  }];
+  let arguments = (ins L4_FloatTensor:$scores, I64Attr:$slots);
+  let results = (outs L4_IndexTensor:$result);
+}
+
 def L4_MoeHiddenOp : L4_PureOp<"moe_hidden"> {
   let summary = "routed experts, first half: the selected experts' SwiGLU activations";
   let description = [{
     `x` `[B, S, D]`, `scores` `[B, S, E]`, `gate_up` `[E, D, 2I]`; the result
-    `h` is `[B, S, K, I]` in f32 (the precision the activations have inside
-    `l4.moe_experts`, so splitting changes no number): slot k of a token holds
+    `h` is `[B, S, K, I]`, f32 (l4c-split-experts' choice: the precision
+    the activations have inside `l4.moe_experts`) or x's element type: slot k of a token holds
     `swiglu((x * scores[e]) @ gate_up[e])` for the token's k-th expert with a
     nonzero score (in increasing expert order), and zeros when it has fewer.
     With `l4.moe_down` it computes `l4.moe_experts`, in two kernels with
-    `h` between them (l4c-split-experts).
+    `h` between them (l4c-split-experts). `route` is `l4.moe_route` of the
+    scores with K slots.
   }];
   let arguments = (ins L4_FloatTensor:$input, L4_FloatTensor:$scores,
-                   L4_FloatTensor:$gate_up);
+                   L4_FloatTensor:$gate_up, L4_IndexTensor:$route);
   let results = (outs L4_FloatTensor:$result);
 }
 
 def L4_MoeDownOp : L4_PureOp<"moe_down"> {
   let summary = "routed experts, second half: down projections summed over the slots";
   let description = [{
-    `h` `[B, S, K, I]` f32 (from `l4.moe_hidden`), `scores` `[B, S, E]`, `down`
+    `h` `[B, S, K, I]` (from `l4.moe_hidden`, f32 or the result's element
+    type), `scores` `[B, S, E]`, `down`
     `[E, I, D]`; the result `[B, S, D]` is the sum over the token's experts
     with a nonzero score, in increasing expert order, of `h[k] @ down[e]`.
+    `route` is `l4.moe_route` of the scores with K slots.
   }];
   let arguments = (ins L4_FloatTensor:$hidden, L4_FloatTensor:$scores,
-                   L4_FloatTensor:$down);
+                   L4_FloatTensor:$down, L4_IndexTensor:$route);
   let results = (outs L4_FloatTensor:$result);
 }
 
@@ -291,6 +311,84 @@ def L4_MoeExpertsGradOp : L4_PureOp<"moe_experts_grad"> {
                    L4_FloatTensor:$grad);
   let results = (outs L4_FloatTensor:$input_grad, L4_FloatTensor:$scores_grad,
                       L4_FloatTensor:$gate_up_grad, L4_FloatTensor:$down_grad);
+}
+
+// The parts l4c-split-experts makes of l4.moe_experts_grad, so that each
+// is a grouped GEMM (one per expert over its tokens) or a row kernel. `route`
+// is always l4.moe_route of the scores; K is its slots; the per-slot values
+// are f32 or the input's element type, and rows of the slots no expert
+// covers are zero.
+
+def L4_MoeGateUpOp : L4_PureOp<"moe_gate_up"> {
+  let summary = "the selected experts' gate and up projections (before SwiGLU)";
+  let description = [{
+    `x` `[B, S, D]`, `scores` `[B, S, E]`, `gate_up` `[E, D, 2I]`; the result
+    `gu` `[B, S, K, 2I]` holds `(x * s) @ gate_up[e]` in slot k for the
+    token's k-th expert e with score s (the backward's recomputation).
+  }];
+  let arguments = (ins L4_FloatTensor:$input, L4_FloatTensor:$scores,
+                   L4_FloatTensor:$gate_up, L4_IndexTensor:$route);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_MoeDownGradOp : L4_PureOp<"moe_down_grad"> {
+  let summary = "gradient of the expert activations' gate and up projections";
+  let description = [{
+    `gu` `[B, S, K, 2I]` (l4.moe_gate_up), `scores`, `down` `[E, I, D]`, the
+    output gradient `dy` `[B, S, D]`: slot k of the result `[B, S, K, 2I]`
+    is SwiGLU's backward at `gu[k]` of `dh = dy @ down[e]^T`.
+  }];
+  let arguments = (ins L4_FloatTensor:$gate_up_out, L4_FloatTensor:$scores,
+                   L4_FloatTensor:$down, L4_FloatTensor:$grad,
+                   L4_IndexTensor:$route);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_MoeDownGradWeightOp : L4_PureOp<"moe_down_grad_weight"> {
+  let summary = "gradient of the experts' down projections";
+  let description = [{
+    `[E, I, D]`: for each expert e, the sum over its (token, slot) entries
+    of `swiglu(gu[token, slot])^T dy[token]`.
+  }];
+  let arguments = (ins L4_FloatTensor:$gate_up_out, L4_FloatTensor:$scores,
+                   L4_FloatTensor:$grad, L4_IndexTensor:$route);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_MoeGateUpGradInputOp : L4_PureOp<"moe_gate_up_grad_input"> {
+  let summary = "gradient of the experts' scaled inputs, per slot";
+  let description = [{
+    `dgu` `[B, S, K, 2I]` (l4.moe_down_grad), `scores`, `gate_up`
+    `[E, D, 2I]`: slot k of the result `[B, S, K, D]` is
+    `dgu[k] @ gate_up[e]^T`, the gradient of the expert's input `x * s`.
+  }];
+  let arguments = (ins L4_FloatTensor:$grad, L4_FloatTensor:$scores,
+                   L4_FloatTensor:$gate_up, L4_IndexTensor:$route);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_MoeCombineGradOp : L4_PureOp<"moe_combine_grad"> {
+  let summary = "the routed experts' input and score gradients from the slots'";
+  let description = [{
+    `dz` `[B, S, K, D]` (l4.moe_gate_up_grad_input), `x` `[B, S, D]`,
+    `scores` `[B, S, E]`: `input_grad = sum_k s_k dz[k]` over the token's
+    experts in increasing order, `scores_grad[e_k] = <x, dz[k]>` (0 for the
+    experts it does not use).
+  }];
+  let arguments = (ins L4_FloatTensor:$grad, L4_FloatTensor:$input,
+                   L4_FloatTensor:$scores);
+  let results = (outs L4_FloatTensor:$input_grad, L4_FloatTensor:$scores_grad);
+}
+
+def L4_MoeGateUpGradWeightOp : L4_PureOp<"moe_gate_up_grad_weight"> {
+  let summary = "gradient of the experts' gate and up projections";
+  let description = [{
+    `[E, D, 2I]`: for each expert e, the sum over its (token, slot) entries
+    of `(x[token] * s)^T dgu[token, slot]`.
+  }];
+  let arguments = (ins L4_FloatTensor:$input, L4_FloatTensor:$scores,
+                   L4_FloatTensor:$grad, L4_IndexTensor:$route);
+  let results = (outs L4_FloatTensor:$result);
 }
 
 def L4_SwigluGradOp : L4_PureOp<"swiglu_grad"> {
