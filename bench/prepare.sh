@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds on the CPU machine what bench/run.sh runs on the GPU machine: the
 # runtime binaries and bf16 CUDA plans of the Scout 4-layer slice
-# (configs/scout-slice4.json: Scout's real layer shapes). Output: BUILD/bench.
+# (configs/scout-slice4.json: Scout's real layer shapes) and a train plan
+# of configs/train-2048.json. Output: BUILD/bench.
 # Usage: bench/prepare.sh [BUILD]
 set -euo pipefail
 build=${1:-build}
@@ -19,4 +20,8 @@ compile scout4-b1-2k 1 2080
 # Decode at batch 1 and 32 after a 128-token prompt.
 compile scout4-b1 1 192
 compile scout4-b32 32 192
+# A training step of the 4-layer, 2048-wide, 8-expert model at 4 x 2048.
+"$build/bin/l4c" compile bench/configs/train-2048.json --program=train \
+  --precision=bf16 --target=cuda --max-batch=4 --max-seq=2048 \
+  -o "$b/plans/train-2048.plan" 2>&1 | sed 's/^/  /'
 du -sh "$b"

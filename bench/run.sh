@@ -4,7 +4,9 @@
 # 4-layer slice in bf16 with random weights, HF transformers (eager, and
 # torch.compile unless NO_COMPILE=1) on the same configs in the same run,
 # and the roofline floors from this device's measured copy bandwidth and
-# bf16 GEMM rate. Writes $OUT/bench.md (a table for docs/performance.md);
+# bf16 GEMM rate; a bf16 training step of configs/train-2048.json (4 x 2048
+# tokens) against the peers' (for tokens/s the ratio column is l4c / eager,
+# higher is better; for times lower is better). Writes $OUT/bench.md (a table for docs/performance.md);
 # bench.log also holds every kernel's GPU time (l4-run --profile).
 # Usage: bench/run.sh [BUNDLE]   (default build/bench)
 set -uo pipefail
@@ -27,6 +29,7 @@ l4c() { # NAME PLAN ARGS...
 l4c prefill-2048 scout4-b1-2k --batch 1 --seq 2048 --max-new-tokens 32 --repeats 5
 l4c decode-b1 scout4-b1 --batch 1 --seq 128 --max-new-tokens 64 --repeats 5
 l4c decode-b32 scout4-b32 --batch 32 --seq 128 --max-new-tokens 64 --repeats 5
+l4c train-4x2048 train-2048 --batch 4 --seq 2048 --repeats 3
 echo "== peers and roofline" | tee -a "$log"
 timeout 900 python3 bench/peer.py --out "$out/peer.json" 2>&1 | tee -a "$log" | grep -E '^peer|^roofline'
 python3 - "$log" "$out/peer.json" >"$out/bench.md" <<'PY'
@@ -53,8 +56,11 @@ for name, ours, key, floor in rows:
     e = peer.get("eager", {}).get(key); c = peer.get("compile", {}).get(key)
     print("| %s | %s | %s | %s | %s | %s |" % (name, f(ours), f(e), f(c), f(peer.get(floor)),
           "n/a" if not (ours and e) else "%.2f" % (ours / e)))
-print("| train step 4x2048, 2048 wide (tokens/s) | n/a (the experts' backward is a single-block kernel yet) | %s | %s | | |"
-      % (f(peer.get("eager", {}).get("train_tokens_per_s")), f(peer.get("compile", {}).get("train_tokens_per_s"))))
+train = l4c("train-4x2048", "train_tokens_per_s")
+e = peer.get("eager", {}).get("train_tokens_per_s")
+print("| train step 4x2048, 2048 wide (tokens/s) | %s | %s | %s | | %s |"
+      % (f(train), f(e), f(peer.get("compile", {}).get("train_tokens_per_s")),
+         "n/a" if not (train and e) else "%.2f" % (train / e)))
 print()
 print("copy bandwidth %s GB/s, bf16 GEMM %s TFLOP/s (measured in this run)"
       % (f(peer.get("bandwidth_gbs")), f(peer.get("gemm_tflops"))))

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -45,7 +46,8 @@ const char *kUsage =
     "              --inputs IN.safetensors --check-kernels[=TOL]\n"
     "       l4-run PLAN (--weights CKPT_DIR | --random-weights=SEED) --bench\n"
     "              [--batch B] [--seq P] [--max-new-tokens G] [--repeats R]\n"
-    "              [--profile]\n"
+    "              [--profile]   (a train plan: --batch B --seq T, one\n"
+    "              training step with AdamW per repeat)\n"
     "Every mode takes --device=cpu|cuda|cuda:N (default cpu; cuda needs a "
     "plan\n"
     "compiled with --target=cuda).\n"
@@ -504,6 +506,61 @@ void printProfile(l4rt_session session, const char *program,
 /// calls, so a GPU's are end to end: uploads, launches, the logits' download
 /// and the host's token choice.
 int runBench(const Options &o, l4rt_session session,
+             const l4rt_plan_summary &s);
+
+/// --bench of a train plan: one training step (forward, backward, the
+/// gradient sum and AdamW, all on the session's device) on seeded random
+/// ids [B, T], once to warm up and then R times; wall-clock medians. The
+/// loss comes back to the host every step, which waits for the step.
+int runTrainBench(const Options &o, l4rt_session session,
+                  const l4rt_plan_summary &s) {
+  int64_t B = o.batch.value_or(1);
+  int64_t T = o.seq.value_or(s.max_seq);
+  if (B > s.max_batch || T > s.max_seq || T < 2)
+    die(o.plan + ": --bench of batch " + std::to_string(B) + " x " +
+        std::to_string(T) + " tokens does not fit the plan (max batch " +
+        std::to_string(s.max_batch) + ", max seq " + std::to_string(s.max_seq) +
+        "; a step needs 2 tokens)");
+  if (o.maxNewTokens)
+    die("--max-new-tokens does not go with a train plan's --bench");
+  std::vector<int64_t> ids(size_t(B * T));
+  uint64_t state = 0x9e3779b97f4a7c15ull;
+  for (int64_t &id : ids) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    id = int64_t((state >> 33) % uint64_t(s.vocab_size));
+  }
+  l4rt_adamw hyper;
+  l4rt_adamw_defaults(&hyper);
+  std::vector<double> ms;
+  for (int64_t r = 0; r <= o.repeats; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    float loss = 0;
+    check(l4rt_train_step(session, ids.data(), B, T, &loss));
+    check(l4rt_adamw_step(session, &hyper));
+    // A device AdamW may still run when this returns; the next step's loss
+    // waits for it, so in the steady state each repeat is one whole step.
+    double t = std::chrono::duration<double, std::milli>(
+                   std::chrono::steady_clock::now() - t0)
+                   .count();
+    if (r == 0)
+      continue; // warm-up: module loads
+    ms.push_back(t);
+    std::printf("repeat %lld: train step %.3f ms, loss %.4f\n", (long long)r, t,
+                double(loss));
+  }
+  std::sort(ms.begin(), ms.end());
+  size_t n = ms.size();
+  double med = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
+  std::printf("bench: train batch=%lld seq=%lld repeats=%lld "
+              "train_step_ms=%.3f train_tokens_per_s=%.1f (medians)\n",
+              (long long)B, (long long)T, (long long)o.repeats, med,
+              med > 0 ? 1e3 * double(B * T) / med : 0.0);
+  if (o.profile)
+    printProfile(session, "train_step", ids, B, T, 0, o.repeats);
+  return 0;
+}
+
+int runBench(const Options &o, l4rt_session session,
              const l4rt_plan_summary &s) {
   bool forward = std::string(s.program_kind) == "forward";
   int64_t B = o.batch.value_or(1);
@@ -676,8 +733,6 @@ int main(int argc, char **argv) {
   if (!train && o.adamw)
     die(o.plan + ": --adamw needs a train plan (this one is " + s.program_kind +
         ")");
-  if (train && o.bench)
-    die(o.plan + ": --bench takes forward and generate plans");
   if (!o.trainData.empty()) {
     int rc = runTraining(o, plan, s);
     l4rt_plan_free(plan);
@@ -691,11 +746,12 @@ int main(int argc, char **argv) {
   check(l4rt_session_create_with(plan, &so, &session));
   if (o.device != "cpu")
     std::fprintf(stderr, "l4-run: device %s\n", l4rt_session_device(session));
-  int rc = o.bench          ? runBench(o, session, s)
+  int rc = o.bench && train ? runTrainBench(o, session, s)
+           : o.bench        ? runBench(o, session, s)
            : o.checkKernels ? runCheckKernels(o, session, s)
-           : o.hasPrompt  ? runPrompt(o, session, s)
-           : train     ? runTrainFiles(o, session)
-                       : runFiles(o, session, s);
+           : o.hasPrompt    ? runPrompt(o, session, s)
+           : train          ? runTrainFiles(o, session)
+                            : runFiles(o, session, s);
   l4rt_session_free(session);
   l4rt_plan_free(plan);
   return rc;
