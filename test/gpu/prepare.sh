@@ -4,7 +4,8 @@
 # runtime tests, CUDA plans (sm_90a cubins from NVRTC) for the golden cases,
 # an odd-shaped model and timing models, CPU reference outputs, and the
 # artifacts of the HF checkpoint check. Usage: test/gpu/prepare.sh [BUILD]
-# Output: BUILD/gpu (carry it to the GPU machine; see test/gpu/README.md).
+# Output: BUILD/gpu and BUILD/gpu.tar.gz (carry the archive to the GPU
+# machine; see test/gpu/README.md).
 set -euo pipefail
 build=${1:-build}
 b=$build/gpu
@@ -75,4 +76,8 @@ echo "== llama4-scout generate plan (batch 1, seq 8192)"
 compile scout-generate llama4-scout generate 1 8192
 
 du -sh "$b"
-echo "prepare: wrote $b"
+# The device tool carries at most 64 MiB; the plans' cubins and sources
+# compress about 4:1.
+tar -C "$build" -czf "$build/gpu.tar.gz" gpu
+du -sh "$build/gpu.tar.gz"
+echo "prepare: wrote $b and $build/gpu.tar.gz (carry the archive)"
