@@ -51,8 +51,8 @@ int64_t slotsFor(Value scores, int64_t experts) {
 
 /// [B, S, K, width] f32 (per-slot values between the experts' parts): the
 /// precision they have inside the fused ops, so splitting changes no CPU
-/// number. In bf16 plans the GPU rounds them to bf16 where it stages them
-/// for tensor cores, as HF's bf16 experts store them.
+/// number (in bf16 plans the GPU's tensor cores take them as hi + lo bf16
+/// pairs).
 RankedTensorType slotted(Value like, int64_t slots, int64_t width) {
   auto t = cast<RankedTensorType>(like.getType());
   return RankedTensorType::get({t.getShape()[0], t.getShape()[1], slots, width},

@@ -83,7 +83,7 @@ def PlanMemoryPass : Pass<"l4c-plan-memory", "mlir::ModuleOp"> {
 //===----------------------------------------------------------------------===//
 
 def SplitExpertsPass : Pass<"l4c-split-experts", "mlir::ModuleOp"> {
-  let summary = "routed experts as l4.moe_route, l4.moe_hidden, l4.moe_down";
+  let summary = "routed experts (and their backward) as grouped GEMMs over a route";
   let description = [{
     Replaces each `l4.moe_experts` by `l4.moe_route` (each expert's (token,
     slot) pairs, so that the GPU can run an expert's tokens as one GEMM),
@@ -94,6 +94,11 @@ def SplitExpertsPass : Pass<"l4c-split-experts", "mlir::ModuleOp"> {
     spread one token's expert weights across the whole GPU; the fused op
     needs all of a token's activations before its first down product.
     Locations get `.route`, `.gate_up` and `.down` appended.
+    Each `l4.moe_experts_grad` becomes its backward on the same route (the
+    forward's when the scores are the same value): `l4.moe_gate_up`
+    (recomputed projections), `l4.moe_down_grad`, `l4.moe_down_grad_weight`,
+    `l4.moe_gate_up_grad_input`, `l4.moe_combine_grad` and
+    `l4.moe_gate_up_grad_weight`, each a grouped GEMM or a row kernel.
 
     ```mlir
     %y = l4.moe_experts %x, %s, %gu, %dn : ... loc("model.layers.1.feed_forward.experts")
