@@ -519,19 +519,6 @@ void gatherTokens(const float *src, size_t W, const std::vector<size_t> &tokens,
   }
 }
 using Ids = std::vector<size_t>;
-/// fn(e, tokens, slots) for each expert with tokens, in order (expertSlots'
-/// lists); false when a token has more than K experts.
-template <typename F>
-bool forEachExpert(const float *scores, size_t T, size_t E, size_t K, F &&fn) {
-  Ids tokens, slots;
-  for (size_t e = 0; e < E; ++e) {
-    if (!expertSlots(scores, T, E, e, K, tokens, slots))
-      return false;
-    if (!tokens.empty())
-      fn(e, tokens, slots);
-  }
-  return true;
-}
 } // namespace
 
 bool expertsGateUp(const float *x, const float *scores, const float *gateUp,

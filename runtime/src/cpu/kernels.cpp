@@ -295,49 +295,38 @@ bool expertsHidden(const float *x, const float *scores, const float *gateUp,
                    size_t T, size_t D, size_t I, size_t E, size_t K,
                    float *h) {
   std::fill(h, h + T * K * I, 0.f);
-  std::vector<size_t> tokens;
   std::vector<float> z, gu;
-  for (size_t e = 0; e < E; ++e) {
-    if (!slottedTokens(scores, T, E, e, K, tokens))
-      return false;
-    size_t n = tokens.size();
-    if (n == 0)
-      continue;
-    expertActivations(x, scores, gateUp, tokens, e, D, I, E, z, gu);
-    for (size_t i = 0; i < n; ++i) {
-      size_t t = tokens[i], k = slotOf(scores + t * E, e);
-      std::copy(gu.data() + i * 2 * I, gu.data() + i * 2 * I + I,
-                h + (t * K + k) * I);
-    }
-  }
-  return true;
+  return forEachExpert(
+      scores, T, E, K,
+      [&](size_t e, const std::vector<size_t> &tokens,
+          const std::vector<size_t> &slots) {
+        expertActivations(x, scores, gateUp, tokens, e, D, I, E, z, gu);
+        for (size_t i = 0; i < tokens.size(); ++i)
+          std::copy(gu.data() + i * 2 * I, gu.data() + i * 2 * I + I,
+                    h + (tokens[i] * K + slots[i]) * I);
+      });
 }
 
 bool expertsDown(const float *h, const float *scores, const float *down,
                  size_t T, size_t D, size_t I, size_t E, size_t K,
                  float *out) {
   std::fill(out, out + T * D, 0.f);
-  std::vector<size_t> tokens;
   std::vector<float> hs, y;
-  for (size_t e = 0; e < E; ++e) {
-    if (!slottedTokens(scores, T, E, e, K, tokens))
-      return false;
-    size_t n = tokens.size();
-    if (n == 0)
-      continue;
-    hs.resize(n * I);
-    for (size_t i = 0; i < n; ++i) {
-      size_t t = tokens[i], k = slotOf(scores + t * E, e);
-      std::copy(h + (t * K + k) * I, h + (t * K + k + 1) * I,
-                hs.data() + i * I);
-    }
-    y.resize(n * D);
-    matmul(hs.data(), I, down + e * I * D, D, y.data(), D, n, D, I);
-    // Experts in increasing order, as expertsForward sums them.
-    for (size_t i = 0; i < n; ++i)
-      add(out + tokens[i] * D, y.data() + i * D, D, out + tokens[i] * D);
-  }
-  return true;
+  return forEachExpert(
+      scores, T, E, K,
+      [&](size_t e, const std::vector<size_t> &tokens,
+          const std::vector<size_t> &slots) {
+        size_t n = tokens.size();
+        hs.resize(n * I);
+        for (size_t i = 0; i < n; ++i)
+          std::copy(h + (tokens[i] * K + slots[i]) * I,
+                    h + (tokens[i] * K + slots[i] + 1) * I, hs.data() + i * I);
+        y.resize(n * D);
+        matmul(hs.data(), I, down + e * I * D, D, y.data(), D, n, D, I);
+        // Experts in increasing order, as expertsForward sums them.
+        for (size_t i = 0; i < n; ++i)
+          add(out + tokens[i] * D, y.data() + i * D, D, out + tokens[i] * D);
+      });
 }
 
 void add(const float *a, const float *b, size_t n, float *out) {

@@ -90,6 +90,20 @@ void expertsForward(const float *x, const float *scores, const float *gateUp,
 bool expertSlots(const float *scores, size_t T, size_t E, size_t e, size_t K,
                  std::vector<size_t> &tokens, std::vector<size_t> &slots);
 
+/// fn(e, tokens, slots) for each expert with tokens, in increasing order
+/// (expertSlots' lists); false when a token has more than K experts.
+template <typename F>
+bool forEachExpert(const float *scores, size_t T, size_t E, size_t K, F &&fn) {
+  std::vector<size_t> tokens, slots;
+  for (size_t e = 0; e < E; ++e) {
+    if (!expertSlots(scores, T, E, e, K, tokens, slots))
+      return false;
+    if (!tokens.empty())
+      fn(e, tokens, slots);
+  }
+  return true;
+}
+
 /// l4.moe_route: `table` (n entries) gets E + 1 offsets, then for each
 /// expert in order the entries m * K + k of the tokens m < M (in order)
 /// whose k-th nonzero score, k < K, is expert e's; -1 after the last.
