@@ -90,6 +90,14 @@ public:
                                      const PlanOptions &opts,
                                      llvm::StringRef arch);
   llvm::ArrayRef<PendingKernel> pending() const { return kernels; }
+  /// CUDA kernels' scratch (multi-block reductions) sits past every planned
+  /// value of the arena, so the arena size stays the exact device bound.
+  uint64_t workspaceOffset() const { return llvm::alignTo(mem.arenaSize, 256); }
+  /// The largest scratch any kernel needs (0 when none does).
+  uint64_t workspace() const { return workspaceSize; }
+  uint64_t arenaSize() const {
+    return workspaceSize ? workspaceOffset() + workspaceSize : mem.arenaSize;
+  }
   /// The error of a failed CUDA emission, if any.
   llvm::Error takeCudaError() {
     if (cudaError.empty())
@@ -112,6 +120,7 @@ private:
 
   const ModuleMemoryPlan &mem;
   bool emitCuda;
+  uint64_t workspaceSize = 0;
   std::string cudaError;
   StringRef currentFunction;
   fb::FlatBufferBuilder fbb{1 << 16};
@@ -250,11 +259,13 @@ LogicalResult Writer::addKernel(kernel::GroupOp g, const FunctionMemoryPlan &f,
       outs.push_back(std::move(*b));
     }
     auto cuda = emitCudaKernel(g, ins, outs,
-                               cudaEntryName(kernels.size(), g.getName()));
+                               cudaEntryName(kernels.size(), g.getName()),
+                               workspaceOffset());
     if (!cuda) {
       cudaError = toString(cuda.takeError());
       return failure();
     }
+    workspaceSize = std::max(workspaceSize, cuda->workspaceBytes);
     k.cuda = std::move(*cuda);
   }
   kernels.push_back(std::move(k));
@@ -466,7 +477,7 @@ llvm::Expected<std::string> Writer::finish(const Llama4Config &c,
   auto plan = pl::CreatePlan(
       fbb, kPlanVersion, model, fbb.CreateString(opts.programKind),
       fbb.CreateString(target), fbb.CreateString(opts.precision),
-      opts.maxBatch, opts.maxSeq, mem.arenaSize, mem.weightsSize,
+      opts.maxBatch, opts.maxSeq, arenaSize(), mem.weightsSize,
       mem.cacheSize, mem.ioSize, fbb.CreateVector(buffers),
       fbb.CreateVector(weights), fbb.CreateVector(tables),
       fbb.CreateVector(programs), pl::CreateMesh(fbb, 1),
@@ -527,6 +538,9 @@ llvm::Expected<std::string> serializePlan(ModuleOp module,
   auto w = walkModule(module, !arch->empty(), mem);
   if (!w)
     return w.takeError();
+  if (uint64_t ws = (*w)->workspace())
+    module->setAttr("l4c.cuda_workspace_size",
+                    Builder(module.getContext()).getI64IntegerAttr(int64_t(ws)));
   return (*w)->finish(config, opts, *arch);
 }
 

@@ -192,12 +192,20 @@ static int runCompile() {
     (*module)->walk([&](mlir::func::FuncOp fn) {
       arena = std::max(arena, attr(fn, "l4c.arena_size"));
     });
+    // CUDA kernels' scratch for multi-block reductions ends the arena.
+    int64_t workspace = attr(**module, "l4c.cuda_workspace_size");
+    if (workspace)
+      arena = int64_t(llvm::alignTo(uint64_t(arena), 256)) + workspace;
     int64_t weights = attr(**module, "l4c.weights_size");
     int64_t cache = attr(**module, "l4c.cache_size");
     errs() << formatv("l4c: wrote {0} ({1} program, max batch {2}, max seq "
                       "{3}); memory: weights {4}, kv cache {5}, arena {6}\n",
                       outputOpt, programOpt, int64_t(maxBatch), int64_t(maxSeq),
                       bytesStr(weights), bytesStr(cache), bytesStr(arena));
+    if (workspace)
+      errs() << formatv("l4c: the arena includes {0} of CUDA kernel "
+                        "workspace\n",
+                        bytesStr(workspace));
   }
   return 0;
 }

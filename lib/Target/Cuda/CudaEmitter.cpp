@@ -193,6 +193,28 @@ __device__ __forceinline__ float l4_block_max(float v, float *scratch) {
   v = lane < (int)((blockDim.x + 31) >> 5) ? scratch[lane] : l4_neg_inf();
   return l4_warp_max(v);
 }
+// Multi-block reductions without atomics on the data: every block writes its
+// partial results to the workspace, then calls this (all threads). It
+// returns true in exactly one block, the last to arrive, after every other
+// block's writes are visible; that block combines the partials in a fixed
+// order (the same sums on every run) and the counter is 0 again for the
+// next kernel. Partials must be read with l4_ldcg (not through L1).
+__device__ __forceinline__ bool l4_last_block(char *ws) {
+  __shared__ int last;
+  __threadfence(); // this block's partials before its arrival
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned done = atomicAdd(reinterpret_cast<unsigned *>(ws), 1u);
+    last = done == gridDim.x - 1;
+    if (last)
+      *reinterpret_cast<volatile unsigned *>(ws) = 0u;
+  }
+  __syncthreads();
+  if (last)
+    __threadfence();
+  return last;
+}
+__device__ __forceinline__ double l4_ldcg(const double *p) { return __ldcg(p); }
 )cuda";
 
 const char *regionField(MemRegion r) {
@@ -568,7 +590,8 @@ std::string cudaProgramSource(llvm::ArrayRef<const CudaKernel *> kernels) {
 llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
                                           llvm::ArrayRef<CudaBuffer> inputs,
                                           llvm::ArrayRef<CudaBuffer> results,
-                                          llvm::StringRef entry) {
+                                          llvm::StringRef entry,
+                                          uint64_t workspaceOffset) {
   Block &block = group.getBody().front();
   auto yield = cast<kernel::YieldOp>(block.getTerminator());
   auto named = [&](const llvm::Twine &msg) {
@@ -665,6 +688,8 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
     params += llvm::formatv("char *out{0}, ", i).str();
   for (const auto &p : ctx.body.params)
     params += "const long long " + p.first + ", ";
+  if (ctx.body.workspaceBytes)
+    params += "char *ws, ";
   // Keep the op comment to one line and free of the SSA names, which vary
   // between layers and would defeat sharing.
   std::string opComment;
@@ -694,6 +719,7 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
   k.threads = ctx.body.threads;
   k.blocks = unsigned(ctx.body.blocks);
   k.sharedBytes = 0; // all shared memory is static
+  k.workspaceBytes = ctx.body.workspaceBytes;
   uint64_t hash = llvm::xxh3_64bits(bodyText);
   k.bodyName = llvm::formatv("l4_{0}_{1:x-16}", sanitize(k.kind), hash).str();
   k.body = replaceAll(bodyText, "@B@", k.bodyName);
@@ -707,6 +733,8 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
                 .str();
   for (const auto &p : ctx.body.params)
     args += cuda::intLit(p.second) + ", ";
+  if (ctx.body.workspaceBytes)
+    args += llvm::formatv("r.arena + {0}ull, ", workspaceOffset).str();
   k.launcher =
       llvm::formatv("// {0} ({1})\nextern \"C\" __global__ void "
                     "__launch_bounds__({2}) {3}(L4Regions r, long long B, long "

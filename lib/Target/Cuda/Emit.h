@@ -52,6 +52,12 @@ struct Body {
   /// them: row strides, which differ between prefill and decode only, so
   /// that both share one body (compiled once).
   llvm::SmallVector<std::pair<std::string, int64_t>, 4> params;
+  /// Bytes of device workspace the body needs (0: none). When set, the body
+  /// receives `char *ws`: 256-byte aligned, private to this launch (kernels
+  /// run one at a time on the plan's stream), zero at the plan's start. Its
+  /// first 4 bytes are the "blocks done" counter of lastBlock(); a body that
+  /// uses it leaves it 0 again. Scratch data starts at ws + 256.
+  uint64_t workspaceBytes = 0;
 
   /// Declares `name` as a body parameter the entry sets to `value`.
   void param(llvm::StringRef name, int64_t value) {

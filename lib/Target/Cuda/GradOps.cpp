@@ -5,9 +5,12 @@
 // Matmul.cpp (tensor cores for bf16 operands, f32 accumulators). The rest is
 // written for correctness first: straightforward grid-stride kernels that
 // follow the CPU backend's formulas (runtime/src/cpu/grad_kernels.cpp), with
-// double accumulators where the CPU has them. Reductions into parameter-
-// shaped gradients (embedding, experts, a norm's weight) run in one block,
-// which owns its output and needs no atomics or pre-zeroed memory; attention's
+// double accumulators where the CPU has them. No reduction uses atomics on
+// data, so every run gives the same sums: the loss and a norm's weight
+// gradient sum per-block parts in the kernel workspace, combined in a fixed
+// order by the last block to finish (l4_last_block); the embedding's gradient
+// gives each block its own columns; the unsplit experts' backward (l4-opt
+// only) runs in one block; attention's
 // backward recomputes each query's softmax statistics where it needs them
 // instead of keeping them. Fast versions (grouped GEMMs, flash-style
 // backward) belong to the fusion and Hopper-kernel work.
@@ -57,39 +60,54 @@ llvm::Error emitCrossEntropy(OpContext &ctx, bool grad) {
   // is torch's ignore_index. The mean runs over the labelled rows.
   __shared__ double red[32];
   __shared__ float redf[32];
-  long long count = 0;
-  for (long long b = 0; b < B; ++b)
-    for (long long t = 0; t + 1 < T; ++t)
-      count += l4_ldi(ids, b * I_S + t + 1) != -100;
+)cuda";
+  const char *countLabels = R"cuda(  double count = 0.0; // every thread gets it
+  for (long long r = threadIdx.x; r < B * (T - 1); r += blockDim.x) {
+    const long long b = r / (T - 1), t = r - b * (T - 1);
+    count += l4_ldi(ids, b * I_S + t + 1) != -100;
+  }
+  count = @B@_bsum(count, red);
 )cuda";
   if (!grad) {
-    os << R"cuda(  if (blockIdx.x != 0)
+    os << R"cuda(  // A block per row puts the row's loss (0 when unlabelled) in the
+  // workspace; the last block to finish sums them, the same way every run.
+  double *part = reinterpret_cast<double *>(ws + 256);
+  for (long long r = blockIdx.x; r < B * T; r += gridDim.x) {
+    const long long b = r / T, t = r - b * T;
+    const long long label = t + 1 < T ? l4_ldi(ids, b * I_S + t + 1) : -100;
+    double nll = 0.0;
+    if (label != -100) {
+      const long long lo = (b * L_S + t) * V;
+      float mx = l4_neg_inf();
+      for (long long i = threadIdx.x; i < V; i += blockDim.x)
+        mx = fmaxf(mx, l4_ld(logits, lo + i));
+      mx = l4_block_max(mx, redf);
+      double s = 0.0;
+      for (long long i = threadIdx.x; i < V; i += blockDim.x)
+        s += exp((double)l4_ld(logits, lo + i) - (double)mx);
+      s = @B@_bsum(s, red);
+      nll = (double)mx + log(s) - (double)l4_ld(logits, lo + label);
+    }
+    if (threadIdx.x == 0)
+      part[r] = nll;
+  }
+  if (!l4_last_block(ws))
     return;
   double nll = 0.0;
-  for (long long r = 0; r < B * (T - 1); ++r) {
-    const long long b = r / (T - 1), t = r - b * (T - 1);
-    const long long label = l4_ldi(ids, b * I_S + t + 1);
-    if (label == -100)
-      continue;
-    const long long lo = (b * L_S + t) * V;
-    float mx = l4_neg_inf();
-    for (long long i = threadIdx.x; i < V; i += blockDim.x)
-      mx = fmaxf(mx, l4_ld(logits, lo + i));
-    mx = l4_block_max(mx, redf);
-    double s = 0.0;
-    for (long long i = threadIdx.x; i < V; i += blockDim.x)
-      s += exp((double)l4_ld(logits, lo + i) - (double)mx);
-    s = @B@_bsum(s, red);
-    nll += (double)mx + log(s) - (double)l4_ld(logits, lo + label);
-  }
-  if (threadIdx.x == 0)
-    l4_st(y, 0, count ? (float)(nll / (double)count) : __int_as_float(0x7fc00000));
+  for (long long r = threadIdx.x; r < B * T; r += blockDim.x)
+    nll += l4_ldcg(part + r);
+  nll = @B@_bsum(nll, red);
+)cuda" << countLabels
+       << R"cuda(  if (threadIdx.x == 0)
+    l4_st(y, 0, count > 0.0 ? (float)(nll / count) : __int_as_float(0x7fc00000));
 )cuda";
     b.threads = 256;
-    b.blocks = 1;
+    b.blocks = gridFor(uint64_t(logits.bmax) * logits.rowsPerBatch, 1);
+    b.workspaceBytes = 256 + 8 * uint64_t(logits.bmax) * logits.rowsPerBatch;
     return llvm::Error::success();
   }
-  os << R"cuda(  const double seed = count ? 1.0 / (double)count : 0.0;
+  os << countLabels;
+  os << R"cuda(  const double seed = count > 0.0 ? 1.0 / count : 0.0;
   // A block per row; the row is read whole (the reductions' barriers)
   // before it is written, so the gradient may overwrite the logits.
   for (long long r = blockIdx.x; r < B * L_S; r += gridDim.x) {
@@ -208,6 +226,11 @@ llvm::Error emitNormGrad(OpContext &ctx, double eps, bool hasWeight) {
      << stride(b, "D_S", dx.rowsPerBatch)
      << "  constexpr float EPS = " << floatLit(float(eps)) << ";\n"
      << "  const long long LT = " << *lt << ";\n";
+  // dw's sum in parts: enough to spread it over the GPU, a few vectors each.
+  uint64_t parts = std::clamp<uint64_t>(maxRows(x) * uint64_t(x.inner / n) / 16,
+                                        1, 256);
+  if (hasWeight)
+    os << constant("NP", int64_t(parts), "parts of the weight's sum");
   std::string wexpr = hasWeight ? "(double)l4_ld(w, i)" : "1.0";
   os << llvm::formatv(R"cuda(  // dx = inv * (g - x * inv^2 * <g, x> / N), g = dy * w, with the
   // forward's f32 inverse RMS; one warp per vector.
@@ -241,41 +264,55 @@ llvm::Error emitNormGrad(OpContext &ctx, double eps, bool hasWeight) {
 )cuda",
                       wexpr, hasWeight ? "y0" : "y");
   if (hasWeight)
-    os << R"cuda(  // dw in block 0 alone, which owns it: per vector, the block rebuilds the
-  // inverse RMS, and each thread sums its columns over all vectors.
-  if (blockIdx.x != 0)
-    return;
+    os << R"cuda(  // dw: the vectors fall into NP consecutive parts; a block sums its
+  // parts' products (rebuilding each vector's inverse RMS) into the
+  // workspace, and the last block to finish adds the parts up in order.
   __shared__ double red[32];
   constexpr long long NT = 256, NC = (N + NT - 1) / NT;
-  double acc[NC];
-  for (int c = 0; c < NC; ++c)
-    acc[c] = 0.0;
-  for (long long v = 0; v < nvec; ++v) {
-    const long long j = v % NV, r = v / NV, b = r / LT, t = r - b * LT;
-    const long long xo = (b * X_S + t) * (N * NV) + j * N;
-    const long long go = (b * G_S + t) * (N * NV) + j * N;
-    double ss = 0.0;
-    for (long long i = threadIdx.x; i < N; i += NT) {
-      const double a = l4_ld(x, xo + i);
-      ss += a * a;
+  double *part = reinterpret_cast<double *>(ws + 256);
+  for (long long p = blockIdx.x; p < NP; p += gridDim.x) {
+    double acc[NC];
+    for (int c = 0; c < NC; ++c)
+      acc[c] = 0.0;
+    for (long long v = nvec * p / NP; v < nvec * (p + 1) / NP; ++v) {
+      const long long j = v % NV, r = v / NV, b = r / LT, t = r - b * LT;
+      const long long xo = (b * X_S + t) * (N * NV) + j * N;
+      const long long go = (b * G_S + t) * (N * NV) + j * N;
+      double ss = 0.0;
+      for (long long i = threadIdx.x; i < N; i += NT) {
+        const double a = l4_ld(x, xo + i);
+        ss += a * a;
+      }
+      ss = @B@_bsum(ss, red);
+      const float var = (float)(ss / (double)N);
+      const float inv = (float)(1.0 / sqrt((double)(var + EPS)));
+      for (int c = 0; c < NC; ++c) {
+        const long long i = threadIdx.x + c * NT;
+        if (i < N) // the forward rounds x * inv to f32 before the weight
+          acc[c] += (double)l4_ld(dy, go + i) * (double)(l4_ld(x, xo + i) * inv);
+      }
     }
-    ss = @B@_bsum(ss, red);
-    const float var = (float)(ss / (double)N);
-    const float inv = (float)(1.0 / sqrt((double)(var + EPS)));
     for (int c = 0; c < NC; ++c) {
       const long long i = threadIdx.x + c * NT;
-      if (i < N) // the forward rounds x * inv to f32 before the weight
-        acc[c] += (double)l4_ld(dy, go + i) * (double)(l4_ld(x, xo + i) * inv);
+      if (i < N)
+        part[p * N + i] = acc[c];
     }
   }
-  for (int c = 0; c < NC; ++c) {
-    const long long i = threadIdx.x + c * NT;
-    if (i < N)
-      l4_st(y1, i, (float)acc[c]);
+  if (!l4_last_block(ws))
+    return;
+  for (long long i = threadIdx.x; i < N; i += NT) {
+    double a = 0.0;
+    for (long long p = 0; p < NP; ++p)
+      a += l4_ldcg(part + p * N + i);
+    l4_st(y1, i, (float)a);
   }
 )cuda";
   b.threads = 256;
   b.blocks = gridFor(maxRows(x) * (x.inner / n), b.threads / 32);
+  if (hasWeight) {
+    b.blocks = std::max<uint64_t>(b.blocks, parts);
+    b.workspaceBytes = 256 + 8 * parts * uint64_t(n);
+  }
   return llvm::Error::success();
 }
 
@@ -539,24 +576,29 @@ llvm::Error emitEmbeddingGrad(OpContext &ctx) {
      << constant("PAD", pad, "nn.Embedding's padding_idx; -1: none")
      << stride(b, "I_S", ids.rowsPerBatch) << stride(b, "Y_S", dy.rowsPerBatch)
      << "  const long long LT = " << *lt << ";\n"
-     << R"cuda(  // One block owns the table: zero it, then add each token's row in
-  // token order (no atomics, the same sums on every run).
-  if (blockIdx.x != 0)
-    return;
-  for (long long i = threadIdx.x; i < V * D; i += blockDim.x)
-    l4_st(y, i, 0.0f);
-  __syncthreads();
-  for (long long r = 0; r < B * LT; ++r) {
-    const long long b = r / LT, t = r - b * LT;
-    const long long id = l4_ldi(ids, b * I_S + t);
-    if (id < 0 || id >= V || id == PAD)
+     << R"cuda(  // A block owns 32 columns of the table: it zeroes them, then its first
+  // warp adds each token's slice in token order (no atomics, the same sums
+  // on every run).
+  for (long long c0 = blockIdx.x * 32LL; c0 < D; c0 += gridDim.x * 32LL) {
+    const long long c = c0 + (threadIdx.x & 31);
+    __syncthreads(); // the previous slice is done
+    for (long long i = threadIdx.x >> 5; i < V; i += blockDim.x >> 5)
+      if (c < D)
+        l4_st(y, i * D + c, 0.0f);
+    __syncthreads();
+    if (threadIdx.x >= 32 || c >= D)
       continue;
-    for (long long c = threadIdx.x; c < D; c += blockDim.x)
+    for (long long r = 0; r < B * LT; ++r) {
+      const long long b = r / LT, t = r - b * LT;
+      const long long id = l4_ldi(ids, b * I_S + t);
+      if (id < 0 || id >= V || id == PAD)
+        continue;
       l4_st(y, id * D + c, l4_ld(y, id * D + c) + l4_ld(dy, (b * Y_S + t) * D + c));
+    }
   }
 )cuda";
-  b.threads = 256;
-  b.blocks = 1;
+  b.threads = 128;
+  b.blocks = uint64_t(ts[1] + 31) / 32;
   return llvm::Error::success();
 }
 

@@ -300,6 +300,15 @@ inline void __syncwarp(unsigned = 0xffffffffu) {
   l4emu::warpBarriers[l4emu::tIdx.x / 32].wait("__syncwarp");
 }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
+// Blocks run one at a time, in order: plain read-modify-write is atomic
+// and every earlier block's stores are visible.
+inline unsigned atomicAdd(unsigned *p, unsigned v) {
+  unsigned old = *p;
+  *p = old + v;
+  return old;
+}
+inline void __threadfence() {}
+template <class T> inline T __ldcg(const T *p) { return *p; }
 template <class T> T __shfl_xor_sync(unsigned, T v, int mask, int = 32) {
   return l4emu::shuffle(v, (l4emu::tIdx.x & 31u) ^ unsigned(mask));
 }

@@ -43,6 +43,9 @@ struct CudaKernel {
   unsigned threads = 0; ///< block size the body is written for
   unsigned blocks = 0;  ///< grid at the compiled maxima (any grid is correct)
   unsigned sharedBytes = 0; ///< dynamic shared memory per block at launch
+  /// Device scratch the kernel uses at the workspace offset of the arena
+  /// (0: none); the plan's arena ends with max over kernels of this.
+  uint64_t workspaceBytes = 0;
 
   /// Prelude, body and entry: a program that compiles alone.
   std::string source() const;
@@ -58,12 +61,15 @@ llvm::StringRef cudaPrelude();
 std::string cudaEntryName(unsigned index, llvm::StringRef name);
 
 /// Emits the kernel for `group`, whose inputs and results are placed at
-/// `inputs` and `results` (one per group operand and result). Fails, naming
-/// the kernel and op, on ops or dtypes the CUDA target does not support yet.
+/// `inputs` and `results` (one per group operand and result). A kernel that
+/// needs scratch (multi-block reductions) finds it at arena byte
+/// `workspaceOffset`, past every planned value. Fails, naming the kernel
+/// and op, on ops or dtypes the CUDA target does not support yet.
 llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
                                           llvm::ArrayRef<CudaBuffer> inputs,
                                           llvm::ArrayRef<CudaBuffer> results,
-                                          llvm::StringRef entry);
+                                          llvm::StringRef entry,
+                                          uint64_t workspaceOffset);
 
 /// A whole NVRTC program for kernels that share one body: the prelude, the
 /// body once and every kernel's entry.
