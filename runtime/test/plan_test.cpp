@@ -444,6 +444,98 @@ TEST(PlanVerifier, RejectsBadPrograms) {
   expectRejected(p, "is in the arena region, not weights");
 }
 
+/// The tiny model with its routed experts split as l4c-split-experts splits
+/// them: a route table (i32, E + 1 offsets then B*S*K entries), each
+/// token's expert activations [B, S, K, I], then their down projections.
+struct SplitExperts {
+  PlanSpec p;
+  uint32_t kernel = 0, route = 0, hidden = 0, scores = 0;
+};
+SplitExperts splitExpertsPlan() {
+  SplitExperts s;
+  TinyConfig c;
+  const int64_t B = 2, S = 3;
+  s.p = tinyModelPlan("forward", B, S, c);
+  for (uint32_t k = 0; k < s.p.kernels.size(); ++k) {
+    KernelSpec &ks = s.p.kernels[k];
+    if (ks.ops.size() != 1 || ks.ops[0].op != "moe_experts")
+      continue;
+    OpSpec fused = ks.ops[0];
+    uint32_t x = fused.operands[0], sc = fused.operands[1],
+             gu = fused.operands[2], dn = fused.operands[3];
+    s.kernel = k;
+    s.scores = sc;
+    s.route = s.p.add("route", pl::Region::Arena, {c.E + 1 + B * S * c.topK},
+                      ".", pl::DType::I32);
+    s.hidden = s.p.add("hidden", pl::Region::Arena, {B, S, c.topK, c.I},
+                       "BS..");
+    ks.ops = {{"moe_route", {attrI("slots", c.topK)}, {sc}, {s.route}},
+              {"moe_hidden", {}, {x, sc, gu, s.route}, {s.hidden}},
+              {"moe_down", {}, {s.hidden, sc, dn, s.route}, fused.results}};
+  }
+  return s;
+}
+
+TEST(PlanVerifier, ChecksRouteTablesOfSplitExperts) {
+  SplitExperts s = splitExpertsPlan();
+  ASSERT_NE(s.kernel, 0u);
+  std::shared_ptr<const rt::Plan> plan;
+  rt::Status ok = parse(s.p, &plan);
+  ASSERT_TRUE(ok.ok()) << ok.message;
+  std::string k = "kernel " + std::to_string(s.kernel) + " '" +
+                  s.p.kernels[s.kernel].name + "' ";
+
+  // The table is i32: E + 1 + 6 tokens x 1 slot = 11 entries.
+  SplitExperts t = splitExpertsPlan();
+  BufferSpec &r = t.p.buffers[t.route];
+  r.dtype = pl::DType::I64;
+  r.size *= 2;
+  t.p.regionSize[0] += r.size;
+  expectRejected(t.p, k + "op 0 (moe_route): result buffer " +
+                          std::to_string(t.route) +
+                          " 'route' has dtype i64, expected i32");
+  t = splitExpertsPlan();
+  t.p.buffers[t.route].shape = {10};
+  t.p.buffers[t.route].size = 40;
+  expectRejected(t.p, "has shape [10], expected [11] without run-time dims "
+                      "(E + 1 + 6 tokens x 1 slots)");
+  // A table sized for 2 slots does not fit top_k 1 tables...
+  t = splitExpertsPlan();
+  t.p.kernels[t.kernel].ops[0].attrs[0] = attrI("slots", 2);
+  expectRejected(t.p, "(moe_route): result buffer " + std::to_string(t.route) +
+                          " 'route' has shape [11], expected [17]");
+  // ...nor may slots exceed the experts.
+  t = splitExpertsPlan();
+  t.p.kernels[t.kernel].ops[0].attrs[0] = attrI("slots", 5);
+  expectRejected(t.p, "(moe_route): attribute slots 5 is outside [1, 4]");
+  // The consumers check the table they are given: floats in its place.
+  t = splitExpertsPlan();
+  t.p.kernels[t.kernel].ops[1].operands[3] = t.hidden;
+  expectRejected(t.p, k + "op 1 (moe_hidden): operand 3 buffer " +
+                          std::to_string(t.hidden) +
+                          " 'hidden' has dtype f32, expected i64 or i32");
+  // Activations whose K disagrees with the table's slots.
+  t = splitExpertsPlan();
+  t.p.buffers[t.hidden].shape = {2, 3, 2, 4};
+  expectRejected(t.p, k + "op 1 (moe_hidden): result buffer " +
+                          std::to_string(t.hidden) +
+                          " 'hidden' has shape [2, 3, 2, 4], expected [.., K, "
+                          "8] per input token with 1 <= K <= 4");
+  t = splitExpertsPlan();
+  t.p.buffers[t.hidden].shape = {2, 3, 2, 8};
+  t.p.buffers[t.hidden].size *= 2;
+  t.p.regionSize[0] += t.p.buffers[t.hidden].size;
+  expectRejected(t.p, k + "op 1 (moe_hidden): route buffer " +
+                          std::to_string(t.route) +
+                          " 'route' has shape [11], expected [17]");
+  // The route table is an index operand: the loader knows it as such.
+  t = splitExpertsPlan();
+  t.p.kernels[t.kernel].ops[2].operands[3] = t.scores;
+  expectRejected(t.p, "(moe_down): operand 3 buffer " +
+                          std::to_string(t.scores) + " 'forward.l1.scores'");
+  expectRejected(t.p, "has dtype f32, expected i64 or i32");
+}
+
 //===----------------------------------------------------------------------===//
 // The C API over the loader
 //===----------------------------------------------------------------------===//
