@@ -204,21 +204,49 @@ llvm::Error emitAttention(OpContext &ctx) {
     return emitAttentionTiles(ctx, fromCache);
   int64_t threads = 128;
   Body &b = ctx.body;
+  // Decode reads the whole cache for few (row, head) pairs: split each
+  // pair's keys over NS blocks so a long cache streams through many SMs;
+  // the last block of a pair merges the parts' softmax statistics. Split
+  // until about 264 blocks (two per H100 SM) are busy, each part at least
+  // 32 keys of the cache, at most 16 parts.
+  uint64_t pairs = uint64_t(q.bmax) * q.rowsPerBatch * uint64_t(heads);
+  int64_t splits = 1;
+  if (fromCache && q.rowsPerBatch == 1)
+    splits = std::clamp<int64_t>(
+        std::min<int64_t>((264 + int64_t(pairs) - 1) / int64_t(pairs),
+                          ks[1] / 32),
+        1, 16);
+  uint64_t counterBytes = llvm::alignTo(4 * pairs, 256);
+  if (splits > 1)
+    b.workspaceBytes =
+        256 + counterBytes + 4 * pairs * uint64_t(splits) * uint64_t(dim + 2);
   llvm::raw_string_ostream os(b.code);
   os << attentionConstants(ctx, fromCache) << constant("NT", threads)
-     << R"cuda(  constexpr long long KW = HKV * DH, NACC = (DH + NT - 1) / NT;
+     << constant("NS", splits, "blocks per (row, head): parts of the keys");
+  if (splits > 1)
+    os << "  unsigned *done = reinterpret_cast<unsigned *>(ws + 256);\n"
+       << "  float *part = reinterpret_cast<float *>(ws + 256 + "
+       << counterBytes << ");\n";
+  os << R"cuda(  constexpr long long KW = HKV * DH, NACC = (DH + NT - 1) / NT;
   __shared__ float qv[DH];
   __shared__ float pr[NT];
   __shared__ float red[32];
+  __shared__ int last;
   const int tid = threadIdx.x;
-  for (long long task = blockIdx.x; task < B * T * H; task += gridDim.x) {
-    const long long h = task % H, r = task / H, b = r / T, t = r - b * T;
+  for (long long task = blockIdx.x; task < B * T * H * NS; task += gridDim.x) {
+    const long long sp = task % NS, pair = task / NS;
+    const long long h = pair % H, r = pair / H, b = r / T, t = r - b * T;
     const long long p = l4_ldi(pos, b * P_S + t);
     // Allowed keys: lo <= j <= hi (causal; same chunk when CHUNK > 0).
     long long hi = p < KV_LIMIT - 1 ? p : KV_LIMIT - 1;
-    const long long lo = CHUNK > 0 && p >= 0 ? p / CHUNK * CHUNK : 0;
+    long long lo = CHUNK > 0 && p >= 0 ? p / CHUNK * CHUNK : 0;
     if (p < 0)
       hi = -1;
+    if (NS > 1 && hi >= lo) { // this block's part of them
+      const long long n = hi - lo + 1, first = lo + n * sp / NS;
+      hi = lo + n * (sp + 1) / NS - 1;
+      lo = first;
+    }
     const long long qo = (b * Q_S + t) * (H * DH) + h * DH;
     const long long yo = (b * Y_S + t) * (H * DH) + h * DH;
     const long long kvo = b * KR * KW + h / G * DH;
@@ -258,18 +286,71 @@ llvm::Error emitAttention(OpContext &ctx) {
       }
       __syncthreads(); // pr is read before the next tile rewrites it
     }
-    // A query that sees no key (masked out entirely) gets zeros.
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    if (NS == 1) {
+      // A query that sees no key (masked out entirely) gets zeros.
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+      for (int c = 0; c < NACC; ++c) {
+        const long long i = tid + c * NT;
+        if (i < DH)
+          l4_st(y, yo + i, acc[c] * inv);
+      }
+      continue;
+    }
+)cuda";
+  if (splits > 1)
+    os << R"cuda(    // The part's max, sum and unnormalised output; the pair's last part
+    // to finish merges all NS in order (the same sums every run) and
+    // leaves the pair's counter 0 for the next launch.
+    float *rec = part + (pair * NS + sp) * (DH + 2);
+    if (tid == 0) {
+      rec[0] = m;
+      rec[1] = l;
+    }
 #pragma unroll
     for (int c = 0; c < NACC; ++c) {
       const long long i = tid + c * NT;
       if (i < DH)
-        l4_st(y, yo + i, acc[c] * inv);
+        rec[2 + i] = acc[c];
     }
-  }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+      last = atomicAdd(done + pair, 1u) == NS - 1;
+      if (last)
+        done[pair] = 0u;
+    }
+    __syncthreads();
+    if (!last)
+      continue;
+    __threadfence();
+    const float *recs = part + pair * NS * (DH + 2);
+    float mAll = l4_neg_inf();
+    for (long long s = 0; s < NS; ++s)
+      if (l4_ldcg(recs + s * (DH + 2) + 1) > 0.0f)
+        mAll = fmaxf(mAll, l4_ldcg(recs + s * (DH + 2)));
+    float lAll = 0.0f;
+    for (long long s = 0; s < NS; ++s) {
+      const float ls = l4_ldcg(recs + s * (DH + 2) + 1);
+      if (ls > 0.0f)
+        lAll += ls * expf(l4_ldcg(recs + s * (DH + 2)) - mAll);
+    }
+    // A query that sees no key (masked out entirely) gets zeros.
+    const float inv = lAll > 0.0f ? 1.0f / lAll : 0.0f;
+    for (long long i = tid; i < DH; i += NT) {
+      float a = 0.0f;
+      for (long long s = 0; s < NS; ++s) {
+        const float ls = l4_ldcg(recs + s * (DH + 2) + 1);
+        if (ls > 0.0f)
+          a += l4_ldcg(recs + s * (DH + 2) + 2 + i) *
+               expf(l4_ldcg(recs + s * (DH + 2)) - mAll);
+      }
+      l4_st(y, yo + i, a * inv);
+    }
 )cuda";
+  os << "  }\n";
   b.threads = unsigned(threads);
-  b.blocks = gridFor(uint64_t(q.bmax) * q.rowsPerBatch * heads, 1);
+  b.blocks = gridFor(pairs * uint64_t(splits), 1);
   return llvm::Error::success();
 }
 

@@ -215,6 +215,7 @@ __device__ __forceinline__ bool l4_last_block(char *ws) {
   return last;
 }
 __device__ __forceinline__ double l4_ldcg(const double *p) { return __ldcg(p); }
+__device__ __forceinline__ float l4_ldcg(const float *p) { return __ldcg(p); }
 )cuda";
 
 const char *regionField(MemRegion r) {
