@@ -51,6 +51,21 @@ llvm::Error emitCrossEntropy(OpContext &ctx, bool grad) {
     return ctx.fail("expected a scalar loss");
   Body &b = ctx.body;
   b.globals += kBlockSumD;
+  b.globals += R"cuda(// log sum exp of the n values at x + lo, in double after an f32 max (as
+// the CPU backend computes it); every thread of the block gets it.
+template <class L>
+__device__ double @B@_lse(const L *x, long long lo, long long n, float *redf,
+                          double *red) {
+  float mx = l4_neg_inf();
+  for (long long i = threadIdx.x; i < n; i += blockDim.x)
+    mx = fmaxf(mx, l4_ld(x, lo + i));
+  mx = l4_block_max(mx, redf);
+  double s = 0.0;
+  for (long long i = threadIdx.x; i < n; i += blockDim.x)
+    s += exp((double)l4_ld(x, lo + i) - (double)mx);
+  return (double)mx + log(@B@_bsum(s, red));
+}
+)cuda";
   llvm::raw_string_ostream os(b.code);
   os << constant("V", logits.inner) << stride(b, "L_S", logits.rowsPerBatch)
      << stride(b, "I_S", ids.rowsPerBatch);
@@ -78,15 +93,7 @@ llvm::Error emitCrossEntropy(OpContext &ctx, bool grad) {
     double nll = 0.0;
     if (label != -100) {
       const long long lo = (b * L_S + t) * V;
-      float mx = l4_neg_inf();
-      for (long long i = threadIdx.x; i < V; i += blockDim.x)
-        mx = fmaxf(mx, l4_ld(logits, lo + i));
-      mx = l4_block_max(mx, redf);
-      double s = 0.0;
-      for (long long i = threadIdx.x; i < V; i += blockDim.x)
-        s += exp((double)l4_ld(logits, lo + i) - (double)mx);
-      s = @B@_bsum(s, red);
-      nll = (double)mx + log(s) - (double)l4_ld(logits, lo + label);
+      nll = @B@_lse(logits, lo, V, redf, red) - (double)l4_ld(logits, lo + label);
     }
     if (threadIdx.x == 0)
       part[r] = nll;
@@ -120,15 +127,7 @@ llvm::Error emitCrossEntropy(OpContext &ctx, bool grad) {
         l4_st(y, yo + i, 0.0f);
       continue;
     }
-    float mx = l4_neg_inf();
-    for (long long i = threadIdx.x; i < V; i += blockDim.x)
-      mx = fmaxf(mx, l4_ld(logits, lo + i));
-    mx = l4_block_max(mx, redf);
-    double s = 0.0;
-    for (long long i = threadIdx.x; i < V; i += blockDim.x)
-      s += exp((double)l4_ld(logits, lo + i) - (double)mx);
-    s = @B@_bsum(s, red);
-    const double lse = (double)mx + log(s);
+    const double lse = @B@_lse(logits, lo, V, redf, red);
     for (long long i = threadIdx.x; i < V; i += blockDim.x) {
       const double p = exp((double)l4_ld(logits, lo + i) - lse);
       l4_st(y, yo + i, (float)((i == label ? p - 1.0 : p) * seed));
