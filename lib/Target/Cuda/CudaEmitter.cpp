@@ -214,6 +214,31 @@ __device__ __forceinline__ bool l4_last_block(char *ws) {
     __threadfence();
   return last;
 }
+// A work queue of two phases in one launch: blocks claim tasks in order
+// from a ticket in the workspace (l4_claim: every thread gets the same
+// task); a second-phase task waits (l4_await) until the n first-phase tasks
+// have published their results (l4_publish). Only blocks that are running
+// hold tickets, so a waiting block never waits on one that has not started.
+// The last block (l4_last_block) sets both counters back to 0.
+__device__ __forceinline__ long long l4_claim(unsigned *ticket) {
+  __shared__ long long task;
+  __syncthreads(); // every thread has read the previous task
+  if (threadIdx.x == 0) task = atomicAdd(ticket, 1u);
+  __syncthreads();
+  return task;
+}
+__device__ __forceinline__ void l4_publish(unsigned *done) {
+  __threadfence(); // this block's results before its count
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(done, 1u);
+}
+__device__ __forceinline__ void l4_await(const unsigned *done, unsigned n) {
+  if (threadIdx.x == 0)
+    while (*reinterpret_cast<const volatile unsigned *>(done) < n) {
+    }
+  __syncthreads();
+  __threadfence(); // then read the results with l4_ldcg
+}
 __device__ __forceinline__ double l4_ldcg(const double *p) { return __ldcg(p); }
 __device__ __forceinline__ float l4_ldcg(const float *p) { return __ldcg(p); }
 )cuda";

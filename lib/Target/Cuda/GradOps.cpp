@@ -10,10 +10,11 @@
 // gradient sum per-block parts in the kernel workspace, combined in a fixed
 // order by the last block to finish (l4_last_block); the embedding's gradient
 // gives each block its own columns; the unsplit experts' backward (l4-opt
-// only) runs in one block; attention's
-// backward recomputes each query's softmax statistics where it needs them
-// instead of keeping them. Fast versions (grouped GEMMs, flash-style
-// backward) belong to the fusion and Hopper-kernel work.
+// only) runs in one block. Attention's backward is flash-style, O(T^2 d)
+// on CUDA cores in one launch of two phases: query tiles (dq and the
+// softmax statistics) before key tiles (dk, dv), ordered by a ticket
+// queue. Tensor-core versions (and grouped GEMMs for the unsplit experts)
+// belong to the Hopper-kernel work.
 //
 //===----------------------------------------------------------------------===//
 #include "Emit.h"
@@ -328,22 +329,35 @@ llvm::Error emitAttentionGrad(OpContext &ctx) {
   int64_t heads = qs[2], dim = qs[3], kvHeads = ks[2];
   if (ks[3] != dim || kvHeads <= 0 || heads % kvHeads)
     return ctx.fail("head dims or GQA group sizes disagree");
+  // Square tiles of R query rows and R keys, 8 threads a row. The four
+  // row tiles (two of queries, two of keys) and the two score tiles must
+  // fit the 48 KiB of static shared memory.
+  auto sharedBytes = [&](int64_t r) {
+    return 4 * (4 * r * (dim + 1) + 2 * r * (r + 1) + 2 * r) + 16 * r;
+  };
+  int64_t rows = sharedBytes(16) <= 46 * 1024 ? 16 : 8;
+  if (sharedBytes(rows) > 46 * 1024)
+    return ctx.fail("head dim " + std::to_string(dim) +
+                    " is too large for the attention backward's tiles");
   Body &b = ctx.body;
-  b.globals += kBlockSumD;
-  b.globals += R"cuda(// The key range [lo, hi] query position p sees (causal; the same chunk
-// when CHUNK > 0); empty when hi < lo.
-__device__ __forceinline__ void @B@_range(long long p, long long kvLen, long long chunk,
-                                        long long &lo, long long &hi) {
-  hi = p < kvLen - 1 ? p : kvLen - 1;
-  lo = chunk > 0 && p >= 0 ? p / chunk * chunk : 0;
-  if (p < 0)
-    hi = -1;
+  b.globals += R"cuda(// Stages rows t0 .. t0 + R - 1 of x (a row every XS rows of batch entry
+// b, XW wide, from column xo) in a tile; rows past T are zeros.
+template <int R, int DH, class X>
+__device__ __forceinline__ void @B@_stage(float (*tile)[DH + 1], const X *x, long long b,
+                                        long long XS, long long XW, long long xo,
+                                        long long t0, long long T) {
+  for (int e = threadIdx.x; e < R * DH; e += blockDim.x) {
+    const int rr = e / DH, i = e % DH;
+    const long long t = t0 + rr;
+    tile[rr][i] = t < T ? l4_ld(x, (b * XS + t) * XW + xo + i) : 0.0f;
+  }
 }
 )cuda";
   llvm::raw_string_ostream os(b.code);
   os << constant("H", heads) << constant("HKV", kvHeads)
      << constant("DH", dim, "head dim")
      << constant("G", heads / kvHeads, "query heads per kv head")
+     << constant("R", rows, "query rows and keys per tile")
      << stride(b, "Q_S", q.rowsPerBatch) << stride(b, "K_S", k.rowsPerBatch)
      << stride(b, "O_S", dout.rowsPerBatch) << stride(b, "P_S", pos.rowsPerBatch)
      << stride(b, "DQ_S", ctx.results[0].rowsPerBatch)
@@ -352,129 +366,246 @@ __device__ __forceinline__ void @B@_range(long long p, long long kvLen, long lon
      << constant("CHUNK", op.getChunkSize(), "0: causal only")
      << "  constexpr float SCALE = "
      << floatLit(float(op.getScale().convertToDouble())) << ";\n"
-     << R"cuda(  constexpr long long NT = 128, KW = HKV * DH, QW = H * DH;
-  constexpr long long NACC = (DH + NT - 1) / NT;
-  __shared__ double red[32];
-  // Softmax statistics of query row (b, t, h): log-sum-exp and
-  // delta = sum_j P_j <dout, v_j>, recomputed where needed (block-wide).
-  auto stats = [&](long long b, long long t, long long h, double &lse,
-                   double &delta) -> bool {
-    long long lo, hi;
-    @B@_range(l4_ldi(pos, b * P_S + t), T, CHUNK, lo, hi);
-    if (hi < lo)
-      return false;
-    const long long qo = (b * Q_S + t) * QW + h * DH;
-    const long long oo = (b * O_S + t) * QW + h * DH;
-    const long long ko = b * K_S * KW + h / G * DH;
-    double mx = -1e300;
-    for (long long j = lo + threadIdx.x; j <= hi; j += NT) {
-      float dot = 0.0f;
-      for (long long i = 0; i < DH; ++i)
-        dot = fmaf(l4_ld(q, qo + i), l4_ld(k, ko + j * KW + i), dot);
-      mx = fmax(mx, (double)(dot * SCALE));
-    }
-    // A block max in double, through the sums' shared slots.
-    for (int o = 16; o > 0; o >>= 1)
-      mx = fmax(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0)
-      red[threadIdx.x >> 5] = mx;
-    __syncthreads();
-    for (int w = 0; w < (int)(NT >> 5); ++w)
-      mx = fmax(mx, red[w]);
-    double s = 0.0, dl = 0.0;
-    for (long long j = lo + threadIdx.x; j <= hi; j += NT) {
-      float dot = 0.0f, dv = 0.0f;
-      for (long long i = 0; i < DH; ++i) {
-        dot = fmaf(l4_ld(q, qo + i), l4_ld(k, ko + j * KW + i), dot);
-        dv = fmaf(l4_ld(dout, oo + i), l4_ld(v, ko + j * KW + i), dv);
-      }
-      const double e = exp((double)(dot * SCALE) - mx);
-      s += e;
-      dl += e * (double)dv;
-    }
-    s = @B@_bsum(s, red);
-    dl = @B@_bsum(dl, red);
-    lse = mx + log(s);
-    delta = dl / s;
-    return true;
-  };
-  const long long qTasks = B * T * H, kTasks = B * T * HKV;
-  for (long long task = blockIdx.x; task < qTasks + kTasks; task += gridDim.x) {
-    if (task < qTasks) {
-      // dq[t, h] = SCALE * sum_j P_j (dp_j - delta) k_j.
-      const long long h = task % H, r = task / H, b = r / T, t = r - b * T;
-      const long long qo = (b * Q_S + t) * QW + h * DH;
-      const long long oo = (b * O_S + t) * QW + h * DH;
-      const long long ko = b * K_S * KW + h / G * DH;
-      double lse = 0.0, delta = 0.0;
-      const bool live = stats(b, t, h, lse, delta);
+     << R"cuda(  // Flash-style, in one launch of two phases; scores are recomputed
+  // (twice in A, once in B), never stored:
+  //  A. a task per (batch, head, query tile): an online pass over the key
+  //     tiles the rows may see gives each row's log-sum-exp and
+  //     delta = sum_j P_j dp_j (dp_j = <dout, v_j>); a second pass forms
+  //     dS = P (dp - delta) and dq = SCALE dS K. lse and delta go to the
+  //     workspace.
+  //  B. a task per (batch, kv head, key tile), once every A task has
+  //     published: over the query tiles that may see the keys and the
+  //     group's heads, dv += P^T dout and dk += SCALE dS^T q.
+  // Tasks are claimed in order from a ticket, so a B task only waits for A
+  // tasks that running blocks hold.
+  constexpr int NJ = R / 8, ND = (DH + 7) / 8;
+  constexpr long long KW = HKV * DH, QW = H * DH;
+  unsigned *ticket = reinterpret_cast<unsigned *>(ws + 8);
+  unsigned *doneA = ticket + 1;
+  float *lseOf = reinterpret_cast<float *>(ws + 256); // [B, T, H]
+  float *deltaOf = lseOf + B * T * H;
+  // Rows padded by one float so that the dot-product loops' row reads land
+  // in distinct banks.
+  __shared__ float as[R][DH + 1], bs[R][DH + 1]; // q and dout rows
+  __shared__ float kt[R][DH + 1], vt[R][DH + 1]; // k and v rows
+  __shared__ float ps[R][R + 1], ds[R][R + 1];
+  __shared__ float rlse[R], rdel[R];
+  __shared__ long long rlo[R], rhi[R];
+  // Thread (r, c): row r of the tile it owns (a query in A, a key in B);
+  // columns c + 8jj of the other tile and output columns c + 8i.
+  const int tid = threadIdx.x, r = tid >> 3, c = tid & 7;
+  const long long tiles = (T + R - 1) / R;
+  const long long nA = B * H * tiles, nB = B * HKV * tiles;
+  // The keys [lo, hi] query row t0 + tid of batch b may see (none when
+  // hi < lo); returns the union [jmin, jmax] over the tile (all threads).
+  auto ranges = [&](long long b, long long t0, long long &jmin, long long &jmax) {
+    __syncthreads(); // the previous tile is done with rlo, rhi
+    if (tid < R) {
+      const long long t = t0 + tid;
       long long lo = 0, hi = -1;
-      if (live)
-        @B@_range(l4_ldi(pos, b * P_S + t), T, CHUNK, lo, hi);
-      for (int c = 0; c < NACC; ++c) {
-        const long long i = threadIdx.x + c * NT;
-        if (i >= DH)
-          continue;
-        double acc = 0.0;
-        for (long long j = lo; j <= hi; ++j) {
-          float dot = 0.0f, dv = 0.0f;
-          for (long long e = 0; e < DH; ++e) {
-            dot = fmaf(l4_ld(q, qo + e), l4_ld(k, ko + j * KW + e), dot);
-            dv = fmaf(l4_ld(dout, oo + e), l4_ld(v, ko + j * KW + e), dv);
-          }
-          const double p = exp((double)(dot * SCALE) - lse);
-          acc += p * ((double)dv - delta) * (double)l4_ld(k, ko + j * KW + i);
+      if (t < T) {
+        const long long p = l4_ldi(pos, b * P_S + t);
+        if (p >= 0) {
+          hi = p < T - 1 ? p : T - 1;
+          lo = CHUNK > 0 ? p / CHUNK * CHUNK : 0;
         }
-        l4_st(y0, (b * DQ_S + t) * QW + h * DH + i, (float)(acc * SCALE));
       }
-    } else {
-      // dk[j], dv[j] of kv head kvh: over the queries that see key j and
-      // the group's heads.
-      const long long u = task - qTasks;
-      const long long kvh = u % HKV, r = u / HKV, b = r / T, j = r - b * T;
-      const long long ko = (b * K_S + j) * KW + kvh * DH;
-      double gk[NACC], gv[NACC];
-      for (int c = 0; c < NACC; ++c)
-        gk[c] = gv[c] = 0.0;
-      for (long long t = 0; t < T; ++t) {
-        long long lo, hi;
-        @B@_range(l4_ldi(pos, b * P_S + t), T, CHUNK, lo, hi);
-        if (j < lo || j > hi)
-          continue;
-        for (long long h = kvh * G; h < (kvh + 1) * G; ++h) {
-          double lse = 0.0, delta = 0.0;
-          stats(b, t, h, lse, delta);
-          const long long qo = (b * Q_S + t) * QW + h * DH;
-          const long long oo = (b * O_S + t) * QW + h * DH;
-          float dot = 0.0f, dv = 0.0f;
-          for (long long e = 0; e < DH; ++e) {
-            dot = fmaf(l4_ld(q, qo + e), l4_ld(k, ko + e), dot);
-            dv = fmaf(l4_ld(dout, oo + e), l4_ld(v, ko + e), dv);
+      rlo[tid] = lo;
+      rhi[tid] = hi;
+    }
+    __syncthreads();
+    jmin = T;
+    jmax = -1;
+    for (int i = 0; i < R; ++i)
+      if (rlo[i] <= rhi[i]) {
+        jmin = rlo[i] < jmin ? rlo[i] : jmin;
+        jmax = rhi[i] > jmax ? rhi[i] : jmax;
+      }
+  };
+  auto dot = [&](const float *x, const float *y) {
+    float a = 0.0f;
+    for (int i = 0; i < DH; ++i)
+      a = fmaf(x[i], y[i], a);
+    return a;
+  };
+  for (;;) {
+    const long long task = l4_claim(ticket);
+    if (task >= nA + nB)
+      break;
+    if (task < nA) {
+      const long long h = task % H, rest = task / H;
+      const long long b = rest / tiles, t0 = rest % tiles * R;
+      const long long kvo = h / G * DH;
+      long long jmin, jmax;
+      ranges(b, t0, jmin, jmax);
+      @B@_stage<R, DH>(as, q, b, Q_S, QW, h * DH, t0, T);
+      @B@_stage<R, DH>(bs, dout, b, O_S, QW, h * DH, t0, T);
+      const long long lo = rlo[r], hi = rhi[r];
+      // Pass 1: m, l and u = sum_j e^(s_j - m) dp_j, online.
+      float m = l4_neg_inf(), l = 0.0f, u = 0.0f;
+      for (long long j0 = jmin; j0 <= jmax; j0 += R) {
+        __syncthreads(); // the previous key tile is read (and as, bs staged)
+        @B@_stage<R, DH>(kt, k, b, K_S, KW, kvo, j0, T);
+        @B@_stage<R, DH>(vt, v, b, K_S, KW, kvo, j0, T);
+        __syncthreads();
+        float s[NJ], dp[NJ], tmax = l4_neg_inf();
+#pragma unroll
+        for (int jj = 0; jj < NJ; ++jj) {
+          const long long j = j0 + c + 8 * jj;
+          s[jj] = l4_neg_inf();
+          dp[jj] = 0.0f;
+          if (j >= lo && j <= hi) {
+            s[jj] = dot(as[r], kt[c + 8 * jj]) * SCALE;
+            dp[jj] = dot(bs[r], vt[c + 8 * jj]);
           }
-          const double p = exp((double)(dot * SCALE) - lse);
-          const double ds = p * ((double)dv - delta);
-          for (int c = 0; c < NACC; ++c) {
-            const long long i = threadIdx.x + c * NT;
-            if (i < DH) {
-              gk[c] += ds * (double)l4_ld(q, qo + i);
-              gv[c] += p * (double)l4_ld(dout, oo + i);
+          tmax = fmaxf(tmax, s[jj]);
+        }
+        for (int o = 4; o > 0; o >>= 1)
+          tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+        const float mNew = fmaxf(m, tmax);
+        // A row that has seen no allowed key yet keeps m = -inf.
+        const float corr = mNew == l4_neg_inf() ? 1.0f : expf(m - mNew);
+        float pl = 0.0f, pu = 0.0f;
+#pragma unroll
+        for (int jj = 0; jj < NJ; ++jj) {
+          const float e = s[jj] == l4_neg_inf() ? 0.0f : expf(s[jj] - mNew);
+          pl += e;
+          pu = fmaf(e, dp[jj], pu);
+        }
+        for (int o = 4; o > 0; o >>= 1) {
+          pl += __shfl_xor_sync(0xffffffffu, pl, o);
+          pu += __shfl_xor_sync(0xffffffffu, pu, o);
+        }
+        l = l * corr + pl;
+        u = u * corr + pu;
+        m = mNew;
+      }
+      // A row that sees no key has P = 0: no gradient flows through it.
+      const float lse = l > 0.0f ? m + logf(l) : 0.0f;
+      const float delta = l > 0.0f ? u / l : 0.0f;
+      // Pass 2: dq = SCALE sum_j dS_j k_j.
+      float acc[ND];
+#pragma unroll
+      for (int i = 0; i < ND; ++i)
+        acc[i] = 0.0f;
+      for (long long j0 = jmin; j0 <= jmax; j0 += R) {
+        __syncthreads();
+        @B@_stage<R, DH>(kt, k, b, K_S, KW, kvo, j0, T);
+        @B@_stage<R, DH>(vt, v, b, K_S, KW, kvo, j0, T);
+        __syncthreads();
+#pragma unroll
+        for (int jj = 0; jj < NJ; ++jj) {
+          const long long j = j0 + c + 8 * jj;
+          float g = 0.0f;
+          if (j >= lo && j <= hi) {
+            const float p = expf(dot(as[r], kt[c + 8 * jj]) * SCALE - lse);
+            g = p * (dot(bs[r], vt[c + 8 * jj]) - delta);
+          }
+          ds[r][c + 8 * jj] = g;
+        }
+        __syncthreads();
+        const int cnt = jmax - j0 + 1 < R ? (int)(jmax - j0 + 1) : R;
+#pragma unroll
+        for (int i = 0; i < ND; ++i) {
+          const int d = c + 8 * i;
+          if (d < DH) {
+            float a = acc[i];
+            for (int jj = 0; jj < cnt; ++jj)
+              a = fmaf(ds[r][jj], kt[jj][d], a);
+            acc[i] = a;
+          }
+        }
+      }
+      const long long t = t0 + r;
+      if (t < T) {
+        const long long o = (b * DQ_S + t) * QW + h * DH;
+#pragma unroll
+        for (int i = 0; i < ND; ++i) {
+          const int d = c + 8 * i;
+          if (d < DH)
+            l4_st(y0, o + d, acc[i] * SCALE);
+        }
+        if (c == 0) {
+          lseOf[(b * T + t) * H + h] = lse;
+          deltaOf[(b * T + t) * H + h] = delta;
+        }
+      }
+      l4_publish(doneA);
+      continue;
+    }
+    const long long u = task - nA, kvh = u % HKV, rest = u / HKV;
+    const long long b = rest / tiles, j0 = rest % tiles * R, j = j0 + r;
+    l4_await(doneA, (unsigned)nA);
+    @B@_stage<R, DH>(kt, k, b, K_S, KW, kvh * DH, j0, T);
+    @B@_stage<R, DH>(vt, v, b, K_S, KW, kvh * DH, j0, T);
+    float gk[ND], gv[ND];
+#pragma unroll
+    for (int i = 0; i < ND; ++i)
+      gk[i] = gv[i] = 0.0f;
+    for (long long t0 = 0; t0 < T; t0 += R) {
+      long long jmin, jmax;
+      ranges(b, t0, jmin, jmax); // its barriers also publish kt, vt
+      if (jmax < j0 || jmin > j0 + R - 1)
+        continue; // no row of this query tile sees these keys
+      for (long long h = kvh * G; h < (kvh + 1) * G; ++h) {
+        __syncthreads(); // the previous head's tiles are read
+        @B@_stage<R, DH>(as, q, b, Q_S, QW, h * DH, t0, T);
+        @B@_stage<R, DH>(bs, dout, b, O_S, QW, h * DH, t0, T);
+        if (tid < R && t0 + tid < T) {
+          rlse[tid] = l4_ldcg(lseOf + (b * T + t0 + tid) * H + h);
+          rdel[tid] = l4_ldcg(deltaOf + (b * T + t0 + tid) * H + h);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int qq = 0; qq < NJ; ++qq) {
+          const int tt = c + 8 * qq;
+          float p = 0.0f, g = 0.0f;
+          if (j >= rlo[tt] && j <= rhi[tt]) {
+            p = expf(dot(as[tt], kt[r]) * SCALE - rlse[tt]);
+            g = p * (dot(bs[tt], vt[r]) - rdel[tt]);
+          }
+          ps[r][tt] = p;
+          ds[r][tt] = g;
+        }
+        __syncthreads();
+        const int cnt = T - t0 < R ? (int)(T - t0) : R;
+#pragma unroll
+        for (int i = 0; i < ND; ++i) {
+          const int d = c + 8 * i;
+          if (d < DH) {
+            float av = gv[i], ak = gk[i];
+            for (int tt = 0; tt < cnt; ++tt) {
+              av = fmaf(ps[r][tt], bs[tt][d], av);
+              ak = fmaf(ds[r][tt], as[tt][d], ak);
             }
+            gv[i] = av;
+            gk[i] = ak;
           }
         }
       }
-      for (int c = 0; c < NACC; ++c) {
-        const long long i = threadIdx.x + c * NT;
-        if (i < DH) {
-          l4_st(y1, (b * DK_S + j) * KW + kvh * DH + i, (float)(gk[c] * SCALE));
-          l4_st(y2, (b * DV_S + j) * KW + kvh * DH + i, (float)gv[c]);
+    }
+    if (j < T) {
+      const long long ko = (b * DK_S + j) * KW + kvh * DH;
+      const long long vo = (b * DV_S + j) * KW + kvh * DH;
+#pragma unroll
+      for (int i = 0; i < ND; ++i) {
+        const int d = c + 8 * i;
+        if (d < DH) {
+          l4_st(y1, ko + d, gk[i] * SCALE);
+          l4_st(y2, vo + d, gv[i]);
         }
       }
     }
   }
+  // The last block out resets the queue for the next launch.
+  if (l4_last_block(ws) && tid == 0)
+    *ticket = *doneA = 0u;
 )cuda";
-  b.threads = 128;
-  b.blocks = gridFor(uint64_t(q.bmax) * q.rowsPerBatch * (heads + kvHeads), 1);
+  b.threads = uint32_t(8 * rows);
+  uint64_t tiles = (uint64_t(q.rowsPerBatch) + rows - 1) / rows;
+  b.blocks = std::min<uint64_t>(
+      uint64_t(q.bmax) * tiles * uint64_t(heads + kvHeads), 4096);
+  b.workspaceBytes = 256 + 8 * uint64_t(q.bmax) * q.rowsPerBatch * heads;
   return llvm::Error::success();
 }
 
