@@ -278,6 +278,12 @@ static int runExplain() {
 
 int main(int argc, char **argv) {
   InitLLVM init(argc, argv);
+  // The LLVM and MLIR libraries register hundreds of top-level options
+  // (code generation flags of every backend); none concerns an l4c user,
+  // so `l4c --help` lists only the subcommands and the help options.
+  for (auto &entry : cl::getRegisteredOptions(cl::SubCommand::getTopLevel()))
+    if (!entry.first.starts_with("help") && entry.first != "version")
+      entry.second->setHiddenFlag(cl::ReallyHidden);
   cl::ParseCommandLineOptions(argc, argv, "l4c: the Llama 4 compiler\n");
   if (compileCmd)
     return runCompile();
