@@ -1,8 +1,9 @@
 //===- Attention.cpp - CUDA for causal / chunked GQA attention ------------===//
 //
-// Forward and prefill: flash-style tiles of 16 query rows x 32 keys in
-// shared memory with an online softmax, visiting only the key tiles some
-// row of the tile may see. Decode: one block per (batch entry, query row,
+// Forward and prefill: flash-style tiles with an online softmax, visiting
+// only the key tiles some row of the tile may see: on tensor cores for bf16
+// (64 query rows x 64 keys, mma.sync), else 16 query rows x 32 keys in f32
+// on CUDA cores. Decode: one block per (batch entry, query row,
 // head) with an online softmax over the keys the mask allows. Keys come
 // from fresh k/v activations (forward) or the KV cache (generation).
 //
@@ -177,6 +178,206 @@ llvm::Error emitAttentionTiles(OpContext &ctx, bool fromCache) {
   return llvm::Error::success();
 }
 
+/// bf16 plans: flash-style attention on tensor cores (mma.sync m16n8k16,
+/// bf16 in, f32 accumulate). A block of 4 warps takes 64 query rows of one
+/// head, 16 a warp, with the warp's Q fragments in registers; key tiles of
+/// 64 keys and their values (transposed) are staged in shared memory. S =
+/// Q K^T and the online softmax stay in the accumulator fragments; P is
+/// re-packed in registers as the A fragments of O += P V, split in two bf16
+/// parts (two products) so that it keeps f32-like precision. Same masks,
+/// tile skipping and empty-row zeros as the f32 tiles.
+llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
+  const View &q = ctx.operands[0];
+  int64_t heads = q.shape()[2];
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << attentionConstants(ctx, fromCache)
+     << R"cuda(  constexpr int BQ = 64, BK = 64, NT = 128, KS = DH / 16, NO = DH / 8;
+  constexpr long long KW = HKV * DH;
+  // Rows padded by 8 elements: a fragment's 8 rows x 4 pairs hit 32 banks.
+  __shared__ __align__(16) unsigned short ks[BK][DH + 8];
+  __shared__ __align__(16) unsigned short vt[DH][BK + 8]; // v transposed
+  __shared__ long long rlo[BQ], rhi[BQ];
+  const unsigned short *qb = reinterpret_cast<const unsigned short *>(q);
+  const unsigned short *kb = reinterpret_cast<const unsigned short *>(k);
+  const unsigned short *vb = reinterpret_cast<const unsigned short *>(v);
+  // Lane (g, t) of warp w: tile rows w*16 + g and w*16 + g + 8; key (or
+  // output) columns 8n + 2t, 8n + 2t + 1 of each 8-wide tile n.
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const long long qTiles = (T + BQ - 1) / BQ;
+  for (long long task = blockIdx.x; task < B * H * qTiles; task += gridDim.x) {
+    const long long h = task % H, rest = task / H;
+    const long long b = rest / qTiles, t0 = rest % qTiles * BQ;
+    const long long kvo = b * KR * KW + h / G * DH;
+    __syncthreads(); // the previous task is done with rlo, rhi
+    if (tid < BQ) {
+      const long long t = t0 + tid;
+      long long lo = 0, hi = -1;
+      if (t < T) {
+        const long long p = l4_ldi(pos, b * P_S + t);
+        if (p >= 0) {
+          hi = p < KV_LIMIT - 1 ? p : KV_LIMIT - 1;
+          lo = CHUNK > 0 ? p / CHUNK * CHUNK : 0;
+        }
+      }
+      rlo[tid] = lo;
+      rhi[tid] = hi;
+    }
+    // This warp's Q fragments: A(row, k) = q(t0 + w*16 + row, h, k).
+    unsigned qa[KS][4];
+    const long long r0 = t0 + warp * 16 + g, r1 = r0 + 8;
+    const long long q0 = (b * Q_S + r0) * (H * DH) + h * DH;
+    const long long q1 = (b * Q_S + r1) * (H * DH) + h * DH;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+      const int c0 = kk * 16 + 2 * t4;
+      qa[kk][0] = r0 < T ? l4_pair(qb + q0 + c0) : 0u;
+      qa[kk][1] = r1 < T ? l4_pair(qb + q1 + c0) : 0u;
+      qa[kk][2] = r0 < T ? l4_pair(qb + q0 + c0 + 8) : 0u;
+      qa[kk][3] = r1 < T ? l4_pair(qb + q1 + c0 + 8) : 0u;
+    }
+    __syncthreads();
+    long long jmin = KV_LIMIT, jmax = -1;
+    for (int rr = 0; rr < BQ; ++rr)
+      if (rlo[rr] <= rhi[rr]) {
+        jmin = rlo[rr] < jmin ? rlo[rr] : jmin;
+        jmax = rhi[rr] > jmax ? rhi[rr] : jmax;
+      }
+    const int w0 = warp * 16 + g, w1 = w0 + 8;
+    const long long lo0 = rlo[w0], hi0 = rhi[w0], lo1 = rlo[w1], hi1 = rhi[w1];
+    // Per row (g, g + 8): running max and this lane's part of the sum.
+    float m0 = l4_neg_inf(), m1 = l4_neg_inf(), l0 = 0.0f, l1 = 0.0f;
+    float o[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+      o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    for (long long j0 = jmin; j0 <= jmax; j0 += BK) {
+      __syncthreads(); // the previous key tile is read
+      for (int e = tid; e < BK * (DH / 2); e += NT) {
+        const int jj = e / (DH / 2), i = e % (DH / 2) * 2;
+        const long long j = j0 + jj;
+        unsigned kp = 0u, vp = 0u;
+        if (j <= jmax) {
+          kp = l4_pair(kb + kvo + j * KW + i);
+          vp = l4_pair(vb + kvo + j * KW + i);
+        }
+        *reinterpret_cast<unsigned *>(&ks[jj][i]) = kp;
+        vt[i][jj] = (unsigned short)(vp & 0xffffu);
+        vt[i + 1][jj] = (unsigned short)(vp >> 16);
+      }
+      __syncthreads();
+      float s[BK / 8][4];
+#pragma unroll
+      for (int n = 0; n < BK / 8; ++n) {
+        s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+          const unsigned bf[2] = {l4_pair(&ks[n * 8 + g][kk * 16 + 2 * t4]),
+                                  l4_pair(&ks[n * 8 + g][kk * 16 + 2 * t4 + 8])};
+          l4_mma_bf16(s[n], qa[kk], bf);
+        }
+      }
+      // Scale and mask; the rows' maxima over the quad's lanes.
+      float x0 = l4_neg_inf(), x1 = l4_neg_inf();
+#pragma unroll
+      for (int n = 0; n < BK / 8; ++n)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const long long j = j0 + n * 8 + 2 * t4 + (c & 1);
+          const bool in = c < 2 ? (j >= lo0 && j <= hi0) : (j >= lo1 && j <= hi1);
+          s[n][c] = in ? s[n][c] * SCALE : l4_neg_inf();
+          if (c < 2)
+            x0 = fmaxf(x0, s[n][c]);
+          else
+            x1 = fmaxf(x1, s[n][c]);
+        }
+      for (int d = 1; d < 4; d <<= 1) {
+        x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, d));
+        x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, d));
+      }
+      const float n0 = fmaxf(m0, x0), n1 = fmaxf(m1, x1);
+      // A row that has seen no allowed key yet keeps m = -inf.
+      const float c0 = n0 == l4_neg_inf() ? 1.0f : expf(m0 - n0);
+      const float c1 = n1 == l4_neg_inf() ? 1.0f : expf(m1 - n1);
+      m0 = n0;
+      m1 = n1;
+      l0 *= c0;
+      l1 *= c1;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        o[n][0] *= c0;
+        o[n][1] *= c0;
+        o[n][2] *= c1;
+        o[n][3] *= c1;
+      }
+      // P = exp(S - m) as the A fragments of P V, in two bf16 parts (hi +
+      // lo carry P to about 16 bits): the CPU backend keeps P in f32, and
+      // rounding it to bf16 alone is enough to flip a MoE routing decision
+      // downstream (measured on maverick-tiny).
+      unsigned pa[BK / 16][4], pl[BK / 16][4];
+#pragma unroll
+      for (int n = 0; n < BK / 8; ++n) {
+        unsigned short ph[4], plo[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const float mx = c < 2 ? m0 : m1;
+          const float p = s[n][c] == l4_neg_inf() ? 0.0f : expf(s[n][c] - mx);
+          ph[c] = l4_bf16_bits(p);
+          plo[c] = l4_bf16_lo(p, ph[c]);
+          if (c < 2)
+            l0 += p;
+          else
+            l1 += p;
+        }
+        pa[n / 2][(n & 1) * 2] = (unsigned)ph[0] | ((unsigned)ph[1] << 16);
+        pa[n / 2][(n & 1) * 2 + 1] = (unsigned)ph[2] | ((unsigned)ph[3] << 16);
+        pl[n / 2][(n & 1) * 2] = (unsigned)plo[0] | ((unsigned)plo[1] << 16);
+        pl[n / 2][(n & 1) * 2 + 1] = (unsigned)plo[2] | ((unsigned)plo[3] << 16);
+      }
+      const int cnt = jmax - j0 + 1 < BK ? (int)(jmax - j0 + 1) : BK;
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        if (kk * 16 >= cnt)
+          break; // keys past jmax: P is 0 there
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+          const unsigned bf[2] = {l4_pair(&vt[n * 8 + g][kk * 16 + 2 * t4]),
+                                  l4_pair(&vt[n * 8 + g][kk * 16 + 2 * t4 + 8])};
+          l4_mma_bf16(o[n], pa[kk], bf);
+          l4_mma_bf16(o[n], pl[kk], bf);
+        }
+      }
+    }
+    for (int d = 1; d < 4; d <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, d);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, d);
+    }
+    // A query that sees no key (masked out entirely) gets zeros.
+    const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    const long long y0 = (b * Y_S + r0) * (H * DH) + h * DH;
+    const long long y1 = (b * Y_S + r1) * (H * DH) + h * DH;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      const int d = n * 8 + 2 * t4;
+      if (r0 < T) {
+        l4_st(y, y0 + d, o[n][0] * i0);
+        l4_st(y, y0 + d + 1, o[n][1] * i0);
+      }
+      if (r1 < T) {
+        l4_st(y, y1 + d, o[n][2] * i1);
+        l4_st(y, y1 + d + 1, o[n][3] * i1);
+      }
+    }
+  }
+)cuda";
+  b.threads = 128;
+  b.blocks = gridFor(uint64_t(q.bmax) * heads *
+                         ((uint64_t(q.rowsPerBatch) + 63) / 64),
+                     1);
+  return llvm::Error::success();
+}
+
 } // namespace
 
 llvm::Error emitAttention(OpContext &ctx) {
@@ -200,6 +401,12 @@ llvm::Error emitAttention(OpContext &ctx) {
   uint64_t tileBytes = 4 * uint64_t(kTileRows * (dim + 1) +
                                     kTileKeys * (dim + 1) + kTileKeys * dim +
                                     kTileRows * (kTileKeys + 1));
+  // bf16 operands with a head dim of whole 16-wide steps: tensor cores.
+  uint64_t mmaBytes = 2 * uint64_t(64 * (dim + 8) + dim * 72) + 1024;
+  bool bf16 = q.ctype == "l4_bf16" && k.ctype == "l4_bf16" &&
+              v.ctype == "l4_bf16";
+  if (q.rowsPerBatch > 1 && bf16 && dim % 16 == 0 && mmaBytes <= 46 * 1024)
+    return emitAttentionMma(ctx, fromCache);
   if (q.rowsPerBatch > 1 && tileBytes <= 46 * 1024)
     return emitAttentionTiles(ctx, fromCache);
   int64_t threads = 128;
