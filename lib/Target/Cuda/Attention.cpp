@@ -78,27 +78,10 @@ llvm::Error emitAttentionTiles(OpContext &ctx, bool fromCache) {
       const long long t = t0 + rr;
       qs[rr][i] = t < T ? l4_ld(q, (b * Q_S + t) * (H * DH) + h * DH + i) : 0.0f;
     }
-    if (tid < BQ) {
-      // Row tid's allowed keys: lo <= j <= hi (none when hi < lo).
-      const long long t = t0 + tid;
-      long long lo = 0, hi = -1;
-      if (t < T) {
-        const long long p = l4_ldi(pos, b * P_S + t);
-        if (p >= 0) {
-          hi = p < KV_LIMIT - 1 ? p : KV_LIMIT - 1;
-          lo = CHUNK > 0 ? p / CHUNK * CHUNK : 0;
-        }
-      }
-      rlo[tid] = lo;
-      rhi[tid] = hi;
-    }
+    l4_attn_rows(pos, b * P_S, t0, T, KV_LIMIT, CHUNK, BQ, rlo, rhi);
     __syncthreads();
-    long long jmin = KV_LIMIT, jmax = -1;
-    for (int rr = 0; rr < BQ; ++rr)
-      if (rlo[rr] <= rhi[rr]) {
-        jmin = rlo[rr] < jmin ? rlo[rr] : jmin;
-        jmax = rhi[rr] > jmax ? rhi[rr] : jmax;
-      }
+    long long jmin, jmax;
+    l4_attn_union(rlo, rhi, BQ, KV_LIMIT, jmin, jmax);
     const long long lo = rlo[r], hi = rhi[r];
     float m = l4_neg_inf(), l = 0.0f, acc[ND];
 #pragma unroll
@@ -211,19 +194,7 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
     const long long b = rest / qTiles, t0 = rest % qTiles * BQ;
     const long long kvo = b * KR * KW + h / G * DH;
     __syncthreads(); // the previous task is done with rlo, rhi
-    if (tid < BQ) {
-      const long long t = t0 + tid;
-      long long lo = 0, hi = -1;
-      if (t < T) {
-        const long long p = l4_ldi(pos, b * P_S + t);
-        if (p >= 0) {
-          hi = p < KV_LIMIT - 1 ? p : KV_LIMIT - 1;
-          lo = CHUNK > 0 ? p / CHUNK * CHUNK : 0;
-        }
-      }
-      rlo[tid] = lo;
-      rhi[tid] = hi;
-    }
+    l4_attn_rows(pos, b * P_S, t0, T, KV_LIMIT, CHUNK, BQ, rlo, rhi);
     // This warp's Q fragments: A(row, k) = q(t0 + w*16 + row, h, k).
     unsigned qa[KS][4];
     const long long r0 = t0 + warp * 16 + g, r1 = r0 + 8;
@@ -238,12 +209,8 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
       qa[kk][3] = r1 < T ? l4_pair(qb + q1 + c0 + 8) : 0u;
     }
     __syncthreads();
-    long long jmin = KV_LIMIT, jmax = -1;
-    for (int rr = 0; rr < BQ; ++rr)
-      if (rlo[rr] <= rhi[rr]) {
-        jmin = rlo[rr] < jmin ? rlo[rr] : jmin;
-        jmax = rhi[rr] > jmax ? rhi[rr] : jmax;
-      }
+    long long jmin, jmax;
+    l4_attn_union(rlo, rhi, BQ, KV_LIMIT, jmin, jmax);
     const int w0 = warp * 16 + g, w1 = w0 + 8;
     const long long lo0 = rlo[w0], hi0 = rhi[w0], lo1 = rlo[w1], hi1 = rhi[w1];
     // Per row (g, g + 8): running max and this lane's part of the sum.
@@ -444,11 +411,8 @@ llvm::Error emitAttention(OpContext &ctx) {
     const long long sp = task % NS, pair = task / NS;
     const long long h = pair % H, r = pair / H, b = r / T, t = r - b * T;
     const long long p = l4_ldi(pos, b * P_S + t);
-    // Allowed keys: lo <= j <= hi (causal; same chunk when CHUNK > 0).
-    long long hi = p < KV_LIMIT - 1 ? p : KV_LIMIT - 1;
-    long long lo = CHUNK > 0 && p >= 0 ? p / CHUNK * CHUNK : 0;
-    if (p < 0)
-      hi = -1;
+    long long lo, hi; // the allowed keys: lo <= j <= hi
+    l4_attn_range(p, KV_LIMIT, CHUNK, lo, hi);
     if (NS > 1 && hi >= lo) { // this block's part of them
       const long long n = hi - lo + 1, first = lo + n * sp / NS;
       hi = lo + n * (sp + 1) / NS - 1;

@@ -241,6 +241,44 @@ __device__ __forceinline__ void l4_await(const unsigned *done, unsigned n) {
 }
 __device__ __forceinline__ double l4_ldcg(const double *p) { return __ldcg(p); }
 __device__ __forceinline__ float l4_ldcg(const float *p) { return __ldcg(p); }
+// Attention masks. Query position p sees keys lo <= j <= hi of kvLen:
+// causal, and only its own chunk when chunk > 0; none (hi < lo) when p < 0.
+__device__ __forceinline__ void l4_attn_range(long long p, long long kvLen, long long chunk,
+                                              long long &lo, long long &hi) {
+  lo = 0;
+  hi = -1;
+  if (p >= 0) {
+    hi = p < kvLen - 1 ? p : kvLen - 1;
+    lo = chunk > 0 ? p / chunk * chunk : 0;
+  }
+}
+// A tile of n query rows t0 .. of the batch entry whose positions start at
+// pos + at: thread i < n writes row i's keys to rlo[i], rhi[i] (none for
+// rows past T). After a barrier, l4_attn_union gives the keys any row of the
+// tile sees, so whole key tiles outside it are skipped, not masked.
+template <class P>
+__device__ __forceinline__ void l4_attn_rows(const P *pos, long long at, long long t0, long long T,
+                                             long long kvLen, long long chunk, int n,
+                                             long long *rlo, long long *rhi) {
+  const int i = threadIdx.x;
+  if (i < n) {
+    long long lo = 0, hi = -1;
+    if (t0 + i < T)
+      l4_attn_range(l4_ldi(pos, at + t0 + i), kvLen, chunk, lo, hi);
+    rlo[i] = lo;
+    rhi[i] = hi;
+  }
+}
+__device__ __forceinline__ void l4_attn_union(const long long *rlo, const long long *rhi, int n,
+                                              long long kvLen, long long &jmin, long long &jmax) {
+  jmin = kvLen;
+  jmax = -1;
+  for (int i = 0; i < n; ++i)
+    if (rlo[i] <= rhi[i]) {
+      jmin = rlo[i] < jmin ? rlo[i] : jmin;
+      jmax = rhi[i] > jmax ? rhi[i] : jmax;
+    }
+}
 )cuda";
 
 const char *regionField(MemRegion r) {

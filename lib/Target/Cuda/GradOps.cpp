@@ -396,31 +396,12 @@ __device__ __forceinline__ void @B@_stage(float (*tile)[DH + 1], const X *x, lon
   const int tid = threadIdx.x, r = tid >> 3, c = tid & 7;
   const long long tiles = (T + R - 1) / R;
   const long long nA = B * H * tiles, nB = B * HKV * tiles;
-  // The keys [lo, hi] query row t0 + tid of batch b may see (none when
-  // hi < lo); returns the union [jmin, jmax] over the tile (all threads).
+  // Each row's keys of query tile t0 in rlo, rhi; their union (all threads).
   auto ranges = [&](long long b, long long t0, long long &jmin, long long &jmax) {
     __syncthreads(); // the previous tile is done with rlo, rhi
-    if (tid < R) {
-      const long long t = t0 + tid;
-      long long lo = 0, hi = -1;
-      if (t < T) {
-        const long long p = l4_ldi(pos, b * P_S + t);
-        if (p >= 0) {
-          hi = p < T - 1 ? p : T - 1;
-          lo = CHUNK > 0 ? p / CHUNK * CHUNK : 0;
-        }
-      }
-      rlo[tid] = lo;
-      rhi[tid] = hi;
-    }
+    l4_attn_rows(pos, b * P_S, t0, T, T, CHUNK, R, rlo, rhi);
     __syncthreads();
-    jmin = T;
-    jmax = -1;
-    for (int i = 0; i < R; ++i)
-      if (rlo[i] <= rhi[i]) {
-        jmin = rlo[i] < jmin ? rlo[i] : jmin;
-        jmax = rhi[i] > jmax ? rhi[i] : jmax;
-      }
+    l4_attn_union(rlo, rhi, R, T, jmin, jmax);
   };
   auto dot = [&](const float *x, const float *y) {
     float a = 0.0f;
