@@ -55,6 +55,25 @@ h += b" " * (-(8 + len(h)) % 8)
 open(sys.argv[1], "wb").write(struct.pack("<Q", len(h)) + h +
                               struct.pack("<%dq" % len(ids), *ids))
 PY
+compile odd-train "$odd" train 3 40
+# Head dim 48 (whole 16-wide mma steps) and 90 rows: bf16 attention takes
+# the tensor-core tiles with two 64-row query tiles; the backward's key
+# tiles wait on query tiles of three heads per kv head.
+odd16=test/gpu/configs/odd16.json
+compile odd16-forward-bf16 "$odd16" forward 3 90 --precision=bf16
+compile odd16-train "$odd16" train 3 90
+compile odd16-train-bf16 "$odd16" train 3 90 --precision=bf16
+python3 - "$b/refs/odd16-inputs.safetensors" <<'PY'
+import json, random, struct, sys
+random.seed(8)
+B, T = 3, 90
+ids = [random.randrange(1001) for _ in range(B * T)]
+h = json.dumps({"input_ids": {"dtype": "I64", "shape": [B, T],
+                              "data_offsets": [0, 8 * len(ids)]}}).encode()
+h += b" " * (-(8 + len(h)) % 8)
+open(sys.argv[1], "wb").write(struct.pack("<Q", len(h)) + h +
+                              struct.pack("<%dq" % len(ids), *ids))
+PY
 # The CPU backend runs the same plans (its semantic ops) for the reference.
 "$run" "$b/plans/odd-forward.plan" --random-weights=11 \
   --inputs "$b/refs/odd-inputs.safetensors" --out "$b/refs/odd-forward-cpu.safetensors"

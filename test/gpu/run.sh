@@ -130,9 +130,16 @@ while read -r name dir B T G; do
       --device=cuda --weights "$dir" --inputs "$dir/golden.safetensors" --check-kernels=1e-3
   done
 done <"$b/cases.txt"
-for prog in forward generate; do
+for prog in forward generate train; do
   check "kernels odd $prog (1e-3)" "odd-$prog-kernels" "$run" "$b/plans/odd-$prog.plan" \
     --device=cuda --random-weights=11 --inputs "$b/refs/odd-inputs.safetensors" --check-kernels=1e-3
+done
+# Tensor-core attention over two query tiles, and the two-phase backward
+# (emulator: attention 1.4e-3 to 2.4e-3 in bf16, a bf16 step; f32 <= 1e-6).
+for plan in odd16-forward-bf16:2e-2 odd16-train:1e-3 odd16-train-bf16:2e-2; do
+  check "kernels ${plan%%:*} (${plan##*:})" "${plan%%:*}-kernels" "$run" "$b/plans/${plan%%:*}.plan" \
+    --device=cuda --random-weights=11 --inputs "$b/refs/odd16-inputs.safetensors" \
+    --check-kernels="${plan##*:}"
 done
 
 echo "== 4. compute-sanitizer memcheck"
@@ -151,6 +158,15 @@ if command -v compute-sanitizer >/dev/null; then
     check "racecheck $plan" "racecheck-$plan" compute-sanitizer --tool racecheck \
       --error-exitcode 9 "$run" "$b/plans/$plan.plan" --device=cuda \
       --weights $d --inputs $d/golden.safetensors --max-new-tokens=4 --out "$out/rc-$plan.safetensors"
+  done
+  # The two-phase attention backward (workspace tickets, a spin wait) and
+  # the multi-tile tensor-core forward.
+  for plan in odd16-train odd16-forward-bf16; do
+    for tool in memcheck racecheck; do
+      check "$tool $plan" "$tool-$plan" compute-sanitizer --tool $tool \
+        --error-exitcode 9 "$run" "$b/plans/$plan.plan" --device=cuda --random-weights=11 \
+        --inputs "$b/refs/odd16-inputs.safetensors" --out "$out/$tool-$plan.safetensors"
+    done
   done
 else
   row "memcheck" SKIP "compute-sanitizer not found"
