@@ -233,9 +233,17 @@ __device__ __forceinline__ void l4_publish(unsigned *done) {
   if (threadIdx.x == 0) atomicAdd(done, 1u);
 }
 __device__ __forceinline__ void l4_await(const unsigned *done, unsigned n) {
-  if (threadIdx.x == 0)
+  if (threadIdx.x == 0) {
+    // A wait past a minute (at 2 GHz) means the tasks it waits on cannot
+    // finish (a bug, or counters a failed launch left): trap, so the run
+    // fails with an error (L4C_CUDA_SYNC=1 names the kernel), not a hang.
+    const long long start = clock64();
     while (*reinterpret_cast<const volatile unsigned *>(done) < n) {
+      __nanosleep(64);
+      if (clock64() - start > 120000000000LL)
+        __trap();
     }
+  }
   __syncthreads();
   __threadfence(); // then read the results with l4_ldcg
 }

@@ -308,6 +308,18 @@ inline unsigned atomicAdd(unsigned *p, unsigned v) {
   return old;
 }
 inline void __threadfence() {}
+// Spin-waits: blocks run in order, so a wait the earlier blocks did not
+// satisfy never will be. The clock jumps a minute of 2 GHz cycles a read,
+// so such a wait's timeout traps at once; the trap ends the process.
+inline long long clock64() {
+  static thread_local long long now = 0;
+  return now += 120000000000LL;
+}
+inline void __nanosleep(unsigned) {}
+[[noreturn]] inline void __trap() {
+  std::fprintf(stderr, "cuemu: __trap (a kernel gave up: a spin-wait timed out)\n");
+  std::abort();
+}
 template <class T> inline T __ldcg(const T *p) { return *p; }
 template <class T> T __shfl_xor_sync(unsigned, T v, int mask, int = 32) {
   return l4emu::shuffle(v, (l4emu::tIdx.x & 31u) ^ unsigned(mask));
