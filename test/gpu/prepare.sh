@@ -23,6 +23,20 @@ compile() { # NAME MODEL PROGRAM B T [FLAGS...]
     --max-seq="$T" "$@" -o "$b/plans/$name.plan" 2>&1 | sed 's/^/  /'
 }
 
+ids() { # NAME SEED B T: random token ids (vocabulary 1001) as safetensors
+  python3 - "$b/refs/$1.safetensors" "$2" "$3" "$4" <<'PY'
+import json, random, struct, sys
+random.seed(int(sys.argv[2]))
+B, T = int(sys.argv[3]), int(sys.argv[4])
+ids = [random.randrange(1001) for _ in range(B * T)]
+h = json.dumps({"input_ids": {"dtype": "I64", "shape": [B, T],
+                              "data_offsets": [0, 8 * len(ids)]}}).encode()
+h += b" " * (-(8 + len(h)) % 8)
+open(sys.argv[1], "wb").write(struct.pack("<Q", len(h)) + h +
+                              struct.pack("<%dq" % len(ids), *ids))
+PY
+}
+
 echo "== golden cases: forward and generate plans"
 # name dir B T G (T: the golden prompt length; G: new tokens compared)
 cat >"$b/cases.txt" <<CASES
@@ -44,17 +58,7 @@ echo "== odd shapes (hidden 200, 5 heads / 1 kv head of 40, vocab 1001, top-2 of
 odd=test/gpu/configs/odd.json
 compile odd-forward "$odd" forward 3 40
 compile odd-generate "$odd" generate 3 64
-python3 - "$b/refs/odd-inputs.safetensors" <<'PY'
-import json, random, struct, sys
-random.seed(7)
-B, T = 3, 37
-ids = [random.randrange(1001) for _ in range(B * T)]
-h = json.dumps({"input_ids": {"dtype": "I64", "shape": [B, T],
-                              "data_offsets": [0, 8 * len(ids)]}}).encode()
-h += b" " * (-(8 + len(h)) % 8)
-open(sys.argv[1], "wb").write(struct.pack("<Q", len(h)) + h +
-                              struct.pack("<%dq" % len(ids), *ids))
-PY
+ids odd-inputs 7 3 37
 compile odd-train "$odd" train 3 40
 # Head dim 48 (whole 16-wide mma steps) and 90 rows: bf16 attention takes
 # the tensor-core tiles with two 64-row query tiles; the backward's key
@@ -63,17 +67,7 @@ odd16=test/gpu/configs/odd16.json
 compile odd16-forward-bf16 "$odd16" forward 3 90 --precision=bf16
 compile odd16-train "$odd16" train 3 90
 compile odd16-train-bf16 "$odd16" train 3 90 --precision=bf16
-python3 - "$b/refs/odd16-inputs.safetensors" <<'PY'
-import json, random, struct, sys
-random.seed(8)
-B, T = 3, 90
-ids = [random.randrange(1001) for _ in range(B * T)]
-h = json.dumps({"input_ids": {"dtype": "I64", "shape": [B, T],
-                              "data_offsets": [0, 8 * len(ids)]}}).encode()
-h += b" " * (-(8 + len(h)) % 8)
-open(sys.argv[1], "wb").write(struct.pack("<Q", len(h)) + h +
-                              struct.pack("<%dq" % len(ids), *ids))
-PY
+ids odd16-inputs 8 3 90
 # The CPU backend runs the same plans (its semantic ops) for the reference.
 "$run" "$b/plans/odd-forward.plan" --random-weights=11 \
   --inputs "$b/refs/odd-inputs.safetensors" --out "$b/refs/odd-forward-cpu.safetensors"
