@@ -434,6 +434,102 @@ LogicalResult CrossEntropyGradOp::verify() {
   return expectSameType(op, "result", getResult(), "logits", getLogits());
 }
 
+/// The vocabulary window [offset, offset + n) of a chunked loss op.
+static LogicalResult verifyVocabChunk(Operation *op, Value logits, Value ids,
+                                      int64_t offset, int64_t vocab) {
+  if (failed(expectRank(op, "logits", logits, 3)) ||
+      failed(expectShape(op, "ids", ids, shapeOf(logits).take_front(2))))
+    return failure();
+  int64_t n = shapeOf(logits)[2];
+  if (offset < 0 || vocab <= 0 || offset + n > vocab)
+    return op->emitOpError() << "vocabulary columns [" << offset << ", "
+                             << offset + n << ") do not lie in [0, " << vocab
+                             << ")";
+  return success();
+}
+
+/// Chunk statistics: f32 [B, S, 2] over the logits' rows.
+static LogicalResult expectStats(Operation *op, StringRef what, Value stats,
+                                 Value logits) {
+  ArrayRef<int64_t> l = shapeOf(logits);
+  if (failed(expectShape(op, what, stats, {l[0], l[1], 2})))
+    return failure();
+  if (!cast<RankedTensorType>(stats.getType()).getElementType().isF32())
+    return op->emitOpError() << what << " must be f32";
+  return success();
+}
+
+LogicalResult CrossEntropyStatsOp::verify() {
+  Operation *op = getOperation();
+  if (failed(verifyVocabChunk(op, getLogits(), getIds(), getVocabOffset(),
+                              getVocabSize())) ||
+      failed(expectStats(op, "result", getResult(), getLogits())))
+    return failure();
+  if (getPrev())
+    return expectStats(op, "prev", getPrev(), getLogits());
+  if (getVocabOffset() != 0)
+    return emitOpError() << "a chain's first chunk (no prev) must start at "
+                            "column 0, not "
+                         << getVocabOffset();
+  return success();
+}
+
+LogicalResult CrossEntropyFromStatsOp::verify() {
+  Operation *op = getOperation();
+  if (failed(expectRank(op, "stats", getStats(), 3)) ||
+      failed(expectRank(op, "ids", getIds(), 2)))
+    return failure();
+  if (failed(expectShape(op, "ids", getIds(), shapeOf(getStats()).take_front(2))))
+    return failure();
+  return expectShape(op, "stats", getStats(),
+                     {shapeOf(getIds())[0], shapeOf(getIds())[1], 2});
+}
+
+LogicalResult CrossEntropyGradChunkOp::verify() {
+  Operation *op = getOperation();
+  if (failed(verifyVocabChunk(op, getLogits(), getIds(), getVocabOffset(),
+                              getVocabSize())) ||
+      failed(expectStats(op, "stats", getStats(), getLogits())))
+    return failure();
+  return expectSameType(op, "result", getResult(), "logits", getLogits());
+}
+
+LogicalResult SliceRowsOp::verify() {
+  auto in = cast<RankedTensorType>(getInput().getType());
+  auto out = cast<RankedTensorType>(getResult().getType());
+  if (in.getElementType() != out.getElementType() || in.getRank() < 1 ||
+      in.getRank() != out.getRank() ||
+      in.getShape().drop_front() != out.getShape().drop_front())
+    return emitOpError() << "result " << out
+                         << " must be rows of the input " << in;
+  int64_t offset = int64_t(getOffset());
+  if (offset < 0 || offset + out.getDimSize(0) > in.getDimSize(0))
+    return emitOpError() << "rows [" << offset << ", "
+                         << offset + out.getDimSize(0)
+                         << ") do not lie in the input's " << in.getDimSize(0);
+  return success();
+}
+
+LogicalResult ConcatRowsOp::verify() {
+  auto out = cast<RankedTensorType>(getResult().getType());
+  if (getInputs().empty() || out.getRank() < 1)
+    return emitOpError() << "needs inputs and a result of rank >= 1";
+  int64_t rows = 0;
+  for (Value v : getInputs()) {
+    auto t = cast<RankedTensorType>(v.getType());
+    if (t.getElementType() != out.getElementType() ||
+        t.getRank() != out.getRank() ||
+        t.getShape().drop_front() != out.getShape().drop_front())
+      return emitOpError() << "input " << t << " is not rows of the result "
+                           << out;
+    rows += t.getDimSize(0);
+  }
+  if (rows != out.getDimSize(0))
+    return emitOpError() << "inputs hold " << rows << " rows, the result "
+                         << out.getDimSize(0);
+  return success();
+}
+
 LogicalResult LinearGradInputOp::verify() {
   Operation *op = getOperation();
   if (failed(expectRank(op, "weight", getWeight(), 2)))

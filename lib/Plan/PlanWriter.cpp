@@ -314,17 +314,17 @@ LogicalResult Writer::addFunction(func::FuncOp fn) {
 
   std::vector<uint32_t> steps;
   for (Operation &op : body.without_terminator()) {
-    if (auto reshape = dyn_cast<l4::ReshapeOp>(op)) {
-      auto idx = buffer(reshape.getResult(), f, "view");
+    if (isa<l4::ReshapeOp, l4::SliceRowsOp, l4::ConcatRowsOp>(op)) {
+      auto idx = buffer(op.getResult(0), f, "view");
       if (failed(idx))
-        return reshape.emitOpError() << "has no memory slot";
-      bufs[reshape.getResult()] = *idx;
+        return op.emitOpError() << "has no memory slot";
+      bufs[op.getResult(0)] = *idx;
       continue;
     }
     auto g = dyn_cast<kernel::GroupOp>(op);
     if (!g)
       return op.emitOpError() << "cannot be written to a plan; expected "
-                                 "kernel.group or l4.reshape";
+                                 "kernel.group or a view";
     if (failed(addKernel(g, f, bufs)))
       return failure();
     steps.push_back(kernels.size() - 1);

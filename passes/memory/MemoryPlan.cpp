@@ -84,15 +84,24 @@ public:
 private:
   Slot sharedSlot(llvm::StringMap<Slot> &table, StringRef name, Type t,
                   MemRegion region, uint64_t &regionSize);
-  /// The value a view (reshape) or in-place update ultimately stores into.
+  /// The value a view (reshape, slice_rows, an input of concat_rows) or
+  /// in-place update ultimately stores into.
   Value root(Value v) {
     auto it = aliasOf.find(v);
     return it == aliasOf.end() ? v : root(it->second);
+  }
+  /// Where v's bytes start within its root's.
+  uint64_t rootOffset(Value v) {
+    auto it = aliasOf.find(v);
+    if (it == aliasOf.end())
+      return 0;
+    return aliasOffset.lookup(v) + rootOffset(it->second);
   }
 
   ModuleMemoryPlan &m;
   FunctionMemoryPlan &f;
   llvm::DenseMap<Value, Value> aliasOf;
+  llvm::DenseMap<Value, uint64_t> aliasOffset; ///< bytes into aliasOf[v]
   /// Values internal to a fused group, with the group's kernel index.
   SmallVector<std::pair<Value, int64_t>> temps;
 };
@@ -147,7 +156,7 @@ resultDims(Operation *op, unsigned idx,
     return d;
   };
   if (isa<l4::LinearGradWeightOp, l4::EmbeddingGradOp, l4::CrossEntropyOp,
-          l4::MoeRouteOp, l4::MoeDownGradWeightOp, l4::MoeGateUpGradWeightOp>(
+          l4::CrossEntropyFromStatsOp, l4::MoeRouteOp, l4::MoeDownGradWeightOp, l4::MoeGateUpGradWeightOp>(
           op) ||
       (isa<l4::RmsNormGradOp>(op) && idx == 1) ||
       (isa<l4::MoeExpertsGradOp>(op) && idx >= 2))
@@ -203,10 +212,36 @@ LogicalResult FunctionPlanner::run(func::FuncOp fn) {
               : activationDims(reshape.getType(), hasSeqDim(in));
       continue;
     }
+    // Rows of a parameter-shaped value: a view at a byte offset.
+    if (auto slice = dyn_cast<l4::SliceRowsOp>(op)) {
+      auto t = cast<RankedTensorType>(slice.getType());
+      aliasOf[slice.getResult()] = slice.getInput();
+      aliasOffset[slice.getResult()] =
+          uint64_t(slice.getOffset()) * (byteSize(t) / uint64_t(t.getDimSize(0)));
+      f.dims[slice.getResult()] = staticDims(t);
+      continue;
+    }
+    // The inputs are placed inside the result, so the kernels computing
+    // them write the whole in place.
+    if (auto concat = dyn_cast<l4::ConcatRowsOp>(op)) {
+      uint64_t at = 0;
+      for (Value in : concat.getInputs()) {
+        if (aliasOf.count(in) || isa<BlockArgument>(in) ||
+            !in.hasOneUse() || !in.getDefiningOp<kernel::GroupOp>())
+          return concat.emitOpError()
+                 << "inputs must be kernel results read only here";
+        aliasOf[in] = concat.getResult();
+        aliasOffset[in] = at;
+        at += byteSize(in.getType());
+      }
+      f.dims[concat.getResult()] = staticDims(concat.getType());
+      continue;
+    }
     auto group = dyn_cast<kernel::GroupOp>(op);
     if (!group)
       return op.emitOpError() << "memory planning expects only kernel.group "
-                                 "and l4.reshape ops; run convert-l4-to-kernel "
+                                 "ops and views (l4.reshape, l4.slice_rows, "
+                                 "l4.concat_rows); run convert-l4-to-kernel "
                                  "first";
     Block &inner = group.getBody().front();
     auto yield = cast<kernel::YieldOp>(inner.getTerminator());
@@ -242,11 +277,15 @@ LogicalResult FunctionPlanner::run(func::FuncOp fn) {
       }
       // The loss gradient may overwrite the logits it reads (the kernels
       // read a row before writing it): one [B, T, V] buffer instead of two.
+      Value logits;
       if (auto ceg = dyn_cast_or_null<l4::CrossEntropyGradOp>(def))
-        if (auto arg = dyn_cast<BlockArgument>(ceg.getLogits());
-            arg && arg.getOwner() == &inner &&
-            group.getInputs()[arg.getArgNumber()].getType() == res.getType())
-          inPlace.push_back({res, group.getInputs()[arg.getArgNumber()]});
+        logits = ceg.getLogits();
+      if (auto ceg = dyn_cast_or_null<l4::CrossEntropyGradChunkOp>(def))
+        logits = ceg.getLogits();
+      if (auto arg = dyn_cast_or_null<BlockArgument>(logits);
+          arg && arg.getOwner() == &inner &&
+          group.getInputs()[arg.getArgNumber()].getType() == res.getType())
+        inPlace.push_back({res, group.getInputs()[arg.getArgNumber()]});
     }
   }
   // Legal only where the logits live in the arena and nothing reads them
@@ -296,16 +335,22 @@ LogicalResult FunctionPlanner::run(func::FuncOp fn) {
     outputSlot[r] = s;
   }
 
-  // Lifetimes of arena roots: definition to last use through views.
+  // Lifetimes of arena roots: first write (the root's or a value placed
+  // inside it) to last use through views.
   llvm::DenseMap<Value, Lifetime> life;
   SmallVector<Value> roots;
   for (Operation &op : body.without_terminator())
     for (Value res : op.getResults()) {
       Value r = root(res);
-      if (f.slots.count(r) || outputSlot.count(r) || r != res)
+      if (f.slots.count(r) || outputSlot.count(r))
         continue;
-      life[r] = Lifetime{index[&op], index[&op], byteSize(r.getType())};
-      roots.push_back(r);
+      auto it = life.find(r);
+      if (it == life.end()) {
+        life[r] = Lifetime{index[&op], index[&op], byteSize(r.getType())};
+        roots.push_back(r);
+      } else {
+        it->second.start = std::min(it->second.start, index[&op]);
+      }
     }
   for (Operation &op : body.getOperations())
     for (Value v : op.getOperands()) {
@@ -333,6 +378,7 @@ LogicalResult FunctionPlanner::run(func::FuncOp fn) {
   for (Operation &op : body.without_terminator())
     for (Value res : op.getResults()) {
       Slot s = f.slots[root(res)];
+      s.offset += rootOffset(res);
       s.size = byteSize(res.getType());
       f.slots[res] = s;
     }

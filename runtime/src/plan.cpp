@@ -57,6 +57,12 @@ const char *opKindName(OpKind k) {
     return "cross_entropy";
   case OpKind::CrossEntropyGrad:
     return "cross_entropy_grad";
+  case OpKind::CrossEntropyStats:
+    return "cross_entropy_stats";
+  case OpKind::CrossEntropyFromStats:
+    return "cross_entropy_from_stats";
+  case OpKind::CrossEntropyGradChunk:
+    return "cross_entropy_grad_chunk";
   case OpKind::LinearGradInput:
     return "linear_grad_input";
   case OpKind::LinearGradWeight:
@@ -156,6 +162,7 @@ struct OpSpec {
   const char *name;
   OpKind kind;
   unsigned operands, results;
+  unsigned optionalOperands = 0; ///< trailing operands that may be absent
 };
 
 constexpr OpSpec kOpSpecs[] = {
@@ -177,6 +184,9 @@ constexpr OpSpec kOpSpecs[] = {
     {"take_last", OpKind::TakeLast, 1, 1},
     {"cross_entropy", OpKind::CrossEntropy, 2, 1},
     {"cross_entropy_grad", OpKind::CrossEntropyGrad, 2, 1},
+    {"cross_entropy_stats", OpKind::CrossEntropyStats, 3, 1, 1},
+    {"cross_entropy_from_stats", OpKind::CrossEntropyFromStats, 2, 1},
+    {"cross_entropy_grad_chunk", OpKind::CrossEntropyGradChunk, 3, 1},
     {"linear_grad_input", OpKind::LinearGradInput, 2, 1},
     {"linear_grad_weight", OpKind::LinearGradWeight, 2, 1},
     {"rms_norm_grad", OpKind::RmsNormGrad, 3, 2},
@@ -202,6 +212,9 @@ bool isIndexOperand(OpKind k, size_t i) {
   case OpKind::TemperatureScale:
   case OpKind::CrossEntropy:
   case OpKind::CrossEntropyGrad:
+  case OpKind::CrossEntropyStats:
+  case OpKind::CrossEntropyFromStats:
+  case OpKind::CrossEntropyGradChunk:
     return i == 1;
   case OpKind::KvCacheUpdate:
     return i == 2;
@@ -446,20 +459,25 @@ Status PlanVerifier::checkBuffers(const plan::Plan &fb) {
 }
 
 Status PlanVerifier::checkRegionAliasing(plan::Region region) {
-  // Weights and caches persist, so two buffers there either are the same
-  // bytes (a view, an in-place update) or do not touch.
+  // Weights and caches persist, so two buffers there are the same bytes (a
+  // view, an in-place update), one lies inside the other (a row slice of a
+  // weight), or they do not touch.
   std::vector<uint32_t> idx;
   for (uint32_t i = 0; i < p.buffers.size(); ++i)
     if (p.buffers[i].region == region)
       idx.push_back(i);
   std::sort(idx.begin(), idx.end(), [&](uint32_t a, uint32_t b) {
     const BufferDesc &x = p.buffers[a], &y = p.buffers[b];
-    return x.offset != y.offset ? x.offset < y.offset : x.size < y.size;
+    return x.offset != y.offset ? x.offset < y.offset : x.size > y.size;
   });
   uint64_t maxEnd = 0;
   for (size_t k = 0; k < idx.size(); ++k) {
     const BufferDesc &d = p.buffers[idx[k]];
     if (k > 0 && sameBytes(d, p.buffers[idx[k - 1]]))
+      continue;
+    // Sorted by offset, then the larger first: the buffer reaching maxEnd
+    // starts at or before d.
+    if (d.offset < maxEnd && d.offset + d.size <= maxEnd)
       continue;
     if (d.offset < maxEnd) {
       uint32_t other = idx[k - 1];
@@ -560,9 +578,15 @@ Status PlanVerifier::checkOp(const std::string &where,
   d.kind = spec->kind;
   size_t nOperands = op.operands() ? op.operands()->size() : 0;
   size_t nResults = op.results() ? op.results()->size() : 0;
-  if (nOperands != spec->operands)
+  if (nOperands > spec->operands ||
+      nOperands + spec->optionalOperands < spec->operands)
     return fail(where + ": has " + std::to_string(nOperands) +
-                " operands, expected " + std::to_string(spec->operands));
+                " operands, expected " +
+                (spec->optionalOperands
+                     ? std::to_string(spec->operands - spec->optionalOperands) +
+                           " to "
+                     : std::string()) +
+                std::to_string(spec->operands));
   if (nResults != spec->results)
     return fail(where + ": has " + std::to_string(nResults) +
                 " results, expected " + std::to_string(spec->results));
@@ -750,6 +774,55 @@ std::string checkTrainOp(const Plan &p, OpDesc &d, AttrReader &ar,
     // The kernel reads a row's logits before it writes that row.
     alias = Alias::FirstOperand;
     break;
+  case OpKind::CrossEntropyStats:
+  case OpKind::CrossEntropyFromStats:
+  case OpKind::CrossEntropyGradChunk: {
+    // Chunk statistics: f32 [B, S, 2] over the same rows as operand 0.
+    auto stats = [&](const BufferDesc &st, const std::string &who) {
+      const BufferDesc &lg = B(0);
+      if (st.dtype != plan::DType::F32 || !st.hasSeq || st.shape.size() != 3 ||
+          st.shape[0] != lg.shape[0] || st.shape[1] != lg.shape[1] ||
+          st.shape[2] != 2)
+        return who + " has shape " + shapeStr(st.shape) + " of " +
+               dtypeName(st.dtype) + ", expected f32 [" +
+               std::to_string(lg.shape[0]) + ", " + std::to_string(lg.shape[1]) +
+               ", 2] with batch and seq dims";
+      return std::string();
+    };
+    e = lossOperands();
+    if (e.empty() && d.kind == OpKind::CrossEntropyFromStats) {
+      e = stats(B(0), "stats " + role(0));
+      if (e.empty() &&
+          (R(0).hasBatch || R(0).numel != 1 || R(0).dtype != plan::DType::F32))
+        e = resRole(0) + " must be an f32 scalar (shape [] or all ones) with "
+                         "no batch dim";
+      break;
+    }
+    d.vocabOffset = ar.i("vocab_offset");
+    d.vocabSize = ar.i("vocab_size");
+    if (e.empty() && ar.err.empty() &&
+        (d.vocabOffset < 0 || d.vocabSize <= 0 ||
+         d.vocabOffset + B(0).lastDim() > d.vocabSize))
+      e = "vocabulary columns [" + std::to_string(d.vocabOffset) + ", " +
+          std::to_string(d.vocabOffset + B(0).lastDim()) +
+          ") do not lie in [0, vocab_size " + std::to_string(d.vocabSize) + ")";
+    if (d.kind == OpKind::CrossEntropyStats) {
+      if (e.empty())
+        e = stats(R(0), resRole(0));
+      if (e.empty() && d.operands.size() > 2)
+        e = stats(B(2), "prev " + role(2));
+      if (e.empty() && d.operands.size() == 2 && d.vocabOffset != 0)
+        e = "the first chunk (no prev) starts at column " +
+            std::to_string(d.vocabOffset) + ", not 0";
+      break;
+    }
+    if (e.empty())
+      e = stats(B(2), "stats " + role(2));
+    if (e.empty())
+      e = like(0, 0, true, "");
+    alias = Alias::FirstOperand; // each element is read before it is written
+    break;
+  }
   case OpKind::LinearGradInput: {
     const BufferDesc &dy = B(0), &w = B(1), &dx = R(0);
     e = activation(0, "gradient");
@@ -1622,11 +1695,24 @@ Status PlanVerifier::checkWritten(const std::string &where,
   if (pd.loss >= 0)
     outs.push_back(uint32_t(pd.loss));
   for (uint32_t o : outs) {
-    bool written = false;
+    // Written whole by one result, or piecewise by results inside it (the
+    // row chunks of l4c-chunk-loss's weight gradient).
+    const BufferDesc &ob = p.buffers[o];
+    std::vector<std::pair<uint64_t, uint64_t>> parts;
     for (uint32_t k : pd.steps)
       for (const OpDesc &op : p.kernels[k].ops)
-        for (uint32_t r : op.results)
-          written = written || r == o || sameBytes(p.buffers[r], p.buffers[o]);
+        for (uint32_t r : op.results) {
+          const BufferDesc &rb = p.buffers[r];
+          if (rb.region == ob.region && rb.offset >= ob.offset &&
+              rb.offset + rb.size <= ob.offset + ob.size)
+            parts.push_back({rb.offset, rb.offset + rb.size});
+        }
+    std::sort(parts.begin(), parts.end());
+    uint64_t covered = ob.offset;
+    for (auto [lo, hi] : parts)
+      if (lo <= covered)
+        covered = std::max(covered, hi);
+    bool written = covered >= ob.offset + ob.size;
     if (!written)
       return fail(where + ": output " + bufName(o) + " is written by no step");
   }

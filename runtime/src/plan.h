@@ -65,6 +65,10 @@ enum class OpKind {
   // Training: the loss and the vector-Jacobian products l4c-autodiff emits.
   CrossEntropy,
   CrossEntropyGrad,
+  // l4c-chunk-loss: the loss over vocabulary chunks.
+  CrossEntropyStats,
+  CrossEntropyFromStats,
+  CrossEntropyGradChunk,
   LinearGradInput,
   LinearGradWeight,
   RmsNormGrad,
@@ -122,6 +126,7 @@ struct OpDesc {
   int64_t slots = 0;          ///< moe_route: entries per token
   bool inverse = false;       ///< rope: the adjoint (negated angle) rotation
   int64_t paddingIdx = -1;    ///< embedding_grad: a row that gets no gradient
+  int64_t vocabOffset = 0, vocabSize = 0; ///< the chunked loss's columns
   std::vector<float> invFreq; ///< rope: cpu::ropeInvFreq, head_dim / 2 entries
 };
 

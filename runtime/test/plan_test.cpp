@@ -278,11 +278,19 @@ TEST(PlanVerifier, RejectsBadBuffers) {
 }
 
 TEST(PlanVerifier, RejectsOverlaps) {
-  // Two weights sharing some bytes.
+  // Two weights sharing some bytes: straddling one's end, or inside it (a
+  // row view, as l4c-chunk-loss makes, may lie inside a weight; a second
+  // bound tensor may not).
   PlanSpec p = linearPlan();
   uint32_t norm = findBuffer(p, "model.norm.weight");
-  p.buffers[norm].offset = 16;
+  uint32_t embed = findBuffer(p, "model.embed_tokens.weight");
+  p.buffers[norm].offset =
+      p.buffers[embed].offset + p.buffers[embed].size - 16;
   expectRejected(p, "partially overlaps");
+  p = linearPlan();
+  p.buffers[norm].offset = 16;
+  expectRejected(p, "shares bytes with buffer 0 'model.embed_tokens.weight', "
+                    "which is bound to another tensor");
   // The same bytes bound to two checkpoint tensors.
   p = linearPlan();
   uint32_t head = findBuffer(p, "lm_head.weight");

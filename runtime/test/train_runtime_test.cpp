@@ -81,8 +81,11 @@ trainWeights(const TinyConfig &c, bool tied) {
 /// of swiglu are written over their inputs (the in-place cases the verifier
 /// allows); with `tied` the head reuses the embedding table and the two
 /// table gradients are summed by a parameter-shaped add.
+/// `chunk` > 0: the lm_head and loss in vocabulary chunks of that many
+/// columns, as l4c-chunk-loss writes them (weight row views, a statistics
+/// chain, the gradient's rows written chunk by chunk).
 PlanSpec tinyTrainPlan(int64_t B, int64_t S, const TinyConfig &c = {},
-                       bool tied = false) {
+                       bool tied = false, int64_t chunk = 0) {
   PlanSpec p;
   p.programKind = "train";
   p.maxBatch = B;
@@ -223,11 +226,37 @@ PlanSpec tinyTrainPlan(int64_t B, int64_t S, const TinyConfig &c = {},
   uint32_t nrm = act("norm", D);
   k1("norm",
      op("rms_norm", {h, W["model.norm.weight"]}, nrm, {attrF("eps", c.eps)}));
-  uint32_t logits = act("logits", c.V);
-  k1("lm_head", op("linear", {nrm, W[head]}, logits));
-  k1("loss", op("cross_entropy", {logits, ids}, loss));
-  uint32_t dlogits = p.view(logits, "dlogits", {B, S, c.V}, "BS.");
-  k1("loss_grad", op("cross_entropy_grad", {logits, ids}, dlogits));
+  // Rows [o, o + n) of a [V, D] parameter-shaped buffer.
+  auto rowsOf = [&](uint32_t of, const std::string &name, int64_t o,
+                    int64_t n) {
+    uint32_t v = p.view(of, name, {n, D}, "..");
+    p.buffers[v].offset += uint64_t(o * D) * sizeof(float);
+    p.buffers[v].size = uint64_t(n * D) * sizeof(float);
+    return v;
+  };
+  uint32_t logits = 0, dlogits = 0, stats = 0;
+  if (chunk > 0) {
+    for (int64_t o = 0, i = 0; o < c.V; o += chunk, ++i) {
+      int64_t n = std::min(chunk, c.V - o);
+      std::string ci = std::to_string(i);
+      uint32_t lg = linear("logits" + ci, nrm,
+                           rowsOf(W[head], "w" + ci, o, n), n);
+      uint32_t st = p.act("stats" + ci, {B, S, 2}, "BS.");
+      std::vector<uint32_t> in = {lg, ids};
+      if (o > 0)
+        in.push_back(stats);
+      k1("stats" + ci, op("cross_entropy_stats", in, st,
+                          {attrI("vocab_offset", o), attrI("vocab_size", c.V)}));
+      stats = st;
+    }
+    k1("loss", op("cross_entropy_from_stats", {stats, ids}, loss));
+  } else {
+    logits = act("logits", c.V);
+    k1("lm_head", op("linear", {nrm, W[head]}, logits));
+    k1("loss", op("cross_entropy", {logits, ids}, loss));
+    dlogits = p.view(logits, "dlogits", {B, S, c.V}, "BS.");
+    k1("loss_grad", op("cross_entropy_grad", {logits, ids}, dlogits));
+  }
 
   // Backward. lgw writes a weight gradient output; lgi a new activation.
   auto lgi = [&](const std::string &name, uint32_t dy, uint32_t w, int64_t K) {
@@ -245,8 +274,26 @@ PlanSpec tinyTrainPlan(int64_t B, int64_t S, const TinyConfig &c = {},
     headGrad = p.add("head_grad", pl::Region::Arena, {c.V, D}, "..");
     embedGrad = p.add("embed_grad", pl::Region::Arena, {c.V, D}, "..");
   }
-  uint32_t dn = lgi("d_norm", dlogits, W[head], D);
-  lgw("g_head", nrm, dlogits, headGrad);
+  uint32_t dn = 0;
+  if (chunk > 0) {
+    // Per chunk: recomputed logits, their gradient in place, dx summed.
+    for (int64_t o = 0, i = 0; o < c.V; o += chunk, ++i) {
+      int64_t n = std::min(chunk, c.V - o);
+      std::string ci = std::to_string(i);
+      uint32_t w = rowsOf(W[head], "wb" + ci, o, n);
+      uint32_t lg = linear("relogits" + ci, nrm, w, n);
+      uint32_t dl = p.view(lg, "dlogits" + ci, {B, S, n}, "BS.");
+      k1("loss_grad" + ci,
+         op("cross_entropy_grad_chunk", {lg, ids, stats}, dl,
+            {attrI("vocab_offset", o), attrI("vocab_size", c.V)}));
+      uint32_t dx = lgi("d_norm" + ci, dl, w, D);
+      dn = o == 0 ? dx : add("d_norm_sum" + ci, dn, dx);
+      lgw("g_head" + ci, nrm, dl, rowsOf(headGrad, "g_rows" + ci, o, n));
+    }
+  } else {
+    dn = lgi("d_norm", dlogits, W[head], D);
+    lgw("g_head", nrm, dlogits, headGrad);
+  }
   uint32_t dh = act("d_h_final", D);
   k1("norm_grad", opN("rms_norm_grad", {hFinal, W["model.norm.weight"], dn},
                       {dh, G["model.norm.weight"]}, {attrF("eps", c.eps)}));
@@ -671,6 +718,15 @@ OpSpec &findOp(PlanSpec &p, const std::string &name) {
   return p.kernels[0].ops[0];
 }
 
+/// The first op of the kernel named `name`.
+OpSpec &kernelOp(PlanSpec &p, const std::string &name) {
+  for (KernelSpec &k : p.kernels)
+    if (k.name == name)
+      return k.ops[0];
+  ADD_FAILURE() << "no kernel " << name;
+  return p.kernels[0].ops[0];
+}
+
 uint32_t findBuffer(const PlanSpec &p, const std::string &name) {
   for (uint32_t i = 0; i < p.buffers.size(); ++i)
     if (p.buffers[i].name == name)
@@ -726,6 +782,28 @@ TEST(TrainPlan, RejectsBrokenTrainPlans) {
       if (o.op == "linear_grad_weight" && o.results[0] == a)
         o.results[0] = stray;
   expectRejected(p, "is written by no step");
+  // The chunked loss: a weight gradient with a row chunk nobody writes, a
+  // statistics chain of the wrong shape or columns.
+  p = tinyTrainPlan(2, 6, {}, false, 24);
+  {
+    OpSpec &o = kernelOp(p, "g_head1");
+    o.results[0] = p.add("stray_rows", pl::Region::Io,
+                         p.buffers[o.results[0]].shape, "..");
+  }
+  expectRejected(p, "is written by no step");
+  p = tinyTrainPlan(2, 6, {}, false, 24);
+  kernelOp(p, "stats1").operands[2] = findBuffer(p, "logits0");
+  expectRejected(p, "(cross_entropy_stats): prev buffer");
+  p = tinyTrainPlan(2, 6, {}, false, 24);
+  kernelOp(p, "stats0").attrs[0].i = 8;
+  expectRejected(p, "the first chunk (no prev) starts at column 8, not 0");
+  p = tinyTrainPlan(2, 6, {}, false, 24);
+  kernelOp(p, "loss_grad2").attrs[0].i = 50;
+  expectRejected(p, "vocabulary columns [50, 66) do not lie in [0, vocab_size 64)");
+  p = tinyTrainPlan(2, 6, {}, false, 24);
+  kernelOp(p, "stats1").operands.pop_back();
+  kernelOp(p, "stats1").operands.pop_back();
+  expectRejected(p, "(cross_entropy_stats): has 1 operands, expected 2 to 3");
   // Multi-result ops: counts, overlap, attributes.
   p = tinyTrainPlan(2, 6);
   findOp(p, "attention_grad").results.pop_back();
@@ -787,6 +865,7 @@ TEST(TrainPlan, RejectsBrokenTrainPlans) {
 struct StepCase {
   int64_t maxB, S, B, T;
   bool tied;
+  int64_t chunk = 0; ///< the loss in vocabulary chunks of this many columns
 };
 
 class TrainStep : public ::testing::TestWithParam<StepCase> {};
@@ -798,7 +877,7 @@ TEST_P(TrainStep, MatchesKernelComposition) {
   Weights w = makeWeights(c, sc.tied, 7);
   writeWeights(dir.file("w.safetensors"), c, sc.tied, w);
   auto session =
-      mustSession(mustParse(tinyTrainPlan(sc.maxB, sc.S, c, sc.tied)),
+      mustSession(mustParse(tinyTrainPlan(sc.maxB, sc.S, c, sc.tied, sc.chunk)),
                   dir.file("w.safetensors"));
   ASSERT_TRUE(session);
   std::vector<int64_t> ids = makeIds(size_t(sc.B * sc.T), c.V, 11);
@@ -833,12 +912,16 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(StepCase{2, 6, 2, 6, false}, // dense: one call per op
                       StepCase{3, 8, 2, 5, false}, // run-time B and T smaller
                       StepCase{2, 6, 2, 6, true},  // tied embeddings
-                      StepCase{2, 7, 1, 4, true}),
+                      StepCase{2, 7, 1, 4, true},
+                      // The loss in vocabulary chunks, the last one short.
+                      StepCase{2, 6, 2, 6, false, 24},
+                      StepCase{3, 8, 2, 5, true, 20}),
     [](const ::testing::TestParamInfo<StepCase> &info) {
       const StepCase &c = info.param;
       return "B" + std::to_string(c.B) + "of" + std::to_string(c.maxB) + "_T" +
              std::to_string(c.T) + "of" + std::to_string(c.S) +
-             (c.tied ? "_tied" : "");
+             (c.tied ? "_tied" : "") +
+             (c.chunk ? "_chunk" + std::to_string(c.chunk) : "");
     });
 
 TEST(TrainSession, ReusedArenaGivesTheSameGradients) {

@@ -33,7 +33,9 @@ llvm::StringRef l4c::kernelKindOf(Operation *op) {
           [](auto) { return "attention"; })
       .Case<l4::RouterScoresOp, l4::RouterScoresGradOp>(
           [](auto) { return "router"; })
-      .Case<l4::CrossEntropyOp, l4::CrossEntropyGradOp>(
+      .Case<l4::CrossEntropyOp, l4::CrossEntropyGradOp,
+            l4::CrossEntropyStatsOp, l4::CrossEntropyFromStatsOp,
+            l4::CrossEntropyGradChunkOp>(
           [](auto) { return "loss"; })
       .Case<l4::MoeExpertsOp, l4::MoeRouteOp, l4::MoeHiddenOp, l4::MoeDownOp,
             l4::MoeExpertsGradOp, l4::MoeGateUpOp, l4::MoeDownGradOp,
@@ -60,8 +62,8 @@ struct WrapInGroup : public RewritePattern {
                                 PatternRewriter &rewriter) const override {
     if (!isa<l4::L4Dialect>(op->getDialect()))
       return rewriter.notifyMatchFailure(op, "not an l4 op");
-    if (isa<l4::ReshapeOp>(op))
-      return rewriter.notifyMatchFailure(op, "reshapes stay views");
+    if (isa<l4::ReshapeOp, l4::SliceRowsOp, l4::ConcatRowsOp>(op))
+      return rewriter.notifyMatchFailure(op, "views stay views");
     if (op->getParentOfType<kernel::GroupOp>())
       return rewriter.notifyMatchFailure(op, "already in a kernel");
     auto group = kernel::GroupOp::create(rewriter, op->getLoc(), kernelName(op),

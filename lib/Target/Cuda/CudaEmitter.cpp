@@ -378,6 +378,15 @@ std::optional<Names> operandNames(Operation *op) {
       .Case<l4::CrossEntropyOp, l4::CrossEntropyGradOp>([](auto) {
         return Names{"logits", "ids"};
       })
+      .Case<l4::CrossEntropyStatsOp>([](auto) {
+        return Names{"logits", "ids", "prev"};
+      })
+      .Case<l4::CrossEntropyFromStatsOp>([](auto) {
+        return Names{"stats", "ids"};
+      })
+      .Case<l4::CrossEntropyGradChunkOp>([](auto) {
+        return Names{"logits", "ids", "stats"};
+      })
       .Case<l4::LinearGradInputOp>([](auto) { return Names{"dy", "w"}; })
       .Case<l4::LinearGradWeightOp>([](auto) { return Names{"x", "dy"}; })
       .Case<l4::RmsNormGradOp>([](auto) { return Names{"x", "w", "dy"}; })
@@ -476,6 +485,17 @@ llvm::Error emitOp(OpContext &ctx) {
           [&](auto) { return cuda::emitCrossEntropy(ctx, false); })
       .Case<l4::CrossEntropyGradOp>(
           [&](auto) { return cuda::emitCrossEntropy(ctx, true); })
+      .Case<l4::CrossEntropyStatsOp>([&](l4::CrossEntropyStatsOp o) {
+        return cuda::emitCrossEntropyChunk(ctx, cuda::ChunkLoss::Stats,
+                                           o.getVocabOffset());
+      })
+      .Case<l4::CrossEntropyFromStatsOp>([&](auto) {
+        return cuda::emitCrossEntropyChunk(ctx, cuda::ChunkLoss::Loss, 0);
+      })
+      .Case<l4::CrossEntropyGradChunkOp>([&](l4::CrossEntropyGradChunkOp o) {
+        return cuda::emitCrossEntropyChunk(ctx, cuda::ChunkLoss::Grad,
+                                           o.getVocabOffset());
+      })
       .Case<l4::LinearGradInputOp>(
           [&](auto) { return cuda::emitLinearGradInput(ctx); })
       .Case<l4::LinearGradWeightOp>(

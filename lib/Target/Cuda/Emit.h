@@ -180,6 +180,11 @@ llvm::Error emitMoeDown(OpContext &ctx);
 llvm::Error emitAttention(OpContext &ctx);
 // Training (GradOps.cpp).
 llvm::Error emitCrossEntropy(OpContext &ctx, bool grad);
+/// The chunked loss of l4c-chunk-loss: cross_entropy_stats,
+/// cross_entropy_from_stats and cross_entropy_grad_chunk.
+enum class ChunkLoss { Stats, Loss, Grad };
+llvm::Error emitCrossEntropyChunk(OpContext &ctx, ChunkLoss part,
+                                  int64_t vocabOffset);
 llvm::Error emitLinearGradInput(OpContext &ctx);
 llvm::Error emitLinearGradWeight(OpContext &ctx);
 llvm::Error emitNormGrad(OpContext &ctx, double eps, bool hasWeight);

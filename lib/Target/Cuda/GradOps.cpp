@@ -140,6 +140,134 @@ __device__ double @B@_lse(const L *x, long long lo, long long n, float *redf,
   return llvm::Error::success();
 }
 
+llvm::Error emitCrossEntropyChunk(OpContext &ctx, ChunkLoss part,
+                                  int64_t vocabOffset) {
+  const View &ids = ctx.operands[1], &y = ctx.results[0];
+  const View &rows = ctx.operands[0]; // logits, or stats for the loss
+  if (!rows.hasSeq || !ids.hasSeq || rows.shape().size() != 3)
+    return ctx.fail("expected [B, S, n] rows and ids [B, S]");
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << stride(b, "I_S", ids.rowsPerBatch);
+  const char *countLabels = R"cuda(  double count = 0.0; // every thread gets it
+  for (long long r = threadIdx.x; r < B * (T - 1); r += blockDim.x) {
+    const long long b = r / (T - 1), t = r - b * (T - 1);
+    count += l4_ldi(ids, b * I_S + t + 1) != -100;
+  }
+  count = @B@_bsum(count, red);
+)cuda";
+  b.globals += kBlockSumD;
+  b.threads = 256;
+  if (part == ChunkLoss::Loss) {
+    if (y.hasBatch || y.inner != 1)
+      return ctx.fail("expected a scalar loss");
+    // One block sums in double in a fixed order: B x T rows are few.
+    os << stride(b, "S_S", rows.rowsPerBatch) << R"cuda(  __shared__ double red[32];
+  double nll = 0.0;
+  for (long long r = threadIdx.x; r < B * (T - 1); r += blockDim.x) {
+    const long long b = r / (T - 1), t = r - b * (T - 1);
+    if (l4_ldi(ids, b * I_S + t + 1) != -100)
+      nll += (double)l4_ld(stats, (b * S_S + t) * 2) -
+             (double)l4_ld(stats, (b * S_S + t) * 2 + 1);
+  }
+  nll = @B@_bsum(nll, red);
+)cuda" << countLabels
+       << R"cuda(  if (threadIdx.x == 0)
+    l4_st(y, 0, count > 0.0 ? (float)(nll / count) : __int_as_float(0x7fc00000));
+)cuda";
+    b.blocks = 1;
+    return llvm::Error::success();
+  }
+  os << constant("N", rows.inner) << constant("OFF", vocabOffset)
+     << stride(b, "L_S", rows.rowsPerBatch);
+  if (part == ChunkLoss::Stats) {
+    bool prev = ctx.operands.size() > 2;
+    if (y.inner != 2 || !y.hasSeq)
+      return ctx.fail("expected statistics [B, S, 2]");
+    b.globals += R"cuda(// log sum exp of the n values at x + lo, in double after an f32 max (as
+// the CPU backend computes it); every thread of the block gets it.
+template <class L>
+__device__ double @B@_lse(const L *x, long long lo, long long n, float *redf,
+                          double *red) {
+  float mx = l4_neg_inf();
+  for (long long i = threadIdx.x; i < n; i += blockDim.x)
+    mx = fmaxf(mx, l4_ld(x, lo + i));
+  mx = l4_block_max(mx, redf);
+  double s = 0.0;
+  for (long long i = threadIdx.x; i < n; i += blockDim.x)
+    s += exp((double)l4_ld(x, lo + i) - (double)mx);
+  return (double)mx + log(@B@_bsum(s, red));
+}
+)cuda";
+    os << stride(b, "Y_S", y.rowsPerBatch);
+    if (prev)
+      os << stride(b, "P_S", ctx.operands[2].rowsPerBatch);
+    os << R"cuda(  // A block per row: this chunk's log-sum-exp joins the running one, and
+  // the label's logit is taken when the label lies in these columns.
+  __shared__ double red[32];
+  __shared__ float redf[32];
+  for (long long r = blockIdx.x; r < B * T; r += gridDim.x) {
+    const long long b = r / T, t = r - b * T;
+    const long long label = t + 1 < T ? l4_ldi(ids, b * I_S + t + 1) : -100;
+    const long long so = (b * Y_S + t) * 2;
+    if (label == -100) {
+      if (threadIdx.x == 0) {
+        l4_st(y, so, 0.0f);
+        l4_st(y, so + 1, 0.0f);
+      }
+      continue;
+    }
+    const long long lo = (b * L_S + t) * N;
+    double lse = @B@_lse(logits, lo, N, redf, red);
+    float lab = 0.0f;
+)cuda";
+    if (prev)
+      os << R"cuda(    const long long po = (b * P_S + t) * 2;
+    const double before = (double)l4_ld(prev, po);
+    const double m = fmax(before, lse);
+    lse = m + log(exp(before - m) + exp(lse - m));
+    lab = l4_ld(prev, po + 1);
+)cuda";
+    os << R"cuda(    if (label >= OFF && label < OFF + N)
+      lab = l4_ld(logits, lo + label - OFF);
+    if (threadIdx.x == 0) {
+      l4_st(y, so, (float)lse);
+      l4_st(y, so + 1, lab);
+    }
+  }
+)cuda";
+    b.blocks = gridFor(uint64_t(rows.bmax) * rows.rowsPerBatch, 1);
+    return llvm::Error::success();
+  }
+  const View &stats = ctx.operands[2];
+  if (y.inner != rows.inner || !y.hasSeq)
+    return ctx.fail("expected the gradient to have the logits' shape");
+  os << stride(b, "Y_S", y.rowsPerBatch)
+     << stride(b, "S_S", stats.rowsPerBatch) << R"cuda(  __shared__ double red[32];
+)cuda" << countLabels
+     << R"cuda(  const double seed = count > 0.0 ? 1.0 / count : 0.0;
+  // A block per row; each element is read before it is written, so the
+  // gradient may overwrite the logits.
+  for (long long r = blockIdx.x; r < B * L_S; r += gridDim.x) {
+    const long long b = r / L_S, t = r - b * L_S;
+    const long long lo = (b * L_S + t) * N, yo = (b * Y_S + t) * N;
+    const long long label = t + 1 < T ? l4_ldi(ids, b * I_S + t + 1) : -100;
+    if (label == -100) {
+      for (long long i = threadIdx.x; i < N; i += blockDim.x)
+        l4_st(y, yo + i, 0.0f);
+      continue;
+    }
+    const double lse = (double)l4_ld(stats, (b * S_S + t) * 2);
+    for (long long i = threadIdx.x; i < N; i += blockDim.x) {
+      const double p = exp((double)l4_ld(logits, lo + i) - lse);
+      l4_st(y, yo + i, (float)((i + OFF == label ? p - 1.0 : p) * seed));
+    }
+  }
+)cuda";
+  b.blocks = gridFor(uint64_t(rows.bmax) * rows.rowsPerBatch, 1);
+  return llvm::Error::success();
+}
+
 llvm::Error emitLinearGradInput(OpContext &ctx) {
   const View &dy = ctx.operands[0], &w = ctx.operands[1], &dx = ctx.results[0];
   auto lt = liveRows(ctx, {&dy, &dx});

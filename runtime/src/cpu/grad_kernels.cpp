@@ -220,6 +220,74 @@ void crossEntropyGrad(const float *logits, size_t ldl, const int64_t *ids,
   });
 }
 
+void crossEntropyStats(const float *logits, size_t ldl, const int64_t *ids,
+                       size_t B, size_t T, size_t S, size_t n, size_t offset,
+                       const float *prev, float *stats) {
+  parallelRange(B * S, 2 * n, [&](size_t r) {
+    size_t t = r % S;
+    if (t >= T)
+      return;
+    float *out = stats + r * 2;
+    if (t + 1 >= T || !isLabel(ids[r + 1])) {
+      out[0] = out[1] = 0.f;
+      return;
+    }
+    const float *row = logits + r * ldl;
+    double lse = logSumExp(row, n);
+    float label = 0.f;
+    if (prev) {
+      double before = double(prev[r * 2]);
+      double m = std::max(before, lse);
+      lse = m + std::log(std::exp(before - m) + std::exp(lse - m));
+      label = prev[r * 2 + 1];
+    }
+    size_t id = size_t(ids[r + 1]);
+    if (id >= offset && id < offset + n)
+      label = row[id - offset];
+    out[0] = float(lse);
+    out[1] = label;
+  });
+}
+
+float crossEntropyFromStats(const float *stats, const int64_t *ids, size_t B,
+                            size_t T, size_t S) {
+  size_t count = crossEntropyCount(ids, B, T, S);
+  if (count == 0)
+    return std::numeric_limits<float>::quiet_NaN();
+  double sum = 0;
+  for (size_t b = 0; b < B; ++b)
+    for (size_t t = 0; t + 1 < T; ++t) {
+      size_t r = b * S + t;
+      if (isLabel(ids[r + 1]))
+        sum += double(stats[r * 2]) - double(stats[r * 2 + 1]);
+    }
+  return float(sum / double(count));
+}
+
+void crossEntropyGradChunk(const float *logits, size_t ldl, const int64_t *ids,
+                           size_t B, size_t T, size_t S, size_t n,
+                           size_t offset, const float *stats, float *dlogits,
+                           size_t lddl) {
+  size_t count = crossEntropyCount(ids, B, T, S);
+  double seed = count ? 1.0 / double(count) : 0.0;
+  parallelRange(B * S, 3 * n, [&](size_t r) {
+    size_t t = r % S;
+    float *out = dlogits + r * lddl;
+    if (t + 1 >= T || !isLabel(ids[r + 1])) {
+      std::fill(out, out + n, 0.f);
+      return;
+    }
+    const float *row = logits + r * ldl;
+    double lse = double(stats[r * 2]);
+    size_t label = size_t(ids[r + 1]);
+    // Each element is read before it is written: out may be row.
+    for (size_t i = 0; i < n; ++i) {
+      double p = std::exp(double(row[i]) - lse);
+      out[i] = float((i + offset == label ? p - 1.0 : p) * seed);
+    }
+  });
+}
+
 void linearGradInput(const float *dy, size_t lddy, const float *w, size_t ldw,
                      float *dx, size_t lddx, size_t M, size_t N, size_t K,
                      bool accumulate) {

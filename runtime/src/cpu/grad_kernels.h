@@ -43,6 +43,28 @@ void crossEntropyGrad(const float *logits, size_t ldl, const int64_t *ids,
                       size_t B, size_t T, size_t S, size_t V, float dloss,
                       float *dlogits, size_t lddl);
 
+/// One chunk of l4c-chunk-loss's statistics chain. The logits rows (stride
+/// ldl) hold the n vocabulary columns [offset, offset + n). For each row
+/// (b, t < T) writes stats[(b * S + t) * 2 + {0, 1}]: the log-sum-exp over
+/// these columns and, when `prev` is given (same layout), those it
+/// summarises; and the label's logit when the label lies in these columns
+/// (else prev's, or 0). Unlabelled rows get zeros.
+void crossEntropyStats(const float *logits, size_t ldl, const int64_t *ids,
+                       size_t B, size_t T, size_t S, size_t n, size_t offset,
+                       const float *prev, float *stats);
+
+/// The mean cross entropy from a chain's last statistics: the mean over
+/// labelled rows of lse - label logit (NaN when there are none).
+float crossEntropyFromStats(const float *stats, const int64_t *ids, size_t B,
+                            size_t T, size_t S);
+
+/// crossEntropyGrad for the n columns [offset, offset + n) of the logits,
+/// normalised by the full log-sum-exp in stats; dlogits may be logits.
+void crossEntropyGradChunk(const float *logits, size_t ldl, const int64_t *ids,
+                           size_t B, size_t T, size_t S, size_t n,
+                           size_t offset, const float *stats, float *dlogits,
+                           size_t lddl);
+
 /// For y[M,N] = x[M,K] @ w^T, w[N,K]: dx[M,K] (+)= dy @ w.
 void linearGradInput(const float *dy, size_t lddy, const float *w, size_t ldw,
                      float *dx, size_t lddx, size_t M, size_t N, size_t K,

@@ -123,6 +123,7 @@ private:
   Status elementwise();
   Status takeLast();
   Status crossEntropy();
+  Status crossEntropyChunk();
   Status linearGradInput();
   Status linearGradWeight();
   Status normGrad();
@@ -179,6 +180,10 @@ Status OpRunner::run() {
   case OpKind::CrossEntropy:
   case OpKind::CrossEntropyGrad:
     return crossEntropy();
+  case OpKind::CrossEntropyStats:
+  case OpKind::CrossEntropyFromStats:
+  case OpKind::CrossEntropyGradChunk:
+    return crossEntropyChunk();
   case OpKind::LinearGradInput:
     return linearGradInput();
   case OpKind::LinearGradWeight:
@@ -418,6 +423,32 @@ Status OpRunner::crossEntropy() {
     *f32(y) = cpu::crossEntropy(f32(logits), V, id, B, T, S, V);
   else
     cpu::crossEntropyGrad(f32(logits), V, id, B, T, S, V, 1.f, f32(y), V);
+  return Status::success();
+}
+
+Status OpRunner::crossEntropyChunk() {
+  const BufferDesc &rowsBuf = in(0), &ids = in(1), &y = out();
+  size_t S = size_t(rowsBuf.shape[1]), n = size_t(rowsBuf.lastDim());
+  if (T < 2)
+    return fail("a sequence of " + std::to_string(T) +
+                " token has no next-token label (training needs T >= 2)");
+  std::vector<int64_t> scratch;
+  const int64_t *id = allIndices(ids, scratch);
+  if (op.kind == OpKind::CrossEntropyFromStats) {
+    *f32(y) = cpu::crossEntropyFromStats(f32(rowsBuf), id, B, T, S);
+    return Status::success();
+  }
+  size_t V = size_t(op.vocabSize), off = size_t(op.vocabOffset);
+  for (size_t b = 0; b < B; ++b)
+    if (Status s = checkIds(id + b * S, T, V, b); !s.ok())
+      return s;
+  if (op.kind == OpKind::CrossEntropyStats)
+    cpu::crossEntropyStats(f32(rowsBuf), n, id, B, T, S, n, off,
+                           op.operands.size() > 2 ? f32(in(2)) : nullptr,
+                           f32(y));
+  else
+    cpu::crossEntropyGradChunk(f32(rowsBuf), n, id, B, T, S, n, off,
+                               f32(in(2)), f32(y), n);
   return Status::success();
 }
 

@@ -538,3 +538,57 @@ func.func @pad_embedding_grad(%ids: tensor<2x8xi64>, %g: tensor<2x8x32xf32>) {
   %r = l4.embedding_grad %ids, %g {padding_idx = -1 : i64} : (tensor<2x8xi64>, tensor<2x8x32xf32>) -> tensor<64x32xf32>
   return
 }
+
+// -----
+
+// slice_rows past the input's rows
+func.func @slice_rows_range(%w: tensor<16x8xf32>) {
+  // expected-error @+1 {{rows [12, 18) do not lie in the input's 16}}
+  %r = l4.slice_rows %w {offset = 12 : i64} : (tensor<16x8xf32>) -> tensor<6x8xf32>
+  return
+}
+
+// -----
+
+// slice_rows with other columns
+func.func @slice_rows_cols(%w: tensor<16x8xf32>) {
+  // expected-error @+1 {{must be rows of the input}}
+  %r = l4.slice_rows %w {offset = 0 : i64} : (tensor<16x8xf32>) -> tensor<6x4xf32>
+  return
+}
+
+// -----
+
+// concat_rows whose inputs do not add up
+func.func @concat_rows_count(%a: tensor<6x8xf32>, %b: tensor<6x8xf32>) {
+  // expected-error @+1 {{inputs hold 12 rows, the result 16}}
+  %r = l4.concat_rows %a, %b : (tensor<6x8xf32>, tensor<6x8xf32>) -> tensor<16x8xf32>
+  return
+}
+
+// -----
+
+// cross_entropy_stats columns beyond the vocabulary
+func.func @stats_range(%l: tensor<1x4x6xf32>, %ids: tensor<1x4xi64>, %p: tensor<1x4x2xf32>) {
+  // expected-error @+1 {{vocabulary columns [12, 18) do not lie in [0, 16)}}
+  %r = l4.cross_entropy_stats %l, %ids, %p {vocab_offset = 12 : i64, vocab_size = 16 : i64} : (tensor<1x4x6xf32>, tensor<1x4xi64>, tensor<1x4x2xf32>) -> tensor<1x4x2xf32>
+  return
+}
+
+// -----
+
+// a stats chain that does not start at column 0
+func.func @stats_first(%l: tensor<1x4x6xf32>, %ids: tensor<1x4xi64>) {
+  // expected-error @+1 {{a chain's first chunk (no prev) must start at column 0, not 6}}
+  %r = l4.cross_entropy_stats %l, %ids {vocab_offset = 6 : i64, vocab_size = 16 : i64} : (tensor<1x4x6xf32>, tensor<1x4xi64>) -> tensor<1x4x2xf32>
+  return
+}
+
+// -----
+
+// cross_entropy_grad_chunk with statistics of other rows
+func.func @grad_chunk_stats(%l: tensor<1x4x6xf32>, %ids: tensor<1x4xi64>, %s: tensor<1x3x2xf32>) {
+  // expected-error @+1 {{stats must have shape [1, 4, 2], got [1, 3, 2]}}
+  %r = l4.cross_entropy_grad_chunk %l, %ids, %s {vocab_offset = 0 : i64, vocab_size = 16 : i64} : (tensor<1x4x6xf32>, tensor<1x4xi64>, tensor<1x3x2xf32>) -> tensor<1x4x6xf32>
+  return
+}

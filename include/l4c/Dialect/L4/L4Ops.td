@@ -255,6 +255,70 @@ def L4_CrossEntropyGradOp : L4_PureOp<"cross_entropy_grad"> {
   let results = (outs L4_FloatTensor:$result);
 }
 
+def L4_CrossEntropyStatsOp : L4_PureOp<"cross_entropy_stats"> {
+  let summary = "running softmax statistics of the loss over vocabulary chunks";
+  let description = [{
+    `logits` `[B, S, n]` are the vocabulary columns `[vocab_offset,
+    vocab_offset + n)` of a `[B, S, vocab_size]` projection. The result `[B,
+    S, 2]` (f32) holds per row the log-sum-exp over every column seen so far
+    (this chunk and, when given, the chunks `prev` summarises) and the
+    logit of the row's label (the next id) once its chunk has been seen.
+    Unlabelled rows (the last valid position, label -100) hold zeros.
+    l4c-chunk-loss emits a chain of these so the train step never stores
+    the full logits.
+  }];
+  let arguments = (ins L4_FloatTensor:$logits, L4_IndexTensor:$ids,
+                   Optional<L4_FloatTensor>:$prev, I64Attr:$vocab_offset,
+                   I64Attr:$vocab_size);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_CrossEntropyFromStatsOp : L4_PureOp<"cross_entropy_from_stats"> {
+  let summary = "the mean cross entropy from the final chunk statistics";
+  let description = [{
+    The mean over labelled rows of `lse - label logit` read from the last
+    `cross_entropy_stats` of a chain: what `l4.cross_entropy` computes from
+    the full logits.
+  }];
+  let arguments = (ins L4_FloatTensor:$stats, L4_IndexTensor:$ids);
+  let results = (outs 0DTensorOf<[F32]>:$loss);
+}
+
+def L4_CrossEntropyGradChunkOp : L4_PureOp<"cross_entropy_grad_chunk"> {
+  let summary = "the loss gradient for one vocabulary chunk of the logits";
+  let description = [{
+    `cross_entropy_grad` restricted to the columns `[vocab_offset,
+    vocab_offset + n)`, the softmax normalised by the full-vocabulary
+    log-sum-exp held in `stats` (the last of a `cross_entropy_stats` chain).
+  }];
+  let arguments = (ins L4_FloatTensor:$logits, L4_IndexTensor:$ids,
+                   L4_FloatTensor:$stats, I64Attr:$vocab_offset,
+                   I64Attr:$vocab_size);
+  let results = (outs L4_FloatTensor:$result);
+}
+
+def L4_SliceRowsOp : L4_PureOp<"slice_rows"> {
+  let summary = "rows [offset, offset + n) of a parameter-shaped tensor, as a view";
+  let description = [{
+    The leading-dimension slice of a tensor without batch or seq dims (a
+    weight or a weight gradient): contiguous in row-major order, so it is a
+    view of the input's bytes, never a copy.
+  }];
+  let arguments = (ins AnyRankedTensor:$input, I64Attr:$offset);
+  let results = (outs AnyRankedTensor:$result);
+}
+
+def L4_ConcatRowsOp : L4_PureOp<"concat_rows"> {
+  let summary = "parameter-shaped tensors stacked along their leading dimension";
+  let description = [{
+    The inverse of `slice_rows`: memory planning places each input inside
+    the result's bytes, so the kernels computing the inputs write the result
+    in place and nothing is copied.
+  }];
+  let arguments = (ins Variadic<AnyRankedTensor>:$inputs);
+  let results = (outs AnyRankedTensor:$result);
+}
+
 def L4_LinearGradInputOp : L4_PureOp<"linear_grad_input"> {
   let summary = "dx = dy @ w for y = x @ w^T";
   let arguments = (ins L4_FloatTensor:$grad, L4_FloatTensor:$weight);
