@@ -17,6 +17,10 @@ void l4c::buildLowerToKernelPipeline(mlir::OpPassManager &pm,
   pm.addPass(mlir::createCanonicalizerPass());
   pm.addPass(mlir::createCSEPass());
   pm.addPass(l4c::createSplitExpertsPass());
+  // After CSE: the chunks' recomputed projections must stay separate ops.
+  l4c::ChunkLossPassOptions chunk;
+  chunk.chunk = opts.lossChunk;
+  pm.addPass(l4c::createChunkLossPass(chunk));
   pm.addPass(l4c::createConvertL4ToKernelPass());
   l4c::FusionPassOptions fuse;
   fuse.fusions = opts.fusions;

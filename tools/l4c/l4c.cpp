@@ -63,6 +63,12 @@ static cl::opt<std::string> recomputeOpt(
     cl::desc("train programs: none (keep every activation) | layers (keep "
              "each decoder layer's input, recompute the rest in backward)"),
     cl::sub(compileCmd));
+static cl::opt<std::string> lossChunkOpt(
+    "loss-chunk", cl::init("auto"),
+    cl::desc("train programs: the lm_head and loss in vocabulary chunks so "
+             "the full logits are never stored: auto (only when they exceed "
+             "256 MiB) | none | N columns per chunk"),
+    cl::sub(compileCmd));
 static cl::opt<std::string> fuseOpt(
     "fuse", cl::init("all"),
     cl::desc("kernel fusions (l4c-fuse): all | none | a comma list of swiglu, "
@@ -150,6 +156,16 @@ static int runCompile() {
                 "'");
   if (recomputeOpt != "none" && *program != l4c::Program::Train)
     return fail("--recompute goes with --program=train");
+  {
+    int64_t cols = 0;
+    if (lossChunkOpt != "auto" && lossChunkOpt != "none" &&
+        (llvm::StringRef(lossChunkOpt).getAsInteger(10, cols) || cols <= 0))
+      return fail("--loss-chunk must be auto, none or a positive column "
+                  "count, got '" +
+                  lossChunkOpt + "'");
+    if (lossChunkOpt.getNumOccurrences() && *program != l4c::Program::Train)
+      return fail("--loss-chunk goes with --program=train");
+  }
   for (llvm::StringRef f : llvm::split(llvm::StringRef(fuseOpt), ','))
     if (!llvm::is_contained(
             {"all", "none", "swiglu", "epilogue", "norm", "rope"}, f.trim()))
@@ -160,6 +176,7 @@ static int runCompile() {
   l4c::LowerToKernelOptions lopts;
   lopts.recompute = recomputeOpt;
   lopts.fusions = fuseOpt;
+  lopts.lossChunk = lossChunkOpt;
   l4c::buildLowerToKernelPipeline(pm, lopts);
   if (failed(pm.run(**module)))
     return fail("lowering to kernels failed");

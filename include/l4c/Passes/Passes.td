@@ -112,6 +112,36 @@ def SplitExpertsPass : Pass<"l4c-split-experts", "mlir::ModuleOp"> {
   }];
 }
 
+def ChunkLossPass : Pass<"l4c-chunk-loss", "mlir::ModuleOp"> {
+  let summary = "the train step's vocabulary projection and loss in column chunks";
+  let description = [{
+    Rewrites the end of a differentiated train step, the `lm_head`
+    `l4.linear` whose logits only `l4.cross_entropy` and
+    `l4.cross_entropy_grad` read (the latter feeding only the two linear
+    gradients), so that no `[B, S, vocab]` value remains:
+
+    - forward: per chunk of weight rows (`l4.slice_rows`, a view),
+      `l4.linear` then `l4.cross_entropy_stats`, a chain carrying each row's
+      running log-sum-exp and label logit; `l4.cross_entropy_from_stats`
+      gives the loss;
+    - backward: per chunk, the chunk's logits again (recomputed: one more
+      lm_head GEMM in total), `l4.cross_entropy_grad_chunk`, its
+      `l4.linear_grad_input` added into the input gradient, and its
+      `l4.linear_grad_weight`, the chunk's rows of the weight gradient
+      (`l4.concat_rows`, placed in place by memory planning).
+
+    The live logits are one chunk, `[B, S, chunk]`. `chunk`: `none`; a
+    column count; or `auto` (the default), which splits only when the full
+    logits at the compiled maxima exceed 256 MiB, into chunks of at most
+    that, each a multiple of 128 columns. Runs after CSE (the recomputed
+    projection must stay a second op).
+  }];
+  let options = [
+    Option<"chunk", "chunk", "std::string", /*default=*/"\"auto\"",
+           "vocabulary columns per chunk: auto | none | N">
+  ];
+}
+
 //===----------------------------------------------------------------------===//
 // Fusion
 //===----------------------------------------------------------------------===//

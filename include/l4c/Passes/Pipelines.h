@@ -14,13 +14,18 @@ namespace l4c {
 
 /// l4 IR -> kernel IR with every value placed in memory:
 /// l4c-autodiff (train programs), canonicalize, cse, l4c-split-experts,
-/// convert-l4-to-kernel, l4c-fuse, l4c-plan-memory.
+/// l4c-chunk-loss, convert-l4-to-kernel, l4c-fuse, l4c-plan-memory.
 struct LowerToKernelOptions
     : public mlir::PassPipelineOptions<LowerToKernelOptions> {
   Option<std::string> recompute{
       *this, "recompute",
       llvm::cl::desc("train programs: none | layers (l4c-autodiff)"),
       llvm::cl::init("none")};
+  Option<std::string> lossChunk{
+      *this, "loss-chunk",
+      llvm::cl::desc("train programs: vocabulary columns per loss chunk, "
+                     "auto | none | N (l4c-chunk-loss)"),
+      llvm::cl::init("auto")};
   Option<std::string> fusions{
       *this, "fusions",
       llvm::cl::desc("all | none | a list of swiglu, epilogue, norm, rope "
