@@ -149,6 +149,10 @@ __device__ __forceinline__ unsigned short l4_bf16_lo(float v, unsigned short hi)
 __device__ __forceinline__ unsigned l4_pair(const unsigned short *p) {
   return *reinterpret_cast<const unsigned *>(p);
 }
+// Two bf16 from separate places as one register, lo in the low half.
+__device__ __forceinline__ unsigned l4_pair2(unsigned short lo, unsigned short hi) {
+  return (unsigned)lo | ((unsigned)hi << 16);
+}
 __device__ __forceinline__ void l4_mma_bf16(float d[4], const unsigned a[4], const unsigned b[2]) {
 #ifdef L4C_CUEMU
   l4emu::mmaBf16(d, a, b);
@@ -159,6 +163,36 @@ __device__ __forceinline__ void l4_mma_bf16(float d[4], const unsigned a[4], con
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
+}
+// Asynchronous 16-byte copies global -> shared (cp.async, sm_80+): issue,
+// close a group, wait until at most N groups are in flight. The copies of
+// a thread are visible to others after its wait and a __syncthreads. The
+// emulator performs a group's copies only when a wait retires it, so a
+// read that skipped its wait sees stale bytes there too.
+__device__ __forceinline__ void l4_cp_async16(void *smem, const void *gmem) {
+#ifdef L4C_CUEMU
+  l4emu::cpAsync16(smem, gmem);
+#else
+  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+#endif
+}
+__device__ __forceinline__ void l4_cp_async_commit() {
+#ifdef L4C_CUEMU
+  l4emu::cpAsyncCommit();
+#else
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N> __device__ __forceinline__ void l4_cp_async_wait() {
+#ifdef L4C_CUEMU
+  l4emu::cpAsyncWait(N);
+#else
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+__device__ __forceinline__ void l4_zero16(void *smem) {
+  *reinterpret_cast<uint4 *>(smem) = make_uint4(0u, 0u, 0u, 0u);
 }
 __device__ __forceinline__ long long l4_ldi(const long long *p, long long i) { return p[i]; }
 __device__ __forceinline__ long long l4_ldi(const int *p, long long i) { return (long long)p[i]; }

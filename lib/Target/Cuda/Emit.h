@@ -173,6 +173,30 @@ struct GemmText;
 /// `fused` adds linear's norm prologue, SwiGLU and residual epilogue.
 std::string emitTiles(Body &b, const TiledGemm &g,
                       const GemmText *fused = nullptr);
+
+/// A bf16 GEMM y(m, c) = sum_r A(m, r) B(c, r) whose operands are read in
+/// 16-byte pieces (emitPipelined: 128-row tiles on tensor cores, cp.async
+/// double buffering). An operand is `kMajor` when its rows run along the
+/// reduction: element (i, r) at base(@I = i) + r; else along the output
+/// index: element (i, r) at base(@R = r) + i. The caller checks that every
+/// piece is whole and aligned: a kMajor operand's reduction extent, and the
+/// other's output extent, are multiples of 8 and every base a multiple of 8
+/// elements from a 16-byte aligned buffer.
+struct PipelinedGemm {
+  struct Operand {
+    std::string ptr;   ///< the body's pointer ("x")
+    bool kMajor = true;
+    std::string base;  ///< element offset expression of @I or @R
+  };
+  std::string what;    ///< a comment for the generated code
+  std::string m, n, r; ///< extents: rows, columns, reduction
+  Operand a, b;
+  Operand u;           ///< with a pointer: a second B (SwiGLU's up weight)
+  std::string y;       ///< output offset of (@M, @C)
+  uint64_t maxM = 0, maxN = 0; ///< output extents at the compiled maxima
+};
+std::string emitPipelined(Body &b, const PipelinedGemm &p,
+                          const GemmText *fused = nullptr);
 llvm::Error emitMoeExperts(OpContext &ctx);
 llvm::Error emitMoeRoute(OpContext &ctx, int64_t slots);
 llvm::Error emitMoeHidden(OpContext &ctx);

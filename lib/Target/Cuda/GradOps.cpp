@@ -296,6 +296,22 @@ llvm::Error emitLinearGradInput(OpContext &ctx) {
   g.y = "(@M / LT * DX_S + @M % LT) * K + @C";
   g.tensorCores = dy.ctype == "l4_bf16" && w.ctype == "l4_bf16";
   g.maxTiles = (maxRows(dx) + 63) / 64 * ((uint64_t(ws[1]) + 63) / 64);
+  if (g.tensorCores && ws[0] % 8 == 0 && ws[1] % 8 == 0 &&
+      dy.buf->offset % 16 == 0 && w.buf->offset % 16 == 0) {
+    // dy's rows run along the reduction (n), w's along the output (k).
+    PipelinedGemm p;
+    p.what = g.what;
+    p.m = "M";
+    p.n = "K";
+    p.r = "N";
+    p.a = {"dy", true, "(@I / LT * DY_S + @I % LT) * N"};
+    p.b = {"w", false, "@R * K"};
+    p.y = g.y;
+    p.maxM = maxRows(dx);
+    p.maxN = uint64_t(ws[1]);
+    os << emitPipelined(b, p);
+    return llvm::Error::success();
+  }
   os << emitTiles(b, g);
   return llvm::Error::success();
 }
@@ -328,6 +344,23 @@ llvm::Error emitLinearGradWeight(OpContext &ctx) {
   g.y = "@M * K + @C";
   g.tensorCores = dy.ctype == "l4_bf16" && x.ctype == "l4_bf16";
   g.maxTiles = (uint64_t(ws[0]) + 63) / 64 * ((uint64_t(ws[1]) + 63) / 64);
+  if (g.tensorCores && ws[0] % 8 == 0 && ws[1] % 8 == 0 &&
+      dy.buf->offset % 16 == 0 && x.buf->offset % 16 == 0) {
+    // Both operands' rows (tokens) are the reduction: staged [token][n]
+    // and [token][k].
+    PipelinedGemm p;
+    p.what = g.what;
+    p.m = "N";
+    p.n = "K";
+    p.r = "M";
+    p.a = {"dy", false, "(@R / LT * DY_S + @R % LT) * N"};
+    p.b = {"x", false, "(@R / LT * X_S + @R % LT) * K"};
+    p.y = g.y;
+    p.maxM = uint64_t(ws[0]);
+    p.maxN = uint64_t(ws[1]);
+    os << emitPipelined(b, p);
+    return llvm::Error::success();
+  }
   os << emitTiles(b, g);
   return llvm::Error::success();
 }

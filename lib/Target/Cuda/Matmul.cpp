@@ -3,8 +3,10 @@
 // linear and the fused GEMMs of l4c-fuse (an RMSNorm prologue, a second
 // weight matrix with SwiGLU, residual adds in the epilogue): decode-shaped
 // plans (at most kGemvMaxRows rows) get one warp per output column streaming
-// the weights; the rest a shared-memory tiled f32 GEMM (64x64 tiles, 16-deep
-// K steps, 256 threads with 4x4 outputs each). moe_experts: one block per
+// the weights; bf16 ones with 16-byte rows a pipelined tensor-core GEMM
+// (emitPipelined: 128-row tiles, cp.async double buffering); the rest
+// the generic tiles of emitTiles (64x64, mma.sync for bf16, else SIMT f32
+// with 16-deep K steps and 4x4 outputs a thread). moe_experts: one block per
 // token running its selected experts, correct before fast (what l4c-split-
 // experts leaves of it: moe_hidden and moe_down, which spread a token's
 // expert weights over many blocks, 64 columns x 4 quarters of the reduction
@@ -13,6 +15,7 @@
 //===----------------------------------------------------------------------===//
 #include "Emit.h"
 #include "llvm/Support/FormatVariadic.h"
+#include <cassert>
 
 namespace l4c::cuda {
 
@@ -530,6 +533,227 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
   return text;
 }
 
+std::string emitPipelined(Body &b, const PipelinedGemm &p,
+                          const GemmText *fused) {
+  std::string text;
+  llvm::raw_string_ostream os(text);
+  // The norm prologue rescales A's staged rows: only linear has one, and
+  // its x is staged row-major.
+  const bool norm = fused && fused->spec.norm;
+  assert((!norm || p.a.kMajor) && "the norm prologue needs x row-major");
+  const bool swiglu = !p.u.ptr.empty();
+  // `t` with every `var` replaced by `(val)`.
+  auto fill = [](std::string t, llvm::StringRef var, llvm::StringRef val) {
+    for (size_t i = t.find(var.str()); i != std::string::npos;
+         i = t.find(var.str(), i + val.size() + 2)) {
+      t.replace(i, var.size(), "(" + val.str() + ")");
+    }
+    return t;
+  };
+  // SwiGLU keeps two accumulator sets: half as many columns per tile.
+  const int bn = swiglu ? 64 : 128, wn = bn / 4, nj = wn / 8;
+  os << "  // " << p.what << "\n"
+     << "  const long long GM = " << p.m << ", GN = " << p.n
+     << ", GR = " << p.r << ";\n"
+     << "  constexpr int BM = 128, BN = " << bn
+     << ", BK = 32, NT = 256, WN = " << wn << ", NJ = " << nj << ";\n";
+  os << R"cuda(  // Tensor cores, software-pipelined: 8 warps as 2 x 4, warp (wm, wn)
+  // computing rows wm*64.. and columns wn*WN.. as 4 x NJ mma.sync m16n8k16
+  // tiles. The reduction runs in steps of 32 staged in shared memory by
+  // 16-byte cp.async copies, two steps in flight: the next step's copies
+  // overlap this step's products. An operand whose rows run along the
+  // reduction is staged [row][k] (rows padded to 40 bf16: 80 bytes, 16-byte
+  // aligned, and a warp's fragment reads hit 32 distinct banks); one whose
+  // rows run along the output is staged [k][row] (padded to 136) and its
+  // fragments are packed from two 16-bit reads.
+)cuda";
+  auto decl = [&](const char *name, bool kMajor, const char *rows) {
+    os << "  __shared__ __align__(16) unsigned short " << name << "[2]"
+       << (kMajor ? ("[" + std::string(rows) + "][BK + 8]")
+                  : ("[BK][" + std::string(rows) + " + 8]"))
+       << ";\n";
+  };
+  decl("as", p.a.kMajor, "BM");
+  decl("bs", p.b.kMajor, "BN");
+  if (swiglu)
+    decl("us", p.u.kMajor, "BN");
+  if (norm)
+    os << "  __shared__ float rinv[BM];\n";
+  os << "  __shared__ long long arow[BM], brow[BN];\n";
+  os << R"cuda(  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3, wm = warp >> 2, wn = warp & 3;
+  const long long tilesN = (GN + BN - 1) / BN, tiles = (GM + BM - 1) / BM * tilesN;
+  const long long steps = (GR + BK - 1) / BK;
+  for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const long long m0 = tile / tilesN * BM, n0 = tile % tilesN * BN;
+    __syncthreads(); // the previous tile is done with the tables
+    for (int i = tid; i < BM; i += NT) {
+      const long long m = m0 + i;
+      arow[i] = m < GM ? )cuda"
+     << (p.a.kMajor ? fill(p.a.base, "@I", "m") : std::string("m")) << R"cuda( : -1;
+    }
+    for (int i = tid; i < BN; i += NT) {
+      const long long c = n0 + i;
+      brow[i] = c < GN ? )cuda"
+     << (p.b.kMajor ? fill(p.b.base, "@I", "c") : std::string("c")) << R"cuda( : -1;
+    }
+    __syncthreads();
+)cuda";
+  if (norm)
+    os << R"cuda(    // The norm's inverse RMS of the tile's rows, one warp per row.
+    for (int i = warp; i < BM; i += NT / 32) {
+      float ss = 0.0f;
+      if (arow[i] >= 0)
+        for (long long k = lane; k < GR; k += 32) {
+          const float a = l4_ld()cuda"
+       << p.a.ptr << R"cuda(, arow[i] + k);
+          ss += a * a;
+        }
+      ss = l4_warp_sum(ss);
+      const float var = (float)((double)ss / (double)GR);
+      if (lane == 0)
+        rinv[i] = (float)(1.0 / sqrt((double)(var + EPS)));
+    }
+)cuda";
+  // The copies of one operand into stage s: rows of `rows` output indices
+  // (tab holds each row's offset, or -1), reduction columns k0..k0+31;
+  // zeros outside the matrices (whole 16-byte pieces are in or out).
+  auto stageOf = [&](const PipelinedGemm::Operand &o, const char *tab,
+                     const char *rows, const char *tabName) {
+    if (o.kMajor) {
+      os << "      for (int c = tid; c < " << rows << " * BK / 8; c += NT) {\n"
+         << "        const int i = c >> 2, j = (c & 3) * 8;\n"
+         << "        if (" << tabName << "[i] >= 0 && k0 + j < GR)\n"
+         << "          l4_cp_async16(&" << tab << "[s][i][j], " << o.ptr
+         << " + " << tabName << "[i] + k0 + j);\n"
+         << "        else\n"
+         << "          l4_zero16(&" << tab << "[s][i][j]);\n"
+         << "      }\n";
+      return;
+    }
+    os << "      for (int c = tid; c < " << rows << " * BK / 8; c += NT) {\n"
+       << "        const int j = c / (" << rows << " / 8), i = c % (" << rows
+       << " / 8) * 8;\n"
+       << "        const long long r = k0 + j;\n"
+       << "        if (r < GR && " << tabName << "[i] >= 0)\n"
+       << "          l4_cp_async16(&" << tab << "[s][j][i], " << o.ptr << " + "
+       << fill(o.base, "@R", "r") << " + " << tabName << "[i]);\n"
+       << "        else\n"
+       << "          l4_zero16(&" << tab << "[s][j][i]);\n"
+       << "      }\n";
+  };
+  os << "    auto stage = [&](int s, long long k0) {\n";
+  stageOf(p.a, "as", "BM", "arow");
+  stageOf(p.b, "bs", "BN", "brow");
+  if (swiglu)
+    stageOf(p.u, "us", "BN", "brow");
+  os << "      l4_cp_async_commit();\n    };\n";
+  os << "    float acc[4][NJ][4];\n";
+  if (swiglu)
+    os << "    float acc2[4][NJ][4];\n";
+  os << R"cuda(#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          acc[i][j][c] = 0.0f;
+)cuda";
+  if (swiglu)
+    os << "          acc2[i][j][c] = 0.0f;\n";
+  os << R"cuda(        }
+    stage(0, 0);
+    for (long long step = 0; step < steps; ++step) {
+      const int s = (int)(step & 1);
+      if (step + 1 < steps) {
+        stage(s ^ 1, (step + 1) * BK); // the other buffer: free since the
+                                       // end of the previous step
+        l4_cp_async_wait<1>();         // this step's copies have landed
+      } else {
+        l4_cp_async_wait<0>();
+      }
+      __syncthreads(); // ... everyone's
+)cuda";
+  if (norm)
+    os << R"cuda(      // The norm: x * inv * g, rounded as the norm's bf16 output is.
+      for (int e = tid; e < BM * BK; e += NT) {
+        const int i = e >> 5, j = e & 31;
+        const long long k = step * BK + j;
+        if (arow[i] >= 0 && k < GR) {
+          const float a = __uint_as_float((unsigned)as[s][i][j] << 16);
+          as[s][i][j] = l4_bf16_bits((a * rinv[i]) * l4_ld(nw, k));
+        }
+      }
+      __syncthreads();
+)cuda";
+  // Fragment registers: the pair at (row, k) and (row, k + 1).
+  auto pairAt = [&](const char *tab, bool kMajor, const std::string &row,
+                    const std::string &k) {
+    if (kMajor)
+      return "l4_pair(&" + std::string(tab) + "[s][" + row + "][" + k + "])";
+    return "l4_pair2(" + std::string(tab) + "[s][" + k + "][" + row + "], " +
+           tab + "[s][" + k + " + 1][" + row + "])";
+  };
+  os << R"cuda(#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16) {
+        unsigned af[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = wm * 64 + i * 16 + g;
+)cuda";
+  os << "          af[i][0] = " << pairAt("as", p.a.kMajor, "r", "kk + 2 * t")
+     << ";\n"
+     << "          af[i][1] = "
+     << pairAt("as", p.a.kMajor, "r + 8", "kk + 2 * t") << ";\n"
+     << "          af[i][2] = "
+     << pairAt("as", p.a.kMajor, "r", "kk + 2 * t + 8") << ";\n"
+     << "          af[i][3] = "
+     << pairAt("as", p.a.kMajor, "r + 8", "kk + 2 * t + 8") << ";\n";
+  os << R"cuda(        }
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) {
+          const int c = wn * WN + j * 8 + g;
+)cuda";
+  os << "          const unsigned bf[2] = {"
+     << pairAt("bs", p.b.kMajor, "c", "kk + 2 * t") << ", "
+     << pairAt("bs", p.b.kMajor, "c", "kk + 2 * t + 8") << "};\n";
+  if (swiglu)
+    os << "          const unsigned uf[2] = {"
+       << pairAt("us", p.u.kMajor, "c", "kk + 2 * t") << ", "
+       << pairAt("us", p.u.kMajor, "c", "kk + 2 * t + 8") << "};\n";
+  os << R"cuda(#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            l4_mma_bf16(acc[i][j], af[i], bf);
+)cuda";
+  if (swiglu)
+    os << "            l4_mma_bf16(acc2[i][j], af[i], uf);\n";
+  os << R"cuda(          }
+        }
+      }
+      __syncthreads(); // everyone is done with stage s before it refills
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const long long m = m0 + wm * 64 + i * 16 + g + (c >= 2 ? 8 : 0);
+          const long long n = n0 + wn * WN + j * 8 + 2 * t + (c & 1);
+          if (m >= GM || n >= GN)
+            continue;
+)cuda";
+  if (fused)
+    os << fused->epilogue("acc[i][j][c]", "acc2[i][j][c]", "          ");
+  else
+    os << "          const float v = acc[i][j][c];\n";
+  os << "          l4_st(y, " << fill(fill(p.y, "@M", "m"), "@C", "n")
+     << ", v);\n        }\n  }\n";
+  b.threads = 256;
+  b.blocks = gridFor((p.maxM + 127) / 128 * ((p.maxN + bn - 1) / bn), 1);
+  return text;
+}
+
 llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
   const View &x = ctx.operands[0], &w = ctx.operands[1], &y = ctx.results[0];
   if (!x.hasBatch || !y.hasBatch || x.hasSeq != y.hasSeq)
@@ -703,6 +927,28 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
   g.y = "(@M / LT * Y_S + @M % LT) * N + @C";
   // The normalised x is exact in bf16 only when the norm's output is bf16.
   g.tensorCores = bf16Operands && (!spec.norm || spec.bf16Temps);
+  // cp.async copies 16 bytes: rows of a multiple of 8 bf16 from 16-byte
+  // aligned bases.
+  bool aligned = ws[1] % 8 == 0;
+  for (size_t i = 0; i < (spec.swiglu ? 3u : 2u); ++i)
+    aligned = aligned && ctx.operands[i].buf->offset % 16 == 0;
+  if (g.tensorCores && aligned) {
+    PipelinedGemm p;
+    p.what = "y[m, n] = sum_k x[m, k] * w[n, k] over the M = B * LT live "
+             "rows; row m is token (m / LT, m % LT).";
+    p.m = "M";
+    p.n = "N";
+    p.r = "K";
+    p.a = {"x", true, "(@I / LT * X_S + @I % LT) * K"};
+    p.b = {"w", true, "@I * K"};
+    if (spec.swiglu)
+      p.u = {"wu", true, "@I * K"};
+    p.y = "(@M / LT * Y_S + @M % LT) * N + @C";
+    p.maxM = maxM;
+    p.maxN = uint64_t(ws[0]);
+    os << emitPipelined(b, p, &text);
+    return llvm::Error::success();
+  }
   g.maxTiles = (maxM + 63) / 64 * ((uint64_t(ws[0]) + 63) / 64);
   os << emitTiles(b, g, &text);
   return llvm::Error::success();

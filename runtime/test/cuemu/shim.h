@@ -225,6 +225,37 @@ inline void mmaBf16(float d[4], const unsigned a[4], const unsigned b[2]) {
   w.wait("mma.sync"); // every lane has read the fragments
 }
 
+/// cp.async: a thread's copies wait in its open group until committed,
+/// and a committed group's copies happen only when cp.async.wait_group
+/// retires it (oldest first), so a kernel that reads a stage before
+/// waiting for it reads stale shared memory here as it might on a GPU.
+struct CpCopy {
+  void *dst;
+  const void *src;
+};
+inline std::vector<CpCopy> cpOpen[1024];
+inline std::vector<std::vector<CpCopy>> cpGroups[1024];
+inline void cpAsync16(void *dst, const void *src) {
+  if (reinterpret_cast<std::uintptr_t>(dst) % 16 ||
+      reinterpret_cast<std::uintptr_t>(src) % 16) {
+    std::fprintf(stderr, "cuemu: misaligned cp.async %p <- %p\n", dst, src);
+    std::abort();
+  }
+  cpOpen[tIdx.x].push_back({dst, src});
+}
+inline void cpAsyncCommit() {
+  cpGroups[tIdx.x].push_back(std::move(cpOpen[tIdx.x]));
+  cpOpen[tIdx.x].clear();
+}
+inline void cpAsyncWait(int n) {
+  auto &groups = cpGroups[tIdx.x];
+  while (int(groups.size()) > n) {
+    for (const CpCopy &c : groups.front())
+      std::memcpy(c.dst, c.src, 16);
+    groups.erase(groups.begin());
+  }
+}
+
 template <class T> T shuffle(T v, unsigned lane) {
   static_assert(sizeof(T) <= 8);
   unsigned me = tIdx.x, base = me & ~31u;
@@ -285,6 +316,9 @@ template <class... A> void freePacked(void (*)(A...), void *packed) {
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(8) uint2 { unsigned x, y; };
 struct alignas(16) uint4 { unsigned x, y, z, w; };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
+  return {x, y, z, w};
+}
 // Vector loads fault on a real GPU when misaligned; here they would not.
 #define L4_CHECK_ALIGNED(p, bytes)                                             \
   do {                                                                         \
