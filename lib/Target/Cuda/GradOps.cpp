@@ -41,18 +41,9 @@ const char *const kBlockSumD =
 }
 )cuda";
 
-llvm::Error emitCrossEntropy(OpContext &ctx, bool grad) {
-  const View &logits = ctx.operands[0], &ids = ctx.operands[1],
-             &y = ctx.results[0];
-  if (!logits.hasSeq || !ids.hasSeq || logits.shape().size() != 3)
-    return ctx.fail("expected logits [B, S, V] and ids [B, S]");
-  if (grad && (y.inner != logits.inner || !y.hasSeq))
-    return ctx.fail("expected the gradient to have the logits' shape");
-  if (!grad && (y.hasBatch || y.inner != 1))
-    return ctx.fail("expected a scalar loss");
-  Body &b = ctx.body;
-  b.globals += kBlockSumD;
-  b.globals += R"cuda(// log sum exp of the n values at x + lo, in double after an f32 max (as
+// log sum exp of a row of the logits (needs kBlockSumD).
+const char *const kRowLse =
+    R"cuda(// log sum exp of the n values at x + lo, in double after an f32 max (as
 // the CPU backend computes it); every thread of the block gets it.
 template <class L>
 __device__ double @B@_lse(const L *x, long long lo, long long n, float *redf,
@@ -67,6 +58,29 @@ __device__ double @B@_lse(const L *x, long long lo, long long n, float *redf,
   return (double)mx + log(@B@_bsum(s, red));
 }
 )cuda";
+
+// The loss's label count (rows t < T - 1 whose next id is not -100), in
+// every thread; needs ids, I_S, red[32] and kBlockSumD.
+const char *const kCountLabels = R"cuda(  double count = 0.0; // every thread gets it
+  for (long long r = threadIdx.x; r < B * (T - 1); r += blockDim.x) {
+    const long long b = r / (T - 1), t = r - b * (T - 1);
+    count += l4_ldi(ids, b * I_S + t + 1) != -100;
+  }
+  count = @B@_bsum(count, red);
+)cuda";
+
+llvm::Error emitCrossEntropy(OpContext &ctx, bool grad) {
+  const View &logits = ctx.operands[0], &ids = ctx.operands[1],
+             &y = ctx.results[0];
+  if (!logits.hasSeq || !ids.hasSeq || logits.shape().size() != 3)
+    return ctx.fail("expected logits [B, S, V] and ids [B, S]");
+  if (grad && (y.inner != logits.inner || !y.hasSeq))
+    return ctx.fail("expected the gradient to have the logits' shape");
+  if (!grad && (y.hasBatch || y.inner != 1))
+    return ctx.fail("expected a scalar loss");
+  Body &b = ctx.body;
+  b.globals += kBlockSumD;
+  b.globals += kRowLse;
   llvm::raw_string_ostream os(b.code);
   os << constant("V", logits.inner) << stride(b, "L_S", logits.rowsPerBatch)
      << stride(b, "I_S", ids.rowsPerBatch);
@@ -76,13 +90,6 @@ __device__ double @B@_lse(const L *x, long long lo, long long n, float *redf,
   // is torch's ignore_index. The mean runs over the labelled rows.
   __shared__ double red[32];
   __shared__ float redf[32];
-)cuda";
-  const char *countLabels = R"cuda(  double count = 0.0; // every thread gets it
-  for (long long r = threadIdx.x; r < B * (T - 1); r += blockDim.x) {
-    const long long b = r / (T - 1), t = r - b * (T - 1);
-    count += l4_ldi(ids, b * I_S + t + 1) != -100;
-  }
-  count = @B@_bsum(count, red);
 )cuda";
   if (!grad) {
     os << R"cuda(  // A block per row puts the row's loss (0 when unlabelled) in the
@@ -105,7 +112,7 @@ __device__ double @B@_lse(const L *x, long long lo, long long n, float *redf,
   for (long long r = threadIdx.x; r < B * T; r += blockDim.x)
     nll += l4_ldcg(part + r);
   nll = @B@_bsum(nll, red);
-)cuda" << countLabels
+)cuda" << kCountLabels
        << R"cuda(  if (threadIdx.x == 0)
     l4_st(y, 0, count > 0.0 ? (float)(nll / count) : __int_as_float(0x7fc00000));
 )cuda";
@@ -114,7 +121,7 @@ __device__ double @B@_lse(const L *x, long long lo, long long n, float *redf,
     b.workspaceBytes = 256 + 8 * uint64_t(logits.bmax) * logits.rowsPerBatch;
     return llvm::Error::success();
   }
-  os << countLabels;
+  os << kCountLabels;
   os << R"cuda(  const double seed = count > 0.0 ? 1.0 / count : 0.0;
   // A block per row; the row is read whole (the reductions' barriers)
   // before it is written, so the gradient may overwrite the logits.
@@ -149,13 +156,6 @@ llvm::Error emitCrossEntropyChunk(OpContext &ctx, ChunkLoss part,
   Body &b = ctx.body;
   llvm::raw_string_ostream os(b.code);
   os << stride(b, "I_S", ids.rowsPerBatch);
-  const char *countLabels = R"cuda(  double count = 0.0; // every thread gets it
-  for (long long r = threadIdx.x; r < B * (T - 1); r += blockDim.x) {
-    const long long b = r / (T - 1), t = r - b * (T - 1);
-    count += l4_ldi(ids, b * I_S + t + 1) != -100;
-  }
-  count = @B@_bsum(count, red);
-)cuda";
   b.globals += kBlockSumD;
   b.threads = 256;
   if (part == ChunkLoss::Loss) {
@@ -171,7 +171,7 @@ llvm::Error emitCrossEntropyChunk(OpContext &ctx, ChunkLoss part,
              (double)l4_ld(stats, (b * S_S + t) * 2 + 1);
   }
   nll = @B@_bsum(nll, red);
-)cuda" << countLabels
+)cuda" << kCountLabels
        << R"cuda(  if (threadIdx.x == 0)
     l4_st(y, 0, count > 0.0 ? (float)(nll / count) : __int_as_float(0x7fc00000));
 )cuda";
@@ -184,21 +184,7 @@ llvm::Error emitCrossEntropyChunk(OpContext &ctx, ChunkLoss part,
     bool prev = ctx.operands.size() > 2;
     if (y.inner != 2 || !y.hasSeq)
       return ctx.fail("expected statistics [B, S, 2]");
-    b.globals += R"cuda(// log sum exp of the n values at x + lo, in double after an f32 max (as
-// the CPU backend computes it); every thread of the block gets it.
-template <class L>
-__device__ double @B@_lse(const L *x, long long lo, long long n, float *redf,
-                          double *red) {
-  float mx = l4_neg_inf();
-  for (long long i = threadIdx.x; i < n; i += blockDim.x)
-    mx = fmaxf(mx, l4_ld(x, lo + i));
-  mx = l4_block_max(mx, redf);
-  double s = 0.0;
-  for (long long i = threadIdx.x; i < n; i += blockDim.x)
-    s += exp((double)l4_ld(x, lo + i) - (double)mx);
-  return (double)mx + log(@B@_bsum(s, red));
-}
-)cuda";
+    b.globals += kRowLse;
     os << stride(b, "Y_S", y.rowsPerBatch);
     if (prev)
       os << stride(b, "P_S", ctx.operands[2].rowsPerBatch);
@@ -244,7 +230,7 @@ __device__ double @B@_lse(const L *x, long long lo, long long n, float *redf,
     return ctx.fail("expected the gradient to have the logits' shape");
   os << stride(b, "Y_S", y.rowsPerBatch)
      << stride(b, "S_S", stats.rowsPerBatch) << R"cuda(  __shared__ double red[32];
-)cuda" << countLabels
+)cuda" << kCountLabels
      << R"cuda(  const double seed = count > 0.0 ? 1.0 / count : 0.0;
   // A block per row; each element is read before it is written, so the
   // gradient may overwrite the logits.

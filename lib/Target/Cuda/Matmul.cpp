@@ -64,6 +64,24 @@ struct GemmText {
   }
 };
 
+/// The fused norm's inverse RMS of a tile's rows (x rows at arow[i], -1
+/// outside), one warp per row, into rinv.
+static const char *const kTileRowNorm =
+    R"cuda(    // The norm's inverse RMS of the tile's rows, one warp per row.
+    for (int i = warp; i < BM; i += NT / 32) {
+      float ss = 0.0f;
+      if (arow[i] >= 0)
+        for (long long k = lane; k < GR; k += 32) {
+          const float a = l4_ld(x, arow[i] + k);
+          ss += a * a;
+        }
+      ss = l4_warp_sum(ss);
+      const float var = (float)((double)ss / (double)GR);
+      if (lane == 0)
+        rinv[i] = (float)(1.0 / sqrt((double)(var + EPS)));
+    }
+)cuda";
+
 std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
   std::string text;
   llvm::raw_string_ostream os(text);
@@ -303,21 +321,7 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
 )cuda";
   }
   if (norm)
-    os << R"cuda(    __syncthreads();
-    // The norm's inverse RMS of the tile's rows, one warp per row.
-    for (int i = warp; i < BM; i += NT / 32) {
-      float ss = 0.0f;
-      if (arow[i] >= 0)
-        for (long long k = lane; k < GR; k += 32) {
-          const float a = l4_ld(x, arow[i] + k);
-          ss += a * a;
-        }
-      ss = l4_warp_sum(ss);
-      const float var = (float)((double)ss / (double)GR);
-      if (lane == 0)
-        rinv[i] = (float)(1.0 / sqrt((double)(var + EPS)));
-    }
-)cuda";
+    os << "    __syncthreads();\n" << kTileRowNorm;
   // The A and B values at tile row i, reduction column j (r = k0 + j).
   std::string aVal = "l4_ld(" + g.a + ", arow[i] + acol[j])";
   if (!g.aSwigluUp.empty())
@@ -600,21 +604,7 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
     __syncthreads();
 )cuda";
   if (norm)
-    os << R"cuda(    // The norm's inverse RMS of the tile's rows, one warp per row.
-    for (int i = warp; i < BM; i += NT / 32) {
-      float ss = 0.0f;
-      if (arow[i] >= 0)
-        for (long long k = lane; k < GR; k += 32) {
-          const float a = l4_ld()cuda"
-       << p.a.ptr << R"cuda(, arow[i] + k);
-          ss += a * a;
-        }
-      ss = l4_warp_sum(ss);
-      const float var = (float)((double)ss / (double)GR);
-      if (lane == 0)
-        rinv[i] = (float)(1.0 / sqrt((double)(var + EPS)));
-    }
-)cuda";
+    os << kTileRowNorm;
   // The copies of one operand into stage s: rows of `rows` output indices
   // (tab holds each row's offset, or -1), reduction columns k0..k0+31;
   // zeros outside the matrices (whole 16-byte pieces are in or out).

@@ -49,6 +49,17 @@ float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 
 bool isLabel(int64_t id) { return id != kIgnoreIndex; }
 
+// One row of the loss gradient over the n columns from `offset`: (softmax
+// - onehot(label)) * seed, the softmax normalised by lse. Each element is
+// read before it is written, so out may be row.
+void gradRow(const float *row, size_t n, size_t offset, size_t label,
+             double lse, double seed, float *out) {
+  for (size_t i = 0; i < n; ++i) {
+    double p = std::exp(double(row[i]) - lse);
+    out[i] = float((i + offset == label ? p - 1.0 : p) * seed);
+  }
+}
+
 // log(sum(exp(row))) in double.
 double logSumExp(const float *row, size_t V) {
   float mx = -std::numeric_limits<float>::infinity();
@@ -210,13 +221,7 @@ void crossEntropyGrad(const float *logits, size_t ldl, const int64_t *ids,
       return;
     }
     const float *row = logits + r * ldl;
-    double lse = logSumExp(row, V);
-    // Read before the row is written: dlogits may overwrite logits.
-    size_t label = size_t(ids[r + 1]);
-    double pLabel = std::exp(double(row[label]) - lse);
-    for (size_t i = 0; i < V; ++i)
-      out[i] = float(std::exp(double(row[i]) - lse) * seed);
-    out[label] = float((pLabel - 1.0) * seed);
+    gradRow(row, V, 0, size_t(ids[r + 1]), logSumExp(row, V), seed, out);
   });
 }
 
@@ -277,14 +282,8 @@ void crossEntropyGradChunk(const float *logits, size_t ldl, const int64_t *ids,
       std::fill(out, out + n, 0.f);
       return;
     }
-    const float *row = logits + r * ldl;
-    double lse = double(stats[r * 2]);
-    size_t label = size_t(ids[r + 1]);
-    // Each element is read before it is written: out may be row.
-    for (size_t i = 0; i < n; ++i) {
-      double p = std::exp(double(row[i]) - lse);
-      out[i] = float((i + offset == label ? p - 1.0 : p) * seed);
-    }
+    gradRow(logits + r * ldl, n, offset, size_t(ids[r + 1]),
+            double(stats[r * 2]), seed, out);
   });
 }
 
