@@ -494,6 +494,11 @@ LogicalResult CrossEntropyGradChunkOp::verify() {
   return expectSameType(op, "result", getResult(), "logits", getLogits());
 }
 
+LogicalResult ConvertOp::verify() {
+  return expectShape(getOperation(), "result", getResult(),
+                     shapeOf(getInput()));
+}
+
 LogicalResult SliceRowsOp::verify() {
   auto in = cast<RankedTensorType>(getInput().getType());
   auto out = cast<RankedTensorType>(getResult().getType());

@@ -162,6 +162,10 @@ struct ChunkLossPass : public l4c::impl::ChunkLossPassBase<ChunkLossPass> {
     b.setInsertionPoint(t.grad);
     Location gradLoc = t.grad.getLoc();
     Location giLoc = t.gradInput.getLoc(), gwLoc = t.gradWeight.getLoc();
+    // The input gradient's parts are summed in f32 and rounded once at the
+    // end, as the whole-vocabulary GEMM rounds its f32 sum once.
+    auto dxType = cast<RankedTensorType>(t.gradInput.getResult().getType());
+    auto partType = dxType.clone(b.getF32Type());
     Value dx;
     SmallVector<Value> dw;
     for (Chunk &c : chunks) {
@@ -169,8 +173,7 @@ struct ChunkLossPass : public l4c::impl::ChunkLossPassBase<ChunkLossPass> {
       Value dl = l4::CrossEntropyGradChunkOp::create(
           b, gradLoc, c.logits, logits, ids, stats,
           b.getI64IntegerAttr(c.offset), b.getI64IntegerAttr(vocab));
-      Value dxc = l4::LinearGradInputOp::create(
-          b, giLoc, t.gradInput.getResult().getType(), dl, c.weight);
+      Value dxc = l4::LinearGradInputOp::create(b, giLoc, partType, dl, c.weight);
       dx = dx ? l4::AddOp::create(b, giLoc, dx, dxc).getResult() : dxc;
       dw.push_back(l4::LinearGradWeightOp::create(
           b, gwLoc,
@@ -178,6 +181,8 @@ struct ChunkLossPass : public l4c::impl::ChunkLossPassBase<ChunkLossPass> {
                                 dwType.getElementType()),
           x, dl));
     }
+    if (partType != dxType)
+      dx = l4::ConvertOp::create(b, giLoc, dxType, dx);
     Value dwAll = l4::ConcatRowsOp::create(b, gwLoc, dwType, dw);
 
     t.loss.getResult().replaceAllUsesWith(loss);

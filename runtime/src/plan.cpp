@@ -51,6 +51,8 @@ const char *opKindName(OpKind k) {
     return "swiglu";
   case OpKind::Add:
     return "add";
+  case OpKind::Convert:
+    return "convert";
   case OpKind::TakeLast:
     return "take_last";
   case OpKind::CrossEntropy:
@@ -181,6 +183,7 @@ constexpr OpSpec kOpSpecs[] = {
     {"moe_down", OpKind::MoeDown, 4, 1},
     {"swiglu", OpKind::Swiglu, 2, 1},
     {"add", OpKind::Add, 2, 1},
+    {"convert", OpKind::Convert, 1, 1},
     {"take_last", OpKind::TakeLast, 1, 1},
     {"cross_entropy", OpKind::CrossEntropy, 2, 1},
     {"cross_entropy_grad", OpKind::CrossEntropyGrad, 2, 1},
@@ -1445,6 +1448,9 @@ Status PlanVerifier::checkOpShapes(
     }
     break;
   }
+  case OpKind::Convert:
+    e = sameAsX(); // the dtype may differ, the layout may not
+    break;
   case OpKind::Swiglu:
   case OpKind::Add:
     // add also sums parameter-shaped gradients (tied embeddings), which

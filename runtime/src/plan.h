@@ -61,6 +61,7 @@ enum class OpKind {
   MoeDown,
   Swiglu,
   Add,
+  Convert,
   TakeLast,
   // Training: the loss and the vector-Jacobian products l4c-autodiff emits.
   CrossEntropy,

@@ -409,6 +409,7 @@ std::optional<Names> operandNames(Operation *op) {
       .Case<l4::AddOp>([](auto) {
         return Names{"lhs", "rhs"};
       })
+      .Case<l4::ConvertOp>([](auto) { return Names{"x"}; })
       .Case<l4::CrossEntropyOp, l4::CrossEntropyGradOp>([](auto) {
         return Names{"logits", "ids"};
       })
@@ -514,6 +515,8 @@ llvm::Error emitOp(OpContext &ctx) {
       })
       .Case<l4::AddOp>(
           [&](auto) { return cuda::emitElementwise(ctx, "va + vb"); })
+      .Case<l4::ConvertOp>(
+          [&](auto) { return cuda::emitElementwise(ctx, "va"); })
       .Case<l4::TakeLastOp>([&](auto) { return cuda::emitTakeLast(ctx); })
       .Case<l4::CrossEntropyOp>(
           [&](auto) { return cuda::emitCrossEntropy(ctx, false); })

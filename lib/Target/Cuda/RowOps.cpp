@@ -371,7 +371,10 @@ llvm::Error emitRouterScores(OpContext &ctx) {
 }
 
 llvm::Error emitElementwise(OpContext &ctx, llvm::StringRef expr) {
-  const View &a = ctx.operands[0], &c = ctx.operands[1], &y = ctx.results[0];
+  // One operand (va) or two (va, vb); the result takes its own dtype.
+  const View &a = ctx.operands[0], &y = ctx.results[0];
+  const View &c = ctx.operands.size() > 1 ? ctx.operands[1] : a;
+  const bool two = ctx.operands.size() > 1;
   if (!a.hasBatch && !c.hasBatch && !y.hasBatch) {
     // Parameter-shaped (a tied embedding's two gradients): every element.
     if (a.inner != y.inner || c.inner != y.inner)
@@ -382,35 +385,38 @@ llvm::Error emitElementwise(OpContext &ctx, llvm::StringRef expr) {
        << llvm::formatv(R"cuda(  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < N;
        i += (long long)gridDim.x * blockDim.x) {{
     const float va = l4_ld({0}, i);
-    const float vb = l4_ld({1}, i);
-    l4_st(y, i, {2});
-  }
 )cuda",
-                        a.name, c.name, expr);
+                        a.name);
+    if (two)
+      os << "    const float vb = l4_ld(" << c.name << ", i);\n";
+    os << "    l4_st(y, i, " << expr << ");\n  }\n";
     b.threads = 256;
     b.blocks = gridFor(uint64_t(y.inner), b.threads);
     return llvm::Error::success();
   }
-  auto lt = liveRows(ctx, {&a, &c, &y});
+  auto lt = two ? liveRows(ctx, {&a, &c, &y}) : liveRows(ctx, {&a, &y});
   if (!lt)
     return lt.takeError();
   if (a.inner != y.inner || c.inner != y.inner)
     return ctx.fail("expected operands of the result's shape");
   Body &b = ctx.body;
   llvm::raw_string_ostream os(b.code);
-  os << constant("W", y.inner) << stride(b, "A_S", a.rowsPerBatch)
-     << stride(b, "C_S", c.rowsPerBatch) << stride(b, "Y_S", y.rowsPerBatch)
+  os << constant("W", y.inner) << stride(b, "A_S", a.rowsPerBatch);
+  if (two)
+    os << stride(b, "C_S", c.rowsPerBatch);
+  os << stride(b, "Y_S", y.rowsPerBatch)
      << "  const long long LT = " << *lt << ";\n"
      << llvm::formatv(R"cuda(  const long long n = B * LT * W;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
        i += (long long)gridDim.x * blockDim.x) {{
     const long long e = i % W, r = i / W, b = r / LT, t = r - b * LT;
     const float va = l4_ld({0}, (b * A_S + t) * W + e);
-    const float vb = l4_ld({1}, (b * C_S + t) * W + e);
-    l4_st(y, (b * Y_S + t) * W + e, {2});
-  }
 )cuda",
-                      a.name, c.name, expr);
+                      a.name);
+  if (two)
+    os << "    const float vb = l4_ld(" << c.name
+       << ", (b * C_S + t) * W + e);\n";
+  os << "    l4_st(y, (b * Y_S + t) * W + e, " << expr << ");\n  }\n";
   b.threads = 256;
   b.blocks = gridFor(maxRows(y) * y.inner, b.threads);
   return llvm::Error::success();

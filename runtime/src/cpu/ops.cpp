@@ -174,6 +174,7 @@ Status OpRunner::run() {
     return moeDown();
   case OpKind::Swiglu:
   case OpKind::Add:
+  case OpKind::Convert:
     return elementwise();
   case OpKind::TakeLast:
     return takeLast();
@@ -382,7 +383,19 @@ Status OpRunner::moeDown() {
 }
 
 Status OpRunner::elementwise() {
-  const BufferDesc &a = in(0), &c = in(1), &y = out();
+  const BufferDesc &a = in(0), &y = out();
+  if (op.kind == OpKind::Convert) {
+    // Values as they are: a bf16 result rounds them when it is stored.
+    if (!a.hasBatch) {
+      std::memmove(f32(y), f32(a), size_t(a.numel) * sizeof(float));
+      return Status::success();
+    }
+    batches({&a, &y}, [&](size_t b, size_t nb) {
+      std::memmove(f32(y, b), f32(a, b), nb * a.activeElems(T) * sizeof(float));
+    });
+    return Status::success();
+  }
+  const BufferDesc &c = in(1);
   if (!a.hasBatch) { // parameter-shaped gradients (tied embeddings)
     cpu::add(f32(a), f32(c), size_t(a.numel), f32(y));
     return Status::success();

@@ -592,3 +592,12 @@ func.func @grad_chunk_stats(%l: tensor<1x4x6xf32>, %ids: tensor<1x4xi64>, %s: te
   %r = l4.cross_entropy_grad_chunk %l, %ids, %s {vocab_offset = 0 : i64, vocab_size = 16 : i64} : (tensor<1x4x6xf32>, tensor<1x4xi64>, tensor<1x3x2xf32>) -> tensor<1x4x6xf32>
   return
 }
+
+// -----
+
+// convert to another shape
+func.func @convert_shape(%x: tensor<2x8xf32>) {
+  // expected-error @+1 {{result must have shape [2, 8], got [8, 2]}}
+  %r = l4.convert %x : (tensor<2x8xf32>) -> tensor<8x2xbf16>
+  return
+}

@@ -77,3 +77,26 @@ func.func @tied(%ids: tensor<1x4xi64> {l4.input = "input_ids"},
   %loss = l4.cross_entropy %y, %ids : (tensor<1x4x16xf32>, tensor<1x4xi64>) -> tensor<f32> loc("loss")
   return %loss : tensor<f32>
 }
+
+// -----
+
+// bf16: the input gradient's chunk parts are f32, summed in f32 and
+// converted once (one bf16 rounding, as the whole-vocabulary GEMM's).
+// CHECK-LABEL: func.func @head_bf16
+// CHECK: %[[P0:.+]] = l4.linear_grad_input %{{.+}}, %{{.+}} : (tensor<1x4x6xbf16>, tensor<6x8xbf16>) -> tensor<1x4x8xf32>
+// CHECK: %[[P1:.+]] = l4.linear_grad_input %{{.+}}, %{{.+}} : (tensor<1x4x6xbf16>, tensor<6x8xbf16>) -> tensor<1x4x8xf32>
+// CHECK: %[[S1:.+]] = l4.add %[[P0]], %[[P1]] : (tensor<1x4x8xf32>, tensor<1x4x8xf32>) -> tensor<1x4x8xf32>
+// CHECK: %[[P2:.+]] = l4.linear_grad_input
+// CHECK: %[[S2:.+]] = l4.add %[[S1]], %[[P2]]
+// CHECK: l4.convert %[[S2]] : (tensor<1x4x8xf32>) -> tensor<1x4x8xbf16>
+// MEM-LABEL: func.func @head_bf16
+// MEM: kernel.group "lm_head" kind "elementwise"
+// MEM: l4.convert
+func.func @head_bf16(%ids: tensor<1x4xi64> {l4.input = "input_ids"},
+    %table: tensor<16x8xbf16> {l4.weight = "table"}, %w: tensor<16x8xbf16> {l4.weight = "lm_head.weight"})
+    -> (tensor<f32> {l4.output = "loss"}) attributes {l4.autodiff} {
+  %e = l4.embedding %table, %ids : (tensor<16x8xbf16>, tensor<1x4xi64>) -> tensor<1x4x8xbf16> loc("embed")
+  %y = l4.linear %e, %w : (tensor<1x4x8xbf16>, tensor<16x8xbf16>) -> tensor<1x4x16xbf16> loc("lm_head")
+  %loss = l4.cross_entropy %y, %ids : (tensor<1x4x16xbf16>, tensor<1x4xi64>) -> tensor<f32> loc("loss")
+  return %loss : tensor<f32>
+}

@@ -218,6 +218,18 @@ def L4_AddOp : L4_PureOp<"add", [SameOperandsAndResultType, Commutative]> {
   let hasVerifier = 0;
 }
 
+def L4_ConvertOp : L4_PureOp<"convert"> {
+  let summary = "the input in the result's float dtype";
+  let description = [{
+    Element-wise dtype change, rounding to nearest even when narrowing. The
+    chunked loss (l4c-chunk-loss) sums the input gradient's per-chunk parts
+    in f32 and converts the sum once, so a bf16 plan rounds it once, as the
+    unchunked GEMM does.
+  }];
+  let arguments = (ins L4_FloatTensor:$input);
+  let results = (outs L4_FloatTensor:$result);
+}
+
 def L4_TakeLastOp : L4_PureOp<"take_last"> {
   let summary = "the hidden state at each sequence's last valid position";
   let description = [{
