@@ -79,18 +79,22 @@ class Barrier {
 public:
   explicit Barrier(unsigned n = 0) : n_(n) {}
   void reset(unsigned n) { n_ = n; arrived_ = 0; }
-  void wait(const char *what) {
+  /// True for the thread whose arrival releases the others: it runs on
+  /// before any of them, so it can finish the group's work for them.
+  bool wait(const char *what) {
     what_ = what;
     if (++arrived_ == n_) {
       arrived_ = 0;
       for (Fiber &f : fibers)
         if (f.waitingOn == this)
           f.waitingOn = nullptr;
-      return;
+      return true;
     }
     fibers[current].waitingOn = this;
     yieldToScheduler();
+    return false;
   }
+  unsigned size() const { return n_; }
   const char *what_ = "";
 
 private:
@@ -189,40 +193,48 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
 inline void syncBlock() { blockBarrier.wait("__syncthreads"); }
 
 /// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for the calling
-/// warp: every lane publishes its fragments, then computes its own four
-/// accumulators from the whole warp's, with the fragment layout of the PTX
-/// ISA ("Matrix Fragments for mma.m16n8k16 with floating point type").
+/// warp: every lane publishes its fragments and accumulators; the lane
+/// whose arrival completes the warp computes every lane's four outputs
+/// (with the fragment layout of the PTX ISA, "Matrix Fragments for
+/// mma.m16n8k16 with floating point type") before any other runs on, and
+/// each lane then takes its own. One warp barrier per mma.
 inline unsigned mmaA[1024][4], mmaB[1024][2];
+inline float mmaD[1024][4];
 inline void mmaBf16(float d[4], const unsigned a[4], const unsigned b[2]) {
   unsigned me = tIdx.x, base = me & ~31u;
   Barrier &w = warpBarriers[me / 32];
   std::memcpy(mmaA[me], a, sizeof(mmaA[me]));
   std::memcpy(mmaB[me], b, sizeof(mmaB[me]));
-  w.wait("mma.sync");
-  auto half = [](unsigned v, int k) {
-    unsigned bits = (k & 1) ? v >> 16 : v & 0xffffu;
-    bits <<= 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-  };
-  // A[r][k]: lane (r % 8) * 4 + (k % 8) / 2, register r / 8 + 2 * (k / 8);
-  // B[k][n]: lane n * 4 + (k % 8) / 2, register k / 8.
-  auto A = [&](int r, int k) {
-    return half(mmaA[base + (r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)], k);
-  };
-  auto B = [&](int k, int n) {
-    return half(mmaB[base + n * 4 + (k % 8) / 2][k / 8], k);
-  };
-  int g = int(me & 31) >> 2, t = int(me & 3);
-  for (int c = 0; c < 4; ++c) {
-    int row = g + (c >= 2 ? 8 : 0), col = 2 * t + (c & 1);
-    float s = d[c];
+  std::memcpy(mmaD[me], d, sizeof(mmaD[me]));
+  if (w.wait("mma.sync")) {
+    auto half = [](unsigned v, int k) {
+      unsigned bits = (k & 1) ? v >> 16 : v & 0xffffu;
+      bits <<= 16;
+      float f;
+      std::memcpy(&f, &bits, 4);
+      return f;
+    };
+    // A[r][k]: lane (r % 8) * 4 + (k % 8) / 2, register r / 8 + 2 * (k / 8);
+    // B[k][n]: lane n * 4 + (k % 8) / 2, register k / 8.
+    float A[16][16], B[16][8];
+    for (int r = 0; r < 16; ++r)
+      for (int k = 0; k < 16; ++k)
+        A[r][k] = half(mmaA[base + (r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)], k);
     for (int k = 0; k < 16; ++k)
-      s += A(row, k) * B(k, col);
-    d[c] = s;
+      for (int n = 0; n < 8; ++n)
+        B[k][n] = half(mmaB[base + n * 4 + (k % 8) / 2][k / 8], k);
+    for (unsigned l = 0; l < w.size(); ++l) {
+      int g = int(l) >> 2, t = int(l & 3);
+      for (int c = 0; c < 4; ++c) {
+        int row = g + (c >= 2 ? 8 : 0), col = 2 * t + (c & 1);
+        float s = mmaD[base + l][c];
+        for (int k = 0; k < 16; ++k)
+          s += A[row][k] * B[k][col];
+        mmaD[base + l][c] = s;
+      }
+    }
   }
-  w.wait("mma.sync"); // every lane has read the fragments
+  std::memcpy(d, mmaD[me], sizeof(mmaD[me]));
 }
 
 /// cp.async: a thread's copies wait in its open group until committed,
