@@ -82,6 +82,25 @@ static const char *const kTileRowNorm =
     }
 )cuda";
 
+/// A warp's mma accumulators acc[rows][cols][4] (and acc2 for SwiGLU's
+/// second product), declared and zeroed.
+static std::string mmaAccumulators(llvm::StringRef rows, llvm::StringRef cols,
+                                   bool two) {
+  std::string t;
+  for (const char *name : {"acc", "acc2"})
+    if (two || name == llvm::StringRef("acc"))
+      t += llvm::formatv("    float {0}[{1}][{2}][4];\n", name, rows, cols).str();
+  t += llvm::formatv("#pragma unroll\n    for (int i = 0; i < {0}; ++i)\n"
+                     "#pragma unroll\n      for (int j = 0; j < {1}; ++j)\n"
+                     "#pragma unroll\n        for (int c = 0; c < 4; ++c) {{\n"
+                     "          acc[i][j][c] = 0.0f;\n",
+                     rows, cols)
+           .str();
+  if (two)
+    t += "          acc2[i][j][c] = 0.0f;\n";
+  return t + "        }\n";
+}
+
 std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
   std::string text;
   llvm::raw_string_ostream os(text);
@@ -334,22 +353,8 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
   std::string bVal = "l4_ld(" + g.b + ", brow[i] + bcol[j])";
   std::string uVal = "l4_ld(wu, brow[i] + bcol[j])";
   if (mma) {
-    os << R"cuda(    float acc[2][4][4];
-)cuda";
-    if (swiglu)
-      os << "    float acc2[2][4][4];\n";
-    os << R"cuda(#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          acc[i][j][c] = 0.0f;
-)cuda";
-    if (swiglu)
-      os << "          acc2[i][j][c] = 0.0f;\n";
-    os << R"cuda(        }
-    const int g = lane >> 2, t = lane & 3, wm = warp >> 1, wn = warp & 1;
+    os << mmaAccumulators("2", "4", swiglu);
+    os << R"cuda(    const int g = lane >> 2, t = lane & 3, wm = warp >> 1, wn = warp & 1;
     for (long long k0 = 0; k0 < GR; k0 += BK) {
       __syncthreads(); // the previous step is done with the tiles
       for (int j = tid; j < BK; j += NT) {
@@ -638,21 +643,8 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   if (swiglu)
     stageOf(p.u, "us", "BN", "brow");
   os << "      l4_cp_async_commit();\n    };\n";
-  os << "    float acc[4][NJ][4];\n";
-  if (swiglu)
-    os << "    float acc2[4][NJ][4];\n";
-  os << R"cuda(#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < NJ; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          acc[i][j][c] = 0.0f;
-)cuda";
-  if (swiglu)
-    os << "          acc2[i][j][c] = 0.0f;\n";
-  os << R"cuda(        }
-    stage(0, 0);
+  os << mmaAccumulators("4", "NJ", swiglu);
+  os << R"cuda(    stage(0, 0);
     for (long long step = 0; step < steps; ++step) {
       const int s = (int)(step & 1);
       if (step + 1 < steps) {
