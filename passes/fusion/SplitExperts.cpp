@@ -88,14 +88,24 @@ struct SplitExpertsPass
     return route.getResult();
   }
 
-  void split(l4::MoeExpertsOp op) {
+  /// `differentiated`: a training program, whose backward recomputes the
+  /// activations. Its forward keeps them f32 like the rest of the per-slot
+  /// values (in bf16, storing them as bf16 moved a training golden's
+  /// gradient over ARCHITECTURE.md's bound). A forward-only program stores
+  /// them in the input's type, as HF's bf16 experts round them, so bf16
+  /// plans read them in 16-byte pieces of bf16 on the GPU.
+  void split(l4::MoeExpertsOp op, bool differentiated) {
     auto gu = cast<RankedTensorType>(op.getGateUp().getType());
     int64_t experts = gu.getShape()[0], inter = gu.getShape()[2] / 2;
     int64_t slots = slotsFor(op.getScores(), experts);
     OpBuilder b(op);
     Value route = routeFor(b, op, op.getScores(), experts, slots);
+    RankedTensorType hType = slotted(op.getInput(), slots, inter);
+    if (!differentiated)
+      hType = hType.clone(
+          cast<RankedTensorType>(op.getInput().getType()).getElementType());
     auto h = l4::MoeHiddenOp::create(b, suffixed(op.getLoc(), ".gate_up"),
-                                     slotted(op.getInput(), slots, inter),
+                                     hType,
                                      op.getInput(), op.getScores(),
                                      op.getGateUp(), route);
     auto y = l4::MoeDownOp::create(b, suffixed(op.getLoc(), ".down"),
@@ -149,13 +159,15 @@ struct SplitExpertsPass
   void runOnOperation() override {
     routes.clear();
     SmallVector<Operation *> ops;
+    bool differentiated = false;
     getOperation().walk([&](Operation *op) {
       if (isa<l4::MoeExpertsOp, l4::MoeExpertsGradOp>(op))
         ops.push_back(op);
+      differentiated |= isa<l4::MoeExpertsGradOp>(op);
     });
     for (Operation *op : ops) {
       if (auto fwd = dyn_cast<l4::MoeExpertsOp>(op))
-        split(fwd);
+        split(fwd, differentiated);
       else
         split(cast<l4::MoeExpertsGradOp>(op));
     }

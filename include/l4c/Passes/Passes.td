@@ -93,7 +93,10 @@ def SplitExpertsPass : Pass<"l4c-split-experts", "mlir::ModuleOp"> {
     activations become a value between two kernels, so each half can
     spread one token's expert weights across the whole GPU; the fused op
     needs all of a token's activations before its first down product.
-    Locations get `.route`, `.gate_up` and `.down` appended.
+    Locations get `.route`, `.gate_up` and `.down` appended. The
+    activations have the input's element type in a module without an
+    `l4.moe_experts_grad` (bf16 in a bf16 inference plan, as HF rounds
+    them), f32 in a training module, like every per-slot value there.
     Each `l4.moe_experts_grad` becomes its backward on the same route (the
     forward's when the scores are the same value): `l4.moe_gate_up`
     (recomputed projections), `l4.moe_down_grad`, `l4.moe_down_grad_weight`,

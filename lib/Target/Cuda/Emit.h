@@ -59,6 +59,10 @@ struct Body {
   /// uses it leaves it 0 again. Scratch data starts at ws + 256.
   uint64_t workspaceBytes = 0;
 
+  /// The tile configurations l4-tune may choose between for this body,
+  /// the one it was generated with first (empty: nothing to tune).
+  llvm::SmallVector<std::string, 3> configs;
+
   /// Declares `name` as a body parameter the entry sets to `value`.
   void param(llvm::StringRef name, int64_t value) {
     params.emplace_back(name.str(), value);
@@ -71,6 +75,9 @@ struct OpContext {
   llvm::SmallVector<View, 4> operands; ///< by op operand index
   llvm::SmallVector<View, 4> results;  ///< by op result number
   Body body;
+  /// The tile configuration to generate (a tuning file's choice; empty:
+  /// the default). The emitter fails when the body does not offer it.
+  llvm::StringRef config;
 
   /// An error naming the kernel and the op.
   llvm::Error fail(const llvm::Twine &msg) const;
@@ -194,9 +201,31 @@ struct PipelinedGemm {
   Operand u;           ///< with a pointer: a second B (SwiGLU's up weight)
   std::string y;       ///< output offset of (@M, @C)
   uint64_t maxM = 0, maxN = 0; ///< output extents at the compiled maxima
+  int bn = 0; ///< columns per tile: 128, or 64 (0: 128, 64 with SwiGLU)
+  /// One GEMM per expert over the rows l4.moe_route's table gives it
+  /// (TiledGemm::Grouped by entry; m and maxM unused): A is kMajor with a
+  /// base of @T and @K (the entry's token and slot), B's and U's bases may
+  /// use @G (the expert), and y (or store) is an offset of @T, @K, @G, @C.
+  std::optional<TiledGemm::Grouped> grouped;
+  /// When set, the statements that store `v` instead of `l4_st(y, <y>, v)`
+  /// (the same placeholders as y).
+  std::string store;
 };
 std::string emitPipelined(Body &b, const PipelinedGemm &p,
                           const GemmText *fused = nullptr);
+/// The tile configurations of a GEMM emitPipelined can run, for l4-tune:
+/// "p128x128" (its default), "p128x64" (64 columns a tile; the default
+/// with SwiGLU) and "t64x64" (emitTiles). Records them on the body; false
+/// when ctx.config asks for emitTiles, else sets p.bn.
+bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu = false);
+/// Whether the views' buffers start 16-byte aligned, as emitPipelined's
+/// copies need (the caller checks the extents).
+inline bool pieceAligned(std::initializer_list<const View *> views) {
+  for (const View *v : views)
+    if (v->buf->offset % 16 != 0)
+      return false;
+  return true;
+}
 llvm::Error emitMoeExperts(OpContext &ctx);
 llvm::Error emitMoeRoute(OpContext &ctx, int64_t slots);
 llvm::Error emitMoeHidden(OpContext &ctx);

@@ -74,6 +74,14 @@ bool tensorCores(const View &weights, const View &acts) {
          (acts.ctype == "l4_bf16" || acts.ctype == "float");
 }
 
+/// Operands emitPipelined can copy: bf16, from 16-byte aligned buffers.
+bool bf16Pieces(std::initializer_list<const View *> views) {
+  for (const View *v : views)
+    if (v->ctype != "l4_bf16")
+      return false;
+  return pieceAligned(views);
+}
+
 // Offsets of the per-slot rows: gate/up [.., K, 2I], the input's [.., K, D].
 constexpr const char *kGuRow = "(@T / LT * G_S + @T % LT) * (KS * 2 * I) + "
                                "@K * 2 * I";
@@ -126,6 +134,21 @@ llvm::Error emitMoeGateUp(OpContext &ctx) {
   g.maxTiles = (uint64_t(2 * d.i) + 63) / 64;
   g.grouped = grouped(scores, d);
   g.grouped->rowScale = "l4_ld(scores, (@T / LT * S_S + @T % LT) * E + @G)";
+  PipelinedGemm p;
+  if (bf16Pieces({&x, &gateUp}) && d.d % 8 == 0 && d.i % 4 == 0 &&
+      choosePipelined(ctx, p)) {
+    // x's rows run along the reduction (d), gate_up's along the output.
+    p.what = g.what;
+    p.n = g.n;
+    p.r = g.r;
+    p.a = {"x", true, g.aRow};
+    p.b = {"gate_up", false, "@G * D * 2 * I + @R * 2 * I"};
+    p.y = g.y;
+    p.maxN = uint64_t(2 * d.i);
+    p.grouped = g.grouped;
+    ctx.body.code += emitPipelined(ctx.body, p);
+    return llvm::Error::success();
+  }
   ctx.body.code += emitTiles(ctx.body, g);
   return llvm::Error::success();
 }
@@ -176,6 +199,21 @@ llvm::Error emitMoeDownGrad(OpContext &ctx) {
   g.maxTiles = (uint64_t(d.i) + 63) / 64;
   g.grouped = grouped(scores, d);
   g.grouped->zeroCols = "2 * I";
+  PipelinedGemm p;
+  if (bf16Pieces({&dy, &down}) && d.d % 8 == 0 && choosePipelined(ctx, p)) {
+    // Both operands' rows run along the reduction (d).
+    p.what = g.what;
+    p.n = g.n;
+    p.r = g.r;
+    p.a = {"dy", true, g.aRow};
+    p.b = {"down", true, "@G * I * D + @I * D"};
+    p.y = g.y;
+    p.store = g.store;
+    p.maxN = uint64_t(d.i);
+    p.grouped = g.grouped;
+    ctx.body.code += emitPipelined(ctx.body, p);
+    return llvm::Error::success();
+  }
   ctx.body.code += emitTiles(ctx.body, g);
   return llvm::Error::success();
 }

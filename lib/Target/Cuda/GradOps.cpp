@@ -282,10 +282,10 @@ llvm::Error emitLinearGradInput(OpContext &ctx) {
   g.y = "(@M / LT * DX_S + @M % LT) * K + @C";
   g.tensorCores = dy.ctype == "l4_bf16" && w.ctype == "l4_bf16";
   g.maxTiles = (maxRows(dx) + 63) / 64 * ((uint64_t(ws[1]) + 63) / 64);
+  PipelinedGemm p;
   if (g.tensorCores && ws[0] % 8 == 0 && ws[1] % 8 == 0 &&
-      dy.buf->offset % 16 == 0 && w.buf->offset % 16 == 0) {
+      pieceAligned({&dy, &w}) && choosePipelined(ctx, p)) {
     // dy's rows run along the reduction (n), w's along the output (k).
-    PipelinedGemm p;
     p.what = g.what;
     p.m = "M";
     p.n = "K";
@@ -330,11 +330,11 @@ llvm::Error emitLinearGradWeight(OpContext &ctx) {
   g.y = "@M * K + @C";
   g.tensorCores = dy.ctype == "l4_bf16" && x.ctype == "l4_bf16";
   g.maxTiles = (uint64_t(ws[0]) + 63) / 64 * ((uint64_t(ws[1]) + 63) / 64);
+  PipelinedGemm p;
   if (g.tensorCores && ws[0] % 8 == 0 && ws[1] % 8 == 0 &&
-      dy.buf->offset % 16 == 0 && x.buf->offset % 16 == 0) {
+      pieceAligned({&dy, &x}) && choosePipelined(ctx, p)) {
     // Both operands' rows (tokens) are the reduction: staged [token][n]
     // and [token][k].
-    PipelinedGemm p;
     p.what = g.what;
     p.m = "N";
     p.n = "K";

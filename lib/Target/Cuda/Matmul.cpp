@@ -64,6 +64,117 @@ struct GemmText {
   }
 };
 
+/// `t` with every `var` replaced by `(val)`.
+static std::string subst(std::string t, llvm::StringRef var,
+                         llvm::StringRef val) {
+  for (size_t i = t.find(var.str()); i != std::string::npos;
+       i = t.find(var.str(), i + val.size() + 2))
+    t.replace(i, var.size(), "(" + val.str() + ")");
+  return t;
+}
+
+/// The head of a grouped GEMM's tile loop over l4.moe_route's entries
+/// (TiledGemm::Grouped, rows by entry), for the tiles of emitTiles and
+/// emitPipelined alike (BM, BN, NT, tid, lane and warp declared): the
+/// experts' offsets, the tile count, the zero tasks, then per tile its
+/// expert ge, GM (its entries), m0 and n0, and the row tables rq (entry),
+/// arow (A's row offset, `aRow` of @T, @K and @G) and rsc (the row scale).
+/// Leaves the loop open after those tables.
+static std::string groupedTileLoop(const TiledGemm::Grouped &gr,
+                                   llvm::StringRef aRow, llvm::StringRef y) {
+  std::string text;
+  llvm::raw_string_ostream os(text);
+  auto entry = [&](llvm::StringRef t) {
+    return subst(subst(subst(t.str(), "@G", "ge"), "@T", "q / GK"), "@K",
+                 "q % GK");
+  };
+  os << R"cuda(  const long long tilesN = (GN + BN - 1) / BN;
+  for (int e = tid; e <= GE; e += NT)
+    goff[e] = )cuda"
+     << gr.table << R"cuda([e];
+  __syncthreads();
+  long long tiles = 0;
+  for (int e = 0; e < GE; ++e)
+    tiles += (goff[e + 1] - goff[e] + BM - 1) / BM * tilesN;
+  const long long zeroTasks = (GT + 63) / 64;
+  for (long long tile = blockIdx.x; tile < tiles + zeroTasks; tile += gridDim.x) {
+    if (tile >= tiles) {
+      // Tokens z0.. : zeros in the slots past their nonzero scores.
+      const long long z0 = (tile - tiles) * 64;
+      for (int r = warp; r < 64 && z0 + r < GT; r += NT / 32) {
+        const long long tk = z0 + r;
+        float nz = 0.0f;
+        for (int e = lane; e < GE; e += 32)
+          nz += l4_ld()cuda"
+     << gr.scores << ", " << subst(gr.scoreRow, "@T", "tk")
+     << R"cuda( + e) != 0.0f ? 1.0f : 0.0f;
+        const int cnt = (int)l4_warp_sum(nz);
+        for (int k = cnt < GK ? cnt : GK; k < GK; ++k)
+          for (long long n = lane; n < )cuda"
+     << (gr.zeroCols.empty() ? std::string("GN") : gr.zeroCols)
+     << R"cuda(; n += 32)
+            l4_st(y, )cuda"
+     << subst(subst(subst(y.str(), "@T", "tk"), "@K", "k"), "@C", "n")
+     << R"cuda(, 0.0f);
+      }
+      continue;
+    }
+    long long rest = tile;
+    int ge = 0;
+    for (;; ++ge) {
+      const long long te = (goff[ge + 1] - goff[ge] + BM - 1) / BM * tilesN;
+      if (rest < te)
+        break;
+      rest -= te;
+    }
+    const long long GM = goff[ge + 1] - goff[ge];
+    const long long m0 = rest / tilesN * BM, n0 = rest % tilesN * BN;
+    __syncthreads(); // the previous tile is done with the tables
+    for (int i = tid; i < BM; i += NT) {
+      const int q = m0 + i < GM ? )cuda"
+     << gr.table << R"cuda([GE + 1 + goff[ge] + m0 + i] : -1;
+      rq[i] = q;
+      arow[i] = q >= 0 ? )cuda"
+     << entry(aRow) << " : -1;\n";
+  if (!gr.rowScale.empty())
+    os << "      rsc[i] = q >= 0 ? " << entry(gr.rowScale) << " : 0.0f;\n";
+  os << "    }\n";
+  return text;
+}
+
+/// A by-entry grouped GEMM's declarations: extents, the route offsets and
+/// the row tables' shared arrays.
+static std::string groupedDecls(const TiledGemm::Grouped &gr,
+                                llvm::StringRef n, llvm::StringRef r) {
+  std::string t = ("  const long long GN = " + n + ", GR = " + r + ";\n").str();
+  t += llvm::formatv("  constexpr int GE = {0}, GK = {1};\n", gr.experts,
+                     gr.slots)
+           .str();
+  t += "  const long long GT = " + gr.tokens + "; // live tokens\n";
+  t += R"cuda(  // The route table: expert e's entries (token * GK + slot) are
+  // route[GE + 1 + goff[e] ..], goff[e + 1] - goff[e] of them. Tiles run
+  // expert by expert, row tiles then column tiles; after them, tasks of 64
+  // tokens write the zeros of the rows no expert covers.
+  __shared__ int goff[GE + 1];
+  __shared__ int rq[BM];
+)cuda";
+  if (!gr.rowScale.empty())
+    t += "  __shared__ float rsc[BM];\n";
+  return t;
+}
+
+/// Blocks for a by-entry grouped GEMM of `bm`-row tiles with `colTiles`
+/// column tiles per expert: at most one partial row tile per expert beyond
+/// the full ones, then the zero tasks.
+static uint64_t groupedBlocks(const TiledGemm::Grouped &gr, uint64_t bm,
+                              uint64_t colTiles) {
+  return gridFor((gr.maxTokens * uint64_t(gr.slots) / bm +
+                  uint64_t(gr.experts)) *
+                         colTiles +
+                     (gr.maxTokens + 63) / 64,
+                 1);
+}
+
 /// The fused norm's inverse RMS of a tile's rows (x rows at arow[i], -1
 /// outside), one warp per row, into rinv.
 static const char *const kTileRowNorm =
@@ -108,18 +219,7 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
   const bool swiglu = fused && fused->spec.swiglu;
   const bool mma = g.tensorCores;
   using Grouped = TiledGemm::Grouped;
-  auto fill = [](std::string t, llvm::StringRef var, llvm::StringRef val) {
-    std::string out;
-    for (size_t i = 0; i < t.size();) {
-      if (t.compare(i, var.size(), var.str()) == 0) {
-        out += "(" + val.str() + ")";
-        i += var.size();
-      } else {
-        out += t[i++];
-      }
-    }
-    return out;
-  };
+  const auto &fill = subst;
   const Grouped *gr = g.grouped ? &*g.grouped : nullptr;
   // An expression with the grouped GEMM's expert (@G) filled in.
   auto expert = [&](std::string t) { return gr ? fill(t, "@G", "ge") : t; };
@@ -245,74 +345,10 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
     }
 )cuda";
   } else if (gr) {
-    os << "  const long long GN = " << g.n << ", GR = " << g.r << ";\n"
-       << "  constexpr int GE = " << gr->experts << ", GK = " << gr->slots
-       << ";\n"
-       << "  const long long GT = " << gr->tokens << "; // live tokens\n";
-    os << R"cuda(  // The route table: expert e's entries (token * GK + slot) are
-  // route[GE + 1 + goff[e] ..], goff[e + 1] - goff[e] of them. Tiles run
-  // expert by expert, row tiles then column tiles; after them, tasks of 64
-  // tokens write the zeros of the rows no expert covers.
-  __shared__ int goff[GE + 1];
-  __shared__ int rq[BM];
-)cuda";
-    if (!gr->rowScale.empty())
-      os << "  __shared__ float rsc[BM];\n";
-    os << R"cuda(  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const long long tilesN = (GN + BN - 1) / BN;
-  for (int e = tid; e <= GE; e += NT)
-    goff[e] = )cuda"
-       << gr->table << R"cuda([e];
-  __syncthreads();
-  long long tiles = 0;
-  for (int e = 0; e < GE; ++e)
-    tiles += (goff[e + 1] - goff[e] + BM - 1) / BM * tilesN;
-  const long long zeroTasks = (GT + 63) / 64;
-  for (long long tile = blockIdx.x; tile < tiles + zeroTasks; tile += gridDim.x) {
-    if (tile >= tiles) {
-      // Tokens z0.. : zeros in the slots past their nonzero scores.
-      const long long z0 = (tile - tiles) * 64;
-      for (int r = warp; r < 64 && z0 + r < GT; r += NT / 32) {
-        const long long tk = z0 + r;
-        float nz = 0.0f;
-        for (int e = lane; e < GE; e += 32)
-          nz += l4_ld()cuda"
-       << gr->scores << ", " << fill(gr->scoreRow, "@T", "tk")
-       << R"cuda( + e) != 0.0f ? 1.0f : 0.0f;
-        const int cnt = (int)l4_warp_sum(nz);
-        for (int k = cnt < GK ? cnt : GK; k < GK; ++k)
-          for (long long n = lane; n < )cuda"
-       << (gr->zeroCols.empty() ? std::string("GN") : gr->zeroCols)
-       << R"cuda(; n += 32)
-            l4_st(y, )cuda"
-       << fill(fill(fill(g.y, "@T", "tk"), "@K", "k"), "@C", "n")
-       << R"cuda(, 0.0f);
-      }
-      continue;
-    }
-    long long rest = tile;
-    int ge = 0;
-    for (;; ++ge) {
-      const long long te = (goff[ge + 1] - goff[ge] + BM - 1) / BM * tilesN;
-      if (rest < te)
-        break;
-      rest -= te;
-    }
-    const long long GM = goff[ge + 1] - goff[ge];
-    const long long m0 = rest / tilesN * BM, n0 = rest % tilesN * BN;
-    __syncthreads(); // the previous tile is done with the tables
-    for (int i = tid; i < BM; i += NT) {
-      const int q = m0 + i < GM ? )cuda"
-       << gr->table << R"cuda([GE + 1 + goff[ge] + m0 + i] : -1;
-      rq[i] = q;
-      arow[i] = q >= 0 ? )cuda"
-       << fill(fill(expert(g.aRow), "@T", "q / GK"), "@K", "q % GK")
-       << " : -1;\n";
-    if (!gr->rowScale.empty())
-      os << "      rsc[i] = q >= 0 ? "
-         << fill(expert(gr->rowScale), "@T", "q / GK") << " : 0.0f;\n";
-    os << R"cuda(    }
-    for (int i = tid; i < BN; i += NT) {
+    os << groupedDecls(*gr, g.n, g.r)
+       << "  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;\n"
+       << groupedTileLoop(*gr, expert(g.aRow), g.y);
+    os << R"cuda(    for (int i = tid; i < BN; i += NT) {
       const long long c = n0 + i;
       brow[i] = c < GN ? )cuda"
        << fill(expert(g.bRow), "@C", "c") << R"cuda( : -1;
@@ -532,14 +568,21 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
        << "      }\n  }\n";
   }
   b.threads = mma ? 128 : 256;
-  uint64_t tiles = g.maxTiles;
-  if (byEntry) // row tiles: at most one partial tile per expert beyond the
-               // full ones
-    tiles = (gr->maxTokens * uint64_t(gr->slots) / 64 + uint64_t(gr->experts)) *
-                g.maxTiles +
-            (gr->maxTokens + 63) / 64;
-  b.blocks = gridFor(tiles, 1);
+  b.blocks = byEntry ? groupedBlocks(*gr, 64, g.maxTiles)
+                     : gridFor(g.maxTiles, 1);
   return text;
+}
+
+bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu) {
+  Body &b = ctx.body;
+  if (swiglu)
+    b.configs = {"p128x64", "t64x64"};
+  else
+    b.configs = {"p128x128", "p128x64", "t64x64"};
+  if (ctx.config == "t64x64")
+    return false;
+  p.bn = ctx.config == "p128x64" ? 64 : 0;
+  return true;
 }
 
 std::string emitPipelined(Body &b, const PipelinedGemm &p,
@@ -551,21 +594,26 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   const bool norm = fused && fused->spec.norm;
   assert((!norm || p.a.kMajor) && "the norm prologue needs x row-major");
   const bool swiglu = !p.u.ptr.empty();
-  // `t` with every `var` replaced by `(val)`.
-  auto fill = [](std::string t, llvm::StringRef var, llvm::StringRef val) {
-    for (size_t i = t.find(var.str()); i != std::string::npos;
-         i = t.find(var.str(), i + val.size() + 2)) {
-      t.replace(i, var.size(), "(" + val.str() + ")");
-    }
-    return t;
-  };
+  const auto &fill = subst;
   // SwiGLU keeps two accumulator sets: half as many columns per tile.
-  const int bn = swiglu ? 64 : 128, wn = bn / 4, nj = wn / 8;
+  const int bn = p.bn ? p.bn : swiglu ? 64 : 128, wn = bn / 4, nj = wn / 8;
+  assert((bn == 64 || bn == 128) && (!swiglu || bn == 64) &&
+         "tiles of 64 or 128 columns, 64 with SwiGLU");
+  const TiledGemm::Grouped *gr = p.grouped ? &*p.grouped : nullptr;
+  assert((!gr || (!gr->overReduction && p.a.kMajor && !norm)) &&
+         "grouped: rows by route entry, A row-major, no norm");
+  // `t` with the tile's expert for @G.
+  auto expert = [&](const std::string &t) {
+    return gr ? fill(t, "@G", "ge") : t;
+  };
   os << "  // " << p.what << "\n"
-     << "  const long long GM = " << p.m << ", GN = " << p.n
-     << ", GR = " << p.r << ";\n"
      << "  constexpr int BM = 128, BN = " << bn
      << ", BK = 32, NT = 256, WN = " << wn << ", NJ = " << nj << ";\n";
+  if (gr)
+    os << groupedDecls(*gr, p.n, p.r);
+  else
+    os << "  const long long GM = " << p.m << ", GN = " << p.n
+       << ", GR = " << p.r << ";\n";
   os << R"cuda(  // Tensor cores, software-pipelined: 8 warps as 2 x 4, warp (wm, wn)
   // computing rows wm*64.. and columns wn*WN.. as 4 x NJ mma.sync m16n8k16
   // tiles. The reduction runs in steps of 32 staged in shared memory by
@@ -591,20 +639,28 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   os << "  __shared__ long long arow[BM], brow[BN];\n";
   os << R"cuda(  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3, wm = warp >> 2, wn = warp & 3;
-  const long long tilesN = (GN + BN - 1) / BN, tiles = (GM + BM - 1) / BM * tilesN;
   const long long steps = (GR + BK - 1) / BK;
+)cuda";
+  if (gr) {
+    os << groupedTileLoop(*gr, p.a.base, p.y);
+  } else {
+    os << R"cuda(  const long long tilesN = (GN + BN - 1) / BN, tiles = (GM + BM - 1) / BM * tilesN;
   for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const long long m0 = tile / tilesN * BM, n0 = tile % tilesN * BN;
     __syncthreads(); // the previous tile is done with the tables
     for (int i = tid; i < BM; i += NT) {
       const long long m = m0 + i;
       arow[i] = m < GM ? )cuda"
-     << (p.a.kMajor ? fill(p.a.base, "@I", "m") : std::string("m")) << R"cuda( : -1;
+       << (p.a.kMajor ? fill(p.a.base, "@I", "m") : std::string("m"))
+       << R"cuda( : -1;
     }
-    for (int i = tid; i < BN; i += NT) {
+)cuda";
+  }
+  os << R"cuda(    for (int i = tid; i < BN; i += NT) {
       const long long c = n0 + i;
       brow[i] = c < GN ? )cuda"
-     << (p.b.kMajor ? fill(p.b.base, "@I", "c") : std::string("c")) << R"cuda( : -1;
+     << (p.b.kMajor ? expert(fill(p.b.base, "@I", "c")) : std::string("c"))
+     << R"cuda( : -1;
     }
     __syncthreads();
 )cuda";
@@ -632,7 +688,7 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
        << "        const long long r = k0 + j;\n"
        << "        if (r < GR && " << tabName << "[i] >= 0)\n"
        << "          l4_cp_async16(&" << tab << "[s][j][i], " << o.ptr << " + "
-       << fill(o.base, "@R", "r") << " + " << tabName << "[i]);\n"
+       << expert(fill(o.base, "@R", "r")) << " + " << tabName << "[i]);\n"
        << "        else\n"
        << "          l4_zero16(&" << tab << "[s][j][i]);\n"
        << "      }\n";
@@ -720,19 +776,41 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
       for (int j = 0; j < NJ; ++j)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const long long m = m0 + wm * 64 + i * 16 + g + (c >= 2 ? 8 : 0);
+          const int li = wm * 64 + i * 16 + g + (c >= 2 ? 8 : 0);
+          const long long m = m0 + li;
           const long long n = n0 + wn * WN + j * 8 + 2 * t + (c & 1);
-          if (m >= GM || n >= GN)
-            continue;
 )cuda";
+  std::string a1 = "acc[i][j][c]", a2 = "acc2[i][j][c]";
+  // Output (m, n)'s place in y or the store: rows by route entry when
+  // grouped.
+  auto place = [&](const std::string &t) {
+    if (!gr)
+      return fill(fill(t, "@M", "m"), "@C", "n");
+    return fill(fill(fill(expert(t), "@T", "rq[li] / GK"), "@K", "rq[li] % GK"),
+                "@C", "n");
+  };
+  if (gr) {
+    os << "          if (rq[li] < 0 || n >= GN)\n            continue;\n";
+    if (!gr->rowScale.empty()) {
+      a1 = "(" + a1 + " * rsc[li])";
+      a2 = "(" + a2 + " * rsc[li])";
+    }
+  } else {
+    os << "          if (m >= GM || n >= GN)\n            continue;\n";
+  }
   if (fused)
-    os << fused->epilogue("acc[i][j][c]", "acc2[i][j][c]", "          ");
+    os << fused->epilogue(a1, a2, "          ");
   else
-    os << "          const float v = acc[i][j][c];\n";
-  os << "          l4_st(y, " << fill(fill(p.y, "@M", "m"), "@C", "n")
-     << ", v);\n        }\n  }\n";
+    os << "          const float v = " << a1 << ";\n";
+  if (!p.store.empty())
+    os << "          " << place(p.store) << "\n";
+  else
+    os << "          l4_st(y, " << place(p.y) << ", v);\n";
+  os << "        }\n  }\n";
   b.threads = 256;
-  b.blocks = gridFor((p.maxM + 127) / 128 * ((p.maxN + bn - 1) / bn), 1);
+  uint64_t colTiles = (p.maxN + bn - 1) / bn;
+  b.blocks = gr ? groupedBlocks(*gr, 128, colTiles)
+                : gridFor((p.maxM + 127) / 128 * colTiles, 1);
   return text;
 }
 
@@ -911,11 +989,11 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
   g.tensorCores = bf16Operands && (!spec.norm || spec.bf16Temps);
   // cp.async copies 16 bytes: rows of a multiple of 8 bf16 from 16-byte
   // aligned bases.
-  bool aligned = ws[1] % 8 == 0;
-  for (size_t i = 0; i < (spec.swiglu ? 3u : 2u); ++i)
-    aligned = aligned && ctx.operands[i].buf->offset % 16 == 0;
-  if (g.tensorCores && aligned) {
-    PipelinedGemm p;
+  bool aligned = ws[1] % 8 == 0 &&
+                 pieceAligned({&ctx.operands[0], &ctx.operands[1]}) &&
+                 (!spec.swiglu || pieceAligned({&ctx.operands[2]}));
+  PipelinedGemm p;
+  if (g.tensorCores && aligned && choosePipelined(ctx, p, spec.swiglu)) {
     p.what = "y[m, n] = sum_k x[m, k] * w[n, k] over the M = B * LT live "
              "rows; row m is token (m / LT, m % LT).";
     p.m = "M";
@@ -1055,6 +1133,22 @@ llvm::Error emitMoeHidden(OpContext &ctx) {
     GemmSpec spec;
     spec.swiglu = true;
     GemmText text{spec, ctx};
+    PipelinedGemm p;
+    if (g.tensorCores && dim % 8 == 0 && inter % 8 == 0 &&
+        pieceAligned({&x, &gateUp}) && choosePipelined(ctx, p, true)) {
+      // x's rows run along the reduction (d), gate_up's along the output.
+      p.what = g.what;
+      p.n = g.n;
+      p.r = g.r;
+      p.a = {"x", true, g.aRow};
+      p.b = {"gate_up", false, "@G * D * 2 * I + @R * 2 * I"};
+      p.u = {"wu", false, p.b.base};
+      p.y = g.y;
+      p.maxN = uint64_t(inter);
+      p.grouped = g.grouped;
+      os << emitPipelined(b, p, &text);
+      return llvm::Error::success();
+    }
     os << emitTiles(b, g, &text);
     return llvm::Error::success();
   }
@@ -1175,6 +1269,21 @@ llvm::Error emitMoeDown(OpContext &ctx) {
     g.aSplit = h.ctype == "float";
     g.maxTiles = (uint64_t(dim) + 63) / 64;
     g.grouped = routeGroups(scores, experts, slots);
+    PipelinedGemm p;
+    if (h.ctype == "l4_bf16" && down.ctype == "l4_bf16" && inter % 8 == 0 &&
+        dim % 8 == 0 && pieceAligned({&h, &down}) && choosePipelined(ctx, p)) {
+      // h's rows run along the reduction (i), down's along the output.
+      p.what = g.what;
+      p.n = g.n;
+      p.r = g.r;
+      p.a = {"h", true, g.aRow};
+      p.b = {"down", false, "@G * I * D + @R * D"};
+      p.y = g.y;
+      p.maxN = uint64_t(dim);
+      p.grouped = g.grouped;
+      os << emitPipelined(b, p);
+      return llvm::Error::success();
+    }
     os << emitTiles(b, g);
     return llvm::Error::success();
   }

@@ -1,13 +1,14 @@
 // RUN: l4-opt %s --split-input-file --l4c-split-experts --verify-diagnostics --mlir-print-debuginfo | FileCheck %s
 
 // The router's top_k sets the slots; the route table has E + 1 offsets and
-// one entry per token and slot; the activations between the halves are
-// f32 in a bf16 program too; the parts are named after the experts.
+// one entry per token and slot; in a program nothing differentiates, the
+// activations between the halves have the input's type (bf16 here, as HF's
+// bf16 experts round them); the parts are named after the experts.
 // CHECK-LABEL: func.func @moe
 // CHECK: %[[S:.*]] = l4.router_scores
 // CHECK: %[[R:.*]] = l4.moe_route %[[S]] {slots = 2 : i64} : (tensor<1x8x4xbf16>) -> tensor<21xi32> loc(#[[RT:.*]])
-// CHECK: %[[H:.*]] = l4.moe_hidden %{{.*}}, %[[S]], %{{.*}}, %[[R]] : (tensor<1x8x16xbf16>, tensor<1x8x4xbf16>, tensor<4x16x64xbf16>, tensor<21xi32>) -> tensor<1x8x2x32xf32> loc(#[[GU:.*]])
-// CHECK: %[[Y:.*]] = l4.moe_down %[[H]], %[[S]], %{{.*}}, %[[R]] : (tensor<1x8x2x32xf32>, tensor<1x8x4xbf16>, tensor<4x32x16xbf16>, tensor<21xi32>) -> tensor<1x8x16xbf16> loc(#[[DN:.*]])
+// CHECK: %[[H:.*]] = l4.moe_hidden %{{.*}}, %[[S]], %{{.*}}, %[[R]] : (tensor<1x8x16xbf16>, tensor<1x8x4xbf16>, tensor<4x16x64xbf16>, tensor<21xi32>) -> tensor<1x8x2x32xbf16> loc(#[[GU:.*]])
+// CHECK: %[[Y:.*]] = l4.moe_down %[[H]], %[[S]], %{{.*}}, %[[R]] : (tensor<1x8x2x32xbf16>, tensor<1x8x4xbf16>, tensor<4x32x16xbf16>, tensor<21xi32>) -> tensor<1x8x16xbf16> loc(#[[DN:.*]])
 // CHECK-NOT: l4.moe_experts
 // CHECK: return %[[Y]]
 // CHECK-DAG: #[[RT]] = loc("layers.1.experts.route")
@@ -29,6 +30,22 @@ func.func @moe(%x: tensor<1x8x16xbf16>, %r: tensor<1x8x4xbf16>, %gu: tensor<4x16
 func.func @any(%x: tensor<1x8x16xf32>, %s: tensor<1x8x4xf32>, %gu: tensor<4x16x64xf32>, %dn: tensor<4x32x16xf32>) -> tensor<1x8x16xf32> {
   %y = l4.moe_experts %x, %s, %gu, %dn : (tensor<1x8x16xf32>, tensor<1x8x4xf32>, tensor<4x16x64xf32>, tensor<4x32x16xf32>) -> tensor<1x8x16xf32>
   return %y : tensor<1x8x16xf32>
+}
+
+// -----
+
+// In a training program (the experts' backward in the module) the
+// forward's activations stay f32 in bf16 too, like the values between the
+// backward's parts.
+// CHECK-LABEL: func.func @train_bf16
+// CHECK: l4.moe_hidden {{.*}} -> tensor<1x8x1x32xf32>
+// CHECK: l4.moe_down {{.*}} : (tensor<1x8x1x32xf32>,
+// CHECK: l4.moe_gate_up {{.*}} -> tensor<1x8x1x64xf32>
+func.func @train_bf16(%x: tensor<1x8x16xbf16>, %r: tensor<1x8x4xbf16>, %gu: tensor<4x16x64xbf16>, %dn: tensor<4x32x16xbf16>, %dy: tensor<1x8x16xbf16>) -> (tensor<1x8x16xbf16>, tensor<1x8x16xbf16>, tensor<1x8x4xbf16>, tensor<4x16x64xf32>, tensor<4x32x16xf32>) {
+  %s = l4.router_scores %r {top_k = 1 : i64} : (tensor<1x8x4xbf16>) -> tensor<1x8x4xbf16>
+  %y = l4.moe_experts %x, %s, %gu, %dn : (tensor<1x8x16xbf16>, tensor<1x8x4xbf16>, tensor<4x16x64xbf16>, tensor<4x32x16xbf16>) -> tensor<1x8x16xbf16>
+  %dx, %ds, %dgu, %ddn = l4.moe_experts_grad %x, %s, %gu, %dn, %dy : (tensor<1x8x16xbf16>, tensor<1x8x4xbf16>, tensor<4x16x64xbf16>, tensor<4x32x16xbf16>, tensor<1x8x16xbf16>) -> (tensor<1x8x16xbf16>, tensor<1x8x4xbf16>, tensor<4x16x64xf32>, tensor<4x32x16xf32>)
+  return %y, %dx, %ds, %dgu, %ddn : tensor<1x8x16xbf16>, tensor<1x8x16xbf16>, tensor<1x8x4xbf16>, tensor<4x16x64xf32>, tensor<4x32x16xf32>
 }
 
 // -----
