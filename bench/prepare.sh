@@ -8,12 +8,19 @@ set -euo pipefail
 build=${1:-build}
 b=$build/bench
 rm -rf "$b" && mkdir -p "$b/bin" "$b/lib" "$b/plans"
-cp "$build/bin/l4-run" "$b/bin/"
+cp "$build/bin/l4-run" "$build/bin/l4-tune" "$b/bin/"
 cp -P "$build"/runtime/libl4rt.so* "$b/lib/"
-compile() { # NAME BATCH SEQ
+# TUNING=FILE[,FILE] (tuning files l4-tune wrote on the GPU machine, e.g.
+# $OUT/tuning-*.json of an earlier bench/run.sh) generates the kernels with
+# their choices.
+tuning=()
+[ -n "${TUNING:-}" ] && tuning=(--tuning="$TUNING")
+compile() { # NAME BATCH SEQ [ARGS...]
+  local name=$1 batch=$2 seq=$3
+  shift 3
   "$build/bin/l4c" compile bench/configs/scout-slice4.json --program=generate \
-    --precision=bf16 --target=cuda --max-batch="$2" --max-seq="$3" \
-    -o "$b/plans/$1.plan" 2>&1 | sed 's/^/  /'
+    --precision=bf16 --target=cuda --max-batch="$batch" --max-seq="$seq" \
+    ${tuning[@]+"${tuning[@]}"} "$@" -o "$b/plans/$name.plan" 2>&1 | sed 's/^/  /'
 }
 # Prefill of 2048 tokens (then 32 decode steps at ~2k context), batch 1.
 compile scout4-b1-2k 1 2080
@@ -21,7 +28,16 @@ compile scout4-b1-2k 1 2080
 compile scout4-b1 1 192
 compile scout4-b32 32 192
 # A training step of the 4-layer, 2048-wide, 8-expert model at 4 x 2048.
-"$build/bin/l4c" compile bench/configs/train-2048.json --program=train \
-  --precision=bf16 --target=cuda --max-batch=4 --max-seq=2048 \
-  -o "$b/plans/train-2048.plan" 2>&1 | sed 's/^/  /'
+train() { # NAME [ARGS...]
+  local name=$1
+  shift
+  "$build/bin/l4c" compile bench/configs/train-2048.json --program=train \
+    --precision=bf16 --target=cuda --max-batch=4 --max-seq=2048 \
+    ${tuning[@]+"${tuning[@]}"} "$@" -o "$b/plans/$name.plan" 2>&1 | sed 's/^/  /'
+}
+train train-2048
+# For l4-tune (bench/run.sh): every other tile configuration of the tunable
+# GEMMs as candidates, prefill and training.
+compile scout4-b1-2k-tune 1 2080 --tune-candidates
+train train-2048-tune --tune-candidates
 du -sh "$b"

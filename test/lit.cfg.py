@@ -19,7 +19,7 @@ config.substitutions.append(("%extra", os.path.join(config.l4c_src_root, "test",
 llvm_config.with_system_environment(["HOME", "TMPDIR"])
 llvm_config.use_default_substitutions()
 tool_dirs = [config.l4c_tools_dir, config.llvm_tools_dir]
-llvm_config.add_tool_substitutions(["l4c", "l4-opt", "l4-run", "l4-compare", "not", "count", "split-file", "FileCheck"], tool_dirs)
+llvm_config.add_tool_substitutions(["l4c", "l4-opt", "l4-run", "l4-tune", "l4-compare", "not", "count", "split-file", "FileCheck"], tool_dirs)
 config.substitutions.append(("%python", "/usr/bin/python3"))
 
 # The CUDA driver emulator (runtime/test/cuemu): the GPU path on the host.

@@ -7,6 +7,7 @@
 //
 //===----------------------------------------------------------------------===//
 #include "l4c/Plan/PlanWriter.h"
+#include "llvm/ADT/StringExtras.h"
 #include "l4c/Dialect/Kernel/KernelOps.h"
 #include "l4c/Dialect/L4/L4Ops.h"
 #include "l4c/Passes/MemoryPlan.h"
@@ -78,13 +79,19 @@ struct PendingKernel {
   fb::Offset<fb::Vector<uint32_t>> temps;
   std::optional<CudaKernel> cuda;
   std::string program; ///< the function it belongs to (for --emit=cuda)
+  /// Tunable kernels: the name of the default configuration's body, which
+  /// tuning files key their choices by.
+  std::string signature;
+  int32_t alternativeOf = -1; ///< a candidate: the kernel it could replace
 };
 
 class Writer {
 public:
-  /// `emitCuda`: generate CUDA source for every kernel.
-  Writer(const ModuleMemoryPlan &mem, bool emitCuda)
-      : mem(mem), emitCuda(emitCuda) {}
+  /// `emitCuda`: generate CUDA source for every kernel, with the tile
+  /// configurations `opts.tuning` chooses (and, with
+  /// `opts.tuneCandidates`, the others as candidates).
+  Writer(const ModuleMemoryPlan &mem, bool emitCuda, const PlanOptions &opts)
+      : mem(mem), emitCuda(emitCuda), opts(opts) {}
   LogicalResult addFunction(func::FuncOp fn);
   llvm::Expected<std::string> finish(const Llama4Config &c,
                                      const PlanOptions &opts,
@@ -120,6 +127,7 @@ private:
 
   const ModuleMemoryPlan &mem;
   bool emitCuda;
+  const PlanOptions &opts;
   uint64_t workspaceSize = 0;
   std::string cudaError;
   StringRef currentFunction;
@@ -127,6 +135,9 @@ private:
   std::vector<fb::Offset<pl::Buffer>> buffers;
   std::vector<fb::Offset<pl::WeightBinding>> weights;
   std::vector<PendingKernel> kernels;
+  /// Other tile configurations of the kernels (--tune-candidates), written
+  /// after every kernel a program runs.
+  std::vector<PendingKernel> candidates;
   std::vector<fb::Offset<pl::Program>> programs;
   llvm::StringMap<uint32_t> sharedBuffers; ///< weights and caches by name
 };
@@ -258,14 +269,45 @@ LogicalResult Writer::addKernel(kernel::GroupOp g, const FunctionMemoryPlan &f,
         return g.emitOpError() << "result has no memory slot";
       outs.push_back(std::move(*b));
     }
-    auto cuda = emitCudaKernel(g, ins, outs,
-                               cudaEntryName(kernels.size(), g.getName()),
-                               workspaceOffset());
-    if (!cuda) {
-      cudaError = toString(cuda.takeError());
+    std::string entry = cudaEntryName(kernels.size(), g.getName());
+    auto emit = [&](StringRef config,
+                    StringRef entryName) -> FailureOr<CudaKernel> {
+      auto cuda = emitCudaKernel(g, ins, outs, entryName, workspaceOffset(),
+                                 config);
+      if (!cuda) {
+        cudaError = toString(cuda.takeError());
+        return failure();
+      }
+      workspaceSize = std::max(workspaceSize, cuda->workspaceBytes);
+      return std::move(*cuda);
+    };
+    FailureOr<CudaKernel> cuda = emit("", entry);
+    if (failed(cuda))
       return failure();
+    if (!cuda->configs.empty()) {
+      k.signature = cuda->bodyName;
+      auto tuned = opts.tuning.find(k.signature);
+      if (tuned != opts.tuning.end() && tuned->second != cuda->config) {
+        cuda = emit(tuned->second, entry);
+        if (failed(cuda)) {
+          cudaError = "the tuning file's choice for " + k.signature + ": " +
+                      cudaError;
+          return failure();
+        }
+      }
     }
-    workspaceSize = std::max(workspaceSize, cuda->workspaceBytes);
+    if (opts.tuneCandidates)
+      for (const std::string &config : cuda->configs) {
+        if (config == cuda->config)
+          continue;
+        FailureOr<CudaKernel> alt = emit(config, entry + "_" + config);
+        if (failed(alt))
+          return failure();
+        PendingKernel c = k;
+        c.cuda = std::move(*alt);
+        c.alternativeOf = int32_t(kernels.size());
+        candidates.push_back(std::move(c));
+      }
     k.cuda = std::move(*cuda);
   }
   kernels.push_back(std::move(k));
@@ -351,8 +393,9 @@ llvm::Error Writer::compileCuda(llvm::StringRef arch, bool stats,
   // separate compilation (-rdc, then nvJitLink) compiles that body once
   // rather than once per entry, which is most of the time saved.
   llvm::MapVector<StringRef, std::vector<const CudaKernel *>> families;
-  for (const PendingKernel &k : kernels)
-    families[k.cuda->bodyName].push_back(&*k.cuda);
+  for (const auto *list : {&kernels, &candidates})
+    for (const PendingKernel &k : *list)
+      families[k.cuda->bodyName].push_back(&*k.cuda);
   struct Job {
     StringRef body;
     std::string source, error, log;
@@ -416,7 +459,7 @@ llvm::Error Writer::compileCuda(llvm::StringRef arch, bool stats,
     llvm::errs() << llvm::formatv(
         "l4c: nvrtc: compiled {0} kernels as {1} programs for {2} in {3:F2} s "
         "({4:F2} s of compile time on {5} threads)\n",
-        kernels.size(), jobs.size(), arch, total, sum,
+        kernels.size() + candidates.size(), jobs.size(), arch, total, sum,
         llvm::hardware_concurrency().compute_thread_count());
   }
   nvrtc::Linking linking =
@@ -451,19 +494,21 @@ llvm::Expected<std::string> Writer::finish(const Llama4Config &c,
     llvm::StringMap<std::pair<fb::Offset<fb::String>,
                               fb::Offset<fb::Vector<uint8_t>>>>
         shared;
-    for (const PendingKernel &k : kernels) {
-      const CudaKernel &ck = *k.cuda;
-      auto it = shared.find(ck.bodyName);
-      if (it == shared.end()) {
-        auto src = fbb.CreateString(sources[ck.bodyName]);
-        auto bin = fbb.CreateVector(cubins[ck.bodyName]);
-        it = shared.try_emplace(ck.bodyName, src, bin).first;
+    for (const auto *list : {&kernels, &candidates})
+      for (const PendingKernel &k : *list) {
+        const CudaKernel &ck = *k.cuda;
+        auto it = shared.find(ck.bodyName);
+        if (it == shared.end()) {
+          auto src = fbb.CreateString(sources[ck.bodyName]);
+          auto bin = fbb.CreateVector(cubins[ck.bodyName]);
+          it = shared.try_emplace(ck.bodyName, src, bin).first;
+        }
+        tables.push_back(pl::CreateKernel(
+            fbb, k.name, k.kind, k.ops, it->second.first, it->second.second,
+            fbb.CreateString(ck.entry), ck.threads, ck.blocks, ck.sharedBytes,
+            k.temps, fbb.CreateString(ck.config),
+            fbb.CreateString(k.signature), k.alternativeOf));
       }
-      tables.push_back(pl::CreateKernel(
-          fbb, k.name, k.kind, k.ops, it->second.first, it->second.second,
-          fbb.CreateString(ck.entry), ck.threads, ck.blocks, ck.sharedBytes,
-          k.temps));
-    }
     nvrtcVersion = nvrtc::version();
   } else {
     for (const PendingKernel &k : kernels)
@@ -511,12 +556,13 @@ llvm::Expected<std::string> cudaArchOf(llvm::StringRef target) {
 /// Plans memory and walks every function; `emitCuda` adds each kernel's
 /// CUDA source.
 static llvm::Expected<std::unique_ptr<Writer>>
-walkModule(ModuleOp module, bool emitCuda, ModuleMemoryPlan &mem) {
+walkModule(ModuleOp module, bool emitCuda, const PlanOptions &opts,
+           ModuleMemoryPlan &mem) {
   FailureOr<ModuleMemoryPlan> planned = planModuleMemory(module);
   if (failed(planned))
     return llvm::createStringError("memory planning failed");
   mem = std::move(*planned);
-  auto w = std::make_unique<Writer>(mem, emitCuda);
+  auto w = std::make_unique<Writer>(mem, emitCuda, opts);
   for (auto fn : module.getOps<func::FuncOp>())
     if (failed(w->addFunction(fn))) {
       if (llvm::Error e = w->takeCudaError())
@@ -535,7 +581,7 @@ llvm::Expected<std::string> serializePlan(ModuleOp module,
   if (!arch)
     return arch.takeError();
   ModuleMemoryPlan mem;
-  auto w = walkModule(module, !arch->empty(), mem);
+  auto w = walkModule(module, !arch->empty(), opts, mem);
   if (!w)
     return w.takeError();
   if (uint64_t ws = (*w)->workspace())
@@ -550,7 +596,7 @@ llvm::Error printCudaSources(ModuleOp module, const PlanOptions &opts,
   if (!arch)
     return arch.takeError();
   ModuleMemoryPlan mem;
-  auto w = walkModule(module, /*emitCuda=*/true, mem);
+  auto w = walkModule(module, /*emitCuda=*/true, opts, mem);
   if (!w)
     return w.takeError();
   os << "// l4c --emit=cuda: " << opts.programKind << " program, max batch "
@@ -561,9 +607,13 @@ llvm::Error printCudaSources(ModuleOp module, const PlanOptions &opts,
   for (auto [i, k] : llvm::enumerate((*w)->pending())) {
     const CudaKernel &c = *k.cuda;
     os << llvm::formatv("\n//===- kernel {0} in @{1}: {2} ({3}), entry {4}, "
-                        "{5} blocks x {6} threads, {7} dynamic shared bytes\n",
+                        "{5} blocks x {6} threads, {7} dynamic shared bytes",
                         i, k.program, c.name, c.kind, c.entry, c.blocks,
                         c.threads, c.sharedBytes);
+    if (!k.signature.empty())
+      os << ", tiles " << c.config << " of " << llvm::join(c.configs, "|")
+         << " (signature " << k.signature << ")";
+    os << "\n";
     auto [it, fresh] = firstUse.try_emplace(c.bodyName, unsigned(i));
     if (fresh)
       os << c.body;

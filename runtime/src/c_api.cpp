@@ -26,6 +26,8 @@ struct l4rt_session_s {
   std::vector<l4rt_kernel_check> checkViews;
   std::vector<l4c::rt::KernelTime> times; ///< l4rt_profile_kernels
   std::vector<l4rt_kernel_time> timeViews;
+  std::vector<l4c::rt::KernelTuning> tunings; ///< l4rt_tune_kernels
+  std::vector<l4rt_kernel_tuning> tuningViews;
 };
 
 namespace {
@@ -266,6 +268,29 @@ l4rt_status l4rt_profile_kernels(l4rt_session session, const char *program,
           {t.kernel, t.name.c_str(), t.kind.c_str(), t.ms});
     *out_times = session->timeViews.data();
     *out_count = session->timeViews.size();
+    return report(s);
+  });
+}
+
+l4rt_status l4rt_tune_kernels(l4rt_session session, const char *program,
+                              const int64_t *ids, int64_t batch, int64_t seq,
+                              int64_t pos0, int64_t repeats,
+                              const l4rt_kernel_tuning **out_rows,
+                              size_t *out_count) {
+  return guarded([&] {
+    if (!session || !program || !out_rows || !out_count)
+      return invalid("l4rt_tune_kernels: session, program and outputs must "
+                     "not be null");
+    session->tunings.clear();
+    session->tuningViews.clear();
+    Status s = session->session->tuneKernels(program, ids, batch, seq, pos0,
+                                             repeats, session->tunings);
+    for (const l4c::rt::KernelTuning &t : session->tunings)
+      session->tuningViews.push_back({t.kernel, t.of, t.name.c_str(),
+                                      t.signature.c_str(), t.config.c_str(),
+                                      t.ms, t.maxAbsErr, t.maxAbsRef});
+    *out_rows = session->tuningViews.data();
+    *out_count = session->tuningViews.size();
     return report(s);
   });
 }

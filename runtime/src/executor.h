@@ -82,6 +82,16 @@ struct KernelTime {
   double ms = 0; ///< median over the repeats
 };
 
+/// One tile configuration of a tunable kernel (Session::tuneKernels).
+struct KernelTuning {
+  uint32_t kernel = 0; ///< the configuration's kernel (a candidate or `of`)
+  uint32_t of = 0;     ///< the kernel a program runs
+  std::string name, signature, config;
+  double ms = 0; ///< median GPU time over the repeats
+  /// Against the results of kernel `of` on the same inputs (live elements).
+  double maxAbsErr = 0, maxAbsRef = 0;
+};
+
 class Session {
 public:
   static Status create(std::shared_ptr<const Plan> plan,
@@ -123,6 +133,17 @@ public:
   Status profileKernels(const std::string &program, const int64_t *ids,
                         int64_t B, int64_t T, int64_t pos0, int64_t repeats,
                         std::vector<KernelTime> &out);
+
+  /// CUDA sessions, plans with tuning candidates (l4c compile
+  /// --tune-candidates): runs `program` on ids [B, T] at pos0 kernel by
+  /// kernel; at each kernel that has candidates, runs the kernel and each
+  /// candidate from the same saved values of the buffers it touches, once
+  /// to compare their results with the kernel's and `repeats` times to take
+  /// the median time, then continues from the kernel's own results. One row
+  /// per configuration, the kernel's own first, in program order.
+  Status tuneKernels(const std::string &program, const int64_t *ids, int64_t B,
+                     int64_t T, int64_t pos0, int64_t repeats,
+                     std::vector<KernelTuning> &out);
 
   // Training (train.cpp). Gradients of micro-batches are summed in the
   // session; the optimizer applies their mean, then clears them.

@@ -5,7 +5,9 @@
 // results are compared over their live elements and the CPU's results are
 // uploaded, so an error is charged to the kernel that made it and never
 // carried into the next one. Session::profileKernels: every kernel's GPU
-// time, from CUDA events between the launches.
+// time, from CUDA events between the launches. Session::tuneKernels: the
+// time of each tile configuration of the tunable kernels (l4-tune), each
+// checked against the kernel's own results.
 //
 //===----------------------------------------------------------------------===//
 #include "cuda/cuda_backend.h"
@@ -15,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <set>
 
 namespace l4c::rt {
@@ -35,6 +38,57 @@ liveRanges(const BufferDesc &d, int64_t B, int64_t T, uint64_t elem) {
   for (int64_t b = 0; b < B; ++b)
     r.push_back({d.offset + uint64_t(b) * d.batchStride * elem, live * elem});
   return r;
+}
+
+/// Folds the comparison of `n` elements of a float or integer buffer of
+/// dtype `dt` (got against ref) into c.
+Status compareValues(plan::DType dt, const uint8_t *got, const uint8_t *ref,
+                     uint64_t n, const std::string &what, KernelCheck &c) {
+  uint64_t elem = dtypeSize(dt);
+  c.integer = !isFloat(dt);
+  c.elements += n;
+  if (dt == plan::DType::F32 || dt == plan::DType::BF16) {
+    bool bf16 = dt == plan::DType::BF16;
+    auto at = [&](const uint8_t *p, uint64_t i) -> double {
+      if (bf16)
+        return io::bf16ToF32(reinterpret_cast<const uint16_t *>(p)[i]);
+      return reinterpret_cast<const float *>(p)[i];
+    };
+    for (uint64_t i = 0; i < n; ++i) {
+      double g = at(got, i), h = at(ref, i);
+      double err = std::isnan(g) != std::isnan(h) ? INFINITY : std::fabs(g - h);
+      if (std::isnan(err))
+        err = 0; // both NaN: the reference has it too
+      c.maxAbsErr = std::max(c.maxAbsErr, err);
+      if (std::isfinite(h))
+        c.maxAbsRef = std::max(c.maxAbsRef, std::fabs(h));
+    }
+    return Status::success();
+  }
+  if (c.integer) {
+    for (uint64_t i = 0; i < n; ++i)
+      c.mismatches += std::memcmp(got + i * elem, ref + i * elem, elem) != 0;
+    return Status::success();
+  }
+  return Status::fail(StatusCode::Unsupported,
+                      what + " has dtype " + dtypeName(dt) +
+                          ", which the kernel check does not compare");
+}
+
+/// The buffers a kernel's ops write and the GPU computes (not its temps).
+std::set<uint32_t> gpuResults(const KernelDesc &kd) {
+  std::set<uint32_t> results;
+  for (const OpDesc &op : kd.ops)
+    results.insert(op.results.begin(), op.results.end());
+  for (uint32_t t : kd.temps) // the GPU never writes these
+    results.erase(t);
+  return results;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  size_t n = v.size();
+  return n == 0 ? 0 : n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 } // namespace
@@ -84,11 +138,7 @@ Status Session::checkKernels(const std::string &program, const int64_t *ids,
     one.steps = {k};
     if (Status s = gpu_->runProgram(one, B, T); !s.ok())
       return s;
-    std::set<uint32_t> results;
-    for (const OpDesc &op : kd.ops)
-      results.insert(op.results.begin(), op.results.end());
-    for (uint32_t t : kd.temps) // the GPU never writes these
-      results.erase(t);
+    std::set<uint32_t> results = gpuResults(kd);
     KernelCheck kc;
     kc.kernel = k;
     kc.name = kd.name;
@@ -98,41 +148,17 @@ Status Session::checkKernels(const std::string &program, const int64_t *ids,
       const BufferDesc &d = p.buffers[bi];
       uint64_t elem = dtypeSize(d.dtype);
       KernelCheck c;
-      c.integer = !isFloat(d.dtype);
       for (auto [at, bytes] : liveRanges(d, B, T, elem)) {
         dev.resize(bytes);
         if (Status s = gpu_->download(d.region, at, dev.data(), bytes); !s.ok())
           return s;
         const uint8_t *host = bases[int(d.region)] + at;
-        uint64_t n = bytes / elem;
-        c.elements += n;
-        if (d.dtype == plan::DType::F32 || d.dtype == plan::DType::BF16) {
-          bool bf16 = d.dtype == plan::DType::BF16;
-          auto at = [&](const uint8_t *p, uint64_t i) -> double {
-            if (bf16)
-              return io::bf16ToF32(reinterpret_cast<const uint16_t *>(p)[i]);
-            return reinterpret_cast<const float *>(p)[i];
-          };
-          for (uint64_t i = 0; i < n; ++i) {
-            double g = at(dev.data(), i), h = at(host, i);
-            double err = std::isnan(g) != std::isnan(h) ? INFINITY
-                                                        : std::fabs(g - h);
-            if (std::isnan(err))
-              err = 0; // both NaN: the reference has it too
-            c.maxAbsErr = std::max(c.maxAbsErr, err);
-            if (std::isfinite(h))
-              c.maxAbsRef = std::max(c.maxAbsRef, std::fabs(h));
-          }
-        } else if (c.integer) {
-          for (uint64_t i = 0; i < n; ++i)
-            c.mismatches +=
-                std::memcmp(dev.data() + i * elem, host + i * elem, elem) != 0;
-        } else {
-          return Status::fail(StatusCode::Unsupported,
-                              "kernel '" + kd.name + "': result '" + d.name +
-                                  "' has dtype " + dtypeName(d.dtype) +
-                                  ", which the kernel check does not compare");
-        }
+        if (Status s = compareValues(d.dtype, dev.data(), host, bytes / elem,
+                                     "kernel '" + kd.name + "': result '" +
+                                         d.name + "'",
+                                     c);
+            !s.ok())
+          return s;
         // The GPU continues from the CPU's values.
         if (Status s = gpu_->upload(d.region, at, host, bytes); !s.ok())
           return s;
@@ -188,17 +214,154 @@ Status Session::profileKernels(const std::string &program, const int64_t *ids,
   }
   out.clear();
   for (size_t i = 0; i < prog->steps.size(); ++i) {
-    std::vector<double> &v = runs[i];
-    std::sort(v.begin(), v.end());
-    size_t n = v.size();
     KernelTime t;
     t.kernel = prog->steps[i];
     t.name = p.kernels[t.kernel].name;
     t.kind = p.kernels[t.kernel].kind;
-    t.ms = n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+    t.ms = median(runs[i]);
     out.push_back(std::move(t));
   }
   return Status::success();
+}
+
+Status Session::tuneKernels(const std::string &program, const int64_t *ids,
+                            int64_t B, int64_t T, int64_t pos0, int64_t repeats,
+                            std::vector<KernelTuning> &out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Plan &p = *plan_;
+  if (!gpu_)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "tuning kernels needs a cuda session");
+  const ProgramDesc *prog = p.program(program);
+  if (!prog)
+    return Status::fail(StatusCode::InvalidArgument,
+                        p.label() + ": no program '" + program + "'");
+  if (B < 1 || B > p.maxBatch || T < 1 || T > prog->seqCapacity ||
+      repeats < 1)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "batch " + std::to_string(B) + " x length " +
+                            std::to_string(T) + " (" +
+                            std::to_string(repeats) +
+                            " repeats) is outside the " + program +
+                            " program's range");
+  if (Status s = checkIds(ids, B, T, T); !s.ok())
+    return s;
+  stageInputs(*prog, ids, T, B, T, pos0);
+  if (Status s = uploadInputs(*prog, B, T); !s.ok())
+    return s;
+  std::map<uint32_t, std::vector<uint32_t>> candidates;
+  for (uint32_t k = 0; k < p.kernels.size(); ++k)
+    if (p.kernels[k].alternativeOf >= 0)
+      candidates[uint32_t(p.kernels[k].alternativeOf)].push_back(k);
+  out.clear();
+  ProgramDesc one = *prog;
+  std::vector<double> ms;
+  for (uint32_t k : prog->steps) {
+    one.steps = {k};
+    auto cands = candidates.find(k);
+    if (cands == candidates.end()) {
+      // Not tunable: run it, so the kernels after it see its results.
+      if (Status s = gpu_->runProgram(one, B, T); !s.ok())
+        return s;
+      continue;
+    }
+    const KernelDesc &kd = p.kernels[k];
+    // Every configuration starts from the same values of the buffers the
+    // kernel touches (weights excepted: no kernel of a program writes them).
+    std::set<uint32_t> touched;
+    for (const OpDesc &op : kd.ops) {
+      touched.insert(op.operands.begin(), op.operands.end());
+      touched.insert(op.results.begin(), op.results.end());
+    }
+    std::vector<std::pair<uint32_t, std::vector<uint8_t>>> saved;
+    for (uint32_t b : touched) {
+      const BufferDesc &d = p.buffers[b];
+      if (d.region == plan::Region::Weights)
+        continue;
+      std::vector<uint8_t> bytes(d.size);
+      if (Status s = gpu_->download(d.region, d.offset, bytes.data(), d.size);
+          !s.ok())
+        return s;
+      saved.emplace_back(b, std::move(bytes));
+    }
+    auto restore = [&]() -> Status {
+      for (const auto &[b, bytes] : saved) {
+        const BufferDesc &d = p.buffers[b];
+        if (Status s = gpu_->upload(d.region, d.offset, bytes.data(), d.size);
+            !s.ok())
+          return s;
+      }
+      return Status::success();
+    };
+    std::set<uint32_t> results = gpuResults(kd);
+    // One configuration: its results (live elements) after one run from the
+    // saved values, then the median time of `repeats` runs.
+    auto measure = [&](uint32_t kernel, std::vector<std::vector<uint8_t>> &res,
+                       double &median_ms) -> Status {
+      if (Status s = restore(); !s.ok())
+        return s;
+      ProgramDesc run = one;
+      run.steps = {kernel};
+      if (Status s = gpu_->runProgram(run, B, T); !s.ok())
+        return s;
+      res.clear();
+      for (uint32_t b : results) {
+        const BufferDesc &d = p.buffers[b];
+        for (auto [at, bytes] : liveRanges(d, B, T, dtypeSize(d.dtype))) {
+          res.emplace_back(bytes);
+          if (Status s = gpu_->download(d.region, at, res.back().data(), bytes);
+              !s.ok())
+            return s;
+        }
+      }
+      std::vector<double> times;
+      for (int64_t r = 0; r < repeats; ++r) {
+        if (Status s = gpu_->profileProgram(run, B, T, ms); !s.ok())
+          return s;
+        times.push_back(ms.empty() ? 0 : ms[0]);
+      }
+      median_ms = median(times);
+      return Status::success();
+    };
+    std::vector<std::vector<uint8_t>> ref, got;
+    KernelTuning base;
+    base.kernel = base.of = k;
+    base.name = kd.name;
+    base.signature = kd.signature;
+    base.config = kd.tileConfig;
+    if (Status s = measure(k, ref, base.ms); !s.ok())
+      return s;
+    out.push_back(base);
+    for (uint32_t a : cands->second) {
+      KernelTuning t = base;
+      t.kernel = a;
+      t.config = p.kernels[a].tileConfig;
+      if (Status s = measure(a, got, t.ms); !s.ok())
+        return s;
+      KernelCheck c;
+      size_t piece = 0;
+      for (uint32_t b : results) {
+        const BufferDesc &d = p.buffers[b];
+        for (size_t i = 0; i < liveRanges(d, B, T, dtypeSize(d.dtype)).size();
+             ++i, ++piece)
+          if (Status s = compareValues(
+                  d.dtype, got[piece].data(), ref[piece].data(),
+                  got[piece].size() / dtypeSize(d.dtype),
+                  "kernel '" + kd.name + "': result '" + d.name + "'", c);
+              !s.ok())
+            return s;
+      }
+      t.maxAbsErr = c.maxAbsErr;
+      t.maxAbsRef = c.maxAbsRef;
+      out.push_back(std::move(t));
+    }
+    // The program continues from the kernel's own results.
+    if (Status s = restore(); !s.ok())
+      return s;
+    if (Status s = gpu_->runProgram(one, B, T); !s.ok())
+      return s;
+  }
+  return gpu_->synchronize();
 }
 
 } // namespace l4c::rt

@@ -533,10 +533,18 @@ Status PlanVerifier::checkKernels(const plan::Plan &fb) {
     KernelDesc &kd = p.kernels[k];
     kd.name = str(kernel->name());
     kd.kind = str(kernel->kind());
-    if (!kernel->ops())
-      continue;
+    kd.tileConfig = str(kernel->tile_config());
+    kd.signature = str(kernel->signature());
+    kd.alternativeOf = kernel->alternative_of();
     std::string kwhere = "kernel " + std::to_string(k) +
                          (kd.name.empty() ? "" : " '" + kd.name + "'");
+    if (kd.alternativeOf < -1 || kd.alternativeOf >= int32_t(k) ||
+        (kd.alternativeOf >= 0 && p.kernels[kd.alternativeOf].alternativeOf >= 0))
+      return fail(kwhere + ": alternative_of " +
+                  std::to_string(kd.alternativeOf) +
+                  " does not name an earlier kernel that is not a candidate");
+    if (!kernel->ops())
+      continue;
     for (uint32_t o = 0; o < kernel->ops()->size(); ++o) {
       const plan::SemanticOp *op = kernel->ops()->Get(o);
       std::string opName = str(op->op());
@@ -565,6 +573,20 @@ Status PlanVerifier::checkKernels(const plan::Plan &fb) {
                       " is not both written and then read by the kernel's ops");
         kd.temps.push_back(t);
       }
+    if (kd.alternativeOf >= 0) {
+      // A tuning candidate computes what the kernel it could replace does.
+      const KernelDesc &of = p.kernels[kd.alternativeOf];
+      bool same = kd.ops.size() == of.ops.size() && kd.temps == of.temps &&
+                  !kd.signature.empty() && kd.signature == of.signature;
+      for (size_t o = 0; same && o < kd.ops.size(); ++o)
+        same = kd.ops[o].kind == of.ops[o].kind &&
+               kd.ops[o].operands == of.ops[o].operands &&
+               kd.ops[o].results == of.ops[o].results;
+      if (!same)
+        return fail(kwhere + ": a tuning candidate must have the ops, "
+                             "buffers and signature of kernel " +
+                    std::to_string(kd.alternativeOf));
+    }
   }
   return Status::success();
 }
@@ -1617,6 +1639,10 @@ Status PlanVerifier::checkPrograms(const plan::Plan &fb) {
           return fail(where + ": step " + std::to_string(k) + " kernel index " +
                       std::to_string(s) + " out of range (" +
                       std::to_string(p.kernels.size()) + " kernels)");
+        if (p.kernels[s].alternativeOf >= 0)
+          return fail(where + ": step " + std::to_string(k) + " runs kernel " +
+                      std::to_string(s) +
+                      ", a tuning candidate (only l4-tune runs those)");
         pd.steps.push_back(s);
         for (const OpDesc &op : p.kernels[s].ops) {
           for (uint32_t b : op.operands)

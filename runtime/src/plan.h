@@ -137,6 +137,10 @@ struct KernelDesc {
   /// Results of ops that a fused kernel consumes itself: only the CPU
   /// backend writes them (see plan.fbs, Kernel.temps).
   std::vector<uint32_t> temps;
+  /// CUDA tile configuration and signature of a tunable kernel (l4-tune).
+  std::string tileConfig, signature;
+  /// >= 0: a candidate configuration of that kernel; no program runs it.
+  int32_t alternativeOf = -1;
 };
 
 struct ProgramDesc {

@@ -452,6 +452,42 @@ TEST(PlanVerifier, RejectsBadPrograms) {
   expectRejected(p, "is in the arena region, not weights");
 }
 
+TEST(PlanVerifier, ChecksTuningCandidates) {
+  // A candidate (another tile configuration of a kernel, for l4-tune) is
+  // accepted when it computes what its kernel does and no program runs it.
+  auto withCandidate = [](PlanSpec p) {
+    KernelSpec &k = p.kernels.back();
+    k.signature = "l4_gemm_0";
+    k.tileConfig = "p128x128";
+    KernelSpec c = k;
+    c.tileConfig = "t64x64";
+    c.alternativeOf = int32_t(p.kernels.size() - 1);
+    p.kernels.push_back(c);
+    return p;
+  };
+  PlanSpec p = withCandidate(linearPlan());
+  std::shared_ptr<const rt::Plan> plan;
+  rt::Status st = parse(p, &plan);
+  ASSERT_TRUE(st.ok()) << st.message;
+  EXPECT_EQ(plan->kernels.back().alternativeOf,
+            int32_t(plan->kernels.size() - 2));
+  EXPECT_EQ(plan->kernels.back().tileConfig, "t64x64");
+  p = withCandidate(linearPlan());
+  p.programs[0].steps.push_back(uint32_t(p.kernels.size() - 1));
+  expectRejected(p, "a tuning candidate (only l4-tune runs those)");
+  p = withCandidate(linearPlan());
+  p.kernels.back().ops[0].operands[0] = findBuffer(p, "h");
+  expectRejected(p, "a tuning candidate must have the ops, buffers and "
+                    "signature of kernel");
+  p = withCandidate(linearPlan());
+  p.kernels.back().signature = "l4_gemm_1";
+  expectRejected(p, "a tuning candidate must have the ops, buffers and "
+                    "signature of kernel");
+  p = withCandidate(linearPlan());
+  p.kernels.back().alternativeOf = int32_t(p.kernels.size());
+  expectRejected(p, "does not name an earlier kernel that is not a candidate");
+}
+
 /// The tiny model with its routed experts split as l4c-split-experts splits
 /// them: a route table (i32, E + 1 offsets then B*S*K entries), each
 /// token's expert activations [B, S, K, I], then their down projections.

@@ -58,6 +58,8 @@ struct KernelSpec {
   std::string name, kind;
   std::vector<OpSpec> ops;
   std::vector<uint32_t> temps; ///< results the kernel consumes itself
+  std::string tileConfig, signature; ///< l4-tune's (CUDA plans)
+  int32_t alternativeOf = -1;        ///< a tuning candidate of that kernel
 };
 
 struct IoSpec {
@@ -169,7 +171,9 @@ struct PlanSpec {
       ks.push_back(pl::CreateKernel(
           fbb, fbb.CreateString(k.name), fbb.CreateString(k.kind),
           fbb.CreateVector(ops), 0, 0, 0, 0, 0, 0,
-          k.temps.empty() ? 0 : fbb.CreateVector(k.temps)));
+          k.temps.empty() ? 0 : fbb.CreateVector(k.temps),
+          fbb.CreateString(k.tileConfig), fbb.CreateString(k.signature),
+          k.alternativeOf));
     }
     std::vector<flatbuffers::Offset<pl::Program>> ps;
     for (const ProgramSpec &p : programs) {

@@ -9,6 +9,7 @@
 #include "l4c/InitAll.h"
 #include "l4c/Passes/Pipelines.h"
 #include "l4c/Plan/PlanWriter.h"
+#include "l4c/Plan/Tuning.h"
 #include "llvm/ADT/StringExtras.h"
 #include "mlir/Pass/PassManager.h"
 #include "io/safetensors.h"
@@ -74,6 +75,17 @@ static cl::opt<std::string> fuseOpt(
     cl::desc("kernel fusions (l4c-fuse): all | none | a comma list of swiglu, "
              "epilogue, norm, rope"),
     cl::sub(compileCmd));
+static cl::opt<std::string> tuningOpt(
+    "tuning", cl::init(""),
+    cl::desc("CUDA targets: generate the kernels with the tile "
+             "configurations these tuning files (l4-tune's; a comma list) "
+             "chose for the target's arch"),
+    cl::value_desc("FILE[,FILE...]"), cl::sub(compileCmd));
+static cl::opt<bool> tuneCandidates(
+    "tune-candidates", cl::init(false),
+    cl::desc("CUDA targets: also write every other tile configuration of "
+             "each tunable kernel, for l4-tune to time"),
+    cl::sub(compileCmd));
 static cl::opt<bool> printLocs(
     "print-locations", cl::init(false),
     cl::desc("print each op's location (its HF module path) inline"),
@@ -126,8 +138,26 @@ static int runCompile() {
     return fail("--emit must be l4, kernel or cuda, got '" + emitOpt + "'");
   if (emitOpt.empty() && outputOpt.empty())
     return fail("nothing to do: give -o PLAN or --emit=l4|kernel|cuda");
-  if (auto arch = l4c::cudaArchOf(targetOpt); !arch)
+  auto arch = l4c::cudaArchOf(targetOpt);
+  if (!arch)
     return fail(toString(arch.takeError()));
+  if (arch->empty() && (!tuningOpt.empty() || tuneCandidates))
+    return fail(Twine(tuningOpt.empty() ? "--tune-candidates" : "--tuning") +
+                " goes with a CUDA --target");
+  std::map<std::string, std::string> tuning;
+  for (StringRef file : llvm::split(StringRef(tuningOpt), ',')) {
+    if (file.empty())
+      continue;
+    auto t = l4c::readTuningFile(file, *arch);
+    if (!t)
+      return fail(toString(t.takeError()));
+    for (auto &[sig, config] : *t) {
+      auto [it, fresh] = tuning.try_emplace(sig, config);
+      if (!fresh && it->second != config)
+        return fail("tuning files disagree on " + sig + ": " + it->second +
+                    " and " + config + " (" + file + ")");
+    }
+  }
   opts.program = *program;
   opts.precision = *precision;
   opts.maxBatch = maxBatch;
@@ -191,6 +221,8 @@ static int runCompile() {
   popts.maxBatch = maxBatch;
   popts.maxSeq = maxSeq;
   popts.cudaStats = nvrtcStats;
+  popts.tuning = std::move(tuning);
+  popts.tuneCandidates = tuneCandidates;
   if (emitOpt == "cuda")
     if (Error e = l4c::printCudaSources(**module, popts, outs()))
       return fail(toString(std::move(e)));

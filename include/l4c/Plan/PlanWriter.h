@@ -11,6 +11,7 @@
 #include "mlir/IR/BuiltinOps.h"
 #include "llvm/Support/Error.h"
 #include "llvm/Support/raw_ostream.h"
+#include <map>
 #include <string>
 
 namespace l4c {
@@ -25,6 +26,13 @@ struct PlanOptions {
   int64_t maxBatch = 1, maxSeq = 1;
   /// CUDA targets: print each NVRTC program's compile time to stderr.
   bool cudaStats = false;
+  /// CUDA targets: a tuning file's choices for the target's arch, tile
+  /// configuration by kernel signature (the name of the kernel's default
+  /// body; see l4-tune).
+  std::map<std::string, std::string> tuning;
+  /// CUDA targets: also write every other tile configuration of each
+  /// tunable kernel, as candidates for l4-tune (no program runs them).
+  bool tuneCandidates = false;
 };
 
 /// The GPU architecture a target names: "" for cpu, "sm_90a" for cuda (the

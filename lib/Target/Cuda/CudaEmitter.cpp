@@ -9,6 +9,7 @@
 #include "Emit.h"
 #include "l4c/Dialect/L4/L4Ops.h"
 #include "llvm/ADT/STLExtras.h"
+#include "llvm/ADT/StringExtras.h"
 #include "llvm/ADT/TypeSwitch.h"
 #include "llvm/Support/FormatVariadic.h"
 #include "llvm/Support/xxhash.h"
@@ -720,7 +721,8 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
                                           llvm::ArrayRef<CudaBuffer> inputs,
                                           llvm::ArrayRef<CudaBuffer> results,
                                           llvm::StringRef entry,
-                                          uint64_t workspaceOffset) {
+                                          uint64_t workspaceOffset,
+                                          llvm::StringRef config) {
   Block &block = group.getBody().front();
   auto yield = cast<kernel::YieldOp>(block.getTerminator());
   auto named = [&](const llvm::Twine &msg) {
@@ -738,6 +740,7 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
   OpContext ctx;
   ctx.op = &*ops.begin();
   ctx.kernelName = group.getName();
+  ctx.config = config;
   std::optional<cuda::GemmSpec> fused;
   std::optional<cuda::RopeNorm> ropeNorm;
   if (numOps == 2 && isa<l4::RopeOp>(*ops.begin()) &&
@@ -795,6 +798,12 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
                       : ropeNorm ? cuda::emitRope(ctx, &*ropeNorm)
                                  : emitOp(ctx))
     return std::move(e);
+  if (!config.empty() && !llvm::is_contained(ctx.body.configs, config))
+    return named("has no tile configuration '" + config + "' (it has: " +
+                 (ctx.body.configs.empty()
+                      ? std::string("none")
+                      : llvm::join(ctx.body.configs, ", ")) +
+                 ")");
   std::string casts;
   for (const View &v : ctx.operands)
     if (v.referenced)
@@ -849,6 +858,9 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
   k.blocks = unsigned(ctx.body.blocks);
   k.sharedBytes = 0; // all shared memory is static
   k.workspaceBytes = ctx.body.workspaceBytes;
+  k.configs = ctx.body.configs;
+  k.config = config.empty() && !k.configs.empty() ? k.configs.front()
+                                                  : config.str();
   uint64_t hash = llvm::xxh3_64bits(bodyText);
   k.bodyName = llvm::formatv("l4_{0}_{1:x-16}", sanitize(k.kind), hash).str();
   k.body = replaceAll(bodyText, "@B@", k.bodyName);

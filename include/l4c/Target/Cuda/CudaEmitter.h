@@ -46,6 +46,10 @@ struct CudaKernel {
   /// Device scratch the kernel uses at the workspace offset of the arena
   /// (0: none); the plan's arena ends with max over kernels of this.
   uint64_t workspaceBytes = 0;
+  /// Tile configurations l4-tune may choose between (empty: none), the
+  /// kernel's default first, and the one this kernel was generated with.
+  llvm::SmallVector<std::string, 3> configs;
+  std::string config;
 
   /// Prelude, body and entry: a program that compiles alone.
   std::string source() const;
@@ -65,11 +69,14 @@ std::string cudaEntryName(unsigned index, llvm::StringRef name);
 /// needs scratch (multi-block reductions) finds it at arena byte
 /// `workspaceOffset`, past every planned value. Fails, naming the kernel
 /// and op, on ops or dtypes the CUDA target does not support yet.
+/// `config` picks one of the kernel's tile configurations (CudaKernel::
+/// configs; empty: the default) and fails when the kernel has no such one.
 llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
                                           llvm::ArrayRef<CudaBuffer> inputs,
                                           llvm::ArrayRef<CudaBuffer> results,
                                           llvm::StringRef entry,
-                                          uint64_t workspaceOffset);
+                                          uint64_t workspaceOffset,
+                                          llvm::StringRef config = "");
 
 /// A whole NVRTC program for kernels that share one body: the prelude, the
 /// body once and every kernel's entry.

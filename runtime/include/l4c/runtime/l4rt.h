@@ -195,6 +195,32 @@ L4RT_API l4rt_status l4rt_profile_kernels(l4rt_session session,
                                           const l4rt_kernel_time **out_times,
                                           size_t *out_count);
 
+/* One tile configuration of a tunable kernel (l4rt_tune_kernels). */
+typedef struct l4rt_kernel_tuning {
+  uint32_t kernel;       /* the configuration's kernel index in the plan */
+  uint32_t of;           /* the kernel the program runs (== kernel: itself) */
+  const char *name;      /* the kernel's name */
+  const char *signature; /* its tuning signature (see l4c --tuning) */
+  const char *config;    /* the tile configuration, e.g. "p128x64" */
+  double ms;             /* GPU time, the median over the repeats */
+  double max_abs_err;    /* against kernel `of`'s results, same inputs */
+  double max_abs_ref;    /* the largest |value| of those results */
+} l4rt_kernel_tuning;
+
+/* CUDA sessions on plans compiled with `l4c --tune-candidates`: runs
+ * `program` on ids [batch, seq] at pos0 kernel by kernel and, at each
+ * kernel with candidate tile configurations, times the kernel and each
+ * candidate (median of `repeats` runs) from the same inputs and compares
+ * the candidates' results with the kernel's. *out_rows (valid until the
+ * next call on the session) gets one row per configuration, each kernel's
+ * own first, in program order. */
+L4RT_API l4rt_status l4rt_tune_kernels(l4rt_session session,
+                                       const char *program, const int64_t *ids,
+                                       int64_t batch, int64_t seq, int64_t pos0,
+                                       int64_t repeats,
+                                       const l4rt_kernel_tuning **out_rows,
+                                       size_t *out_count);
+
 /*---- Training (plans compiled with --program=train) ----------------------*/
 
 /* Runs the train_step program on ids [batch, seq] (seq >= 2): *loss (may be

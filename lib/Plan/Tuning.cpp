@@ -1,0 +1,60 @@
+//===- Tuning.cpp - reading l4-tune's tuning files ------------------------===//
+#include "l4c/Plan/Tuning.h"
+#include "llvm/ADT/STLExtras.h"
+#include "llvm/Support/FormatVariadic.h"
+#include "llvm/Support/JSON.h"
+#include "llvm/Support/MemoryBuffer.h"
+
+namespace l4c {
+
+bool isTileConfig(llvm::StringRef config) {
+  return llvm::is_contained({"p128x128", "p128x64", "t64x64"}, config);
+}
+
+llvm::Expected<std::map<std::string, std::string>>
+readTuningFile(llvm::StringRef path, llvm::StringRef arch) {
+  auto fail = [&](const llvm::Twine &why) {
+    return llvm::createStringError("tuning file " + path.str() + ": " +
+                                   why.str());
+  };
+  auto buf = llvm::MemoryBuffer::getFile(path, /*IsText=*/true);
+  if (!buf)
+    return fail(buf.getError().message());
+  auto json = llvm::json::parse((*buf)->getBuffer());
+  if (!json)
+    return fail("not valid JSON: " + llvm::toString(json.takeError()));
+  const llvm::json::Object *top = json->getAsObject();
+  if (!top || top->getString("format") != "l4c-tuning")
+    return fail("expected an object with \"format\": \"l4c-tuning\"");
+  if (top->getInteger("version") != 1)
+    return fail("expected \"version\": 1");
+  const llvm::json::Array *entries = top->getArray("entries");
+  if (!entries)
+    return fail("expected an \"entries\" array");
+  std::map<std::string, std::string> out;
+  for (auto [i, v] : llvm::enumerate(*entries)) {
+    const llvm::json::Object *e = v.getAsObject();
+    auto field = [&](llvm::StringRef name) -> std::optional<llvm::StringRef> {
+      return e ? e->getString(name) : std::nullopt;
+    };
+    auto a = field("arch"), sig = field("signature"), config = field("config");
+    if (!a || !sig || !config || sig->empty())
+      return fail(llvm::formatv("entry {0}: expected string fields arch, "
+                                "signature and config",
+                                i));
+    if (!isTileConfig(*config))
+      return fail(llvm::formatv("entry {0}: unknown tile configuration "
+                                "'{1}' (expected p128x128, p128x64 or "
+                                "t64x64)",
+                                i, *config));
+    if (*a != arch)
+      continue;
+    auto [it, fresh] = out.try_emplace(sig->str(), config->str());
+    if (!fresh && it->second != *config)
+      return fail(llvm::formatv("entry {0}: {1} on {2} is both {3} and {4}",
+                                i, *sig, arch, it->second, *config));
+  }
+  return out;
+}
+
+} // namespace l4c
