@@ -8,7 +8,9 @@
 namespace l4c {
 
 bool isTileConfig(llvm::StringRef config) {
-  return llvm::is_contained({"p128x128", "p128x64", "t64x64"}, config);
+  return llvm::is_contained({"p128x128", "p128x128s3", "p128x128s4", "p128x64",
+                             "p128x64s3", "p128x64s4", "t64x64"},
+                            config);
 }
 
 llvm::Expected<std::map<std::string, std::string>>
@@ -44,8 +46,8 @@ readTuningFile(llvm::StringRef path, llvm::StringRef arch) {
                                 i));
     if (!isTileConfig(*config))
       return fail(llvm::formatv("entry {0}: unknown tile configuration "
-                                "'{1}' (expected p128x128, p128x64 or "
-                                "t64x64)",
+                                "'{1}' (expected p128x<128|64>[s<3|4>] "
+                                "or t64x64)",
                                 i, *config));
     if (*a != arch)
       continue;

@@ -182,6 +182,11 @@ public:
 
 private:
   explicit Session(std::shared_ptr<const Plan> plan); // executor.cpp
+  /// profileKernels and tuneKernels (`what`: "profiling", "tuning"): checks
+  /// the session, program and extents, then stages and uploads the inputs.
+  Status stageTimedRun(const char *what, const std::string &program,
+                       const int64_t *ids, int64_t B, int64_t T, int64_t pos0,
+                       int64_t repeats, const ProgramDesc *&prog);
   Status checkSupported() const;
   const ProgramDesc *trainProgram(Status &st) const;
   float *weightData(size_t w) const;

@@ -179,15 +179,15 @@ Status Session::checkKernels(const std::string &program, const int64_t *ids,
   return gpu_->synchronize();
 }
 
-Status Session::profileKernels(const std::string &program, const int64_t *ids,
-                               int64_t B, int64_t T, int64_t pos0,
-                               int64_t repeats, std::vector<KernelTime> &out) {
-  std::lock_guard<std::mutex> lock(mu_);
+Status Session::stageTimedRun(const char *what, const std::string &program,
+                              const int64_t *ids, int64_t B, int64_t T,
+                              int64_t pos0, int64_t repeats,
+                              const ProgramDesc *&prog) {
   const Plan &p = *plan_;
   if (!gpu_)
     return Status::fail(StatusCode::InvalidArgument,
-                        "profiling kernels needs a cuda session");
-  const ProgramDesc *prog = p.program(program);
+                        std::string(what) + " kernels needs a cuda session");
+  prog = p.program(program);
   if (!prog)
     return Status::fail(StatusCode::InvalidArgument,
                         p.label() + ": no program '" + program + "'");
@@ -202,7 +202,17 @@ Status Session::profileKernels(const std::string &program, const int64_t *ids,
   if (Status s = checkIds(ids, B, T, T); !s.ok())
     return s;
   stageInputs(*prog, ids, T, B, T, pos0);
-  if (Status s = uploadInputs(*prog, B, T); !s.ok())
+  return uploadInputs(*prog, B, T);
+}
+
+Status Session::profileKernels(const std::string &program, const int64_t *ids,
+                               int64_t B, int64_t T, int64_t pos0,
+                               int64_t repeats, std::vector<KernelTime> &out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const Plan &p = *plan_;
+  const ProgramDesc *prog = nullptr;
+  if (Status s = stageTimedRun("profiling", program, ids, B, T, pos0, repeats, prog);
+      !s.ok())
     return s;
   std::vector<std::vector<double>> runs(prog->steps.size());
   std::vector<double> ms;
@@ -229,25 +239,9 @@ Status Session::tuneKernels(const std::string &program, const int64_t *ids,
                             std::vector<KernelTuning> &out) {
   std::lock_guard<std::mutex> lock(mu_);
   const Plan &p = *plan_;
-  if (!gpu_)
-    return Status::fail(StatusCode::InvalidArgument,
-                        "tuning kernels needs a cuda session");
-  const ProgramDesc *prog = p.program(program);
-  if (!prog)
-    return Status::fail(StatusCode::InvalidArgument,
-                        p.label() + ": no program '" + program + "'");
-  if (B < 1 || B > p.maxBatch || T < 1 || T > prog->seqCapacity ||
-      repeats < 1)
-    return Status::fail(StatusCode::InvalidArgument,
-                        "batch " + std::to_string(B) + " x length " +
-                            std::to_string(T) + " (" +
-                            std::to_string(repeats) +
-                            " repeats) is outside the " + program +
-                            " program's range");
-  if (Status s = checkIds(ids, B, T, T); !s.ok())
-    return s;
-  stageInputs(*prog, ids, T, B, T, pos0);
-  if (Status s = uploadInputs(*prog, B, T); !s.ok())
+  const ProgramDesc *prog = nullptr;
+  if (Status s = stageTimedRun("tuning", program, ids, B, T, pos0, repeats, prog);
+      !s.ok())
     return s;
   std::map<uint32_t, std::vector<uint32_t>> candidates;
   for (uint32_t k = 0; k < p.kernels.size(); ++k)

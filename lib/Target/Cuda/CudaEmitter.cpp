@@ -192,6 +192,13 @@ template <int N> __device__ __forceinline__ void l4_cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }
+// The block's dynamic shared memory (16-byte aligned).
+#ifdef L4C_CUEMU
+__device__ __forceinline__ unsigned char *l4_dsmem() { return l4emu::dynamicShared; }
+#else
+extern __shared__ __align__(16) unsigned char l4_dsmem_bytes[];
+__device__ __forceinline__ unsigned char *l4_dsmem() { return l4_dsmem_bytes; }
+#endif
 __device__ __forceinline__ void l4_zero16(void *smem) {
   *reinterpret_cast<uint4 *>(smem) = make_uint4(0u, 0u, 0u, 0u);
 }
@@ -856,7 +863,7 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
   k.kind = group.getKind().str();
   k.threads = ctx.body.threads;
   k.blocks = unsigned(ctx.body.blocks);
-  k.sharedBytes = 0; // all shared memory is static
+  k.sharedBytes = ctx.body.sharedBytes;
   k.workspaceBytes = ctx.body.workspaceBytes;
   k.configs = ctx.body.configs;
   k.config = config.empty() && !k.configs.empty() ? k.configs.front()

@@ -48,6 +48,9 @@ struct Body {
   std::string code;    ///< statements inside the body function
   unsigned threads = 256;
   uint64_t blocks = 1;
+  /// Dynamic shared memory per block (l4_dsmem() in the body; the runtime
+  /// opts in beyond 48 KiB).
+  unsigned sharedBytes = 0;
   /// Constants the entry passes to the body instead of the body declaring
   /// them: row strides, which differ between prefill and decode only, so
   /// that both share one body (compiled once).
@@ -183,7 +186,7 @@ std::string emitTiles(Body &b, const TiledGemm &g,
 
 /// A bf16 GEMM y(m, c) = sum_r A(m, r) B(c, r) whose operands are read in
 /// 16-byte pieces (emitPipelined: 128-row tiles on tensor cores, cp.async
-/// double buffering). An operand is `kMajor` when its rows run along the
+/// pipelines). An operand is `kMajor` when its rows run along the
 /// reduction: element (i, r) at base(@I = i) + r; else along the output
 /// index: element (i, r) at base(@R = r) + i. The caller checks that every
 /// piece is whole and aligned: a kMajor operand's reduction extent, and the
@@ -202,6 +205,7 @@ struct PipelinedGemm {
   std::string y;       ///< output offset of (@M, @C)
   uint64_t maxM = 0, maxN = 0; ///< output extents at the compiled maxima
   int bn = 0; ///< columns per tile: 128, or 64 (0: 128, 64 with SwiGLU)
+  int stages = 2; ///< reduction steps buffered (NS - 1 in flight), 2 to 4
   /// One GEMM per expert over the rows l4.moe_route's table gives it
   /// (TiledGemm::Grouped by entry; m and maxM unused): A is kMajor with a
   /// base of @T and @K (the entry's token and slot), B's and U's bases may
@@ -214,10 +218,16 @@ struct PipelinedGemm {
 std::string emitPipelined(Body &b, const PipelinedGemm &p,
                           const GemmText *fused = nullptr);
 /// The tile configurations of a GEMM emitPipelined can run, for l4-tune:
-/// "p128x128" (its default), "p128x64" (64 columns a tile; the default
-/// with SwiGLU) and "t64x64" (emitTiles). Records them on the body; false
-/// when ctx.config asks for emitTiles, else sets p.bn.
+/// "p128x<BN>[s<NS>]" (128 x BN tiles, NS stages; "p128x128", two stages,
+/// is the default, "p128x64" with SwiGLU) and "t64x64" (emitTiles).
+/// Records them on the body; false when ctx.config asks for emitTiles,
+/// else sets p.bn and p.stages.
 bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu = false);
+/// The pipelined form of a by-entry grouped TiledGemm: its extents, A (its
+/// rows, which must run along the reduction), y, store and grouping, with
+/// `b` as B's operand and `maxN` columns at the compiled maxima.
+PipelinedGemm pipelinedGrouped(const TiledGemm &g, PipelinedGemm::Operand b,
+                               uint64_t maxN);
 /// Whether the views' buffers start 16-byte aligned, as emitPipelined's
 /// copies need (the caller checks the extents).
 inline bool pieceAligned(std::initializer_list<const View *> views) {

@@ -134,18 +134,11 @@ llvm::Error emitMoeGateUp(OpContext &ctx) {
   g.maxTiles = (uint64_t(2 * d.i) + 63) / 64;
   g.grouped = grouped(scores, d);
   g.grouped->rowScale = "l4_ld(scores, (@T / LT * S_S + @T % LT) * E + @G)";
-  PipelinedGemm p;
+  // x's rows run along the reduction (d), gate_up's along the output.
+  PipelinedGemm p = pipelinedGrouped(
+      g, {"gate_up", false, "@G * D * 2 * I + @R * 2 * I"}, uint64_t(2 * d.i));
   if (bf16Pieces({&x, &gateUp}) && d.d % 8 == 0 && d.i % 4 == 0 &&
       choosePipelined(ctx, p)) {
-    // x's rows run along the reduction (d), gate_up's along the output.
-    p.what = g.what;
-    p.n = g.n;
-    p.r = g.r;
-    p.a = {"x", true, g.aRow};
-    p.b = {"gate_up", false, "@G * D * 2 * I + @R * 2 * I"};
-    p.y = g.y;
-    p.maxN = uint64_t(2 * d.i);
-    p.grouped = g.grouped;
     ctx.body.code += emitPipelined(ctx.body, p);
     return llvm::Error::success();
   }
@@ -199,18 +192,10 @@ llvm::Error emitMoeDownGrad(OpContext &ctx) {
   g.maxTiles = (uint64_t(d.i) + 63) / 64;
   g.grouped = grouped(scores, d);
   g.grouped->zeroCols = "2 * I";
-  PipelinedGemm p;
+  // Both operands' rows run along the reduction (d).
+  PipelinedGemm p =
+      pipelinedGrouped(g, {"down", true, "@G * I * D + @I * D"}, uint64_t(d.i));
   if (bf16Pieces({&dy, &down}) && d.d % 8 == 0 && choosePipelined(ctx, p)) {
-    // Both operands' rows run along the reduction (d).
-    p.what = g.what;
-    p.n = g.n;
-    p.r = g.r;
-    p.a = {"dy", true, g.aRow};
-    p.b = {"down", true, "@G * I * D + @I * D"};
-    p.y = g.y;
-    p.store = g.store;
-    p.maxN = uint64_t(d.i);
-    p.grouped = g.grouped;
     ctx.body.code += emitPipelined(ctx.body, p);
     return llvm::Error::success();
   }

@@ -4,7 +4,7 @@
 // weight matrix with SwiGLU, residual adds in the epilogue): decode-shaped
 // plans (at most kGemvMaxRows rows) get one warp per output column streaming
 // the weights; bf16 ones with 16-byte rows a pipelined tensor-core GEMM
-// (emitPipelined: 128-row tiles, cp.async double buffering); the rest
+// (emitPipelined: 128-row tiles, a cp.async pipeline); the rest
 // the generic tiles of emitTiles (64x64, mma.sync for bf16, else SIMT f32
 // with 16-deep K steps and 4x4 outputs a thread). moe_experts: one block per
 // token running its selected experts, correct before fast (what l4c-split-
@@ -576,13 +576,37 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
 bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu) {
   Body &b = ctx.body;
   if (swiglu)
-    b.configs = {"p128x64", "t64x64"};
+    b.configs = {"p128x64", "p128x64s3", "p128x64s4", "t64x64"};
   else
-    b.configs = {"p128x128", "p128x64", "t64x64"};
-  if (ctx.config == "t64x64")
+    b.configs = {"p128x128", "p128x128s3", "p128x128s4",
+                 "p128x64",  "p128x64s3",  "t64x64"};
+  llvm::StringRef c = ctx.config;
+  if (c == "t64x64")
     return false;
-  p.bn = ctx.config == "p128x64" ? 64 : 0;
+  // p128x<BN>[s<stages>]
+  if (c.consume_front("p128x64"))
+    p.bn = 64;
+  else if (c.consume_front("p128x128"))
+    p.bn = 128;
+  p.stages = c == "s3" ? 3 : c == "s4" ? 4 : 2;
+  if (swiglu)
+    p.bn = 0; // its default, 64
   return true;
+}
+
+PipelinedGemm pipelinedGrouped(const TiledGemm &g, PipelinedGemm::Operand b,
+                               uint64_t maxN) {
+  PipelinedGemm p;
+  p.what = g.what;
+  p.n = g.n;
+  p.r = g.r;
+  p.a = {g.a, true, g.aRow};
+  p.b = std::move(b);
+  p.y = g.y;
+  p.store = g.store;
+  p.maxN = maxN;
+  p.grouped = g.grouped;
+  return p;
 }
 
 std::string emitPipelined(Body &b, const PipelinedGemm &p,
@@ -599,6 +623,8 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   const int bn = p.bn ? p.bn : swiglu ? 64 : 128, wn = bn / 4, nj = wn / 8;
   assert((bn == 64 || bn == 128) && (!swiglu || bn == 64) &&
          "tiles of 64 or 128 columns, 64 with SwiGLU");
+  const int ns = p.stages;
+  assert(ns >= 2 && ns <= 4 && "2 to 4 stages");
   const TiledGemm::Grouped *gr = p.grouped ? &*p.grouped : nullptr;
   assert((!gr || (!gr->overReduction && p.a.kMajor && !norm)) &&
          "grouped: rows by route entry, A row-major, no norm");
@@ -608,7 +634,8 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   };
   os << "  // " << p.what << "\n"
      << "  constexpr int BM = 128, BN = " << bn
-     << ", BK = 32, NT = 256, WN = " << wn << ", NJ = " << nj << ";\n";
+     << ", BK = 32, NT = 256, WN = " << wn << ", NJ = " << nj
+     << ", NS = " << ns << ";\n";
   if (gr)
     os << groupedDecls(*gr, p.n, p.r);
   else
@@ -617,23 +644,35 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   os << R"cuda(  // Tensor cores, software-pipelined: 8 warps as 2 x 4, warp (wm, wn)
   // computing rows wm*64.. and columns wn*WN.. as 4 x NJ mma.sync m16n8k16
   // tiles. The reduction runs in steps of 32 staged in shared memory by
-  // 16-byte cp.async copies, two steps in flight: the next step's copies
-  // overlap this step's products. An operand whose rows run along the
+  // 16-byte cp.async copies into NS buffers, NS - 1 steps in flight: the
+  // next steps' copies overlap this step's products. An operand whose rows
+  // run along the
   // reduction is staged [row][k] (rows padded to 40 bf16: 80 bytes, 16-byte
   // aligned, and a warp's fragment reads hit 32 distinct banks); one whose
   // rows run along the output is staged [k][row] (padded to 136) and its
   // fragments are packed from two 16-bit reads.
 )cuda";
-  auto decl = [&](const char *name, bool kMajor, const char *rows) {
-    os << "  __shared__ __align__(16) unsigned short " << name << "[2]"
-       << (kMajor ? ("[" + std::string(rows) + "][BK + 8]")
-                  : ("[BK][" + std::string(rows) + " + 8]"))
-       << ";\n";
+  // Two stages fit the 48 KiB a block may declare statically; more live in
+  // dynamic shared memory (b.sharedBytes), carved in declaration order.
+  unsigned dynamicBytes = 0;
+  auto decl = [&](const char *name, bool kMajor, const char *rows, int n) {
+    std::string dims = kMajor ? ("[" + std::string(rows) + "][BK + 8]")
+                              : ("[BK][" + std::string(rows) + " + 8]");
+    if (ns == 2) {
+      os << "  __shared__ __align__(16) unsigned short " << name << "[NS]"
+         << dims << ";\n";
+      return;
+    }
+    os << "  auto *" << name << " = reinterpret_cast<unsigned short (*)"
+       << dims << ">(l4_dsmem() + " << dynamicBytes << ");\n";
+    unsigned perStage = kMajor ? unsigned(n) * 40 * 2 : 32u * (n + 8) * 2;
+    dynamicBytes += unsigned(ns) * perStage;
   };
-  decl("as", p.a.kMajor, "BM");
-  decl("bs", p.b.kMajor, "BN");
+  decl("as", p.a.kMajor, "BM", 128);
+  decl("bs", p.b.kMajor, "BN", bn);
   if (swiglu)
-    decl("us", p.u.kMajor, "BN");
+    decl("us", p.u.kMajor, "BN", bn);
+  b.sharedBytes = dynamicBytes;
   if (norm)
     os << "  __shared__ float rinv[BM];\n";
   os << "  __shared__ long long arow[BM], brow[BN];\n";
@@ -700,17 +739,23 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
     stageOf(p.u, "us", "BN", "brow");
   os << "      l4_cp_async_commit();\n    };\n";
   os << mmaAccumulators("4", "NJ", swiglu);
-  os << R"cuda(    stage(0, 0);
+  os << R"cuda(    // The first NS - 1 steps in flight (a group per step, empty past the
+    // end, so that the waits count steps).
+    for (int i = 0; i < NS - 1; ++i) {
+      if (i < steps)
+        stage(i, i * BK);
+      else
+        l4_cp_async_commit();
+    }
     for (long long step = 0; step < steps; ++step) {
-      const int s = (int)(step & 1);
-      if (step + 1 < steps) {
-        stage(s ^ 1, (step + 1) * BK); // the other buffer: free since the
-                                       // end of the previous step
-        l4_cp_async_wait<1>();         // this step's copies have landed
-      } else {
-        l4_cp_async_wait<0>();
-      }
-      __syncthreads(); // ... everyone's
+      const int s = (int)(step % NS);
+      l4_cp_async_wait<NS - 2>(); // this step's copies have landed ...
+      __syncthreads(); // ... everyone's, and everyone is done with step - 1
+      // Step + NS - 1 into the buffer step - 1 used.
+      if (step + NS - 1 < steps)
+        stage((int)((step + NS - 1) % NS), (step + NS - 1) * BK);
+      else
+        l4_cp_async_commit();
 )cuda";
   if (norm)
     os << R"cuda(      // The norm: x * inv * g, rounded as the norm's bf16 output is.
@@ -768,8 +813,8 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   os << R"cuda(          }
         }
       }
-      __syncthreads(); // everyone is done with stage s before it refills
     }
+    l4_cp_async_wait<0>(); // no copy outlives the tile (the last are empty)
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -1133,19 +1178,12 @@ llvm::Error emitMoeHidden(OpContext &ctx) {
     GemmSpec spec;
     spec.swiglu = true;
     GemmText text{spec, ctx};
-    PipelinedGemm p;
+    // x's rows run along the reduction (d), gate_up's along the output.
+    PipelinedGemm p = pipelinedGrouped(
+        g, {"gate_up", false, "@G * D * 2 * I + @R * 2 * I"}, uint64_t(inter));
+    p.u = {"wu", false, p.b.base};
     if (g.tensorCores && dim % 8 == 0 && inter % 8 == 0 &&
         pieceAligned({&x, &gateUp}) && choosePipelined(ctx, p, true)) {
-      // x's rows run along the reduction (d), gate_up's along the output.
-      p.what = g.what;
-      p.n = g.n;
-      p.r = g.r;
-      p.a = {"x", true, g.aRow};
-      p.b = {"gate_up", false, "@G * D * 2 * I + @R * 2 * I"};
-      p.u = {"wu", false, p.b.base};
-      p.y = g.y;
-      p.maxN = uint64_t(inter);
-      p.grouped = g.grouped;
       os << emitPipelined(b, p, &text);
       return llvm::Error::success();
     }
@@ -1269,18 +1307,11 @@ llvm::Error emitMoeDown(OpContext &ctx) {
     g.aSplit = h.ctype == "float";
     g.maxTiles = (uint64_t(dim) + 63) / 64;
     g.grouped = routeGroups(scores, experts, slots);
-    PipelinedGemm p;
+    // h's rows run along the reduction (i), down's along the output.
+    PipelinedGemm p =
+        pipelinedGrouped(g, {"down", false, "@G * I * D + @R * D"}, uint64_t(dim));
     if (h.ctype == "l4_bf16" && down.ctype == "l4_bf16" && inter % 8 == 0 &&
         dim % 8 == 0 && pieceAligned({&h, &down}) && choosePipelined(ctx, p)) {
-      // h's rows run along the reduction (i), down's along the output.
-      p.what = g.what;
-      p.n = g.n;
-      p.r = g.r;
-      p.a = {"h", true, g.aRow};
-      p.b = {"down", false, "@G * I * D + @R * D"};
-      p.y = g.y;
-      p.maxN = uint64_t(dim);
-      p.grouped = g.grouped;
       os << emitPipelined(b, p);
       return llvm::Error::success();
     }
