@@ -30,8 +30,9 @@ l4c prefill-2048 scout4-b1-2k --batch 1 --seq 2048 --max-new-tokens 32 --repeats
 l4c decode-b1 scout4-b1 --batch 1 --seq 128 --max-new-tokens 64 --repeats 5
 l4c decode-b32 scout4-b32 --batch 32 --seq 128 --max-new-tokens 64 --repeats 5
 l4c train-4x2048 train-2048 --batch 4 --seq 2048 --repeats 3
-# Kernel tuning: every tile configuration of the tunable GEMMs, timed and
-# checked; the files go back to the CPU machine (TUNING=... bench/prepare.sh).
+# Kernel tuning (TUNE=1; it can take minutes of device time): every tile
+# configuration of the tunable GEMMs, timed and checked; the files go back
+# to the CPU machine (TUNING=... bench/prepare.sh).
 tune() { # NAME PLAN ARGS...
   local name=$1 plan=$2
   shift 2
@@ -39,8 +40,10 @@ tune() { # NAME PLAN ARGS...
   timeout 300 "$b/bin/l4-tune" "$b/plans/$plan.plan" --device=cuda --random-weights=1 \
     -o "$out/tuning-$name.json" "$@" 2>&1 | tee -a "$log" | grep -E '^l4-tune'
 }
-tune prefill scout4-b1-2k-tune --batch 1 --seq 2048 --repeats 10
-tune train train-2048-tune --batch 4 --seq 2048 --repeats 5
+if [ "${TUNE:-0}" = 1 ]; then
+  tune prefill scout4-b1-2k-tune --batch 1 --seq 2048 --repeats 10
+  tune train train-2048-tune --batch 4 --seq 2048 --repeats 5
+fi
 echo "== peers and roofline" | tee -a "$log"
 timeout 900 python3 bench/peer.py --out "$out/peer.json" 2>&1 | tee -a "$log" | grep -E '^peer|^roofline'
 python3 - "$log" "$out/peer.json" >"$out/bench.md" <<'PY'
