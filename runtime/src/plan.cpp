@@ -543,8 +543,13 @@ Status PlanVerifier::checkKernels(const plan::Plan &fb) {
       return fail(kwhere + ": alternative_of " +
                   std::to_string(kd.alternativeOf) +
                   " does not name an earlier kernel that is not a candidate");
-    if (!kernel->ops())
+    if (!kernel->ops()) {
+      if (kd.alternativeOf >= 0 && !p.kernels[kd.alternativeOf].ops.empty())
+        return fail(kwhere + ": a tuning candidate must have the ops, "
+                             "buffers and signature of kernel " +
+                    std::to_string(kd.alternativeOf));
       continue;
+    }
     for (uint32_t o = 0; o < kernel->ops()->size(); ++o) {
       const plan::SemanticOp *op = kernel->ops()->Get(o);
       std::string opName = str(op->op());

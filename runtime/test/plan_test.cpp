@@ -480,6 +480,10 @@ TEST(PlanVerifier, ChecksTuningCandidates) {
   expectRejected(p, "a tuning candidate must have the ops, buffers and "
                     "signature of kernel");
   p = withCandidate(linearPlan());
+  p.kernels.back().ops.clear();
+  expectRejected(p, "a tuning candidate must have the ops, buffers and "
+                    "signature of kernel");
+  p = withCandidate(linearPlan());
   p.kernels.back().signature = "l4_gemm_1";
   expectRejected(p, "a tuning candidate must have the ops, buffers and "
                     "signature of kernel");
