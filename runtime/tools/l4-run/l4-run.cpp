@@ -9,6 +9,7 @@
 #include "l4-run.h"
 #include "io/safetensors.h"
 #include "l4c/runtime/l4rt.h"
+#include "../seeded_ids.h"
 
 #include <algorithm>
 #include <cerrno>
@@ -523,12 +524,8 @@ int runTrainBench(const Options &o, l4rt_session session,
         "; a step needs 2 tokens)");
   if (o.maxNewTokens)
     die("--max-new-tokens does not go with a train plan's --bench");
-  std::vector<int64_t> ids(size_t(B * T));
-  uint64_t state = 0x9e3779b97f4a7c15ull;
-  for (int64_t &id : ids) {
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    id = int64_t((state >> 33) % uint64_t(s.vocab_size));
-  }
+  std::vector<int64_t> ids =
+      l4c::tools::seededIds(size_t(B * T), s.vocab_size);
   l4rt_adamw hyper;
   l4rt_adamw_defaults(&hyper);
   std::vector<double> ms;
@@ -574,12 +571,8 @@ int runBench(const Options &o, l4rt_session session,
         " tokens does not fit the plan (max batch " +
         std::to_string(s.max_batch) + ", max seq " + std::to_string(s.max_seq) +
         ")");
-  std::vector<int64_t> ids(size_t(B * P));
-  uint64_t state = 0x9e3779b97f4a7c15ull;
-  for (int64_t &id : ids) {
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    id = int64_t((state >> 33) % uint64_t(s.vocab_size));
-  }
+  std::vector<int64_t> ids =
+      l4c::tools::seededIds(size_t(B * P), s.vocab_size);
   std::vector<float> logits(forward ? size_t(B * P * s.vocab_size) : 0);
   std::vector<int64_t> out(size_t(B * (P + G)));
   std::vector<double> prefill, decode;

@@ -13,6 +13,7 @@
 //===----------------------------------------------------------------------===//
 #include "io/safetensors.h"
 #include "l4c/runtime/l4rt.h"
+#include "../seeded_ids.h"
 
 #include <cmath>
 #include <cstdio>
@@ -192,12 +193,8 @@ int main(int argc, char **argv) {
   std::string device = l4rt_session_device(session);
   std::fprintf(stderr, "l4-tune: device %s\n", device.c_str());
 
-  std::vector<int64_t> ids(size_t(B * T));
-  uint64_t state = 0x9e3779b97f4a7c15ull;
-  for (int64_t &id : ids) {
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    id = int64_t((state >> 33) % uint64_t(s.vocab_size));
-  }
+  std::vector<int64_t> ids =
+      l4c::tools::seededIds(size_t(B * T), s.vocab_size);
   const l4rt_kernel_tuning *rows = nullptr;
   size_t n = 0;
   check(l4rt_tune_kernels(session, program.c_str(), ids.data(), B, T, 0,
