@@ -9,7 +9,8 @@
 // decode graphs, and above all the generated kernels -- runs on a machine
 // without a GPU. "Device" memory is host memory; each module image is a
 // kernel's CUDA source (L4C_CUDA_IMAGE=source), built with the host C++
-// compiler against shim.h into a shared library; a launch runs its blocks
+// compiler against shim.h into a shared library (all the modules a process
+// loads before it asks for a function, in one library); a launch runs its blocks
 // one after another, each block's CUDA threads as fibers (shim.h). Streams
 // are synchronous; graphs
 // record their launches with copies of the parameters and replay them.
@@ -54,7 +55,10 @@ using RunFn = void (*)(void *, unsigned, unsigned, unsigned);
 using FreeFn = void (*)(void *);
 
 struct Module {
+  std::string key;    // hash of source, shim and compiler: its cache name
+  std::string source; // kept until built
   void *dl = nullptr;
+  bool failed = false; // did not build
 };
 struct Function {
   PackFn pack;
@@ -75,7 +79,6 @@ struct Stream {
 
 std::mutex mu;
 std::map<std::string, Function *> functions; // "module:name"
-std::string lastBuildError;
 
 uint64_t fnv(const std::string &s) {
   uint64_t h = 0xcbf29ce484222325ull;
@@ -91,22 +94,27 @@ std::string workDir() {
   return d;
 }
 
-/// The generated source plus, for each kernel entry, three C functions the
-/// driver calls: pack the parameters, run packed parameters, free them.
-std::string withThunks(const std::string &src) {
+/// The generated source of module `key`, in a namespace of its own so
+/// that many modules build as one translation unit, plus for each kernel
+/// entry three C functions the driver calls: pack the parameters, run packed
+/// parameters, free them (named after the module and the entry).
+std::string withThunks(const std::string &key, const std::string &src) {
   static const std::regex entry(
-      R"(extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\()");
-  std::string out = src + "\n// cuemu thunks\n";
+      R"(extern "C" (__global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\())");
+  std::string ns = "cuemu_" + key;
+  std::string out = "namespace " + ns + " {\n#line 1 \"" + key + ".cu\"\n" +
+                    std::regex_replace(src, entry, "$1") + "\n} // namespace " +
+                    ns + "\n";
   for (auto it = std::sregex_iterator(src.begin(), src.end(), entry);
        it != std::sregex_iterator(); ++it) {
-    std::string n = (*it)[1];
-    out += "extern \"C\" void *cuemu_pack_" + n +
-           "(void **p) { return l4emu::packParams(" + n + ", p); }\n";
-    out += "extern \"C\" void cuemu_run_" + n +
+    std::string n = (*it)[2], f = ns + "::" + n, sym = key + "_" + n;
+    out += "extern \"C\" void *cuemu_pack_" + sym +
+           "(void **p) { return l4emu::packParams(" + f + ", p); }\n";
+    out += "extern \"C\" void cuemu_run_" + sym +
            "(void *t, unsigned g, unsigned b, unsigned s) { "
-           "l4emu::runPacked(" + n + ", t, g, b, s); }\n";
-    out += "extern \"C\" void cuemu_free_" + n + "(void *t) { l4emu::freePacked(" +
-           n + ", t); }\n";
+           "l4emu::runPacked(" + f + ", t, g, b, s); }\n";
+    out += "extern \"C\" void cuemu_free_" + sym +
+           "(void *t) { l4emu::freePacked(" + f + ", t); }\n";
   }
   return out;
 }
@@ -140,46 +148,124 @@ std::string precompiledShim(const std::string &dir, const std::string &shim,
   return h;
 }
 
-CUresult build(const char *image, Module *&out) {
-  std::string src(image);
-  if (src.find("__global__") == std::string::npos)
-    return INVALID_IMAGE; // a cubin, or not ours
-  std::string dir = workDir();
-  char key[32];
+const std::string &shimText() {
   static const std::string shim = [] {
     std::ifstream f(L4CUEMU_SHIM);
     return std::string(std::istreambuf_iterator<char>(f), {});
   }();
-  std::snprintf(key, sizeof key, "%016llx",
-                (unsigned long long)fnv(src + shim + L4CUEMU_CXX));
-  std::string base = dir + "/" + key, so = base + ".so";
-  struct stat st;
-  if (::stat(so.c_str(), &st) != 0) {
-    std::string cu = base + "." + std::to_string(getpid()) + ".cc";
-    std::ofstream(cu) << withThunks(src);
-    std::string tmp = base + "." + std::to_string(getpid()) + ".so";
-    const char *extra = std::getenv("L4C_CUEMU_CXXFLAGS");
-    std::string flags =
-        std::string("-std=c++20 -O1 -fPIC -w ") + (extra ? extra : "");
-    std::string cmd = std::string(L4CUEMU_CXX) + " " + flags + " -shared -include " +
-                      precompiledShim(dir, shim, flags) + " -o " + tmp + " " +
-                      cu + " -lpthread > " + base + ".log 2>&1";
-    if (std::system(cmd.c_str()) != 0) {
-      std::ifstream log(base + ".log");
-      lastBuildError.assign(std::istreambuf_iterator<char>(log), {});
-      std::fprintf(stderr, "cuemu: building %s failed:\n%s\n", cu.c_str(),
-                   lastBuildError.substr(0, 4000).c_str());
-      return INVALID_IMAGE;
-    }
-    std::rename(tmp.c_str(), so.c_str());
-    std::remove(cu.c_str());
+  return shim;
+}
+
+std::string hexKey(const std::string &s) {
+  char key[32];
+  std::snprintf(key, sizeof key, "%016llx", (unsigned long long)fnv(s));
+  return key;
+}
+
+/// Compiles `modules` into one shared library at `so` (through a temporary
+/// name, so a concurrent reader never sees half a library). On failure,
+/// returns false; unless `quiet`, prints the compiler's messages and leaves
+/// the source it compiled.
+bool compile(const std::vector<Module *> &modules, const std::string &so,
+             bool quiet) {
+  std::string dir = workDir(), pid = std::to_string(getpid());
+  std::string cu = so + "." + pid + ".cc", tmp = so + "." + pid,
+              log = so + ".log";
+  {
+    std::ofstream f(cu);
+    for (Module *m : modules)
+      f << withThunks(m->key, m->source);
   }
-  void *dl = ::dlopen(so.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (!dl) {
+  const char *extra = std::getenv("L4C_CUEMU_CXXFLAGS");
+  std::string flags =
+      std::string("-std=c++20 -O1 -fPIC -w ") + (extra ? extra : "");
+  std::string cmd = std::string(L4CUEMU_CXX) + " " + flags + " -shared -include " +
+                    precompiledShim(dir, shimText(), flags) + " -o " + tmp +
+                    " " + cu + " -lpthread > " + log + " 2>&1";
+  if (std::system(cmd.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    if (quiet) {
+      std::remove(cu.c_str());
+      std::remove(log.c_str());
+      return false;
+    }
+    std::ifstream in(log);
+    std::string messages(std::istreambuf_iterator<char>(in), {});
+    std::fprintf(stderr, "cuemu: building %s failed:\n%s\n", cu.c_str(),
+                 messages.substr(0, 4000).c_str());
+    return false;
+  }
+  std::rename(tmp.c_str(), so.c_str());
+  std::remove(cu.c_str());
+  std::remove(log.c_str());
+  return true;
+}
+
+std::vector<Module *> pending; // loaded, neither cached nor built yet
+
+CUresult openLibrary(Module *m, const std::string &so) {
+  m->dl = ::dlopen(so.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (!m->dl) {
     std::fprintf(stderr, "cuemu: %s\n", ::dlerror());
     return INVALID_IMAGE;
   }
-  out = new Module{dl};
+  m->source = std::string();
+  return OK;
+}
+
+/// Builds every pending module. The runtime loads all of a plan's modules
+/// before it asks for a function, so they are built together: one compiler
+/// run costs about half a second besides its code, and a plan has dozens.
+/// Each module's cache entry is then a link to the shared library, so a
+/// later process finds it module by module. If the batch does not compile,
+/// each module is built alone, so that the error names the module at fault.
+void buildPending() {
+  std::vector<Module *> todo;
+  todo.swap(pending);
+  std::string dir = workDir();
+  auto open = [](Module *m, const std::string &so) {
+    m->failed = openLibrary(m, so) != OK;
+  };
+  if (todo.size() > 1) {
+    std::string keys;
+    for (Module *m : todo)
+      keys += m->key;
+    std::string name = "batch-" + hexKey(keys) + ".so";
+    if (compile(todo, dir + "/" + name, /*quiet=*/true)) {
+      for (Module *m : todo) {
+        std::string link = dir + "/" + m->key + ".so",
+                    tmp = link + "." + std::to_string(getpid());
+        std::remove(tmp.c_str());
+        if (::symlink(name.c_str(), tmp.c_str()) == 0)
+          std::rename(tmp.c_str(), link.c_str());
+        open(m, dir + "/" + name);
+      }
+      return;
+    }
+  }
+  for (Module *m : todo) {
+    std::string so = dir + "/" + m->key + ".so";
+    if (compile({m}, so, /*quiet=*/false))
+      open(m, so);
+    else
+      m->failed = true;
+  }
+}
+
+CUresult load(const char *image, Module *&out) {
+  std::string src(image);
+  if (src.find("__global__") == std::string::npos)
+    return INVALID_IMAGE; // a cubin, or not ours
+  auto *m = new Module{hexKey("thunks v2" + src + shimText() + L4CUEMU_CXX), std::move(src)};
+  std::string so = workDir() + "/" + m->key + ".so";
+  struct stat st;
+  if (::stat(so.c_str(), &st) == 0) { // follows a batch's link
+    if (CUresult r = openLibrary(m, so); r != OK)
+      return r;
+  } else {
+    pending.push_back(m);
+  }
+  out = m;
   return OK;
 }
 
@@ -276,7 +362,7 @@ CUresult cuMemsetD8Async(unsigned long long d, unsigned char v, size_t n,
 }
 CUresult cuModuleLoadData(Module **m, const void *image) {
   std::lock_guard<std::mutex> lock(mu);
-  return build(static_cast<const char *>(image), *m);
+  return load(static_cast<const char *>(image), *m);
 }
 CUresult cuModuleLoadDataEx(Module **m, const void *image, unsigned, int *,
                             void **) {
@@ -284,7 +370,11 @@ CUresult cuModuleLoadDataEx(Module **m, const void *image, unsigned, int *,
 }
 CUresult cuModuleGetFunction(Function **f, Module *m, const char *name) {
   std::lock_guard<std::mutex> lock(mu);
-  std::string n = name;
+  if (!m->dl && !m->failed)
+    buildPending();
+  if (!m->dl)
+    return INVALID_IMAGE;
+  std::string n = m->key + "_" + name;
   auto pack = reinterpret_cast<PackFn>(::dlsym(m->dl, ("cuemu_pack_" + n).c_str()));
   auto run = reinterpret_cast<RunFn>(::dlsym(m->dl, ("cuemu_run_" + n).c_str()));
   auto fr = reinterpret_cast<FreeFn>(::dlsym(m->dl, ("cuemu_free_" + n).c_str()));
