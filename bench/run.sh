@@ -38,7 +38,7 @@ tune() { # NAME PLAN ARGS...
   shift 2
   echo "== l4-tune $name" | tee -a "$log"
   timeout 300 "$b/bin/l4-tune" "$b/plans/$plan.plan" --device=cuda --random-weights=1 \
-    -o "$out/tuning-$name.json" "$@" 2>&1 | tee -a "$log" | grep -E '^l4-tune'
+    --skip-mismatches -o "$out/tuning-$name.json" "$@" 2>&1 | tee -a "$log" | grep -E '^l4-tune'
 }
 if [ "${TUNE:-0}" = 1 ]; then
   tune prefill scout4-b1-2k-tune --batch 1 --seq 2048 --repeats 10

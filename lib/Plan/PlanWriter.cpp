@@ -85,13 +85,23 @@ struct PendingKernel {
   int32_t alternativeOf = -1; ///< a candidate: the kernel it could replace
 };
 
+/// The architecture a plan's kernels are generated for.
+static std::string kernelArch(const PlanOptions &opts) {
+  auto arch = cudaArchOf(opts.target);
+  if (!arch) {
+    llvm::consumeError(arch.takeError());
+    return "sm_90a";
+  }
+  return arch->empty() ? "sm_90a" : *arch;
+}
+
 class Writer {
 public:
   /// `emitCuda`: generate CUDA source for every kernel, with the tile
   /// configurations `opts.tuning` chooses (and, with
   /// `opts.tuneCandidates`, the others as candidates).
   Writer(const ModuleMemoryPlan &mem, bool emitCuda, const PlanOptions &opts)
-      : mem(mem), emitCuda(emitCuda), opts(opts) {}
+      : mem(mem), emitCuda(emitCuda), arch(kernelArch(opts)), opts(opts) {}
   LogicalResult addFunction(func::FuncOp fn);
   llvm::Expected<std::string> finish(const Llama4Config &c,
                                      const PlanOptions &opts,
@@ -127,6 +137,9 @@ private:
 
   const ModuleMemoryPlan &mem;
   bool emitCuda;
+  /// The GPU architecture kernels are generated for (sm_90a for the cpu
+  /// target, whose --emit=cuda shows them).
+  std::string arch;
   const PlanOptions &opts;
   uint64_t workspaceSize = 0;
   std::string cudaError;
@@ -273,7 +286,7 @@ LogicalResult Writer::addKernel(kernel::GroupOp g, const FunctionMemoryPlan &f,
     auto emit = [&](StringRef config,
                     StringRef entryName) -> FailureOr<CudaKernel> {
       auto cuda = emitCudaKernel(g, ins, outs, entryName, workspaceOffset(),
-                                 config);
+                                 config, arch);
       if (!cuda) {
         cudaError = toString(cuda.takeError());
         return failure();

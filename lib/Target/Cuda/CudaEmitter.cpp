@@ -729,7 +729,8 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
                                           llvm::ArrayRef<CudaBuffer> results,
                                           llvm::StringRef entry,
                                           uint64_t workspaceOffset,
-                                          llvm::StringRef config) {
+                                          llvm::StringRef config,
+                                          llvm::StringRef arch) {
   Block &block = group.getBody().front();
   auto yield = cast<kernel::YieldOp>(block.getTerminator());
   auto named = [&](const llvm::Twine &msg) {
@@ -748,6 +749,7 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
   ctx.op = &*ops.begin();
   ctx.kernelName = group.getName();
   ctx.config = config;
+  ctx.arch = arch;
   std::optional<cuda::GemmSpec> fused;
   std::optional<cuda::RopeNorm> ropeNorm;
   if (numOps == 2 && isa<l4::RopeOp>(*ops.begin()) &&
@@ -851,9 +853,11 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
   }
   std::string bodyText =
       ctx.body.globals +
-      llvm::formatv("// {0}\nstatic __device__ __noinline__ void @B@({1}long "
+      llvm::formatv("// {0}\nstatic __device__ {1} void @B@({2}long "
                     "long B, long long T) {{\n",
-                    opComment, params)
+                    opComment,
+                    ctx.body.inlined ? "__forceinline__" : "__noinline__",
+                    params)
           .str() +
       casts + ctx.body.code + "}\n";
 

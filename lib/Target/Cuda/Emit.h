@@ -62,6 +62,10 @@ struct Body {
   /// uses it leaves it 0 again. Scratch data starts at ws + 256.
   uint64_t workspaceBytes = 0;
 
+  /// Inline the body into each entry instead of calling it: ptxas
+  /// serialises wgmma pipelines that cross a call.
+  bool inlined = false;
+
   /// The tile configurations l4-tune may choose between for this body,
   /// the one it was generated with first (empty: nothing to tune).
   llvm::SmallVector<std::string, 3> configs;
@@ -81,6 +85,9 @@ struct OpContext {
   /// The tile configuration to generate (a tuning file's choice; empty:
   /// the default). The emitter fails when the body does not offer it.
   llvm::StringRef config;
+  /// The GPU architecture the kernel is for ("sm_90a"): Hopper-only
+  /// configurations (wgmma) are offered for sm_90a alone.
+  llvm::StringRef arch = "sm_90a";
 
   /// An error naming the kernel and the op.
   llvm::Error fail(const llvm::Twine &msg) const;
@@ -206,6 +213,9 @@ struct PipelinedGemm {
   uint64_t maxM = 0, maxN = 0; ///< output extents at the compiled maxima
   int bn = 0; ///< columns per tile: 128, or 64 (0: 128, 64 with SwiGLU)
   int stages = 2; ///< reduction steps buffered (NS - 1 in flight), 2 to 4
+  /// Hopper warpgroup MMAs (wgmma, sm_90a) on 128-byte-swizzled stages of
+  /// 64 reduction columns instead of mma.sync; A, B (and U) must be kMajor.
+  bool wgmma = false;
   /// One GEMM per expert over the rows l4.moe_route's table gives it
   /// (TiledGemm::Grouped by entry; m and maxM unused): A is kMajor with a
   /// base of @T and @K (the entry's token and slot), B's and U's bases may
@@ -219,10 +229,12 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
                           const GemmText *fused = nullptr);
 /// The tile configurations of a GEMM emitPipelined can run, for l4-tune:
 /// "p128x<BN>[s<NS>]" (128 x BN tiles, NS stages; "p128x128", two stages,
-/// is the default, "p128x64" with SwiGLU) and "t64x64" (emitTiles).
-/// Records them on the body; false when ctx.config asks for emitTiles,
-/// else sets p.bn and p.stages.
-bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu = false);
+/// is the default, "p128x64" with SwiGLU), "t64x64" (emitTiles) and, for
+/// sm_90a when `kMajor` (every operand's rows run along the reduction),
+/// "w128x<BN>s<NS>" (wgmma). Records them on the body; false when
+/// ctx.config asks for emitTiles, else sets p.bn, p.stages and p.wgmma.
+bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu = false,
+                     bool kMajor = false);
 /// The pipelined form of a by-entry grouped TiledGemm: its extents, A (its
 /// rows, which must run along the reduction), y, store and grouping, with
 /// `b` as B's operand and `maxN` columns at the compiled maxima.

@@ -195,7 +195,8 @@ llvm::Error emitMoeDownGrad(OpContext &ctx) {
   // Both operands' rows run along the reduction (d).
   PipelinedGemm p =
       pipelinedGrouped(g, {"down", true, "@G * I * D + @I * D"}, uint64_t(d.i));
-  if (bf16Pieces({&dy, &down}) && d.d % 8 == 0 && choosePipelined(ctx, p)) {
+  if (bf16Pieces({&dy, &down}) && d.d % 8 == 0 &&
+      choosePipelined(ctx, p, /*swiglu=*/false, /*kMajor=*/true)) {
     ctx.body.code += emitPipelined(ctx.body, p);
     return llvm::Error::success();
   }

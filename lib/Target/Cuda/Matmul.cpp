@@ -193,6 +193,94 @@ static const char *const kTileRowNorm =
     }
 )cuda";
 
+/// Body globals of the wgmma GEMMs (sm_90a; the emulator has its own):
+/// shared addresses, the 128-byte-swizzle operand descriptor, the fences
+/// and group waits, and @B@_pin, which ties the accumulators to their
+/// place in the instruction stream (the compiler must not move their
+/// reads across a wait, nor their zeroing across a fence).
+static const char *const kWgmmaGlobals = R"cuda(
+__device__ __forceinline__ unsigned @B@_saddr(const void *p) {
+#ifdef L4C_CUEMU
+  return l4emu::sharedAddress(p);
+#else
+  return (unsigned)__cvta_generic_to_shared(p);
+#endif
+}
+// The first 1024-byte aligned shared address at or after p.
+__device__ __forceinline__ unsigned short *@B@_align1024(unsigned char *p) {
+  return reinterpret_cast<unsigned short *>(p + ((1024u - (@B@_saddr(p) & 1023u)) & 1023u));
+}
+// A K-major operand in 128-byte swizzle mode: start address / 16, leading
+// byte offset 16 (unused by the swizzled modes), stride byte offset 1024
+// (between groups of 8 rows of 128 bytes), mode 1 (128-byte swizzle).
+__device__ __forceinline__ unsigned long long @B@_desc(const unsigned short *p) {
+  return (unsigned long long)((@B@_saddr(p) & 0x3FFFFu) >> 4) | (1ull << 16) |
+         (64ull << 32) | (1ull << 62);
+}
+__device__ __forceinline__ void @B@_fence_proxy() {
+#ifndef L4C_CUEMU
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void @B@_fence() {
+#ifdef L4C_CUEMU
+  l4emu::wgmmaFence();
+#else
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void @B@_commit() {
+#ifdef L4C_CUEMU
+  l4emu::wgmmaCommit();
+#else
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void @B@_wait0() {
+#ifdef L4C_CUEMU
+  l4emu::wgmmaWait(0);
+#else
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#endif
+}
+template <int J> __device__ __forceinline__ void @B@_pin(float (&d)[J][4]) {
+#ifndef L4C_CUEMU
+#pragma unroll
+  for (int j = 0; j < J; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      asm volatile("" : "+f"(d[j][c])::"memory");
+#endif
+}
+)cuda";
+
+/// @B@_mma(d, descA, descB): d += A * B^T for one wgmma.m64n<8J>k16 with
+/// bf16 operands from shared memory and f32 accumulators d[J][4] (the
+/// fragment of the PTX ISA's "wgmma .m64nNk16 register fragment" layout:
+/// d[j][c] at row 16 * (warp % 4) + lane / 4 + 8 * (c / 2), column
+/// 8 * j + 2 * (lane % 4) + c % 2).
+static std::string wgmmaMma(int j) {
+  const std::string regs = std::to_string(4 * j), n = std::to_string(8 * j);
+  std::string t = "\n__device__ __forceinline__ void @B@_mma(float (&d)[" +
+                  std::to_string(j) +
+                  "][4], unsigned long long a, unsigned long long b) {\n"
+                  "#ifdef L4C_CUEMU\n  l4emu::wgmma(&d[0][0], " + n +
+                  ", a, b);\n#else\n  asm volatile(\n"
+                  "      \"{\\n.reg .pred p;\\nsetp.ne.b32 p, %" +
+                  std::to_string(4 * j + 2) +
+                  ", 0;\\n\"\n      \"wgmma.mma_async.sync.aligned.m64n" + n +
+                  "k16.f32.bf16.bf16 {";
+  for (int r = 0; r < 4 * j; ++r)
+    t += (r ? ", %" : "%") + std::to_string(r);
+  t += "}, %" + regs + ", %" + std::to_string(4 * j + 1) +
+       ", p, 1, 1, 0, 0;\\n}\\n\"\n      : ";
+  for (int r = 0; r < 4 * j; ++r)
+    t += std::string(r ? ", " : "") + "\"+f\"(d[" + std::to_string(r / 4) +
+         "][" + std::to_string(r % 4) + "])";
+  t += "\n      : \"l\"(a), \"l\"(b), \"r\"(1));\n#endif\n}\n";
+  return t;
+}
+
 /// A warp's mma accumulators acc[rows][cols][4] (and acc2 for SwiGLU's
 /// second product), declared and zeroed.
 static std::string mmaAccumulators(llvm::StringRef rows, llvm::StringRef cols,
@@ -573,20 +661,29 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
   return text;
 }
 
-bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu) {
+bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu,
+                     bool kMajor) {
   Body &b = ctx.body;
   if (swiglu)
     b.configs = {"p128x64", "p128x64s3", "p128x64s4", "t64x64"};
   else
     b.configs = {"p128x128", "p128x128s3", "p128x128s4",
                  "p128x64",  "p128x64s3",  "t64x64"};
+  // wgmma is sm_90a's alone (not sm_90, not later architectures).
+  if (kMajor && ctx.arch == "sm_90a") {
+    const char *w = swiglu ? "w128x64" : "w128x128";
+    b.configs.push_back((w + llvm::Twine("s3")).str());
+    b.configs.push_back((w + llvm::Twine("s4")).str());
+  }
   llvm::StringRef c = ctx.config;
   if (c == "t64x64")
     return false;
-  // p128x<BN>[s<stages>]
-  if (c.consume_front("p128x64"))
+  // {p|w}128x<BN>[s<stages>]
+  p.wgmma = c.consume_front("w");
+  c.consume_front("p");
+  if (c.consume_front("128x64"))
     p.bn = 64;
-  else if (c.consume_front("p128x128"))
+  else if (c.consume_front("128x128"))
     p.bn = 128;
   p.stages = c == "s3" ? 3 : c == "s4" ? 4 : 2;
   if (swiglu)
@@ -628,20 +725,33 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   const TiledGemm::Grouped *gr = p.grouped ? &*p.grouped : nullptr;
   assert((!gr || (!gr->overReduction && p.a.kMajor && !norm)) &&
          "grouped: rows by route entry, A row-major, no norm");
+  const bool wg = p.wgmma;
+  assert((!wg || (p.a.kMajor && p.b.kMajor && (!swiglu || p.u.kMajor))) &&
+         "wgmma stages every operand [row][k]");
   // `t` with the tile's expert for @G.
   auto expert = [&](const std::string &t) {
     return gr ? fill(t, "@G", "ge") : t;
   };
   os << "  // " << p.what << "\n"
      << "  constexpr int BM = 128, BN = " << bn
-     << ", BK = 32, NT = 256, WN = " << wn << ", NJ = " << nj
-     << ", NS = " << ns << ";\n";
+     << ", BK = " << (wg ? 64 : 32) << ", NT = 256, WN = " << wn
+     << ", NJ = " << nj << ", NS = " << ns << ";\n";
   if (gr)
     os << groupedDecls(*gr, p.n, p.r);
   else
     os << "  const long long GM = " << p.m << ", GN = " << p.n
        << ", GR = " << p.r << ";\n";
-  os << R"cuda(  // Tensor cores, software-pipelined: 8 warps as 2 x 4, warp (wm, wn)
+  if (wg)
+    os << R"cuda(  // Hopper warpgroup MMAs (wgmma), software-pipelined: 2 warpgroups,
+  // warpgroup wm computing rows wm*64.. and all BN columns as m64nBNk16
+  // products. The reduction runs in steps of 64 staged in shared memory by
+  // 16-byte cp.async copies into NS buffers, NS - 1 steps in flight. A
+  // stage holds each operand [row][64 k] with 128-byte rows swizzled as
+  // wgmma's 128-byte mode reads them (16-byte piece q of row i at piece
+  // q ^ (i % 8)), from a 1024-byte aligned base.
+)cuda";
+  else
+    os << R"cuda(  // Tensor cores, software-pipelined: 8 warps as 2 x 4, warp (wm, wn)
   // computing rows wm*64.. and columns wn*WN.. as 4 x NJ mma.sync m16n8k16
   // tiles. The reduction runs in steps of 32 staged in shared memory by
   // 16-byte cp.async copies into NS buffers, NS - 1 steps in flight: the
@@ -668,10 +778,22 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
     unsigned perStage = kMajor ? unsigned(n) * 40 * 2 : 32u * (n + 8) * 2;
     dynamicBytes += unsigned(ns) * perStage;
   };
-  decl("as", p.a.kMajor, "BM", 128);
-  decl("bs", p.b.kMajor, "BN", bn);
-  if (swiglu)
-    decl("us", p.u.kMajor, "BN", bn);
+  if (wg) {
+    os << "  unsigned short *const as = @B@_align1024(l4_dsmem());\n"
+       << "  unsigned short *const bs = as + NS * BM * BK;\n";
+    if (swiglu)
+      os << "  unsigned short *const us = bs + NS * BN * BK;\n";
+    dynamicBytes = 1024 + unsigned(ns) * (128 + unsigned(bn) * (swiglu ? 2 : 1)) *
+                              64 * 2;
+    b.globals += kWgmmaGlobals;
+    b.inlined = true;
+    b.globals += wgmmaMma(nj * 4);
+  } else {
+    decl("as", p.a.kMajor, "BM", 128);
+    decl("bs", p.b.kMajor, "BN", bn);
+    if (swiglu)
+      decl("us", p.u.kMajor, "BN", bn);
+  }
   b.sharedBytes = dynamicBytes;
   if (norm)
     os << "  __shared__ float rinv[BM];\n";
@@ -710,6 +832,19 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   // zeros outside the matrices (whole 16-byte pieces are in or out).
   auto stageOf = [&](const PipelinedGemm::Operand &o, const char *tab,
                      const char *rows, const char *tabName) {
+    if (wg) {
+      os << "      for (int c = tid; c < " << rows << " * 8; c += NT) {\n"
+         << "        const int i = c >> 3, q = c & 7;\n"
+         << "        unsigned short *const d = " << tab << " + s * " << rows
+         << " * BK + i * BK + ((q ^ (i & 7)) << 3);\n"
+         << "        if (" << tabName << "[i] >= 0 && k0 + q * 8 < GR)\n"
+         << "          l4_cp_async16(d, " << o.ptr << " + " << tabName
+         << "[i] + k0 + q * 8);\n"
+         << "        else\n"
+         << "          l4_zero16(d);\n"
+         << "      }\n";
+      return;
+    }
     if (o.kMajor) {
       os << "      for (int c = tid; c < " << rows << " * BK / 8; c += NT) {\n"
          << "        const int i = c >> 2, j = (c & 3) * 8;\n"
@@ -738,7 +873,15 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   if (swiglu)
     stageOf(p.u, "us", "BN", "brow");
   os << "      l4_cp_async_commit();\n    };\n";
-  os << mmaAccumulators("4", "NJ", swiglu);
+  if (wg) {
+    os << "    float acc[NJ * 4][4]" << (swiglu ? ", acc2[NJ * 4][4]" : "")
+       << ";\n#pragma unroll\n    for (int j = 0; j < NJ * 4; ++j)\n"
+       << "#pragma unroll\n      for (int c = 0; c < 4; ++c) {\n"
+       << "        acc[j][c] = 0.0f;\n"
+       << (swiglu ? "        acc2[j][c] = 0.0f;\n" : "") << "      }\n";
+  } else {
+    os << mmaAccumulators("4", "NJ", swiglu);
+  }
   os << R"cuda(    // The first NS - 1 steps in flight (a group per step, empty past the
     // end, so that the waits count steps).
     for (int i = 0; i < NS - 1; ++i) {
@@ -750,14 +893,29 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
     for (long long step = 0; step < steps; ++step) {
       const int s = (int)(step % NS);
       l4_cp_async_wait<NS - 2>(); // this step's copies have landed ...
-      __syncthreads(); // ... everyone's, and everyone is done with step - 1
+)cuda";
+  if (wg)
+    os << "      @B@_fence_proxy(); // ... visible to wgmma's reads ...\n";
+  os << R"cuda(      __syncthreads(); // ... everyone's, and everyone is done with step - 1
       // Step + NS - 1 into the buffer step - 1 used.
       if (step + NS - 1 < steps)
         stage((int)((step + NS - 1) % NS), (step + NS - 1) * BK);
       else
         l4_cp_async_commit();
 )cuda";
-  if (norm)
+  if (norm && wg)
+    os << R"cuda(      // The norm: x * inv * g, rounded as the norm's bf16 output is.
+      for (int e = tid; e < BM * BK; e += NT) {
+        const int i = e >> 6, j = e & 63;
+        const long long k = step * BK + j;
+        unsigned short &a = as[s * BM * BK + i * BK + ((((j >> 3) ^ (i & 7)) << 3) | (j & 7))];
+        if (arow[i] >= 0 && k < GR)
+          a = l4_bf16_bits((__uint_as_float((unsigned)a << 16) * rinv[i]) * l4_ld(nw, k));
+      }
+      @B@_fence_proxy();
+      __syncthreads();
+)cuda";
+  else if (norm)
     os << R"cuda(      // The norm: x * inv * g, rounded as the norm's bf16 output is.
       for (int e = tid; e < BM * BK; e += NT) {
         const int i = e >> 5, j = e & 31;
@@ -777,6 +935,39 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
     return "l4_pair2(" + std::string(tab) + "[s][" + k + "][" + row + "], " +
            tab + "[s][" + k + " + 1][" + row + "])";
   };
+  if (wg) {
+    os << R"cuda(      // Four k16 products per operand pair: the descriptors advance 32
+      // bytes along the swizzled rows.
+      @B@_pin(acc);
+)cuda";
+    if (swiglu)
+      os << "      @B@_pin(acc2);\n";
+    os << R"cuda(      @B@_fence();
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16) {
+        const unsigned long long da = @B@_desc(as + s * BM * BK + wm * 64 * BK + kk);
+        @B@_mma(acc, da, @B@_desc(bs + s * BN * BK + kk));
+)cuda";
+    if (swiglu)
+      os << "        @B@_mma(acc2, da, @B@_desc(us + s * BN * BK + kk));\n";
+    os << R"cuda(      }
+      @B@_commit();
+      @B@_wait0(); // the products are done with stage s and acc is final
+      @B@_pin(acc);
+)cuda";
+    if (swiglu)
+      os << "      @B@_pin(acc2);\n";
+    os << R"cuda(    }
+    l4_cp_async_wait<0>(); // no copy outlives the tile (the last are empty)
+#pragma unroll
+    for (int j = 0; j < NJ * 4; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int li = wm * 64 + (warp & 3) * 16 + g + (c >= 2 ? 8 : 0);
+          const long long m = m0 + li;
+          const long long n = n0 + j * 8 + 2 * t + (c & 1);
+)cuda";
+  } else {
   os << R"cuda(#pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
         unsigned af[4][4];
@@ -825,7 +1016,9 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
           const long long m = m0 + li;
           const long long n = n0 + wn * WN + j * 8 + 2 * t + (c & 1);
 )cuda";
-  std::string a1 = "acc[i][j][c]", a2 = "acc2[i][j][c]";
+  }
+  std::string a1 = wg ? "acc[j][c]" : "acc[i][j][c]",
+              a2 = wg ? "acc2[j][c]" : "acc2[i][j][c]";
   // Output (m, n)'s place in y or the store: rows by route entry when
   // grouped.
   auto place = [&](const std::string &t) {
@@ -1038,7 +1231,8 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
                  pieceAligned({&ctx.operands[0], &ctx.operands[1]}) &&
                  (!spec.swiglu || pieceAligned({&ctx.operands[2]}));
   PipelinedGemm p;
-  if (g.tensorCores && aligned && choosePipelined(ctx, p, spec.swiglu)) {
+  if (g.tensorCores && aligned &&
+      choosePipelined(ctx, p, spec.swiglu, /*kMajor=*/true)) {
     p.what = "y[m, n] = sum_k x[m, k] * w[n, k] over the M = B * LT live "
              "rows; row m is token (m / LT, m % LT).";
     p.m = "M";

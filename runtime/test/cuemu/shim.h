@@ -105,6 +105,7 @@ inline Barrier blockBarrier;
 inline std::vector<Barrier> warpBarriers;
 inline unsigned long long shuffleSlots[1024];
 inline unsigned char *dynamicShared = nullptr;
+inline unsigned dynamicBytes = 0;
 
 /// Where a fiber starts (entered by l4emu_swap's ret); never returns.
 [[noreturn]] inline void fiberMain() {
@@ -138,8 +139,11 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
   grid = std::max(1u, std::min(grid, cap));
   bDim = {block, 1, 1};
   gDim = {grid, 1, 1};
-  std::vector<unsigned char> dyn(smem + 16);
-  dynamicShared = dyn.data();
+  // 1024-byte aligned, as a GPU's shared window is at least: the swizzle
+  // of wgmma's descriptors works on the address bits.
+  std::vector<unsigned char> dyn(smem + 1024);
+  dynamicShared = dyn.data() + (1024 - reinterpret_cast<uintptr_t>(dyn.data()) % 1024) % 1024;
+  dynamicBytes = smem;
   std::function<void()> fn = body;
   blockBody = &fn;
   constexpr size_t kStack = 256 * 1024;
@@ -235,6 +239,101 @@ inline void mmaBf16(float d[4], const unsigned a[4], const unsigned b[2]) {
     }
   }
   std::memcpy(d, mmaD[me], sizeof(mmaD[me]));
+}
+
+/// Shared addresses (__cvta_generic_to_shared): offsets into the block's
+/// dynamic shared memory, the only shared memory with addresses here.
+inline unsigned sharedAddress(const void *p) {
+  auto *b = static_cast<const unsigned char *>(p);
+  if (b < dynamicShared || b >= dynamicShared + dynamicBytes) {
+    std::fprintf(stderr, "cuemu: a shared address of %p, outside the %u "
+                 "dynamic shared bytes (static shared memory has none here)\n",
+                 p, dynamicBytes);
+    std::abort();
+  }
+  return unsigned(b - dynamicShared);
+}
+
+/// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 with both operands
+/// in shared memory (descriptors), scale-d 1, no transposes. A thread's
+/// products wait in its open group until committed and happen when
+/// wgmma.wait_group retires the group, so reading the accumulators, or
+/// refilling the stages, before the wait shows up as wrong results. Each
+/// thread computes its own fragment: d[4j + c] at row 16 * (warp % 4) +
+/// lane / 4 + 8 * (c / 2), column 8j + 2 * (lane % 4) + c % 2 of the
+/// 64 x N tile.
+struct Wgmma {
+  float *d;
+  unsigned n;
+  unsigned long long a, b;
+};
+inline std::vector<Wgmma> wgOpen[1024];
+inline std::vector<std::vector<Wgmma>> wgGroups[1024];
+
+/// Element (row, k) of a K-major bf16 operand described by `desc` (the
+/// PTX ISA's "Matrix Descriptor Format"): no swizzle (8 x 16-byte core
+/// matrices, leading byte offset between them along k, stride byte offset
+/// along rows) or 128-byte swizzle (rows of 128 bytes, 8-row groups the
+/// stride byte offset apart, 16-byte piece address bits 4-6 XOR 7-9).
+inline float wgmmaOperand(unsigned long long desc, unsigned row, unsigned k) {
+  unsigned start = unsigned(desc & 0x3fff) << 4;
+  unsigned lbo = unsigned((desc >> 16) & 0x3fff) << 4;
+  unsigned sbo = unsigned((desc >> 32) & 0x3fff) << 4;
+  unsigned baseOffset = unsigned(desc >> 49) & 7, mode = unsigned(desc >> 62);
+  unsigned addr;
+  if (baseOffset != 0 || (mode != 0 && mode != 1)) {
+    std::fprintf(stderr, "cuemu: wgmma descriptor %#llx: base offset %u, "
+                 "swizzle mode %u are not emulated\n", desc, baseOffset, mode);
+    std::abort();
+  }
+  if (mode == 1) {
+    if (start % 128 + 32 > 128) {
+      std::fprintf(stderr, "cuemu: wgmma descriptor %#llx: a k16 step "
+                   "crosses its 128-byte swizzle row\n", desc);
+      std::abort();
+    }
+    addr = start + (row / 8) * sbo + (row % 8) * 128 + k * 2;
+    addr ^= ((addr >> 7) & 7) << 4;
+  } else {
+    addr = start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
+  }
+  if (addr + 2 > dynamicBytes) {
+    std::fprintf(stderr, "cuemu: wgmma reads shared byte %u of %u\n", addr,
+                 dynamicBytes);
+    std::abort();
+  }
+  unsigned short h;
+  std::memcpy(&h, dynamicShared + addr, 2);
+  unsigned bits = unsigned(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline void wgmma(float *d, unsigned n, unsigned long long a,
+                  unsigned long long b) {
+  wgOpen[tIdx.x].push_back({d, n, a, b});
+}
+inline void wgmmaFence() {}
+inline void wgmmaCommit() {
+  wgGroups[tIdx.x].push_back(std::move(wgOpen[tIdx.x]));
+  wgOpen[tIdx.x].clear();
+}
+inline void wgmmaWait(int pending) {
+  unsigned me = tIdx.x, w = (me / 32) % 4, lane = me % 32;
+  auto &groups = wgGroups[me];
+  while (int(groups.size()) > pending) {
+    for (const Wgmma &op : groups.front())
+      for (unsigned j = 0; j < op.n / 8; ++j)
+        for (unsigned c = 0; c < 4; ++c) {
+          unsigned row = 16 * w + lane / 4 + 8 * (c / 2);
+          unsigned col = 8 * j + 2 * (lane % 4) + c % 2;
+          float s = op.d[4 * j + c];
+          for (unsigned k = 0; k < 16; ++k)
+            s += wgmmaOperand(op.a, row, k) * wgmmaOperand(op.b, col, k);
+          op.d[4 * j + c] = s;
+        }
+    groups.erase(groups.begin());
+  }
 }
 
 /// cp.async: a thread's copies wait in its open group until committed,

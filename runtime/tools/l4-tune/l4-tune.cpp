@@ -21,6 +21,7 @@
 #include <cstring>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -31,7 +32,7 @@ const char *kUsage =
     "TUNING.json\n"
     "               [--device=cuda|cuda:N] [--program=NAME] [--batch B] "
     "[--seq T]\n"
-    "               [--repeats R] [--tolerance X]\n"
+    "               [--repeats R] [--tolerance X] [--skip-mismatches]\n"
     "PLAN: compiled with `l4c compile --target=cuda --tune-candidates`.\n"
     "Runs PROGRAM (default: forward, prefill or train_step by the plan's "
     "kind) on\n"
@@ -42,7 +43,9 @@ const char *kUsage =
     "20); a configuration whose results differ from the kernel's by more "
     "than X\n"
     "(default 2e-2) of their largest value is a failure (exit 1, nothing "
-    "written).\n"
+    "written);\n"
+    "with --skip-mismatches it is reported and left out of the choice "
+    "instead.\n"
     "Writes, per kernel signature, the configuration with the least time "
     "summed\n"
     "over the kernels that share it; give the file to `l4c compile "
@@ -69,6 +72,7 @@ struct Options {
   std::optional<int64_t> batch, seq;
   int64_t repeats = 20;
   double tolerance = 2e-2;
+  bool skipMismatches = false;
 };
 
 int64_t parseInt(const std::string &flag, const std::string &v, int64_t min) {
@@ -123,6 +127,8 @@ Options parseArgs(int argc, char **argv) {
       o.tolerance = std::strtod(v.c_str(), &end);
       if (v.empty() || *end || !(o.tolerance >= 0))
         usage("--tolerance takes a number >= 0, got '" + v + "'");
+    } else if (a == "--skip-mismatches") {
+      o.skipMismatches = true;
     } else if (a.rfind("-", 0) == 0) {
       usage("unknown flag '" + a + "'");
     } else if (o.plan.empty()) {
@@ -210,6 +216,7 @@ int main(int argc, char **argv) {
     std::string kernel, defaultConfig;
     int kernels = 0;
     std::map<std::string, double> ms;
+    std::set<std::string> mismatched; ///< never chosen
   };
   std::map<std::string, Sig> sigs;
   std::vector<std::string> order;
@@ -245,8 +252,15 @@ int main(int argc, char **argv) {
         sg.kernel = r.name;
     }
     sg.ms[r.config] += r.ms;
+    if (bad)
+      sg.mismatched.insert(r.config);
   }
-  if (failures) {
+  if (failures && o.skipMismatches) {
+    std::fprintf(stderr,
+                 "l4-tune: warning: %d configuration(s) disagree with their "
+                 "kernel beyond %.1e; left out of the choice\n",
+                 failures, o.tolerance);
+  } else if (failures) {
     std::fprintf(stderr,
                  "l4-tune: error: %d configuration(s) disagree with their "
                  "kernel beyond %.1e; %s not written\n",
@@ -261,7 +275,7 @@ int main(int argc, char **argv) {
     const Sig &sg = sigs[order[i]];
     std::string best = sg.defaultConfig;
     for (const auto &[config, ms] : sg.ms)
-      if (ms < sg.ms.at(best))
+      if (ms < sg.ms.at(best) && !sg.mismatched.count(config))
         best = config;
     before += sg.ms.at(sg.defaultConfig);
     after += sg.ms.at(best);

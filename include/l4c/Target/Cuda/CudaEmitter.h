@@ -70,13 +70,16 @@ std::string cudaEntryName(unsigned index, llvm::StringRef name);
 /// `workspaceOffset`, past every planned value. Fails, naming the kernel
 /// and op, on ops or dtypes the CUDA target does not support yet.
 /// `config` picks one of the kernel's tile configurations (CudaKernel::
-/// configs; empty: the default) and fails when the kernel has no such one.
+/// configs; empty: the default) and fails when the kernel has no such one;
+/// `arch` is the GPU architecture it is for (some configurations are
+/// Hopper-only).
 llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
                                           llvm::ArrayRef<CudaBuffer> inputs,
                                           llvm::ArrayRef<CudaBuffer> results,
                                           llvm::StringRef entry,
                                           uint64_t workspaceOffset,
-                                          llvm::StringRef config = "");
+                                          llvm::StringRef config = "",
+                                          llvm::StringRef arch = "sm_90a");
 
 /// A whole NVRTC program for kernels that share one body: the prelude, the
 /// body once and every kernel's entry.
