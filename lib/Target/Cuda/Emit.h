@@ -214,7 +214,8 @@ struct PipelinedGemm {
   int bn = 0; ///< columns per tile: 128, or 64 (0: 128, 64 with SwiGLU)
   int stages = 2; ///< reduction steps buffered (NS - 1 in flight), 2 to 4
   /// Hopper warpgroup MMAs (wgmma, sm_90a) on 128-byte-swizzled stages of
-  /// 64 reduction columns instead of mma.sync; A, B (and U) must be kMajor.
+  /// 64 reduction columns instead of mma.sync; A must be kMajor, B and U
+  /// may be either (MN-major ones are transposed by the MMA).
   bool wgmma = false;
   /// One GEMM per expert over the rows l4.moe_route's table gives it
   /// (TiledGemm::Grouped by entry; m and maxM unused): A is kMajor with a
@@ -230,11 +231,12 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
 /// The tile configurations of a GEMM emitPipelined can run, for l4-tune:
 /// "p128x<BN>[s<NS>]" (128 x BN tiles, NS stages; "p128x128", two stages,
 /// is the default, "p128x64" with SwiGLU), "t64x64" (emitTiles) and, for
-/// sm_90a when `kMajor` (every operand's rows run along the reduction),
-/// "w128x<BN>s<NS>" (wgmma). Records them on the body; false when
-/// ctx.config asks for emitTiles, else sets p.bn, p.stages and p.wgmma.
+/// sm_90a when `aKMajor` (A's rows run along the reduction, as wgmma reads
+/// A from shared memory), "w128x<BN>s<NS>" (wgmma). Records them on the
+/// body; false when ctx.config asks for emitTiles, else sets p.bn,
+/// p.stages and p.wgmma.
 bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu = false,
-                     bool kMajor = false);
+                     bool aKMajor = false);
 /// The pipelined form of a by-entry grouped TiledGemm: its extents, A (its
 /// rows, which must run along the reduction), y, store and grouping, with
 /// `b` as B's operand and `maxN` columns at the compiled maxima.

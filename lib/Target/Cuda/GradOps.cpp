@@ -284,7 +284,8 @@ llvm::Error emitLinearGradInput(OpContext &ctx) {
   g.maxTiles = (maxRows(dx) + 63) / 64 * ((uint64_t(ws[1]) + 63) / 64);
   PipelinedGemm p;
   if (g.tensorCores && ws[0] % 8 == 0 && ws[1] % 8 == 0 &&
-      pieceAligned({&dy, &w}) && choosePipelined(ctx, p)) {
+      pieceAligned({&dy, &w}) &&
+      choosePipelined(ctx, p, /*swiglu=*/false, /*aKMajor=*/true)) {
     // dy's rows run along the reduction (n), w's along the output (k).
     p.what = g.what;
     p.m = "M";

@@ -217,6 +217,14 @@ __device__ __forceinline__ unsigned long long @B@_desc(const unsigned short *p) 
   return (unsigned long long)((@B@_saddr(p) & 0x3FFFFu) >> 4) | (1ull << 16) |
          (64ull << 32) | (1ull << 62);
 }
+// An MN-major operand (rows along the output, transposed by the MMA) in
+// 128-byte swizzle mode: atoms of 64 rows (128 bytes) x 8 k, 1024 bytes;
+// leading byte offset 8192 between the atoms along the rows (8 atoms along
+// k lie between them), stride byte offset 1024 between those along k.
+__device__ __forceinline__ unsigned long long @B@_desc_mn(const unsigned short *p) {
+  return (unsigned long long)((@B@_saddr(p) & 0x3FFFFu) >> 4) | (512ull << 16) |
+         (64ull << 32) | (1ull << 62);
+}
 __device__ __forceinline__ void @B@_fence_proxy() {
 #ifndef L4C_CUEMU
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -255,17 +263,19 @@ template <int J> __device__ __forceinline__ void @B@_pin(float (&d)[J][4]) {
 )cuda";
 
 /// @B@_mma(d, descA, descB): d += A * B^T for one wgmma.m64n<8J>k16 with
-/// bf16 operands from shared memory and f32 accumulators d[J][4] (the
+/// bf16 operands from shared memory, A K-major, B K-major or (`transB`)
+/// MN-major, and f32 accumulators d[J][4] (the
 /// fragment of the PTX ISA's "wgmma .m64nNk16 register fragment" layout:
 /// d[j][c] at row 16 * (warp % 4) + lane / 4 + 8 * (c / 2), column
 /// 8 * j + 2 * (lane % 4) + c % 2).
-static std::string wgmmaMma(int j) {
+static std::string wgmmaMma(int j, bool transB) {
   const std::string regs = std::to_string(4 * j), n = std::to_string(8 * j);
   std::string t = "\n__device__ __forceinline__ void @B@_mma(float (&d)[" +
                   std::to_string(j) +
                   "][4], unsigned long long a, unsigned long long b) {\n"
                   "#ifdef L4C_CUEMU\n  l4emu::wgmma(&d[0][0], " + n +
-                  ", a, b);\n#else\n  asm volatile(\n"
+                  ", a, b, " + (transB ? "true" : "false") +
+                  ");\n#else\n  asm volatile(\n"
                   "      \"{\\n.reg .pred p;\\nsetp.ne.b32 p, %" +
                   std::to_string(4 * j + 2) +
                   ", 0;\\n\"\n      \"wgmma.mma_async.sync.aligned.m64n" + n +
@@ -273,7 +283,7 @@ static std::string wgmmaMma(int j) {
   for (int r = 0; r < 4 * j; ++r)
     t += (r ? ", %" : "%") + std::to_string(r);
   t += "}, %" + regs + ", %" + std::to_string(4 * j + 1) +
-       ", p, 1, 1, 0, 0;\\n}\\n\"\n      : ";
+       ", p, 1, 1, 0, " + (transB ? "1" : "0") + ";\\n}\\n\"\n      : ";
   for (int r = 0; r < 4 * j; ++r)
     t += std::string(r ? ", " : "") + "\"+f\"(d[" + std::to_string(r / 4) +
          "][" + std::to_string(r % 4) + "])";
@@ -662,7 +672,7 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
 }
 
 bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu,
-                     bool kMajor) {
+                     bool aKMajor) {
   Body &b = ctx.body;
   if (swiglu)
     b.configs = {"p128x64", "p128x64s3", "p128x64s4", "t64x64"};
@@ -670,7 +680,7 @@ bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu,
     b.configs = {"p128x128", "p128x128s3", "p128x128s4",
                  "p128x64",  "p128x64s3",  "t64x64"};
   // wgmma is sm_90a's alone (not sm_90, not later architectures).
-  if (kMajor && ctx.arch == "sm_90a") {
+  if (aKMajor && ctx.arch == "sm_90a") {
     const char *w = swiglu ? "w128x64" : "w128x128";
     b.configs.push_back((w + llvm::Twine("s3")).str());
     b.configs.push_back((w + llvm::Twine("s4")).str());
@@ -726,8 +736,8 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   assert((!gr || (!gr->overReduction && p.a.kMajor && !norm)) &&
          "grouped: rows by route entry, A row-major, no norm");
   const bool wg = p.wgmma;
-  assert((!wg || (p.a.kMajor && p.b.kMajor && (!swiglu || p.u.kMajor))) &&
-         "wgmma stages every operand [row][k]");
+  assert((!wg || (p.a.kMajor && (!swiglu || p.u.kMajor == p.b.kMajor))) &&
+         "wgmma: A [row][k]; B and U alike");
   // `t` with the tile's expert for @G.
   auto expert = [&](const std::string &t) {
     return gr ? fill(t, "@G", "ge") : t;
@@ -787,7 +797,7 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
                               64 * 2;
     b.globals += kWgmmaGlobals;
     b.inlined = true;
-    b.globals += wgmmaMma(nj * 4);
+    b.globals += wgmmaMma(nj * 4, !p.b.kMajor);
   } else {
     decl("as", p.a.kMajor, "BM", 128);
     decl("bs", p.b.kMajor, "BN", bn);
@@ -832,6 +842,24 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   // zeros outside the matrices (whole 16-byte pieces are in or out).
   auto stageOf = [&](const PipelinedGemm::Operand &o, const char *tab,
                      const char *rows, const char *tabName) {
+    if (wg && !o.kMajor) {
+      // Piece (k, 8 rows from n) of the MN-major stage: atom (n / 64,
+      // k / 8) of 64 rows x 8 k, the atoms along k adjacent.
+      os << "      for (int c = tid; c < BK * " << rows << " / 8; c += NT) {\n"
+         << "        const int j = c / (" << rows << " / 8), i = c % (" << rows
+         << " / 8) * 8, q = (i & 63) >> 3;\n"
+         << "        unsigned short *const d = " << tab << " + s * " << rows
+         << " * BK + (i >> 6) * (BK * 64) + (j >> 3) * 512 + (j & 7) * 64 + "
+            "((q ^ (j & 7)) << 3);\n"
+         << "        const long long r = k0 + j;\n"
+         << "        if (r < GR && " << tabName << "[i] >= 0)\n"
+         << "          l4_cp_async16(d, " << o.ptr << " + "
+         << expert(fill(o.base, "@R", "r")) << " + " << tabName << "[i]);\n"
+         << "        else\n"
+         << "          l4_zero16(d);\n"
+         << "      }\n";
+      return;
+    }
     if (wg) {
       os << "      for (int c = tid; c < " << rows << " * 8; c += NT) {\n"
          << "        const int i = c >> 3, q = c & 7;\n"
@@ -946,10 +974,15 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
         const unsigned long long da = @B@_desc(as + s * BM * BK + wm * 64 * BK + kk);
-        @B@_mma(acc, da, @B@_desc(bs + s * BN * BK + kk));
 )cuda";
+    // K-major B advances 16 columns of its rows, MN-major B two atoms.
+    std::string bDesc = p.b.kMajor ? "@B@_desc(" : "@B@_desc_mn(",
+                bStep = p.b.kMajor ? " + kk)" : " + kk * 64)";
+    os << "        @B@_mma(acc, da, " << bDesc << "bs + s * BN * BK" << bStep
+       << ");\n";
     if (swiglu)
-      os << "        @B@_mma(acc2, da, @B@_desc(us + s * BN * BK + kk));\n";
+      os << "        @B@_mma(acc2, da, " << bDesc << "us + s * BN * BK" << bStep
+         << ");\n";
     os << R"cuda(      }
       @B@_commit();
       @B@_wait0(); // the products are done with stage s and acc is final
@@ -1232,7 +1265,7 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
                  (!spec.swiglu || pieceAligned({&ctx.operands[2]}));
   PipelinedGemm p;
   if (g.tensorCores && aligned &&
-      choosePipelined(ctx, p, spec.swiglu, /*kMajor=*/true)) {
+      choosePipelined(ctx, p, spec.swiglu, /*aKMajor=*/true)) {
     p.what = "y[m, n] = sum_k x[m, k] * w[n, k] over the M = B * LT live "
              "rows; row m is token (m / LT, m % LT).";
     p.m = "M";
@@ -1377,7 +1410,8 @@ llvm::Error emitMoeHidden(OpContext &ctx) {
         g, {"gate_up", false, "@G * D * 2 * I + @R * 2 * I"}, uint64_t(inter));
     p.u = {"wu", false, p.b.base};
     if (g.tensorCores && dim % 8 == 0 && inter % 8 == 0 &&
-        pieceAligned({&x, &gateUp}) && choosePipelined(ctx, p, true)) {
+        pieceAligned({&x, &gateUp}) &&
+        choosePipelined(ctx, p, /*swiglu=*/true, /*aKMajor=*/true)) {
       os << emitPipelined(b, p, &text);
       return llvm::Error::success();
     }
@@ -1505,7 +1539,8 @@ llvm::Error emitMoeDown(OpContext &ctx) {
     PipelinedGemm p =
         pipelinedGrouped(g, {"down", false, "@G * I * D + @R * D"}, uint64_t(dim));
     if (h.ctype == "l4_bf16" && down.ctype == "l4_bf16" && inter % 8 == 0 &&
-        dim % 8 == 0 && pieceAligned({&h, &down}) && choosePipelined(ctx, p)) {
+        dim % 8 == 0 && pieceAligned({&h, &down}) &&
+        choosePipelined(ctx, p, /*swiglu=*/false, /*aKMajor=*/true)) {
       os << emitPipelined(b, p);
       return llvm::Error::success();
     }

@@ -255,7 +255,8 @@ inline unsigned sharedAddress(const void *p) {
 }
 
 /// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 with both operands
-/// in shared memory (descriptors), scale-d 1, no transposes. A thread's
+/// in shared memory (descriptors), scale-d 1, A K-major, B K-major or
+/// transposed (MN-major). A thread's
 /// products wait in its open group until committed and happen when
 /// wgmma.wait_group retires the group, so reading the accumulators, or
 /// refilling the stages, before the wait shows up as wrong results. Each
@@ -266,27 +267,35 @@ struct Wgmma {
   float *d;
   unsigned n;
   unsigned long long a, b;
+  bool transB;
 };
 inline std::vector<Wgmma> wgOpen[1024];
 inline std::vector<std::vector<Wgmma>> wgGroups[1024];
 
-/// Element (row, k) of a K-major bf16 operand described by `desc` (the
-/// PTX ISA's "Matrix Descriptor Format"): no swizzle (8 x 16-byte core
+/// Element (row, k) of a bf16 operand described by `desc` (the PTX ISA's
+/// "Matrix Descriptor Format"). K-major: no swizzle (8 x 16-byte core
 /// matrices, leading byte offset between them along k, stride byte offset
-/// along rows) or 128-byte swizzle (rows of 128 bytes, 8-row groups the
-/// stride byte offset apart, 16-byte piece address bits 4-6 XOR 7-9).
-inline float wgmmaOperand(unsigned long long desc, unsigned row, unsigned k) {
+/// along rows) or 128-byte swizzle (rows of 128 bytes along k, 8-row
+/// groups the stride byte offset apart). MN-major (`mn`), 128-byte swizzle
+/// only: atoms of 8 k x 128 bytes along the rows, the leading byte offset
+/// between atoms along the rows, the stride byte offset between those
+/// along k. The swizzle XORs address bits 4-6 with bits 7-9.
+inline float wgmmaOperand(unsigned long long desc, unsigned row, unsigned k,
+                          bool mn = false) {
   unsigned start = unsigned(desc & 0x3fff) << 4;
   unsigned lbo = unsigned((desc >> 16) & 0x3fff) << 4;
   unsigned sbo = unsigned((desc >> 32) & 0x3fff) << 4;
   unsigned baseOffset = unsigned(desc >> 49) & 7, mode = unsigned(desc >> 62);
   unsigned addr;
-  if (baseOffset != 0 || (mode != 0 && mode != 1)) {
+  if (baseOffset != 0 || (mode != 0 && mode != 1) || (mn && mode != 1)) {
     std::fprintf(stderr, "cuemu: wgmma descriptor %#llx: base offset %u, "
                  "swizzle mode %u are not emulated\n", desc, baseOffset, mode);
     std::abort();
   }
-  if (mode == 1) {
+  if (mn) {
+    addr = start + (row / 64) * lbo + (k / 8) * sbo + (k % 8) * 128 + (row % 64) * 2;
+    addr ^= ((addr >> 7) & 7) << 4;
+  } else if (mode == 1) {
     if (start % 128 + 32 > 128) {
       std::fprintf(stderr, "cuemu: wgmma descriptor %#llx: a k16 step "
                    "crosses its 128-byte swizzle row\n", desc);
@@ -310,8 +319,8 @@ inline float wgmmaOperand(unsigned long long desc, unsigned row, unsigned k) {
   return f;
 }
 inline void wgmma(float *d, unsigned n, unsigned long long a,
-                  unsigned long long b) {
-  wgOpen[tIdx.x].push_back({d, n, a, b});
+                  unsigned long long b, bool transB) {
+  wgOpen[tIdx.x].push_back({d, n, a, b, transB});
 }
 inline void wgmmaFence() {}
 inline void wgmmaCommit() {
@@ -329,7 +338,8 @@ inline void wgmmaWait(int pending) {
           unsigned col = 8 * j + 2 * (lane % 4) + c % 2;
           float s = op.d[4 * j + c];
           for (unsigned k = 0; k < 16; ++k)
-            s += wgmmaOperand(op.a, row, k) * wgmmaOperand(op.b, col, k);
+            s += wgmmaOperand(op.a, row, k) *
+                 wgmmaOperand(op.b, col, k, op.transB);
           op.d[4 * j + c] = s;
         }
     groups.erase(groups.begin());
