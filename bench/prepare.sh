@@ -2,7 +2,9 @@
 # Builds on the CPU machine what bench/run.sh runs on the GPU machine: the
 # runtime binaries and bf16 CUDA plans of the Scout 4-layer slice
 # (configs/scout-slice4.json: Scout's real layer shapes) and a train plan
-# of configs/train-2048.json. Output: BUILD/bench.
+# of configs/train-2048.json. Output: BUILD/bench, and BUILD/bench.tar.gz to
+# carry to the GPU machine (the plans with tuning candidates take the folder
+# past the 64 MiB a device call carries; compressed it is about 12 MB).
 # Usage: bench/prepare.sh [BUILD]
 set -euo pipefail
 build=${1:-build}
@@ -40,4 +42,5 @@ train train-2048
 # GEMMs as candidates, prefill and training.
 compile scout4-b1-2k-tune 1 2080 --tune-candidates
 train train-2048-tune --tune-candidates
-du -sh "$b"
+tar -C "$build" -czf "$build/bench.tar.gz" bench
+du -sh "$b" "$build/bench.tar.gz"
