@@ -244,11 +244,11 @@ __device__ __forceinline__ void @B@_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void @B@_wait0() {
+template <int N> __device__ __forceinline__ void @B@_wait() {
 #ifdef L4C_CUEMU
-  l4emu::wgmmaWait(0);
+  l4emu::wgmmaWait(N);
 #else
-  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 #endif
 }
 template <int J> __device__ __forceinline__ void @B@_pin(float (&d)[J][4]) {
@@ -910,7 +910,30 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   } else {
     os << mmaAccumulators("4", "NJ", swiglu);
   }
-  os << R"cuda(    // The first NS - 1 steps in flight (a group per step, empty past the
+  if (wg)
+    os << R"cuda(    // NS - 2 steps of copies in flight (a group per step, empty past the
+    // end, so that the waits count steps) and one step of products: a
+    // buffer is refilled two steps after its products were issued, once
+    // every warpgroup's wait has retired them.
+    for (int i = 0; i < NS - 2; ++i) {
+      if (i < steps)
+        stage(i, i * BK);
+      else
+        l4_cp_async_commit();
+    }
+    for (long long step = 0; step < steps; ++step) {
+      const int s = (int)(step % NS);
+      l4_cp_async_wait<NS - 3>(); // this step's copies have landed ...
+      @B@_fence_proxy(); // ... visible to wgmma's reads ...
+      __syncthreads(); // ... everyone's, and every step - 2 product is done
+      // Step + NS - 2 into the buffer step - 2 used.
+      if (step + NS - 2 < steps)
+        stage((int)((step + NS - 2) % NS), (step + NS - 2) * BK);
+      else
+        l4_cp_async_commit();
+)cuda";
+  else
+    os << R"cuda(    // The first NS - 1 steps in flight (a group per step, empty past the
     // end, so that the waits count steps).
     for (int i = 0; i < NS - 1; ++i) {
       if (i < steps)
@@ -921,10 +944,7 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
     for (long long step = 0; step < steps; ++step) {
       const int s = (int)(step % NS);
       l4_cp_async_wait<NS - 2>(); // this step's copies have landed ...
-)cuda";
-  if (wg)
-    os << "      @B@_fence_proxy(); // ... visible to wgmma's reads ...\n";
-  os << R"cuda(      __syncthreads(); // ... everyone's, and everyone is done with step - 1
+      __syncthreads(); // ... everyone's, and everyone is done with step - 1
       // Step + NS - 1 into the buffer step - 1 used.
       if (step + NS - 1 < steps)
         stage((int)((step + NS - 1) % NS), (step + NS - 1) * BK);
@@ -985,13 +1005,18 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
          << ");\n";
     os << R"cuda(      }
       @B@_commit();
-      @B@_wait0(); // the products are done with stage s and acc is final
+      @B@_wait<1>(); // step - 1's products are done with their stage
       @B@_pin(acc);
 )cuda";
     if (swiglu)
       os << "      @B@_pin(acc2);\n";
     os << R"cuda(    }
-    l4_cp_async_wait<0>(); // no copy outlives the tile (the last are empty)
+    @B@_wait<0>(); // acc is final
+)cuda";
+    os << "    @B@_pin(acc);\n";
+    if (swiglu)
+      os << "    @B@_pin(acc2);\n";
+    os << R"cuda(    l4_cp_async_wait<0>(); // no copy outlives the tile (the last are empty)
 #pragma unroll
     for (int j = 0; j < NJ * 4; ++j)
 #pragma unroll
