@@ -225,24 +225,20 @@ __device__ __forceinline__ unsigned long long @B@_desc_mn(const unsigned short *
   return (unsigned long long)((@B@_saddr(p) & 0x3FFFFu) >> 4) | (512ull << 16) |
          (64ull << 32) | (1ull << 62);
 }
-__device__ __forceinline__ void @B@_fence_proxy() {
-#ifndef L4C_CUEMU
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+// A synchronising instruction, or the emulator's stand-in for it.
+#ifdef L4C_CUEMU
+#define @B@_SYNC(ptx, emulated) emulated
+#else
+#define @B@_SYNC(ptx, emulated) asm volatile(ptx ::: "memory")
 #endif
+__device__ __forceinline__ void @B@_fence_proxy() {
+  @B@_SYNC("fence.proxy.async.shared::cta;", (void)0);
 }
 __device__ __forceinline__ void @B@_fence() {
-#ifdef L4C_CUEMU
-  l4emu::wgmmaFence();
-#else
-  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-#endif
+  @B@_SYNC("wgmma.fence.sync.aligned;", l4emu::wgmmaFence());
 }
 __device__ __forceinline__ void @B@_commit() {
-#ifdef L4C_CUEMU
-  l4emu::wgmmaCommit();
-#else
-  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-#endif
+  @B@_SYNC("wgmma.commit_group.sync.aligned;", l4emu::wgmmaCommit());
 }
 template <int N> __device__ __forceinline__ void @B@_wait() {
 #ifdef L4C_CUEMU
