@@ -68,6 +68,19 @@ uint64_t gridFor(uint64_t work, uint64_t perBlock) {
   return std::clamp<uint64_t>(blocks, 1, kMaxBlocks);
 }
 
+std::string replaceAll(llvm::StringRef s, llvm::StringRef from,
+                       llvm::StringRef to) {
+  std::string out;
+  while (true) {
+    size_t at = s.find(from);
+    out += s.take_front(at).str();
+    if (at == llvm::StringRef::npos)
+      return out;
+    out += to.str();
+    s = s.drop_front(at + from.size());
+  }
+}
+
 } // namespace cuda
 
 namespace {
@@ -363,19 +376,6 @@ std::string sanitize(llvm::StringRef s) {
   for (char c : s)
     out.push_back(std::isalnum(static_cast<unsigned char>(c)) ? c : '_');
   return out;
-}
-
-std::string replaceAll(llvm::StringRef s, llvm::StringRef from,
-                       llvm::StringRef to) {
-  std::string out;
-  while (true) {
-    size_t at = s.find(from);
-    out += s.take_front(at).str();
-    if (at == llvm::StringRef::npos)
-      return out;
-    out += to.str();
-    s = s.drop_front(at + from.size());
-  }
 }
 
 using Names = llvm::SmallVector<llvm::StringRef, 4>;
@@ -874,7 +874,7 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
                                                   : config.str();
   uint64_t hash = llvm::xxh3_64bits(bodyText);
   k.bodyName = llvm::formatv("l4_{0}_{1:x-16}", sanitize(k.kind), hash).str();
-  k.body = replaceAll(bodyText, "@B@", k.bodyName);
+  k.body = cuda::replaceAll(bodyText, "@B@", k.bodyName);
 
   std::string args;
   for (const CudaBuffer &b : inputs)

@@ -280,6 +280,10 @@ llvm::Error emitMoeGateUpGradWeight(OpContext &ctx);
 
 // Text helpers.
 
+/// `s` with every `from` replaced by `to`.
+std::string replaceAll(llvm::StringRef s, llvm::StringRef from,
+                       llvm::StringRef to);
+
 /// The live rows per batch entry that token-major views share: "T" with a
 /// seq dim, "1" after take_last; fails when they disagree or a view is not
 /// token-major.

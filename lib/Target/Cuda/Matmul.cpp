@@ -906,47 +906,43 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   } else {
     os << mmaAccumulators("4", "NJ", swiglu);
   }
+  // The pipeline's head: @A steps of copies ahead; wgmma also keeps one
+  // step of products in flight, so its buffers are refilled a step later.
+  std::string head = R"cuda(@INTRO
+    for (int i = 0; i < @A; ++i) {
+      if (i < steps)
+        stage(i, i * BK);
+      else
+        l4_cp_async_commit();
+    }
+    for (long long step = 0; step < steps; ++step) {
+      const int s = (int)(step % NS);
+      l4_cp_async_wait<@W>(); // this step's copies have landed ...
+@FENCE      __syncthreads(); // ... everyone's, and @DONE
+      // Step + @A into the buffer step - @BACK used.
+      if (step + @A < steps)
+        stage((int)((step + @A) % NS), (step + @A) * BK);
+      else
+        l4_cp_async_commit();
+)cuda";
+  auto put = [&](std::initializer_list<std::pair<const char *, const char *>> v) {
+    for (auto [var, val] : v)
+      head = replaceAll(head, var, val);
+  };
   if (wg)
-    os << R"cuda(    // NS - 2 steps of copies in flight (a group per step, empty past the
+    put({{"@INTRO", R"cuda(    // NS - 2 steps of copies in flight (a group per step, empty past the
     // end, so that the waits count steps) and one step of products: a
     // buffer is refilled two steps after its products were issued, once
-    // every warpgroup's wait has retired them.
-    for (int i = 0; i < NS - 2; ++i) {
-      if (i < steps)
-        stage(i, i * BK);
-      else
-        l4_cp_async_commit();
-    }
-    for (long long step = 0; step < steps; ++step) {
-      const int s = (int)(step % NS);
-      l4_cp_async_wait<NS - 3>(); // this step's copies have landed ...
-      @B@_fence_proxy(); // ... visible to wgmma's reads ...
-      __syncthreads(); // ... everyone's, and every step - 2 product is done
-      // Step + NS - 2 into the buffer step - 2 used.
-      if (step + NS - 2 < steps)
-        stage((int)((step + NS - 2) % NS), (step + NS - 2) * BK);
-      else
-        l4_cp_async_commit();
-)cuda";
+    // every warpgroup's wait has retired them.)cuda"},
+         {"@FENCE", "      @B@_fence_proxy(); // ... visible to wgmma's reads ...\n"},
+         {"@DONE", "every step - 2 product is done"},
+         {"@A", "NS - 2"}, {"@W", "NS - 3"}, {"@BACK", "2"}});
   else
-    os << R"cuda(    // The first NS - 1 steps in flight (a group per step, empty past the
-    // end, so that the waits count steps).
-    for (int i = 0; i < NS - 1; ++i) {
-      if (i < steps)
-        stage(i, i * BK);
-      else
-        l4_cp_async_commit();
-    }
-    for (long long step = 0; step < steps; ++step) {
-      const int s = (int)(step % NS);
-      l4_cp_async_wait<NS - 2>(); // this step's copies have landed ...
-      __syncthreads(); // ... everyone's, and everyone is done with step - 1
-      // Step + NS - 1 into the buffer step - 1 used.
-      if (step + NS - 1 < steps)
-        stage((int)((step + NS - 1) % NS), (step + NS - 1) * BK);
-      else
-        l4_cp_async_commit();
-)cuda";
+    put({{"@INTRO", R"cuda(    // The first NS - 1 steps in flight (a group per step, empty past the
+    // end, so that the waits count steps).)cuda"},
+         {"@FENCE", ""}, {"@DONE", "everyone is done with step - 1"},
+         {"@A", "NS - 1"}, {"@W", "NS - 2"}, {"@BACK", "1"}});
+  os << head;
   if (norm && wg)
     os << R"cuda(      // The norm: x * inv * g, rounded as the norm's bf16 output is.
       for (int e = tid; e < BM * BK; e += NT) {
