@@ -12,7 +12,7 @@ b=$build/gpu
 l4c=$build/bin/l4c
 run=$build/bin/l4-run
 rm -rf "$b" && mkdir -p "$b/bin" "$b/lib" "$b/plans" "$b/refs"
-cp "$build/bin/l4-run" "$build/bin/l4-compare" "$b/bin/"
+cp "$build/bin/l4-run" "$build/bin/l4-compare" "$build/bin/l4-tune" "$b/bin/"
 cp "$build/runtime/l4c_runtime_tests" "$b/bin/"
 cp -P "$build"/runtime/libl4rt.so* "$b/lib/"
 
@@ -23,12 +23,12 @@ compile() { # NAME MODEL PROGRAM B T [FLAGS...]
     --max-seq="$T" "$@" -o "$b/plans/$name.plan" 2>&1 | sed 's/^/  /'
 }
 
-ids() { # NAME SEED B T: random token ids (vocabulary 1001) as safetensors
-  python3 - "$b/refs/$1.safetensors" "$2" "$3" "$4" <<'PY'
+ids() { # NAME SEED B T [VOCAB]: random token ids (vocabulary 1001) as safetensors
+  python3 - "$b/refs/$1.safetensors" "$2" "$3" "$4" "${5:-1001}" <<'PY'
 import json, random, struct, sys
 random.seed(int(sys.argv[2]))
 B, T = int(sys.argv[3]), int(sys.argv[4])
-ids = [random.randrange(1001) for _ in range(B * T)]
+ids = [random.randrange(int(sys.argv[5])) for _ in range(B * T)]
 h = json.dumps({"input_ids": {"dtype": "I64", "shape": [B, T],
                               "data_offsets": [0, 8 * len(ids)]}}).encode()
 h += b" " * (-(8 + len(h)) % 8)
@@ -76,6 +76,30 @@ ids odd16-inputs 8 3 90
   --inputs "$b/refs/odd-inputs.safetensors" --out "$b/refs/odd-forward-cpu.safetensors"
 "$run" "$b/plans/odd-generate.plan" --random-weights=11 --max-new-tokens=20 \
   --inputs "$b/refs/odd-inputs.safetensors" --out "$b/refs/odd-generate-cpu.safetensors"
+
+echo "== tile configurations: every candidate (wgmma among them), and plans that choose wgmma"
+# l4-tune compares each candidate with its kernel on the GPU; the wgmma
+# tiles have only run on the emulator so far. llama4-tiny's GEMMs all have
+# wgmma tiles (its routed experts' too); odd16's 90 rows end mid-tile.
+compile tiny-forward-bf16-cand llama4-tiny forward 2 40 --precision=bf16 --tune-candidates
+compile tiny-train-bf16-cand llama4-tiny train 2 40 --precision=bf16 --tune-candidates
+compile odd16-forward-bf16-cand "$odd16" forward 3 90 --precision=bf16 --tune-candidates
+ids tiny-inputs 9 2 40 256
+for prog in forward train; do
+  # A tuning file that picks the deepest wgmma tiles wherever a GEMM has them.
+  "$l4c" compile llama4-tiny --program=$prog --precision=bf16 --target=cuda \
+    --max-batch=2 --max-seq=40 --emit=cuda | python3 -c '
+import json, re, sys
+e = []
+for m in re.finditer(r"tiles (\S+) of (\S+) \(signature (\S+)\)", sys.stdin.read()):
+    w = [c for c in m.group(2).split("|") if c.startswith("w")]
+    if w:
+        e.append({"arch": "sm_90a", "signature": m.group(3), "config": w[-1]})
+json.dump({"format": "l4c-tuning", "version": 1, "entries": e}, open(sys.argv[1], "w"))
+' "$b/refs/wgmma-$prog.json"
+  compile tiny-$prog-bf16-wgmma llama4-tiny $prog 2 40 --precision=bf16 \
+    --tuning="$b/refs/wgmma-$prog.json"
+done
 
 echo "== timing models: llama4-tiny and a 313M-parameter config (test/gpu/configs/mid.json)"
 compile tiny-generate llama4-tiny generate 1 256
