@@ -10,7 +10,8 @@ namespace l4c {
 bool isTileConfig(llvm::StringRef config) {
   return llvm::is_contained({"p128x128", "p128x128s3", "p128x128s4", "p128x64",
                              "p128x64s3", "p128x64s4", "t64x64", "w128x128s3",
-                             "w128x128s4", "w128x64s3", "w128x64s4"},
+                             "w128x128s4", "w128x256s3", "w128x64s3",
+                             "w128x64s4"},
                             config);
 }
 
@@ -48,7 +49,7 @@ readTuningFile(llvm::StringRef path, llvm::StringRef arch) {
     if (!isTileConfig(*config))
       return fail(llvm::formatv("entry {0}: unknown tile configuration "
                                 "'{1}' (expected p128x<128|64>[s<3|4>], "
-                                "w128x<128|64>s<3|4> or t64x64)",
+                                "w128x<256|128|64>s<3|4> or t64x64)",
                                 i, *config));
     if (*a != arch)
       continue;

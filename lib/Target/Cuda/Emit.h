@@ -211,7 +211,8 @@ struct PipelinedGemm {
   Operand u;           ///< with a pointer: a second B (SwiGLU's up weight)
   std::string y;       ///< output offset of (@M, @C)
   uint64_t maxM = 0, maxN = 0; ///< output extents at the compiled maxima
-  int bn = 0; ///< columns per tile: 128, or 64 (0: 128, 64 with SwiGLU)
+  int bn = 0; ///< columns per tile: 128, or 64 (0: 128, 64 with SwiGLU);
+              ///< wgmma also 256 (128 with SwiGLU)
   int stages = 2; ///< reduction steps buffered (NS - 1 in flight), 2 to 4
   /// Hopper warpgroup MMAs (wgmma, sm_90a) on 128-byte-swizzled stages of
   /// 64 reduction columns instead of mma.sync; A must be kMajor, B and U
@@ -232,7 +233,8 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
 /// "p128x<BN>[s<NS>]" (128 x BN tiles, NS stages; "p128x128", two stages,
 /// is the default, "p128x64" with SwiGLU), "t64x64" (emitTiles) and, for
 /// sm_90a when `aKMajor` (A's rows run along the reduction, as wgmma reads
-/// A from shared memory), "w128x<BN>s<NS>" (wgmma). Records them on the
+/// A from shared memory), "w128x<BN>s<NS>" (wgmma; BN up to 256, 128 with
+/// SwiGLU). Records them on the
 /// body; false when ctx.config asks for emitTiles, else sets p.bn,
 /// p.stages and p.wgmma.
 bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu = false,

@@ -676,10 +676,13 @@ bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu,
     b.configs = {"p128x128", "p128x128s3", "p128x128s4",
                  "p128x64",  "p128x64s3",  "t64x64"};
   // wgmma is sm_90a's alone (not sm_90, not later architectures).
+  // Their widest tiles keep 128 accumulators a thread (a warpgroup's
+  // m64n256, or SwiGLU's two m64n128).
   if (aKMajor && ctx.arch == "sm_90a") {
-    const char *w = swiglu ? "w128x64" : "w128x128";
-    b.configs.push_back((w + llvm::Twine("s3")).str());
-    b.configs.push_back((w + llvm::Twine("s4")).str());
+    if (swiglu)
+      b.configs.append({"w128x64s3", "w128x64s4", "w128x128s3"});
+    else
+      b.configs.append({"w128x128s3", "w128x128s4", "w128x256s3"});
   }
   llvm::StringRef c = ctx.config;
   if (c == "t64x64")
@@ -691,8 +694,10 @@ bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu,
     p.bn = 64;
   else if (c.consume_front("128x128"))
     p.bn = 128;
+  else if (c.consume_front("128x256"))
+    p.bn = 256;
   p.stages = c == "s3" ? 3 : c == "s4" ? 4 : 2;
-  if (swiglu)
+  if (swiglu && !p.wgmma)
     p.bn = 0; // its default, 64
   return true;
 }
@@ -724,8 +729,10 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   const auto &fill = subst;
   // SwiGLU keeps two accumulator sets: half as many columns per tile.
   const int bn = p.bn ? p.bn : swiglu ? 64 : 128, wn = bn / 4, nj = wn / 8;
-  assert((bn == 64 || bn == 128) && (!swiglu || bn == 64) &&
-         "tiles of 64 or 128 columns, 64 with SwiGLU");
+  assert((p.wgmma ? (bn == 64 || bn == 128 || (bn == 256 && !swiglu))
+                  : ((bn == 64 || bn == 128) && (!swiglu || bn == 64))) &&
+         "mma.sync: 64 or 128 columns, 64 with SwiGLU; wgmma: up to 256, "
+         "128 with SwiGLU");
   const int ns = p.stages;
   assert(ns >= 2 && ns <= 4 && "2 to 4 stages");
   const TiledGemm::Grouped *gr = p.grouped ? &*p.grouped : nullptr;
