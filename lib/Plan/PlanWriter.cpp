@@ -85,23 +85,14 @@ struct PendingKernel {
   int32_t alternativeOf = -1; ///< a candidate: the kernel it could replace
 };
 
-/// The architecture a plan's kernels are generated for.
-static std::string kernelArch(const PlanOptions &opts) {
-  auto arch = cudaArchOf(opts.target);
-  if (!arch) {
-    llvm::consumeError(arch.takeError());
-    return "sm_90a";
-  }
-  return arch->empty() ? "sm_90a" : *arch;
-}
-
 class Writer {
 public:
   /// `emitCuda`: generate CUDA source for every kernel, with the tile
   /// configurations `opts.tuning` chooses (and, with
-  /// `opts.tuneCandidates`, the others as candidates).
-  Writer(const ModuleMemoryPlan &mem, bool emitCuda, const PlanOptions &opts)
-      : mem(mem), emitCuda(emitCuda), arch(kernelArch(opts)), opts(opts) {}
+  /// `opts.tuneCandidates`, the others as candidates) for `arch`.
+  Writer(const ModuleMemoryPlan &mem, bool emitCuda, llvm::StringRef arch,
+         const PlanOptions &opts)
+      : mem(mem), emitCuda(emitCuda), arch(arch), opts(opts) {}
   LogicalResult addFunction(func::FuncOp fn);
   llvm::Expected<std::string> finish(const Llama4Config &c,
                                      const PlanOptions &opts,
@@ -567,15 +558,16 @@ llvm::Expected<std::string> cudaArchOf(llvm::StringRef target) {
 }
 
 /// Plans memory and walks every function; `emitCuda` adds each kernel's
-/// CUDA source.
+/// CUDA source, generated for `arch`.
 static llvm::Expected<std::unique_ptr<Writer>>
-walkModule(ModuleOp module, bool emitCuda, const PlanOptions &opts,
+walkModule(ModuleOp module, bool emitCuda, llvm::StringRef arch,
+           const PlanOptions &opts,
            ModuleMemoryPlan &mem) {
   FailureOr<ModuleMemoryPlan> planned = planModuleMemory(module);
   if (failed(planned))
     return llvm::createStringError("memory planning failed");
   mem = std::move(*planned);
-  auto w = std::make_unique<Writer>(mem, emitCuda, opts);
+  auto w = std::make_unique<Writer>(mem, emitCuda, arch, opts);
   for (auto fn : module.getOps<func::FuncOp>())
     if (failed(w->addFunction(fn))) {
       if (llvm::Error e = w->takeCudaError())
@@ -594,7 +586,7 @@ llvm::Expected<std::string> serializePlan(ModuleOp module,
   if (!arch)
     return arch.takeError();
   ModuleMemoryPlan mem;
-  auto w = walkModule(module, !arch->empty(), opts, mem);
+  auto w = walkModule(module, !arch->empty(), *arch, opts, mem);
   if (!w)
     return w.takeError();
   if (uint64_t ws = (*w)->workspace())
@@ -609,12 +601,14 @@ llvm::Error printCudaSources(ModuleOp module, const PlanOptions &opts,
   if (!arch)
     return arch.takeError();
   ModuleMemoryPlan mem;
-  auto w = walkModule(module, /*emitCuda=*/true, opts, mem);
+  // A cpu target's kernels print as sm_90a's.
+  std::string kernelArch = arch->empty() ? "sm_90a" : *arch;
+  auto w = walkModule(module, /*emitCuda=*/true, kernelArch, opts, mem);
   if (!w)
     return w.takeError();
   os << "// l4c --emit=cuda: " << opts.programKind << " program, max batch "
      << opts.maxBatch << ", max seq " << opts.maxSeq << ", for "
-     << (arch->empty() ? std::string("sm_90a") : *arch) << "\n";
+     << kernelArch << "\n";
   os << cudaPrelude();
   llvm::StringMap<unsigned> firstUse;
   for (auto [i, k] : llvm::enumerate((*w)->pending())) {

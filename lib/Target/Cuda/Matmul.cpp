@@ -758,10 +758,12 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
     os << R"cuda(  // Hopper warpgroup MMAs (wgmma), software-pipelined: 2 warpgroups,
   // warpgroup wm computing rows wm*64.. and all BN columns as m64nBNk16
   // products. The reduction runs in steps of 64 staged in shared memory by
-  // 16-byte cp.async copies into NS buffers, NS - 1 steps in flight. A
-  // stage holds each operand [row][64 k] with 128-byte rows swizzled as
-  // wgmma's 128-byte mode reads them (16-byte piece q of row i at piece
-  // q ^ (i % 8)), from a 1024-byte aligned base.
+  // 16-byte cp.async copies into NS buffers (NS - 2 steps of copies and
+  // one of products in flight). A
+  // stage holds an operand along the reduction [row][64 k], its 128-byte
+  // rows swizzled as wgmma's 128-byte mode reads them (16-byte piece q of
+  // row i at piece q ^ (i % 8)), and one along the output in swizzled atoms
+  // of 64 columns x 8 k, from a 1024-byte aligned base.
 )cuda";
   else
     os << R"cuda(  // Tensor cores, software-pipelined: 8 warps as 2 x 4, warp (wm, wn)
@@ -845,58 +847,35 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   // zeros outside the matrices (whole 16-byte pieces are in or out).
   auto stageOf = [&](const PipelinedGemm::Operand &o, const char *tab,
                      const char *rows, const char *tabName) {
-    if (wg && !o.kMajor) {
-      // Piece (k, 8 rows from n) of the MN-major stage: atom (n / 64,
-      // k / 8) of 64 rows x 8 k, the atoms along k adjacent.
-      os << "      for (int c = tid; c < BK * " << rows << " / 8; c += NT) {\n"
-         << "        const int j = c / (" << rows << " / 8), i = c % (" << rows
-         << " / 8) * 8, q = (i & 63) >> 3;\n"
-         << "        unsigned short *const d = " << tab << " + s * " << rows
-         << " * BK + (i >> 6) * (BK * 64) + (j >> 3) * 512 + (j & 7) * 64 + "
-            "((q ^ (j & 7)) << 3);\n"
-         << "        const long long r = k0 + j;\n"
-         << "        if (r < GR && " << tabName << "[i] >= 0)\n"
-         << "          l4_cp_async16(d, " << o.ptr << " + "
-         << expert(fill(o.base, "@R", "r")) << " + " << tabName << "[i]);\n"
-         << "        else\n"
-         << "          l4_zero16(d);\n"
-         << "      }\n";
-      return;
-    }
-    if (wg) {
-      os << "      for (int c = tid; c < " << rows << " * 8; c += NT) {\n"
-         << "        const int i = c >> 3, q = c & 7;\n"
-         << "        unsigned short *const d = " << tab << " + s * " << rows
-         << " * BK + i * BK + ((q ^ (i & 7)) << 3);\n"
-         << "        if (" << tabName << "[i] >= 0 && k0 + q * 8 < GR)\n"
-         << "          l4_cp_async16(d, " << o.ptr << " + " << tabName
-         << "[i] + k0 + q * 8);\n"
-         << "        else\n"
-         << "          l4_zero16(d);\n"
-         << "      }\n";
-      return;
-    }
+    std::string t = tab, rs = rows, ix = tabName, decl, cond, src, dst;
     if (o.kMajor) {
-      os << "      for (int c = tid; c < " << rows << " * BK / 8; c += NT) {\n"
-         << "        const int i = c >> 2, j = (c & 3) * 8;\n"
-         << "        if (" << tabName << "[i] >= 0 && k0 + j < GR)\n"
-         << "          l4_cp_async16(&" << tab << "[s][i][j], " << o.ptr
-         << " + " << tabName << "[i] + k0 + j);\n"
-         << "        else\n"
-         << "          l4_zero16(&" << tab << "[s][i][j]);\n"
-         << "      }\n";
-      return;
+      // Row i's piece at reduction columns k0 + j..; wgmma's stage swizzles
+      // the 16-byte pieces of each 128-byte row.
+      decl = wg ? "const int i = c >> 3, j = (c & 7) * 8;"
+                : "const int i = c >> 2, j = (c & 3) * 8;";
+      cond = ix + "[i] >= 0 && k0 + j < GR";
+      src = o.ptr + " + " + ix + "[i] + k0 + j";
+      dst = wg ? t + " + s * " + rs +
+                     " * BK + i * BK + (((j >> 3) ^ (i & 7)) << 3)"
+               : "&" + t + "[s][i][j]";
+    } else {
+      // Reduction row k0 + j's piece at columns i..i + 7; wgmma's stage
+      // holds atoms (i / 64, j / 8) of 64 columns x 8 k (the atoms along k
+      // adjacent), their pieces swizzled.
+      decl = "const int j = c / (" + rs + " / 8), i = c % (" + rs +
+             " / 8) * 8;\n        const long long r = k0 + j;";
+      cond = "r < GR && " + ix + "[i] >= 0";
+      src = o.ptr + " + " + expert(fill(o.base, "@R", "r")) + " + " + ix +
+            "[i]";
+      dst = wg ? t + " + s * " + rs +
+                     " * BK + (i >> 6) * (BK * 64) + (j >> 3) * 512 + "
+                     "(j & 7) * 64 + ((((i & 63) >> 3) ^ (j & 7)) << 3)"
+               : "&" + t + "[s][j][i]";
     }
-    os << "      for (int c = tid; c < " << rows << " * BK / 8; c += NT) {\n"
-       << "        const int j = c / (" << rows << " / 8), i = c % (" << rows
-       << " / 8) * 8;\n"
-       << "        const long long r = k0 + j;\n"
-       << "        if (r < GR && " << tabName << "[i] >= 0)\n"
-       << "          l4_cp_async16(&" << tab << "[s][j][i], " << o.ptr << " + "
-       << expert(fill(o.base, "@R", "r")) << " + " << tabName << "[i]);\n"
-       << "        else\n"
-       << "          l4_zero16(&" << tab << "[s][j][i]);\n"
-       << "      }\n";
+    os << "      for (int c = tid; c < " << rs << " * BK / 8; c += NT) {\n"
+       << "        " << decl << "\n        if (" << cond << ")\n"
+       << "          l4_cp_async16(" << dst << ", " << src << ");\n"
+       << "        else\n          l4_zero16(" << dst << ");\n      }\n";
   };
   os << "    auto stage = [&](int s, long long k0) {\n";
   stageOf(p.a, "as", "BM", "arow");
@@ -905,11 +884,8 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
     stageOf(p.u, "us", "BN", "brow");
   os << "      l4_cp_async_commit();\n    };\n";
   if (wg) {
-    os << "    float acc[NJ * 4][4]" << (swiglu ? ", acc2[NJ * 4][4]" : "")
-       << ";\n#pragma unroll\n    for (int j = 0; j < NJ * 4; ++j)\n"
-       << "#pragma unroll\n      for (int c = 0; c < 4; ++c) {\n"
-       << "        acc[j][c] = 0.0f;\n"
-       << (swiglu ? "        acc2[j][c] = 0.0f;\n" : "") << "      }\n";
+    os << "    float acc[NJ * 4][4] = {}" << (swiglu ? ", acc2[NJ * 4][4] = {}" : "")
+       << ";\n";
   } else {
     os << mmaAccumulators("4", "NJ", swiglu);
   }
@@ -983,12 +959,16 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
            tab + "[s][" + k + " + 1][" + row + "])";
   };
   if (wg) {
+    // Ties the accumulators to this point of the instruction stream.
+    auto pin = [&](const char *indent) {
+      os << indent << "@B@_pin(acc);\n";
+      if (swiglu)
+        os << indent << "@B@_pin(acc2);\n";
+    };
     os << R"cuda(      // Four k16 products per operand pair: the descriptors advance 32
       // bytes along the swizzled rows.
-      @B@_pin(acc);
 )cuda";
-    if (swiglu)
-      os << "      @B@_pin(acc2);\n";
+    pin("      ");
     os << R"cuda(      @B@_fence();
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
@@ -1005,16 +985,10 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
     os << R"cuda(      }
       @B@_commit();
       @B@_wait<1>(); // step - 1's products are done with their stage
-      @B@_pin(acc);
 )cuda";
-    if (swiglu)
-      os << "      @B@_pin(acc2);\n";
-    os << R"cuda(    }
-    @B@_wait<0>(); // acc is final
-)cuda";
-    os << "    @B@_pin(acc);\n";
-    if (swiglu)
-      os << "    @B@_pin(acc2);\n";
+    pin("      ");
+    os << "    }\n    @B@_wait<0>(); // acc is final\n";
+    pin("    ");
     os << R"cuda(    l4_cp_async_wait<0>(); // no copy outlives the tile (the last are empty)
 #pragma unroll
     for (int j = 0; j < NJ * 4; ++j)

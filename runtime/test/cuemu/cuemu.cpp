@@ -31,7 +31,6 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
-#include <map>
 #include <mutex>
 #include <regex>
 #include <string>
@@ -78,7 +77,6 @@ struct Stream {
 };
 
 std::mutex mu;
-std::map<std::string, Function *> functions; // "module:name"
 
 uint64_t fnv(const std::string &s) {
   uint64_t h = 0xcbf29ce484222325ull;
@@ -203,10 +201,12 @@ bool compile(const std::vector<Module *> &modules, const std::string &so,
 
 std::vector<Module *> pending; // loaded, neither cached nor built yet
 
+/// Opens the library holding module `m` (marking it failed if it cannot).
 CUresult openLibrary(Module *m, const std::string &so) {
   m->dl = ::dlopen(so.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (!m->dl) {
     std::fprintf(stderr, "cuemu: %s\n", ::dlerror());
+    m->failed = true;
     return INVALID_IMAGE;
   }
   m->source = std::string();
@@ -220,33 +220,30 @@ CUresult openLibrary(Module *m, const std::string &so) {
 /// later process finds it module by module. If the batch does not compile,
 /// each module is built alone, so that the error names the module at fault.
 void buildPending() {
-  std::vector<Module *> todo;
-  todo.swap(pending);
+  std::vector<Module *> batch;
+  batch.swap(pending);
   std::string dir = workDir();
-  auto open = [](Module *m, const std::string &so) {
-    m->failed = openLibrary(m, so) != OK;
-  };
-  if (todo.size() > 1) {
+  if (batch.size() > 1) {
     std::string keys;
-    for (Module *m : todo)
+    for (Module *m : batch)
       keys += m->key;
     std::string name = "batch-" + hexKey(keys) + ".so";
-    if (compile(todo, dir + "/" + name, /*quiet=*/true)) {
-      for (Module *m : todo) {
+    if (compile(batch, dir + "/" + name, /*quiet=*/true)) {
+      for (Module *m : batch) {
         std::string link = dir + "/" + m->key + ".so",
                     tmp = link + "." + std::to_string(getpid());
         std::remove(tmp.c_str());
         if (::symlink(name.c_str(), tmp.c_str()) == 0)
           std::rename(tmp.c_str(), link.c_str());
-        open(m, dir + "/" + name);
+        openLibrary(m, dir + "/" + name);
       }
       return;
     }
   }
-  for (Module *m : todo) {
+  for (Module *m : batch) {
     std::string so = dir + "/" + m->key + ".so";
     if (compile({m}, so, /*quiet=*/false))
-      open(m, so);
+      openLibrary(m, so);
     else
       m->failed = true;
   }
@@ -256,7 +253,10 @@ CUresult load(const char *image, Module *&out) {
   std::string src(image);
   if (src.find("__global__") == std::string::npos)
     return INVALID_IMAGE; // a cubin, or not ours
-  auto *m = new Module{hexKey("thunks v2" + src + shimText() + L4CUEMU_CXX), std::move(src)};
+  // The key names the thunks' scheme too, so that libraries built with
+  // other thunk names are not found.
+  auto *m = new Module{hexKey("thunks v2" + src + shimText() + L4CUEMU_CXX),
+                       std::move(src)};
   std::string so = workDir() + "/" + m->key + ".so";
   struct stat st;
   if (::stat(so.c_str(), &st) == 0) { // follows a batch's link
