@@ -39,8 +39,10 @@ train() { # NAME [ARGS...]
 }
 train train-2048
 # For l4-tune (bench/run.sh): every other tile configuration of the tunable
-# GEMMs as candidates, prefill and training.
+# GEMMs as candidates, prefill, decode at batch 1 and 32, and training.
 compile scout4-b1-2k-tune 1 2080 --tune-candidates
+compile scout4-b1-tune 1 192 --tune-candidates
+compile scout4-b32-tune 32 192 --tune-candidates
 train train-2048-tune --tune-candidates
 tar -C "$build" -czf "$build/bench.tar.gz" bench
 du -sh "$b" "$build/bench.tar.gz"

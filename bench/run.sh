@@ -42,6 +42,9 @@ tune() { # NAME PLAN ARGS...
 }
 if [ "${TUNE:-0}" = 1 ]; then
   tune prefill scout4-b1-2k-tune --batch 1 --seq 2048 --repeats 10
+  # One decode step (the GEMVs and the routed experts' decode kernels have candidates).
+  tune decode-b1 scout4-b1-tune --program=decode --batch 1 --seq 1 --repeats 20
+  tune decode-b32 scout4-b32-tune --program=decode --batch 32 --seq 1 --repeats 20
   tune train train-2048-tune --batch 4 --seq 2048 --repeats 5
 fi
 echo "== peers and roofline" | tee -a "$log"

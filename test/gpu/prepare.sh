@@ -84,6 +84,10 @@ echo "== tile configurations: every candidate (wgmma among them), and plans that
 compile tiny-forward-bf16-cand llama4-tiny forward 2 40 --precision=bf16 --tune-candidates
 compile tiny-train-bf16-cand llama4-tiny train 2 40 --precision=bf16 --tune-candidates
 compile odd16-forward-bf16-cand "$odd16" forward 3 90 --precision=bf16 --tune-candidates
+# Decode at batch 12: the GEMVs (vU: U steps of loads in flight) and the
+# routed experts' decode kernels (gN: each expert's entries in tiles of 4
+# rows; c64: per token) as candidates of one another.
+compile tiny-generate-bf16-cand llama4-tiny generate 12 16 --precision=bf16 --tune-candidates
 ids tiny-inputs 9 2 40 256
 for prog in forward train; do
   # A tuning file that picks the deepest wgmma tiles wherever a GEMM has them.

@@ -11,8 +11,9 @@
 #      tile) against the CPU backend on the same plan, weights and inputs;
 #   3b. every kernel of those plans against the CPU backend, each on the
 #      same inputs (l4-run --check-kernels);
-#   3c. every tile configuration of the tunable GEMMs (wgmma's too) against
-#      its kernel (l4-tune), and plans that choose wgmma against the CPU;
+#   3c. every tile configuration of the tunable GEMMs (wgmma's too), of the
+#      decode GEMVs and of the routed experts' decode kernels against its
+#      kernel (l4-tune), and plans that choose wgmma against the CPU;
 #   4. compute-sanitizer memcheck and racecheck on golden plans;
 #   5. HF transformers loads a checkpoint l4c trained and saved, and its
 #      logits equal l4c's (CPU and GPU);
@@ -149,6 +150,9 @@ for plan in tiny-forward-bf16-cand tiny-train-bf16-cand odd16-forward-bf16-cand;
   check "l4-tune $plan (2e-2)" "tune-$plan" "$b/bin/l4-tune" "$b/plans/$plan.plan" \
     --device=cuda --random-weights=11 --repeats=3 -o "$out/tune-$plan.json"
 done
+check "l4-tune tiny-generate-bf16-cand decode (2e-2)" tune-tiny-generate-bf16-cand \
+  "$b/bin/l4-tune" "$b/plans/tiny-generate-bf16-cand.plan" --device=cuda --random-weights=11 \
+  --repeats=3 --program=decode --batch 12 --seq 1 -o "$out/tune-tiny-generate-bf16-cand.json"
 for plan in tiny-forward-bf16-wgmma tiny-train-bf16-wgmma; do
   check "kernels $plan (2e-2)" "$plan-kernels" "$run" "$b/plans/$plan.plan" \
     --device=cuda --random-weights=11 --inputs "$b/refs/tiny-inputs.safetensors" \

@@ -8,13 +8,14 @@
 // the generic tiles of emitTiles (64x64, mma.sync for bf16, else SIMT f32
 // with 16-deep K steps and 4x4 outputs a thread). moe_experts: one block per
 // token running its selected experts, correct before fast (what l4c-split-
-// experts leaves of it: moe_hidden and moe_down, which spread a token's
-// expert weights over many blocks, 64 columns x 4 quarters of the reduction
-// each).
+// experts leaves of it: moe_hidden and moe_down; in prefill and training
+// grouped GEMMs over the route table, in decode the same grouping as
+// weight-streaming GEMVs, or per token, as l4-tune chooses).
 //
 //===----------------------------------------------------------------------===//
 #include "Emit.h"
 #include "llvm/Support/FormatVariadic.h"
+#include <algorithm>
 #include <cassert>
 
 namespace l4c::cuda {
@@ -168,8 +169,10 @@ static std::string groupedDecls(const TiledGemm::Grouped &gr,
 /// the full ones, then the zero tasks.
 static uint64_t groupedBlocks(const TiledGemm::Grouped &gr, uint64_t bm,
                               uint64_t colTiles) {
-  return gridFor((gr.maxTokens * uint64_t(gr.slots) / bm +
-                  uint64_t(gr.experts)) *
+  // Each expert with entries has at most one partial row tile, and at
+  // most min(E, entries) experts have any.
+  uint64_t entries = gr.maxTokens * uint64_t(gr.slots);
+  return gridFor((entries / bm + std::min<uint64_t>(gr.experts, entries)) *
                          colTiles +
                      (gr.maxTokens + 63) / 64,
                  1);
@@ -1121,10 +1124,28 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
   if (maxM <= kGemvMaxRows) {
     // Decode-shaped: few rows, so the weights' bytes are the cost. One warp
     // per output column n streams w's row n once (16 bytes per lane per
-    // step where the rows allow) and applies it to every live x row, 8 rows
-    // per pass; x rows come from L1/L2.
+    // step where the rows allow, U steps' loads in flight at once) and
+    // applies it to every live x row, MR rows per pass; x rows come from
+    // L1/L2. Rows past M in a pass repeat its first (nothing stores them),
+    // so the steps have no branches.
+    // Tile configurations vU: U steps in flight. By default 4 with one or
+    // two rows; with more, 1 (U x MR rows of x in registers would cost
+    // more registers than the loads in flight gain).
     bool vec = ws[1] % 4 == 0;
-    os << "  constexpr int MR = 8;\n";
+    int vw = ws[1] % 8 == 0 ? 8 : 4, u = maxM <= 2 ? 4 : 1;
+    if (vec) {
+      b.configs = {"v" + std::to_string(u)};
+      for (const char *c : {"v4", "v2", "v1"})
+        if (b.configs.front() != c)
+          b.configs.push_back(c);
+      llvm::StringRef c = ctx.config;
+      if (c.consume_front("v"))
+        c.getAsInteger(10, u);
+    }
+    os << "  constexpr int MR = " << std::clamp<uint64_t>(maxM, 1, 8);
+    if (vec)
+      os << ", VW = " << vw << ", U = " << u;
+    os << ";\n";
     if (spec.norm)
       os << R"cuda(  // The inverse RMS of every live row, once per block.
   __shared__ float rinv[)cuda"
@@ -1155,48 +1176,60 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
       os << "      float acc2[MR];\n";
     os << R"cuda(#pragma unroll
       for (int r = 0; r < MR; ++r) {
-        const long long m = m0 + r;
-        xr[r] = m < M ? (m / LT * X_S + m % LT) * K : -1;
+        const long long m = m0 + r < M ? m0 + r : m0;
+        xr[r] = (m / LT * X_S + m % LT) * K;
 )cuda";
-    os << (spec.norm ? "        inv[r] = m < M ? rinv[m] : 0.0f;\n"
+    os << (spec.norm ? "        inv[r] = rinv[m];\n"
                      : "        inv[r] = 1.0f;\n");
     os << "        acc[r] = 0.0f;\n";
     if (spec.swiglu)
       os << "        acc2[r] = 0.0f;\n";
     os << "      }\n";
     if (vec) {
-      // 8 elements per lane and step where the rows allow (16 bytes of
+      // VW elements per lane and step: 8 where the rows allow (16 bytes of
       // bf16), else 4.
-      int vw = ws[1] % 8 == 0 ? 8 : 4;
       std::string ld = vw == 8 ? "l4_ld8" : "l4_ld4";
-      os << "      for (long long k = " << vw << " * lane; k < K; k += "
-         << 32 * vw << ") {\n"
-         << "        float wv[" << vw << "];\n        " << ld
-         << "(w, n * K + k, wv);\n";
-      if (spec.swiglu)
-        os << "        float uv[" << vw << "];\n        " << ld
-           << "(wu, n * K + k, uv);\n";
-      if (spec.norm)
-        os << "        float gv[" << vw << "];\n        " << ld
-           << "(nw, k, gv);\n";
-      os << R"cuda(#pragma unroll
-        for (int r = 0; r < MR; ++r) {
-          if (xr[r] < 0)
-            continue;
+      auto steps = [&](llvm::StringRef count) {
+        std::string t;
+        llvm::raw_string_ostream ts(t);
+        ts << "        float wv[" << count << "][VW];\n";
+        if (spec.swiglu)
+          ts << "        float uv[" << count << "][VW];\n";
+        if (spec.norm)
+          ts << "        float gv[" << count << "][VW];\n";
+        ts << "#pragma unroll\n        for (int s = 0; s < " << count
+           << "; ++s) {\n          " << ld
+           << "(w, n * K + k + s * 32 * VW, wv[s]);\n";
+        if (spec.swiglu)
+          ts << "          " << ld << "(wu, n * K + k + s * 32 * VW, uv[s]);\n";
+        if (spec.norm)
+          ts << "          " << ld << "(nw, k + s * 32 * VW, gv[s]);\n";
+        ts << "        }\n#pragma unroll\n        for (int s = 0; s < "
+           << count << R"cuda(; ++s)
+#pragma unroll
+          for (int r = 0; r < MR; ++r) {
+            float xv[VW];
+            )cuda"
+           << ld << R"cuda((x, xr[r] + k + s * 32 * VW, xv);
+#pragma unroll
+            for (int q = 0; q < VW; ++q) {
 )cuda";
-      os << "          float xv[" << vw << "];\n          " << ld
-         << "(x, xr[r] + k, xv);\n#pragma unroll\n          for (int q = 0; "
-            "q < "
-         << vw << "; ++q) {\n";
-      if (spec.norm)
-        os << "            const float a = "
-           << text.round("(xv[q] * inv[r]) * gv[q]") << ";\n";
-      else
-        os << "            const float a = xv[q];\n";
-      os << "            acc[r] = fmaf(a, wv[q], acc[r]);\n";
-      if (spec.swiglu)
-        os << "            acc2[r] = fmaf(a, uv[q], acc2[r]);\n";
-      os << "          }\n        }\n      }\n";
+        if (spec.norm)
+          ts << "              const float a = "
+             << text.round("(xv[q] * inv[r]) * gv[s][q]") << ";\n";
+        else
+          ts << "              const float a = xv[q];\n";
+        ts << "              acc[r] = fmaf(a, wv[s][q], acc[r]);\n";
+        if (spec.swiglu)
+          ts << "              acc2[r] = fmaf(a, uv[s][q], acc2[r]);\n";
+        ts << "            }\n          }\n";
+        return t;
+      };
+      os << "      long long k = VW * lane;\n"
+         << "      for (; k + (U - 1) * 32 * VW < K; k += U * 32 * VW) {\n"
+         << steps("U") << "      }\n"
+         << "      for (; k < K; k += 32 * VW) {\n"
+         << steps("1") << "      }\n";
     } else {
       os << R"cuda(      for (long long k = lane; k < K; k += 32) {
         const float wv = l4_ld(w, n * K + k);
@@ -1205,8 +1238,6 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
         os << "        const float uv = l4_ld(wu, n * K + k);\n";
       os << R"cuda(#pragma unroll
         for (int r = 0; r < MR; ++r) {
-          if (xr[r] < 0)
-            continue;
           const float a = )cuda"
          << text.xValue("xr[r]", "k", "inv[r]") << ";\n"
          << "          acc[r] = fmaf(a, wv, acc[r]);\n";
@@ -1353,6 +1384,167 @@ llvm::Error emitMoeExperts(OpContext &ctx) {
   return llvm::Error::success();
 }
 
+/// A grouped GEMM of few rows per expert (decode), streaming the weights:
+/// y(entry, c) = sum_r A(entry, r) * W_e(r, c) over l4.moe_route's entries,
+/// W_e's rows running along the output (16-byte loads of 8 columns).
+struct GroupedGemv {
+  std::string what;
+  std::string n, r;        ///< extents: columns (a multiple of 8), reduction
+  std::string a, aRow;     ///< A's pointer; its row's offset (@T, @K)
+  std::string w, wRow;     ///< W's pointer; offset of row @R of expert @G
+  std::string upOffset;    ///< SwiGLU: up's columns are at this offset
+  std::string y;           ///< (@T, @K, @C)
+  uint64_t maxN = 0;
+  int bn = 32;             ///< columns a task
+};
+
+/// The tile configurations of the decode-shaped routed experts: gN, tasks
+/// of N columns (4 entries each) streaming the weights, or c64, the
+/// per-token kernel (64 columns a task, each token's experts in turn).
+static const char *const kGemvConfigs[] = {"g32", "g64", "g128", "c64"};
+
+/// Offers kGemvConfigs when `vectorisable` and returns the columns a task
+/// of the chosen one (0: the per-token kernel).
+static int chooseGroupedGemv(OpContext &ctx, bool vectorisable) {
+  if (!vectorisable)
+    return 0;
+  ctx.body.configs.assign(std::begin(kGemvConfigs), std::end(kGemvConfigs));
+  llvm::StringRef c = ctx.config;
+  int bn = 32;
+  if (c == "c64" || (c.consume_front("g") && c.getAsInteger(10, bn)))
+    return 0;
+  return bn;
+}
+
+static std::string emitGroupedGemv(Body &b, const GroupedGemv &v,
+                                   const TiledGemm::Grouped &gr,
+                                   const GemmText *swiglu) {
+  std::string text;
+  llvm::raw_string_ostream os(text);
+  const bool up = !v.upOffset.empty();
+  auto expert = [&](const std::string &t) { return subst(t, "@G", "ge"); };
+  // A tile's rows: at most 4, fewer when the plan has fewer entries.
+  const int bm = int(std::clamp<uint64_t>(gr.maxTokens * uint64_t(gr.slots),
+                                          1, 4));
+  os << "  // " << v.what << "\n"
+     << R"cuda(  // Decode-shaped: an expert has few rows, so its weights' bytes are the
+  // cost, read once per BM of its rows. A task is BM rows x BN columns;
+  // a thread streams 8 consecutive columns of a weight row per step
+  // (16-byte loads of bf16), TC threads span the BN columns and the
+  // block's NP groups of them split the reduction (group p takes rows
+  // p, p + NP, ...). The groups' sums meet by shuffles, then in shared
+  // memory, in a fixed order.
+)cuda"
+     << "  constexpr int BM = " << bm << ", BN = " << v.bn
+     << ", NT = 256, VW = 8, TC = BN / VW, NP = NT / TC, NU = "
+     << (up ? 2 : 1) << ", U = " << (bm <= 2 ? 4 : 2) << ";\n"
+     << groupedDecls(gr, v.n, v.r)
+     << R"cuda(  __shared__ long long arow[BM];
+  __shared__ float part[NT / 32][BM][NU][BN];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int cg = tid % TC, p = tid / TC;
+)cuda"
+     << groupedTileLoop(gr, v.aRow, v.y)
+     << R"cuda(    __syncthreads();
+    // Rows past the tile's repeat its first (their sums are not stored), so
+    // the steps have no branches and U steps' loads are in flight at once.
+    const long long rows = GM - m0 < BM ? GM - m0 : BM, n = n0 + cg * VW;
+    long long ar[BM];
+    float acc[BM][NU][VW];
+#pragma unroll
+    for (int i = 0; i < BM; ++i) {
+      ar[i] = arow[i < rows ? i : 0];
+#pragma unroll
+      for (int u = 0; u < NU; ++u)
+#pragma unroll
+        for (int j = 0; j < VW; ++j)
+          acc[i][u][j] = 0.0f;
+    }
+    if (n < GN) {
+      long long k = p;
+)cuda";
+  // S steps from reduction row k: their weights first, then the products.
+  auto steps = [&](llvm::StringRef count, llvm::StringRef indent) {
+    std::string t;
+    auto line = [&](const llvm::Twine &l) {
+      std::string text = l.str();
+      t += (llvm::StringRef(text).starts_with("#") ? "" : indent.str()) +
+           text + "\n";
+    };
+    line("float wv[" + count + "][NU][VW];");
+    line("#pragma unroll");
+    line("for (int s = 0; s < " + count + "; ++s) {");
+    line("  const long long wo = " +
+         subst(expert(v.wRow), "@R", "k + s * NP") + " + n;");
+    line("  l4_ld8(" + v.w + ", wo, wv[s][0]);");
+    if (up)
+      line("  l4_ld8(" + v.w + ", wo + " + v.upOffset + ", wv[s][1]);");
+    line("}");
+    line("#pragma unroll");
+    line("for (int s = 0; s < " + count + "; ++s)");
+    line("#pragma unroll");
+    line("  for (int i = 0; i < BM; ++i) {");
+    line("    const float av = l4_ld(" + v.a + ", ar[i] + k + s * NP);");
+    line("#pragma unroll");
+    line("    for (int u = 0; u < NU; ++u)");
+    line("#pragma unroll");
+    line("      for (int j = 0; j < VW; ++j)");
+    line("        acc[i][u][j] = fmaf(av, wv[s][u][j], acc[i][u][j]);");
+    line("  }");
+    return t;
+  };
+  os << "      for (; k + (U - 1) * NP < GR; k += U * NP) {\n"
+     << steps("U", "        ") << "      }\n"
+     << "      for (; k < GR; k += NP) {\n"
+     << steps("1", "        ") << "      }\n    }\n";
+  os << R"cuda(    // Lanes cg, cg + TC, ... of a warp hold the same columns.
+#pragma unroll
+    for (int i = 0; i < BM; ++i)
+#pragma unroll
+      for (int u = 0; u < NU; ++u)
+#pragma unroll
+        for (int j = 0; j < VW; ++j) {
+          float s = acc[i][u][j];
+#pragma unroll
+          for (int o = TC; o < 32; o <<= 1)
+            s += __shfl_xor_sync(0xffffffffu, s, o);
+          if (lane < TC)
+            part[warp][i][u][cg * VW + j] = s;
+        }
+    __syncthreads();
+    for (int o = tid; o < BM * BN; o += NT) {
+      const int li = o / BN;
+      const long long c = n0 + o % BN;
+      if (li >= rows || c >= GN)
+        continue;
+      float s[NU];
+#pragma unroll
+      for (int u = 0; u < NU; ++u) {
+        s[u] = 0.0f;
+        for (int wi = 0; wi < NT / 32; ++wi)
+          s[u] += part[wi][li][u][o % BN];
+      }
+)cuda";
+  std::string a1 = "s[0]", a2 = up ? "s[1]" : "";
+  if (!gr.rowScale.empty()) {
+    a1 = "(" + a1 + " * rsc[li])";
+    if (up)
+      a2 = "(" + a2 + " * rsc[li])";
+  }
+  if (swiglu)
+    os << swiglu->epilogue(a1, a2, "      ");
+  else
+    os << "      const float v = " << a1 << ";\n";
+  os << "      l4_st(y, "
+     << subst(subst(subst(expert(v.y), "@T", "rq[li] / GK"), "@K",
+                    "rq[li] % GK"),
+              "@C", "c")
+     << ", v);\n    }\n  }\n";
+  b.threads = 256;
+  b.blocks = groupedBlocks(gr, uint64_t(bm), (v.maxN + v.bn - 1) / v.bn);
+  return text;
+}
+
 llvm::Error emitMoeHidden(OpContext &ctx) {
   const View &x = ctx.operands[0], &scores = ctx.operands[1],
              &gateUp = ctx.operands[2], &h = ctx.results[0];
@@ -1414,6 +1606,34 @@ llvm::Error emitMoeHidden(OpContext &ctx) {
       return llvm::Error::success();
     }
     os << emitTiles(b, g, &text);
+    return llvm::Error::success();
+  }
+  // Decode: each expert's entries in turn, its weights streamed once per 4
+  // of them (c64, the per-token kernel below, reads them per token).
+  if (int bn = chooseGroupedGemv(ctx, inter % 8 == 0 &&
+                                          pieceAligned({&gateUp}))) {
+    os << "  const long long M = B * LT;\n";
+    GroupedGemv v;
+    v.what = "h[m, k, i] = up * silu(gate) with gate = s * sum_d x[m, d] * "
+             "gate_up[e, d, i] (up: column I + i) for entry (m, k) of expert "
+             "e; s, the score, scales the sums (HF scales the input: the "
+             "same product).";
+    v.n = "I";
+    v.r = "D";
+    v.a = "x";
+    v.aRow = "(@T / LT * X_S + @T % LT) * D";
+    v.w = "gate_up";
+    v.wRow = "@G * D * 2 * I + @R * 2 * I";
+    v.upOffset = "I";
+    v.y = "(@T / LT * H_S + @T % LT) * (KS * I) + @K * I + @C";
+    v.maxN = uint64_t(inter);
+    v.bn = bn;
+    TiledGemm::Grouped gr = routeGroups(scores, experts, slots);
+    gr.rowScale = "l4_ld(scores, (@T / LT * S_S + @T % LT) * E + @G)";
+    GemmSpec spec;
+    spec.swiglu = true;
+    GemmText text{spec, ctx};
+    os << emitGroupedGemv(b, v, gr, &text);
     return llvm::Error::success();
   }
   os << R"cuda(  // Task (row m, slot k, 64 columns of I): the block's 256 threads are 64
@@ -1543,6 +1763,27 @@ llvm::Error emitMoeDown(OpContext &ctx) {
       return llvm::Error::success();
     }
     os << emitTiles(b, g);
+    return llvm::Error::success();
+  }
+  // Decode with one expert per token: each expert's tokens in turn, its
+  // weights streamed once per 4 of them (c64, the per-token kernel below,
+  // reads them per token).
+  if (int bn = chooseGroupedGemv(ctx, slots == 1 && dim % 8 == 0 &&
+                                          pieceAligned({&down}))) {
+    os << "  const long long M = B * LT;\n";
+    GroupedGemv v;
+    v.what = "y[m, c] = sum_i h[m, 0, i] * down[e, i, c] for token m of "
+             "expert e.";
+    v.n = "D";
+    v.r = "I";
+    v.a = "h";
+    v.aRow = "(@T / LT * H_S + @T % LT) * (KS * I) + @K * I";
+    v.w = "down";
+    v.wRow = "@G * I * D + @R * D";
+    v.y = "(@T / LT * Y_S + @T % LT) * D + @C";
+    v.maxN = uint64_t(dim);
+    v.bn = bn;
+    os << emitGroupedGemv(b, v, routeGroups(scores, experts, slots), nullptr);
     return llvm::Error::success();
   }
   os << R"cuda(  // Task (row m, 64 output columns): 256 threads = 64 columns x 4

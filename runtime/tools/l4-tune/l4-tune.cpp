@@ -207,8 +207,9 @@ int main(int argc, char **argv) {
                           o.repeats, &rows, &n));
   if (n == 0)
     die(o.plan + ": no kernel of " + program +
-        " has tuning candidates (compile with --tune-candidates; only bf16 "
-        "GEMMs on tensor cores have tile configurations)");
+        " has tuning candidates (compile with --tune-candidates; bf16 GEMMs "
+        "on tensor cores and the routed experts' decode kernels have tile "
+        "configurations)");
 
   // Per signature: each configuration's time summed over its kernels, the
   // default's configuration, and a kernel name to show.
