@@ -9,6 +9,10 @@ usage: mutate_checkpoint.py SRC DST MODE [ARG...]
   retype NAME DT   relabel a tensor's dtype (e.g. I32) keeping its bytes
   bf16             store every F32 tensor as BF16 (round to nearest even):
                    the model a bf16 plan runs, as a checkpoint
+  one-router S     every F32 router weight's rows become its first row
+                   times S: a token's router logits share one sign and, for
+                   a large S, saturate the sigmoid, so about half the
+                   tokens get every expert's score exactly 0 (no expert)
 Only the standard library is used (the safetensors layout is simple).
 """
 import json
@@ -82,6 +86,12 @@ def main():
                     h = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
                 out += struct.pack("<H", h)
             tensors[k] = ("BF16", shape, bytes(out))
+    elif mode == "one-router":
+        for k, (dtype, shape, raw) in list(tensors.items()):
+            if not k.endswith(".router.weight") or dtype != "F32":
+                continue
+            row = [v * float(args[0]) for (v,) in struct.iter_unpack("<f", raw[: 4 * shape[1]])]
+            tensors[k] = (dtype, shape, struct.pack("<%df" % len(row), *row) * shape[0])
     elif mode == "retype":
         dtype, shape, raw = tensors[args[0]]
         tensors[args[0]] = (args[1], shape, raw)
