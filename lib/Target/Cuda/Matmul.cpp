@@ -1384,20 +1384,6 @@ llvm::Error emitMoeExperts(OpContext &ctx) {
   return llvm::Error::success();
 }
 
-/// A grouped GEMM of few rows per expert (decode), streaming the weights:
-/// y(entry, c) = sum_r A(entry, r) * W_e(r, c) over l4.moe_route's entries,
-/// W_e's rows running along the output (16-byte loads of 8 columns).
-struct GroupedGemv {
-  std::string what;
-  std::string n, r;        ///< extents: columns (a multiple of 8), reduction
-  std::string a, aRow;     ///< A's pointer; its row's offset (@T, @K)
-  std::string w, wRow;     ///< W's pointer; offset of row @R of expert @G
-  std::string upOffset;    ///< SwiGLU: up's columns are at this offset
-  std::string y;           ///< (@T, @K, @C)
-  uint64_t maxN = 0;
-  int bn = 32;             ///< columns a task
-};
-
 /// The tile configurations of the decode-shaped routed experts: gN, tasks
 /// of N columns (4 entries each) streaming the weights, or c64, the
 /// per-token kernel (64 columns a task, each token's experts in turn).
@@ -1416,17 +1402,22 @@ static int chooseGroupedGemv(OpContext &ctx, bool vectorisable) {
   return bn;
 }
 
-static std::string emitGroupedGemv(Body &b, const GroupedGemv &v,
-                                   const TiledGemm::Grouped &gr,
+/// A by-entry grouped GEMM of few rows per expert (decode) as a GEMV that
+/// streams the weights: p as pipelinedGrouped describes it, B (and U) with
+/// rows along the output and columns a multiple of 8; `bn` columns a task.
+static std::string emitGroupedGemv(Body &b, const PipelinedGemm &p, int bn,
                                    const GemmText *swiglu) {
   std::string text;
   llvm::raw_string_ostream os(text);
-  const bool up = !v.upOffset.empty();
+  assert(p.grouped && !p.grouped->overReduction && !p.b.kMajor &&
+         "grouped by entry, B along the output");
+  const TiledGemm::Grouped &gr = *p.grouped;
+  const bool up = !p.u.ptr.empty();
   auto expert = [&](const std::string &t) { return subst(t, "@G", "ge"); };
   // A tile's rows: at most 4, fewer when the plan has fewer entries.
   const int bm = int(std::clamp<uint64_t>(gr.maxTokens * uint64_t(gr.slots),
                                           1, 4));
-  os << "  // " << v.what << "\n"
+  os << "  // " << p.what << "\n"
      << R"cuda(  // Decode-shaped: an expert has few rows, so its weights' bytes are the
   // cost, read once per BM of its rows. A task is BM rows x BN columns;
   // a thread streams 8 consecutive columns of a weight row per step
@@ -1435,16 +1426,16 @@ static std::string emitGroupedGemv(Body &b, const GroupedGemv &v,
   // p, p + NP, ...). The groups' sums meet by shuffles, then in shared
   // memory, in a fixed order.
 )cuda"
-     << "  constexpr int BM = " << bm << ", BN = " << v.bn
+     << "  constexpr int BM = " << bm << ", BN = " << bn
      << ", NT = 256, VW = 8, TC = BN / VW, NP = NT / TC, NU = "
      << (up ? 2 : 1) << ", U = " << (bm <= 2 ? 4 : 2) << ";\n"
-     << groupedDecls(gr, v.n, v.r)
+     << groupedDecls(gr, p.n, p.r)
      << R"cuda(  __shared__ long long arow[BM];
   __shared__ float part[NT / 32][BM][NU][BN];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int cg = tid % TC, p = tid / TC;
 )cuda"
-     << groupedTileLoop(gr, v.aRow, v.y)
+     << groupedTileLoop(gr, p.a.base, p.y)
      << R"cuda(    __syncthreads();
     // Rows past the tile's repeat its first (their sums are not stored), so
     // the steps have no branches and U steps' loads are in flight at once.
@@ -1475,16 +1466,17 @@ static std::string emitGroupedGemv(Body &b, const GroupedGemv &v,
     line("#pragma unroll");
     line("for (int s = 0; s < " + count + "; ++s) {");
     line("  const long long wo = " +
-         subst(expert(v.wRow), "@R", "k + s * NP") + " + n;");
-    line("  l4_ld8(" + v.w + ", wo, wv[s][0]);");
+         subst(expert(p.b.base), "@R", "k + s * NP") + " + n;");
+    line("  l4_ld8(" + p.b.ptr + ", wo, wv[s][0]);");
     if (up)
-      line("  l4_ld8(" + v.w + ", wo + " + v.upOffset + ", wv[s][1]);");
+      line("  l4_ld8(" + p.u.ptr + ", " +
+           subst(expert(p.u.base), "@R", "k + s * NP") + " + n, wv[s][1]);");
     line("}");
     line("#pragma unroll");
     line("for (int s = 0; s < " + count + "; ++s)");
     line("#pragma unroll");
     line("  for (int i = 0; i < BM; ++i) {");
-    line("    const float av = l4_ld(" + v.a + ", ar[i] + k + s * NP);");
+    line("    const float av = l4_ld(" + p.a.ptr + ", ar[i] + k + s * NP);");
     line("#pragma unroll");
     line("    for (int u = 0; u < NU; ++u)");
     line("#pragma unroll");
@@ -1536,12 +1528,12 @@ static std::string emitGroupedGemv(Body &b, const GroupedGemv &v,
   else
     os << "      const float v = " << a1 << ";\n";
   os << "      l4_st(y, "
-     << subst(subst(subst(expert(v.y), "@T", "rq[li] / GK"), "@K",
+     << subst(subst(subst(expert(p.y), "@T", "rq[li] / GK"), "@K",
                     "rq[li] % GK"),
               "@C", "c")
      << ", v);\n    }\n  }\n";
   b.threads = 256;
-  b.blocks = groupedBlocks(gr, uint64_t(bm), (v.maxN + v.bn - 1) / v.bn);
+  b.blocks = groupedBlocks(gr, uint64_t(bm), (p.maxN + bn - 1) / bn);
   return text;
 }
 
@@ -1568,37 +1560,39 @@ llvm::Error emitMoeHidden(OpContext &ctx) {
      << stride(b, "H_S", h.rowsPerBatch)
      << "  const long long LT = " << (x.hasSeq ? "T" : "1") << ";\n";
   uint64_t maxTokens = uint64_t(x.bmax) * x.maxLiveRows();
+  TiledGemm g;
+  g.what = "h[m, k, i] = up * silu(gate) with gate = s * sum_d x[m, d] * "
+           "gate_up[e, d, i] (up: column I + i), one GEMM per expert e over "
+           "its (token, slot) rows; s, the score, scales the accumulators "
+           "(HF scales the input: the same product).";
+  g.n = "I";
+  g.r = "D";
+  g.a = "x";
+  g.b = "gate_up";
+  g.aRow = "(@T / LT * X_S + @T % LT) * D";
+  g.aCol = "@R";
+  g.bRow = "@G * D * 2 * I + @C";
+  g.bCol = "@R * 2 * I";
+  g.bByCol = true;
+  g.y = "(@T / LT * H_S + @T % LT) * (KS * I) + @K * I + @C";
+  g.tensorCores = x.ctype == "l4_bf16" && gateUp.ctype == "l4_bf16";
+  g.maxTiles = (uint64_t(inter) + 63) / 64;
+  g.grouped = routeGroups(scores, experts, slots);
+  g.grouped->rowScale = "l4_ld(scores, (@T / LT * S_S + @T % LT) * E + @G)";
+  GemmSpec spec;
+  spec.swiglu = true;
+  GemmText text{spec, ctx};
+  // x's rows run along the reduction (d), gate_up's along the output.
+  PipelinedGemm p = pipelinedGrouped(
+      g, {"gate_up", false, "@G * D * 2 * I + @R * 2 * I"}, uint64_t(inter));
+  p.u = {"wu", false, p.b.base};
+  const char *decls = "  const long long M = B * LT;\n"
+                      "  const auto *wu = gate_up + I; // the up half of each "
+                      "row\n";
   if (maxTokens > kGemvMaxRows) {
     // Prefill and training: each expert's tokens as one GEMM, so an
     // expert's weights are read once per 64 tokens instead of per token.
-    os << "  const long long M = B * LT;\n"
-       << "  const auto *wu = gate_up + I; // the up half of each row\n";
-    TiledGemm g;
-    g.what = "h[m, k, i] = up * silu(gate) with gate = s * sum_d x[m, d] * "
-             "gate_up[e, d, i] (up: column I + i), one GEMM per expert e over "
-             "its (token, slot) rows; s, the score, scales the accumulators "
-             "(HF scales the input: the same product).";
-    g.n = "I";
-    g.r = "D";
-    g.a = "x";
-    g.b = "gate_up";
-    g.aRow = "(@T / LT * X_S + @T % LT) * D";
-    g.aCol = "@R";
-    g.bRow = "@G * D * 2 * I + @C";
-    g.bCol = "@R * 2 * I";
-    g.bByCol = true;
-    g.y = "(@T / LT * H_S + @T % LT) * (KS * I) + @K * I + @C";
-    g.tensorCores = x.ctype == "l4_bf16" && gateUp.ctype == "l4_bf16";
-    g.maxTiles = (uint64_t(inter) + 63) / 64;
-    g.grouped = routeGroups(scores, experts, slots);
-    g.grouped->rowScale = "l4_ld(scores, (@T / LT * S_S + @T % LT) * E + @G)";
-    GemmSpec spec;
-    spec.swiglu = true;
-    GemmText text{spec, ctx};
-    // x's rows run along the reduction (d), gate_up's along the output.
-    PipelinedGemm p = pipelinedGrouped(
-        g, {"gate_up", false, "@G * D * 2 * I + @R * 2 * I"}, uint64_t(inter));
-    p.u = {"wu", false, p.b.base};
+    os << decls;
     if (g.tensorCores && dim % 8 == 0 && inter % 8 == 0 &&
         pieceAligned({&x, &gateUp}) &&
         choosePipelined(ctx, p, /*swiglu=*/true, /*aKMajor=*/true)) {
@@ -1608,32 +1602,11 @@ llvm::Error emitMoeHidden(OpContext &ctx) {
     os << emitTiles(b, g, &text);
     return llvm::Error::success();
   }
-  // Decode: each expert's entries in turn, its weights streamed once per 4
-  // of them (c64, the per-token kernel below, reads them per token).
+  // Decode: the same grouping, each expert's weights streamed once per 4 of
+  // its entries (c64, the per-token kernel below, reads them per token).
   if (int bn = chooseGroupedGemv(ctx, inter % 8 == 0 &&
                                           pieceAligned({&gateUp}))) {
-    os << "  const long long M = B * LT;\n";
-    GroupedGemv v;
-    v.what = "h[m, k, i] = up * silu(gate) with gate = s * sum_d x[m, d] * "
-             "gate_up[e, d, i] (up: column I + i) for entry (m, k) of expert "
-             "e; s, the score, scales the sums (HF scales the input: the "
-             "same product).";
-    v.n = "I";
-    v.r = "D";
-    v.a = "x";
-    v.aRow = "(@T / LT * X_S + @T % LT) * D";
-    v.w = "gate_up";
-    v.wRow = "@G * D * 2 * I + @R * 2 * I";
-    v.upOffset = "I";
-    v.y = "(@T / LT * H_S + @T % LT) * (KS * I) + @K * I + @C";
-    v.maxN = uint64_t(inter);
-    v.bn = bn;
-    TiledGemm::Grouped gr = routeGroups(scores, experts, slots);
-    gr.rowScale = "l4_ld(scores, (@T / LT * S_S + @T % LT) * E + @G)";
-    GemmSpec spec;
-    spec.swiglu = true;
-    GemmText text{spec, ctx};
-    os << emitGroupedGemv(b, v, gr, &text);
+    os << decls << emitGroupedGemv(b, p, bn, &text);
     return llvm::Error::success();
   }
   os << R"cuda(  // Task (row m, slot k, 64 columns of I): the block's 256 threads are 64
@@ -1729,33 +1702,33 @@ llvm::Error emitMoeDown(OpContext &ctx) {
      << stride(b, "Y_S", y.rowsPerBatch)
      << "  const long long LT = " << (h.hasSeq ? "T" : "1") << ";\n";
   uint64_t maxTokens = uint64_t(y.bmax) * y.maxLiveRows();
+  TiledGemm g;
+  g.what = "y[m, c] = sum_i h[m, 0, i] * down[e, i, c], one GEMM per expert "
+           "e over its tokens.";
+  g.n = "D";
+  g.r = "I";
+  g.a = "h";
+  g.b = "down";
+  g.aRow = "(@T / LT * H_S + @T % LT) * (KS * I) + @K * I";
+  g.aCol = "@R";
+  g.bRow = "@G * I * D + @C";
+  g.bCol = "@R * D";
+  g.bByCol = true;
+  g.y = "(@T / LT * Y_S + @T % LT) * D + @C";
+  // bf16 plans: tensor cores, f32 activations staged as hi + lo bf16.
+  g.tensorCores =
+      down.ctype == "l4_bf16" && (h.ctype == "l4_bf16" || h.ctype == "float");
+  g.aSplit = h.ctype == "float";
+  g.maxTiles = (uint64_t(dim) + 63) / 64;
+  g.grouped = routeGroups(scores, experts, slots);
+  // h's rows run along the reduction (i), down's along the output.
+  PipelinedGemm p =
+      pipelinedGrouped(g, {"down", false, "@G * I * D + @R * D"}, uint64_t(dim));
+  // One expert per token (Llama 4's top_k): each output row belongs to one
+  // expert's GEMM. (With more, the rows of several experts' GEMMs would
+  // have to be summed in order: the per-token kernel below.)
   if (maxTokens > kGemvMaxRows && slots == 1) {
-    // One expert per token (Llama 4's top_k): each output row belongs to
-    // one expert's GEMM. (With more, the rows of several experts' GEMMs
-    // would have to be summed in order: the per-token kernel below.)
     os << "  const long long M = B * LT;\n";
-    TiledGemm g;
-    g.what = "y[m, c] = sum_i h[m, 0, i] * down[e, i, c], one GEMM per expert "
-             "e over its tokens.";
-    g.n = "D";
-    g.r = "I";
-    g.a = "h";
-    g.b = "down";
-    g.aRow = "(@T / LT * H_S + @T % LT) * (KS * I) + @K * I";
-    g.aCol = "@R";
-    g.bRow = "@G * I * D + @C";
-    g.bCol = "@R * D";
-    g.bByCol = true;
-    g.y = "(@T / LT * Y_S + @T % LT) * D + @C";
-    // bf16 plans: tensor cores, f32 activations staged as hi + lo bf16.
-    g.tensorCores =
-        down.ctype == "l4_bf16" && (h.ctype == "l4_bf16" || h.ctype == "float");
-    g.aSplit = h.ctype == "float";
-    g.maxTiles = (uint64_t(dim) + 63) / 64;
-    g.grouped = routeGroups(scores, experts, slots);
-    // h's rows run along the reduction (i), down's along the output.
-    PipelinedGemm p =
-        pipelinedGrouped(g, {"down", false, "@G * I * D + @R * D"}, uint64_t(dim));
     if (h.ctype == "l4_bf16" && down.ctype == "l4_bf16" && inter % 8 == 0 &&
         dim % 8 == 0 && pieceAligned({&h, &down}) &&
         choosePipelined(ctx, p, /*swiglu=*/false, /*aKMajor=*/true)) {
@@ -1765,25 +1738,12 @@ llvm::Error emitMoeDown(OpContext &ctx) {
     os << emitTiles(b, g);
     return llvm::Error::success();
   }
-  // Decode with one expert per token: each expert's tokens in turn, its
-  // weights streamed once per 4 of them (c64, the per-token kernel below,
-  // reads them per token).
+  // Decode: the same grouping, each expert's weights streamed once per 4 of
+  // its tokens (c64, the per-token kernel below, reads them per token).
   if (int bn = chooseGroupedGemv(ctx, slots == 1 && dim % 8 == 0 &&
                                           pieceAligned({&down}))) {
-    os << "  const long long M = B * LT;\n";
-    GroupedGemv v;
-    v.what = "y[m, c] = sum_i h[m, 0, i] * down[e, i, c] for token m of "
-             "expert e.";
-    v.n = "D";
-    v.r = "I";
-    v.a = "h";
-    v.aRow = "(@T / LT * H_S + @T % LT) * (KS * I) + @K * I";
-    v.w = "down";
-    v.wRow = "@G * I * D + @R * D";
-    v.y = "(@T / LT * Y_S + @T % LT) * D + @C";
-    v.maxN = uint64_t(dim);
-    v.bn = bn;
-    os << emitGroupedGemv(b, v, routeGroups(scores, experts, slots), nullptr);
+    os << "  const long long M = B * LT;\n"
+       << emitGroupedGemv(b, p, bn, nullptr);
     return llvm::Error::success();
   }
   os << R"cuda(  // Task (row m, 64 output columns): 256 threads = 64 columns x 4
