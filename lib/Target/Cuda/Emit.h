@@ -215,8 +215,9 @@ struct PipelinedGemm {
               ///< wgmma also 256 (128 with SwiGLU)
   int stages = 2; ///< reduction steps buffered (NS - 1 in flight), 2 to 4
   /// Hopper warpgroup MMAs (wgmma, sm_90a) on 128-byte-swizzled stages of
-  /// 64 reduction columns instead of mma.sync; A must be kMajor, B and U
-  /// may be either (MN-major ones are transposed by the MMA).
+  /// 64 reduction columns instead of mma.sync; A, B and U may each be
+  /// K- or MN-major (MN-major ones are transposed by the MMA), B and U
+  /// alike.
   bool wgmma = false;
   /// One GEMM per expert over the rows l4.moe_route's table gives it
   /// (TiledGemm::Grouped by entry; m and maxM unused): A is kMajor with a
@@ -232,13 +233,10 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
 /// The tile configurations of a GEMM emitPipelined can run, for l4-tune:
 /// "p128x<BN>[s<NS>]" (128 x BN tiles, NS stages; "p128x128", two stages,
 /// is the default, "p128x64" with SwiGLU), "t64x64" (emitTiles) and, for
-/// sm_90a when `aKMajor` (A's rows run along the reduction, as wgmma reads
-/// A from shared memory), "w128x<BN>s<NS>" (wgmma; BN up to 256, 128 with
-/// SwiGLU). Records them on the
-/// body; false when ctx.config asks for emitTiles, else sets p.bn,
-/// p.stages and p.wgmma.
-bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu = false,
-                     bool aKMajor = false);
+/// sm_90a, "w128x<BN>s<NS>" (wgmma; BN up to 256, 128 with SwiGLU).
+/// Records them on the body; false when ctx.config asks for emitTiles,
+/// else sets p.bn, p.stages and p.wgmma.
+bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu = false);
 /// The pipelined form of a by-entry grouped TiledGemm: its extents, A (its
 /// rows, which must run along the reduction), y, store and grouping, with
 /// `b` as B's operand and `maxN` columns at the compiled maxima.

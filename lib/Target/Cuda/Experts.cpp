@@ -138,7 +138,7 @@ llvm::Error emitMoeGateUp(OpContext &ctx) {
   PipelinedGemm p = pipelinedGrouped(
       g, {"gate_up", false, "@G * D * 2 * I + @R * 2 * I"}, uint64_t(2 * d.i));
   if (bf16Pieces({&x, &gateUp}) && d.d % 8 == 0 && d.i % 4 == 0 &&
-      choosePipelined(ctx, p, /*swiglu=*/false, /*aKMajor=*/true)) {
+      choosePipelined(ctx, p, /*swiglu=*/false)) {
     ctx.body.code += emitPipelined(ctx.body, p);
     return llvm::Error::success();
   }
@@ -196,7 +196,7 @@ llvm::Error emitMoeDownGrad(OpContext &ctx) {
   PipelinedGemm p =
       pipelinedGrouped(g, {"down", true, "@G * I * D + @I * D"}, uint64_t(d.i));
   if (bf16Pieces({&dy, &down}) && d.d % 8 == 0 &&
-      choosePipelined(ctx, p, /*swiglu=*/false, /*aKMajor=*/true)) {
+      choosePipelined(ctx, p, /*swiglu=*/false)) {
     ctx.body.code += emitPipelined(ctx.body, p);
     return llvm::Error::success();
   }

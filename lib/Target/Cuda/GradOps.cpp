@@ -285,7 +285,7 @@ llvm::Error emitLinearGradInput(OpContext &ctx) {
   PipelinedGemm p;
   if (g.tensorCores && ws[0] % 8 == 0 && ws[1] % 8 == 0 &&
       pieceAligned({&dy, &w}) &&
-      choosePipelined(ctx, p, /*swiglu=*/false, /*aKMajor=*/true)) {
+      choosePipelined(ctx, p, /*swiglu=*/false)) {
     // dy's rows run along the reduction (n), w's along the output (k).
     p.what = g.what;
     p.m = "M";

@@ -262,18 +262,19 @@ template <int J> __device__ __forceinline__ void @B@_pin(float (&d)[J][4]) {
 )cuda";
 
 /// @B@_mma(d, descA, descB): d += A * B^T for one wgmma.m64n<8J>k16 with
-/// bf16 operands from shared memory, A K-major, B K-major or (`transB`)
+/// bf16 operands from shared memory, each K-major or (`transA`, `transB`)
 /// MN-major, and f32 accumulators d[J][4] (the
 /// fragment of the PTX ISA's "wgmma .m64nNk16 register fragment" layout:
 /// d[j][c] at row 16 * (warp % 4) + lane / 4 + 8 * (c / 2), column
 /// 8 * j + 2 * (lane % 4) + c % 2).
-static std::string wgmmaMma(int j, bool transB) {
+static std::string wgmmaMma(int j, bool transA, bool transB) {
   const std::string regs = std::to_string(4 * j), n = std::to_string(8 * j);
   std::string t = "\n__device__ __forceinline__ void @B@_mma(float (&d)[" +
                   std::to_string(j) +
                   "][4], unsigned long long a, unsigned long long b) {\n"
                   "#ifdef L4C_CUEMU\n  l4emu::wgmma(&d[0][0], " + n +
-                  ", a, b, " + (transB ? "true" : "false") +
+                  ", a, b, " + (transA ? "true" : "false") + ", " +
+                  (transB ? "true" : "false") +
                   ");\n#else\n  asm volatile(\n"
                   "      \"{\\n.reg .pred p;\\nsetp.ne.b32 p, %" +
                   std::to_string(4 * j + 2) +
@@ -282,7 +283,8 @@ static std::string wgmmaMma(int j, bool transB) {
   for (int r = 0; r < 4 * j; ++r)
     t += (r ? ", %" : "%") + std::to_string(r);
   t += "}, %" + regs + ", %" + std::to_string(4 * j + 1) +
-       ", p, 1, 1, 0, " + (transB ? "1" : "0") + ";\\n}\\n\"\n      : ";
+       ", p, 1, 1, " + (transA ? "1" : "0") + ", " + (transB ? "1" : "0") +
+       ";\\n}\\n\"\n      : ";
   for (int r = 0; r < 4 * j; ++r)
     t += std::string(r ? ", " : "") + "\"+f\"(d[" + std::to_string(r / 4) +
          "][" + std::to_string(r % 4) + "])";
@@ -670,8 +672,7 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
   return text;
 }
 
-bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu,
-                     bool aKMajor) {
+bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu) {
   Body &b = ctx.body;
   if (swiglu)
     b.configs = {"p128x64", "p128x64s3", "p128x64s4", "t64x64"};
@@ -681,7 +682,7 @@ bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu,
   // wgmma is sm_90a's alone (not sm_90, not later architectures).
   // Their widest tiles keep 128 accumulators a thread (a warpgroup's
   // m64n256, or SwiGLU's two m64n128).
-  if (aKMajor && ctx.arch == "sm_90a") {
+  if (ctx.arch == "sm_90a") {
     if (swiglu)
       b.configs.append({"w128x64s3", "w128x64s4", "w128x128s3"});
     else
@@ -742,8 +743,8 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   assert((!gr || (!gr->overReduction && p.a.kMajor && !norm)) &&
          "grouped: rows by route entry, A row-major, no norm");
   const bool wg = p.wgmma;
-  assert((!wg || (p.a.kMajor && (!swiglu || p.u.kMajor == p.b.kMajor))) &&
-         "wgmma: A [row][k]; B and U alike");
+  assert((!wg || !swiglu || p.u.kMajor == p.b.kMajor) &&
+         "wgmma: B and U alike");
   // `t` with the tile's expert for @G.
   auto expert = [&](const std::string &t) {
     return gr ? fill(t, "@G", "ge") : t;
@@ -805,7 +806,7 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
                               64 * 2;
     b.globals += kWgmmaGlobals;
     b.inlined = true;
-    b.globals += wgmmaMma(nj * 4, !p.b.kMajor);
+    b.globals += wgmmaMma(nj * 4, !p.a.kMajor, !p.b.kMajor);
   } else {
     decl("as", p.a.kMajor, "BM", 128);
     decl("bs", p.b.kMajor, "BN", bn);
@@ -975,11 +976,18 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
     os << R"cuda(      @B@_fence();
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
-        const unsigned long long da = @B@_desc(as + s * BM * BK + wm * 64 * BK + kk);
 )cuda";
-    // K-major B advances 16 columns of its rows, MN-major B two atoms.
-    std::string bDesc = p.b.kMajor ? "@B@_desc(" : "@B@_desc_mn(",
-                bStep = p.b.kMajor ? " + kk)" : " + kk * 64)";
+    // A K-major operand advances 16 columns of its rows, an MN-major one
+    // two atoms; warpgroup wm's 64 rows of A are an atom of its own.
+    auto desc = [](bool kMajor) {
+      return std::string(kMajor ? "@B@_desc(" : "@B@_desc_mn(");
+    };
+    auto step = [](bool kMajor) {
+      return std::string(kMajor ? " + kk)" : " + kk * 64)");
+    };
+    os << "        const unsigned long long da = " << desc(p.a.kMajor)
+       << "as + s * BM * BK + wm * 64 * BK" << step(p.a.kMajor) << ";\n";
+    std::string bDesc = desc(p.b.kMajor), bStep = step(p.b.kMajor);
     os << "        @B@_mma(acc, da, " << bDesc << "bs + s * BN * BK" << bStep
        << ");\n";
     if (swiglu)
@@ -1294,7 +1302,7 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
                  (!spec.swiglu || pieceAligned({&ctx.operands[2]}));
   PipelinedGemm p;
   if (g.tensorCores && aligned &&
-      choosePipelined(ctx, p, spec.swiglu, /*aKMajor=*/true)) {
+      choosePipelined(ctx, p, spec.swiglu)) {
     p.what = "y[m, n] = sum_k x[m, k] * w[n, k] over the M = B * LT live "
              "rows; row m is token (m / LT, m % LT).";
     p.m = "M";
@@ -1595,7 +1603,7 @@ llvm::Error emitMoeHidden(OpContext &ctx) {
     os << decls;
     if (g.tensorCores && dim % 8 == 0 && inter % 8 == 0 &&
         pieceAligned({&x, &gateUp}) &&
-        choosePipelined(ctx, p, /*swiglu=*/true, /*aKMajor=*/true)) {
+        choosePipelined(ctx, p, /*swiglu=*/true)) {
       os << emitPipelined(b, p, &text);
       return llvm::Error::success();
     }
@@ -1731,7 +1739,7 @@ llvm::Error emitMoeDown(OpContext &ctx) {
     os << "  const long long M = B * LT;\n";
     if (h.ctype == "l4_bf16" && down.ctype == "l4_bf16" && inter % 8 == 0 &&
         dim % 8 == 0 && pieceAligned({&h, &down}) &&
-        choosePipelined(ctx, p, /*swiglu=*/false, /*aKMajor=*/true)) {
+        choosePipelined(ctx, p, /*swiglu=*/false)) {
       os << emitPipelined(b, p);
       return llvm::Error::success();
     }

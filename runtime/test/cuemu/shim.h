@@ -255,7 +255,7 @@ inline unsigned sharedAddress(const void *p) {
 }
 
 /// wgmma.mma_async.sync.aligned.m64nNk16.f32.bf16.bf16 with both operands
-/// in shared memory (descriptors), scale-d 1, A K-major, B K-major or
+/// in shared memory (descriptors), scale-d 1, each operand K-major or
 /// transposed (MN-major). A thread's
 /// products wait in its open group until committed and happen when
 /// wgmma.wait_group retires the group, so reading the accumulators, or
@@ -267,7 +267,7 @@ struct Wgmma {
   float *d;
   unsigned n;
   unsigned long long a, b;
-  bool transB;
+  bool transA, transB;
 };
 inline std::vector<Wgmma> wgOpen[1024];
 inline std::vector<std::vector<Wgmma>> wgGroups[1024];
@@ -319,8 +319,8 @@ inline float wgmmaOperand(unsigned long long desc, unsigned row, unsigned k,
   return f;
 }
 inline void wgmma(float *d, unsigned n, unsigned long long a,
-                  unsigned long long b, bool transB) {
-  wgOpen[tIdx.x].push_back({d, n, a, b, transB});
+                  unsigned long long b, bool transA, bool transB) {
+  wgOpen[tIdx.x].push_back({d, n, a, b, transA, transB});
 }
 inline void wgmmaFence() {}
 inline void wgmmaCommit() {
@@ -338,7 +338,7 @@ inline void wgmmaWait(int pending) {
           unsigned col = 8 * j + 2 * (lane % 4) + c % 2;
           float s = op.d[4 * j + c];
           for (unsigned k = 0; k < 16; ++k)
-            s += wgmmaOperand(op.a, row, k) *
+            s += wgmmaOperand(op.a, row, k, op.transA) *
                  wgmmaOperand(op.b, col, k, op.transB);
           op.d[4 * j + c] = s;
         }
