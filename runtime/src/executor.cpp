@@ -702,16 +702,30 @@ Status Session::generate(const int64_t *ids, int64_t B, int64_t T, int64_t G,
       next[b] = sampleRow(last.data() + b * V, V, *sampling, rng, prob, order);
   };
 
+  // The next tokens from the logits `prog` left for length `len`: greedy
+  // on the GPU finds them there (B ids come back, not B rows of V);
+  // otherwise the rows come to the host.
+  auto choose = [&](const ProgramDesc &prog, int64_t len) -> Status {
+    const BufferDesc &d = plan_->buffers[size_t(prog.logits)];
+    int64_t row = d.hasSeq ? len - 1 : 0;
+    if (gpu_ && !sampling) {
+      uint64_t elem = dtypeSize(d.dtype);
+      return gpu_->argmaxRows(d.region, d.offset + uint64_t(row) * V * elem,
+                              d.batchStride * elem, B, V,
+                              d.dtype == plan::DType::BF16, next.data());
+    }
+    if (Status s = fetchLogits(prog, B, row, row + 1); !s.ok())
+      return s;
+    lastLogits(prog, B, len, last.data());
+    pick();
+    return Status::success();
+  };
+
   auto t0 = std::chrono::steady_clock::now();
   if (Status s = runProgram(first, outIds, L, B, T, 0); !s.ok())
     return s;
-  {
-    int64_t row = plan_->buffers[first.logits].hasSeq ? T - 1 : 0;
-    if (Status s = fetchLogits(first, B, row, row + 1); !s.ok())
-      return s;
-  }
-  lastLogits(first, B, T, last.data());
-  pick();
+  if (Status s = choose(first, T); !s.ok())
+    return s;
   for (int64_t b = 0; b < B; ++b)
     outIds[b * L + T] = next[b];
   timing_.prefillSeconds = seconds(t0);
@@ -724,20 +738,14 @@ Status Session::generate(const int64_t *ids, int64_t B, int64_t T, int64_t G,
       if (Status s = runProgram(*decode, next.data(), 1, B, 1, len - 1);
           !s.ok())
         return s;
-      if (Status s = fetchLogits(*decode, B, 0, 1); !s.ok())
+      if (Status s = choose(*decode, 1); !s.ok())
         return s;
-      lastLogits(*decode, B, 1, last.data());
     } else {
       if (Status s = runProgram(*fwd, outIds, L, B, len, 0); !s.ok())
         return s;
-      {
-        int64_t row = plan_->buffers[fwd->logits].hasSeq ? len - 1 : 0;
-        if (Status s = fetchLogits(*fwd, B, row, row + 1); !s.ok())
-          return s;
-      }
-      lastLogits(*fwd, B, len, last.data());
+      if (Status s = choose(*fwd, len); !s.ok())
+        return s;
     }
-    pick();
     for (int64_t b = 0; b < B; ++b)
       outIds[b * L + len] = next[b];
   }

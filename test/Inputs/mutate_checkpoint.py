@@ -7,6 +7,8 @@ usage: mutate_checkpoint.py SRC DST MODE [ARG...]
   halve NAME       keep the first half of a tensor's first dimension
   truncate N       cut model.safetensors to N bytes
   retype NAME DT   relabel a tensor's dtype (e.g. I32) keeping its bytes
+  nan-rows NAME R..  set rows R.. of an F32 matrix to NaN
+  same-rows NAME   set every row of an F32 matrix to its first
   bf16             store every F32 tensor as BF16 (round to nearest even):
                    the model a bf16 plan runs, as a checkpoint
   one-router S     every F32 router weight's rows become its first row
@@ -92,6 +94,16 @@ def main():
                 continue
             row = [v * float(args[0]) for (v,) in struct.iter_unpack("<f", raw[: 4 * shape[1]])]
             tensors[k] = (dtype, shape, struct.pack("<%df" % len(row), *row) * shape[0])
+    elif mode in ("nan-rows", "same-rows"):
+        dtype, shape, raw = tensors[args[0]]
+        width = 4 * shape[1]
+        rows = [raw[i * width:(i + 1) * width] for i in range(shape[0])]
+        for r in range(shape[0]):
+            if mode == "same-rows":
+                rows[r] = rows[0]
+            elif str(r) in args[1:]:
+                rows[r] = struct.pack("<f", float("nan")) * shape[1]
+        tensors[args[0]] = (dtype, shape, b"".join(rows))
     elif mode == "retype":
         dtype, shape, raw = tensors[args[0]]
         tensors[args[0]] = (args[1], shape, raw)

@@ -160,6 +160,8 @@ CudaBackend::~CudaBackend() {
       a.cuMemFree(p);
   if (optBase_)
     a.cuMemFree(optBase_);
+  if (argmaxOut_)
+    a.cuMemFree(argmaxOut_);
   if (stream_)
     a.cuStreamDestroy(stream_);
   if (ctxRetained_)

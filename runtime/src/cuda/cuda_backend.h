@@ -125,6 +125,13 @@ public:
   /// without NVRTC this fails, and the caller fills on the host instead.
   rt::Status fillRandom(plan::Region r, uint64_t offset, uint64_t numel,
                         bool bf16, uint64_t key, float stddev);
+  /// out[i] = the index of the largest of the V logits (f32, or bf16 when
+  /// `bf16`) at offset + i * rowStride bytes of a region, for i < rows:
+  /// the first NaN if a row has one, else the first index of the maximum
+  /// (cpu::argmaxRows's rule), after the queued work; returns once `out`
+  /// holds them (cuda_argmax.cpp).
+  rt::Status argmaxRows(plan::Region r, uint64_t offset, uint64_t rowStride,
+                        int64_t rows, uint64_t V, bool bf16, int64_t *out);
   /// Waits for all queued work.
   rt::Status synchronize();
 
@@ -227,6 +234,9 @@ private:
   std::string lastRun_; ///< "program 'decode' (B=1, T=1)"
   bool sourceImages_ = false;       ///< CudaOptions::sourceImages
   CUfunction randomFill_ = nullptr; ///< fillRandom's kernel, once loaded
+  CUfunction argmax_ = nullptr;     ///< argmaxRows's kernel, once loaded
+  CUdeviceptr argmaxOut_ = 0;       ///< its results, argmaxCapacity_ rows
+  uint64_t argmaxCapacity_ = 0;
   // The optimizer (initOptimizer): one allocation holding every tensor's
   // state and, at its start, the table of tensors the kernels read.
   std::vector<OptTensor> optTensors_;
