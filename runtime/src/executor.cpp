@@ -686,7 +686,9 @@ Status Session::generate(const int64_t *ids, int64_t B, int64_t T, int64_t G,
     return Status::success();
 
   size_t V = size_t(p.buffers[first.logits].lastDim());
-  std::vector<float> last(size_t(B) * V);
+  // The host's copy of the rows the next tokens come from; greedy on the
+  // GPU chooses there and needs none.
+  std::vector<float> last(gpu_ && !sampling ? 0 : size_t(B) * V);
   std::vector<int64_t> next(static_cast<size_t>(B));
   uint64_t rng = sampling ? sampling->seed : 0;
   if (sampling)
