@@ -11,10 +11,10 @@
 // order by the last block to finish (l4_last_block); the embedding's gradient
 // gives each block its own columns; the unsplit experts' backward (l4-opt
 // only) runs in one block. Attention's backward is flash-style, O(T^2 d)
-// on CUDA cores in one launch of two phases: query tiles (dq and the
-// softmax statistics) before key tiles (dk, dv), ordered by a ticket
-// queue. Tensor-core versions (and grouped GEMMs for the unsplit experts)
-// belong to the Hopper-kernel work.
+// in one launch of two phases: query tiles (dq and the softmax statistics)
+// before key tiles (dk, dv), ordered by a ticket queue; on tensor cores in
+// bf16 plans (head dims of whole k16 steps up to 128), else on CUDA cores
+// in f32.
 //
 //===----------------------------------------------------------------------===//
 #include "Emit.h"
@@ -464,6 +464,364 @@ llvm::Error emitNormGrad(OpContext &ctx, double eps, bool hasWeight) {
   return llvm::Error::success();
 }
 
+/// bf16 operands, head dim a multiple of 16 up to 128: the same two phases
+/// on tensor cores (mma.sync m16n8k16, bf16 in, f32 accumulate). Scores and
+/// dp = dout v^T come straight from the bf16 operands; P and dS, formed in
+/// f32 in the accumulator fragments, enter their products (dq = dS k,
+/// dv = P^T dout, dk = dS^T q) as A fragments in two bf16 parts (hi + lo,
+/// about 16 bits), as the forward's P does, so the gradients keep f32-like
+/// sums. Phase A: 4 warps x 16 query rows, their q and dout fragments in
+/// registers, 32-key tiles staged in shared memory. Phase B: 4 warps x 16
+/// keys of a 64-key tile staged for the task, with dk and dv in the
+/// accumulators; 16-query tiles of q and dout staged per (tile, head).
+static llvm::Error emitAttentionGradMma(OpContext &ctx, const std::string &consts,
+                                        int64_t heads, int64_t kvHeads,
+                                        int64_t rowsPerBatch, int64_t bmax) {
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << consts << R"cuda(  constexpr int BQ = 64, BK = 32, KT = 64, QT = 16, NT = 128;
+  constexpr int KS = DH / 16, NO = DH / 8;
+  constexpr long long KW = HKV * DH, QW = H * DH;
+  unsigned *ticket = reinterpret_cast<unsigned *>(ws + 8);
+  unsigned *doneA = ticket + 1;
+  float *lseOf = reinterpret_cast<float *>(ws + 256); // [B, T, H]
+  float *deltaOf = lseOf + B * T * H;
+  // Rows padded by 8 elements: a fragment's 8 rows x 4 pairs hit 32 banks.
+  // A uses the first BK rows of ks and vs; B all KT, and qs, os.
+  __shared__ __align__(16) unsigned short ks[KT][DH + 8], vs[KT][DH + 8];
+  __shared__ __align__(16) unsigned short qs[QT][DH + 8], os[QT][DH + 8];
+  __shared__ float rlse[QT], rdel[QT];
+  __shared__ long long rlo[BQ], rhi[BQ];
+  const unsigned short *qb = reinterpret_cast<const unsigned short *>(q);
+  const unsigned short *kb = reinterpret_cast<const unsigned short *>(k);
+  const unsigned short *vb = reinterpret_cast<const unsigned short *>(v);
+  const unsigned short *ob = reinterpret_cast<const unsigned short *>(dout);
+  // Lane (g, t4) of warp w: fragment rows w*16 + g and w*16 + g + 8;
+  // columns 8n + 2t4, 8n + 2t4 + 1 of each 8-wide tile n.
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const long long qTiles = (T + BQ - 1) / BQ, kTiles = (T + KT - 1) / KT;
+  const long long nA = B * H * qTiles, nB = B * HKV * kTiles;
+  // Each row's keys of the n query rows from t0 in rlo, rhi; their union.
+  auto ranges = [&](long long b, long long t0, int n, long long &jmin, long long &jmax) {
+    __syncthreads(); // the previous tile is done with rlo, rhi
+    l4_attn_rows(pos, b * P_S, t0, T, T, CHUNK, n, rlo, rhi);
+    __syncthreads();
+    l4_attn_union(rlo, rhi, n, T, jmin, jmax);
+  };
+  // Rows r0 .. r0 + n - 1 of x (batch entry b, XS rows apart, XW wide, from
+  // column xo) into tile; zeros for rows past `last`.
+  auto stage = [&](unsigned short (*tile)[DH + 8], const unsigned short *x, long long b,
+                   long long XS, long long XW, long long xo, long long r0, int n,
+                   long long last) {
+    for (int e = tid; e < n * (DH / 2); e += NT) {
+      const int rr = e / (DH / 2), i = e % (DH / 2) * 2;
+      const long long r = r0 + rr;
+      *reinterpret_cast<unsigned *>(&tile[rr][i]) =
+          r <= last ? l4_pair(x + (b * XS + r) * XW + xo + i) : 0u;
+    }
+  };
+  // s (n tiles of scores, unscaled) and dp from operand fragments a, o
+  // against rows row0.. of tiles kt, vt.
+  auto scores = [&](float (*s)[4], float (*dp)[4], int n, unsigned (*a)[4],
+                    unsigned (*o)[4], unsigned short (*kt)[DH + 8],
+                    unsigned short (*vt)[DH + 8]) {
+#pragma unroll
+    for (int j = 0; j < n; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        s[j][c] = dp[j][c] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+      for (int j = 0; j < n; ++j) {
+        const unsigned bk[2] = {l4_pair(&kt[j * 8 + g][kk * 16 + 2 * t4]),
+                                l4_pair(&kt[j * 8 + g][kk * 16 + 2 * t4 + 8])};
+        const unsigned bv[2] = {l4_pair(&vt[j * 8 + g][kk * 16 + 2 * t4]),
+                                l4_pair(&vt[j * 8 + g][kk * 16 + 2 * t4 + 8])};
+        l4_mma_bf16(s[j], a[kk], bk);
+        l4_mma_bf16(dp[j], o[kk], bv);
+      }
+  };
+  // Accumulator tile j's pairs as A fragments of k-step j / 2 (hi and lo).
+  auto pack = [&](unsigned (*hi)[4], unsigned (*lo)[4], int j, const float x[4]) {
+    unsigned short h[4], l[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      h[c] = l4_bf16_bits(x[c]);
+      l[c] = l4_bf16_lo(x[c], h[c]);
+    }
+    hi[j / 2][(j & 1) * 2] = (unsigned)h[0] | ((unsigned)h[1] << 16);
+    hi[j / 2][(j & 1) * 2 + 1] = (unsigned)h[2] | ((unsigned)h[3] << 16);
+    lo[j / 2][(j & 1) * 2] = (unsigned)l[0] | ((unsigned)l[1] << 16);
+    lo[j / 2][(j & 1) * 2 + 1] = (unsigned)l[2] | ((unsigned)l[3] << 16);
+  };
+  // acc[n] += A x, x staged [k][n] as tile rows row0.. (reduction along the
+  // rows: the pair is two 16-bit reads), for one k16 step, hi and lo.
+  auto accumulate = [&](float (*acc)[4], const unsigned hi[4], const unsigned lo[4],
+                        unsigned short (*x)[DH + 8], int row0) {
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      const int col = n * 8 + g, r = row0 + 2 * t4;
+      const unsigned bf[2] = {l4_pair2(x[r][col], x[r + 1][col]),
+                              l4_pair2(x[r + 8][col], x[r + 9][col])};
+      l4_mma_bf16(acc[n], hi, bf);
+      l4_mma_bf16(acc[n], lo, bf);
+    }
+  };
+  for (;;) {
+    const long long task = l4_claim(ticket);
+    if (task >= nA + nB)
+      break;
+    if (task < nA) {
+      // A: rows t0 + warp*16 + g (+ 8) of head h.
+      const long long h = task % H, rest = task / H;
+      const long long b = rest / qTiles, t0 = rest % qTiles * BQ;
+      const long long kvo = h / G * DH;
+      long long jmin, jmax;
+      ranges(b, t0, BQ, jmin, jmax);
+      const int w0 = warp * 16 + g, w1 = w0 + 8;
+      const long long lo0 = rlo[w0], hi0 = rhi[w0], lo1 = rlo[w1], hi1 = rhi[w1];
+      const long long r0 = t0 + w0, r1 = t0 + w1;
+      unsigned qa[KS][4], oa[KS][4];
+      {
+        const long long q0 = (b * Q_S + r0) * QW + h * DH, q1 = (b * Q_S + r1) * QW + h * DH;
+        const long long o0 = (b * O_S + r0) * QW + h * DH, o1 = (b * O_S + r1) * QW + h * DH;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+          const int c0 = kk * 16 + 2 * t4;
+          qa[kk][0] = r0 < T ? l4_pair(qb + q0 + c0) : 0u;
+          qa[kk][1] = r1 < T ? l4_pair(qb + q1 + c0) : 0u;
+          qa[kk][2] = r0 < T ? l4_pair(qb + q0 + c0 + 8) : 0u;
+          qa[kk][3] = r1 < T ? l4_pair(qb + q1 + c0 + 8) : 0u;
+          oa[kk][0] = r0 < T ? l4_pair(ob + o0 + c0) : 0u;
+          oa[kk][1] = r1 < T ? l4_pair(ob + o1 + c0) : 0u;
+          oa[kk][2] = r0 < T ? l4_pair(ob + o0 + c0 + 8) : 0u;
+          oa[kk][3] = r1 < T ? l4_pair(ob + o1 + c0 + 8) : 0u;
+        }
+      }
+      // Whether element c of accumulator tile j (key j0 + 8j + 2t4 + (c & 1))
+      // is one its row may see.
+      auto sees = [&](long long j0, int j, int c) {
+        const long long key = j0 + j * 8 + 2 * t4 + (c & 1);
+        return c < 2 ? (key >= lo0 && key <= hi0) : (key >= lo1 && key <= hi1);
+      };
+      // Pass 1: per row m, l = sum e^(s - m) and u = sum e^(s - m) dp,
+      // online (l and u this lane's part; the quad's max is shared).
+      float m0 = l4_neg_inf(), m1 = l4_neg_inf(), l0 = 0.0f, l1 = 0.0f, u0 = 0.0f, u1 = 0.0f;
+      for (long long j0 = jmin; j0 <= jmax; j0 += BK) {
+        __syncthreads(); // the previous key tile is read
+        stage(ks, kb, b, K_S, KW, kvo, j0, BK, jmax);
+        stage(vs, vb, b, K_S, KW, kvo, j0, BK, jmax);
+        __syncthreads();
+        float s[BK / 8][4], dp[BK / 8][4];
+        scores(s, dp, BK / 8, qa, oa, ks, vs);
+        float x0 = l4_neg_inf(), x1 = l4_neg_inf();
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            s[j][c] = sees(j0, j, c) ? s[j][c] * SCALE : l4_neg_inf();
+            if (c < 2)
+              x0 = fmaxf(x0, s[j][c]);
+            else
+              x1 = fmaxf(x1, s[j][c]);
+          }
+        for (int d = 1; d < 4; d <<= 1) {
+          x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, d));
+          x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, d));
+        }
+        const float n0 = fmaxf(m0, x0), n1 = fmaxf(m1, x1);
+        // A row that has seen no allowed key yet keeps m = -inf.
+        const float c0 = n0 == l4_neg_inf() ? 1.0f : expf(m0 - n0);
+        const float c1 = n1 == l4_neg_inf() ? 1.0f : expf(m1 - n1);
+        l0 *= c0;
+        u0 *= c0;
+        l1 *= c1;
+        u1 *= c1;
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const float mx = c < 2 ? n0 : n1;
+            const float e = s[j][c] == l4_neg_inf() ? 0.0f : expf(s[j][c] - mx);
+            if (c < 2) {
+              l0 += e;
+              u0 = fmaf(e, dp[j][c], u0);
+            } else {
+              l1 += e;
+              u1 = fmaf(e, dp[j][c], u1);
+            }
+          }
+        m0 = n0;
+        m1 = n1;
+      }
+      for (int d = 1; d < 4; d <<= 1) {
+        l0 += __shfl_xor_sync(0xffffffffu, l0, d);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, d);
+        u0 += __shfl_xor_sync(0xffffffffu, u0, d);
+        u1 += __shfl_xor_sync(0xffffffffu, u1, d);
+      }
+      // A row that sees no key has P = 0: no gradient flows through it.
+      const float lse0 = l0 > 0.0f ? m0 + logf(l0) : 0.0f;
+      const float lse1 = l1 > 0.0f ? m1 + logf(l1) : 0.0f;
+      const float del0 = l0 > 0.0f ? u0 / l0 : 0.0f, del1 = l1 > 0.0f ? u1 / l1 : 0.0f;
+      // Pass 2: dS = P (dp - delta), dq = SCALE dS k.
+      float dq[NO][4];
+#pragma unroll
+      for (int n = 0; n < NO; ++n)
+        dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+      for (long long j0 = jmin; j0 <= jmax; j0 += BK) {
+        __syncthreads();
+        stage(ks, kb, b, K_S, KW, kvo, j0, BK, jmax);
+        stage(vs, vb, b, K_S, KW, kvo, j0, BK, jmax);
+        __syncthreads();
+        float s[BK / 8][4], dp[BK / 8][4];
+        scores(s, dp, BK / 8, qa, oa, ks, vs);
+        unsigned dh[BK / 16][4], dl[BK / 16][4];
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j) {
+          float x[4];
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const float lse = c < 2 ? lse0 : lse1, del = c < 2 ? del0 : del1;
+            x[c] = sees(j0, j, c) ? expf(s[j][c] * SCALE - lse) * (dp[j][c] - del) : 0.0f;
+          }
+          pack(dh, dl, j, x);
+        }
+        const int cnt = jmax - j0 + 1 < BK ? (int)(jmax - j0 + 1) : BK;
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk)
+          if (kk * 16 < cnt) // keys past jmax: dS is 0 there
+            accumulate(dq, dh[kk], dl[kk], ks, kk * 16);
+      }
+      const long long d0 = (b * DQ_S + r0) * QW + h * DH, d1 = (b * DQ_S + r1) * QW + h * DH;
+#pragma unroll
+      for (int n = 0; n < NO; ++n) {
+        const int d = n * 8 + 2 * t4;
+        if (r0 < T) {
+          l4_st(y0, d0 + d, dq[n][0] * SCALE);
+          l4_st(y0, d0 + d + 1, dq[n][1] * SCALE);
+        }
+        if (r1 < T) {
+          l4_st(y0, d1 + d, dq[n][2] * SCALE);
+          l4_st(y0, d1 + d + 1, dq[n][3] * SCALE);
+        }
+      }
+      if (t4 == 0) {
+        if (r0 < T) {
+          lseOf[(b * T + r0) * H + h] = lse0;
+          deltaOf[(b * T + r0) * H + h] = del0;
+        }
+        if (r1 < T) {
+          lseOf[(b * T + r1) * H + h] = lse1;
+          deltaOf[(b * T + r1) * H + h] = del1;
+        }
+      }
+      l4_publish(doneA);
+      continue;
+    }
+    // B: keys j0 + warp*16 + g (+ 8) of kv head kvh.
+    const long long u = task - nA, kvh = u % HKV, rest = u / HKV;
+    const long long b = rest / kTiles, j0 = rest % kTiles * KT;
+    const long long ja = j0 + warp * 16 + g, jb = ja + 8;
+    l4_await(doneA, (unsigned)nA);
+    stage(ks, kb, b, K_S, KW, kvh * DH, j0, KT, T - 1);
+    stage(vs, vb, b, K_S, KW, kvh * DH, j0, KT, T - 1);
+    float dk[NO][4], dv[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        dk[n][c] = dv[n][c] = 0.0f;
+    for (long long t0 = 0; t0 < T; t0 += QT) {
+      long long jmin, jmax;
+      ranges(b, t0, QT, jmin, jmax); // its barriers also publish ks, vs
+      if (jmax < j0 || jmin > j0 + KT - 1)
+        continue; // no row of this query tile sees these keys
+      for (long long h = kvh * G; h < (kvh + 1) * G; ++h) {
+        __syncthreads(); // the previous head's tiles are read
+        stage(qs, qb, b, Q_S, QW, h * DH, t0, QT, T - 1);
+        stage(os, ob, b, O_S, QW, h * DH, t0, QT, T - 1);
+        if (tid < QT && t0 + tid < T) {
+          rlse[tid] = l4_ldcg(lseOf + (b * T + t0 + tid) * H + h);
+          rdel[tid] = l4_ldcg(deltaOf + (b * T + t0 + tid) * H + h);
+        }
+        __syncthreads();
+        // S^T and dp^T: this warp's 16 keys (A, from ks and vs) x 16
+        // queries (B, from qs and os).
+        float s[2][4], dp[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            s[j][c] = dp[j][c] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+          const int kr = warp * 16 + g, kc = kk * 16 + 2 * t4;
+          const unsigned ka[4] = {l4_pair(&ks[kr][kc]), l4_pair(&ks[kr + 8][kc]),
+                                  l4_pair(&ks[kr][kc + 8]), l4_pair(&ks[kr + 8][kc + 8])};
+          const unsigned va[4] = {l4_pair(&vs[kr][kc]), l4_pair(&vs[kr + 8][kc]),
+                                  l4_pair(&vs[kr][kc + 8]), l4_pair(&vs[kr + 8][kc + 8])};
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const unsigned bq[2] = {l4_pair(&qs[j * 8 + g][kc]), l4_pair(&qs[j * 8 + g][kc + 8])};
+            const unsigned bo[2] = {l4_pair(&os[j * 8 + g][kc]), l4_pair(&os[j * 8 + g][kc + 8])};
+            l4_mma_bf16(s[j], ka, bq);
+            l4_mma_bf16(dp[j], va, bo);
+          }
+        }
+        // P^T and dS^T; query column tt sees key (row) ja or jb if inside
+        // its range (rows past T have none).
+        unsigned ph[1][4], pl[1][4], sh[1][4], sl[1][4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          float p[4], d[4];
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int tt = j * 8 + 2 * t4 + (c & 1);
+            const long long key = c < 2 ? ja : jb;
+            const bool in = key >= rlo[tt] && key <= rhi[tt];
+            p[c] = in ? expf(s[j][c] * SCALE - rlse[tt]) : 0.0f;
+            d[c] = in ? p[c] * (dp[j][c] - rdel[tt]) : 0.0f;
+          }
+          pack(ph, pl, j, p);
+          pack(sh, sl, j, d);
+        }
+        accumulate(dv, ph[0], pl[0], os, 0);
+        accumulate(dk, sh[0], sl[0], qs, 0);
+      }
+    }
+    const long long ka0 = (b * DK_S + ja) * KW + kvh * DH, ka1 = (b * DK_S + jb) * KW + kvh * DH;
+    const long long va0 = (b * DV_S + ja) * KW + kvh * DH, va1 = (b * DV_S + jb) * KW + kvh * DH;
+#pragma unroll
+    for (int n = 0; n < NO; ++n) {
+      const int d = n * 8 + 2 * t4;
+      if (ja < T) {
+        l4_st(y1, ka0 + d, dk[n][0] * SCALE);
+        l4_st(y1, ka0 + d + 1, dk[n][1] * SCALE);
+        l4_st(y2, va0 + d, dv[n][0]);
+        l4_st(y2, va0 + d + 1, dv[n][1]);
+      }
+      if (jb < T) {
+        l4_st(y1, ka1 + d, dk[n][2] * SCALE);
+        l4_st(y1, ka1 + d + 1, dk[n][3] * SCALE);
+        l4_st(y2, va1 + d, dv[n][2]);
+        l4_st(y2, va1 + d + 1, dv[n][3]);
+      }
+    }
+  }
+  // The last block out resets the queue for the next launch.
+  if (l4_last_block(ws) && tid == 0)
+    *ticket = *doneA = 0u;
+)cuda";
+  b.threads = 128;
+  uint64_t qTiles = (uint64_t(rowsPerBatch) + 63) / 64;
+  b.blocks = std::min<uint64_t>(uint64_t(bmax) * qTiles * uint64_t(heads + kvHeads), 4096);
+  b.workspaceBytes = 256 + 8 * uint64_t(bmax) * rowsPerBatch * heads;
+  return llvm::Error::success();
+}
+
 llvm::Error emitAttentionGrad(OpContext &ctx) {
   auto op = cast<l4::AttentionGradOp>(ctx.op);
   const View &q = ctx.operands[0], &k = ctx.operands[1], &v = ctx.operands[2],
@@ -477,6 +835,27 @@ llvm::Error emitAttentionGrad(OpContext &ctx) {
   int64_t heads = qs[2], dim = qs[3], kvHeads = ks[2];
   if (ks[3] != dim || kvHeads <= 0 || heads % kvHeads)
     return ctx.fail("head dims or GQA group sizes disagree");
+  Body &b = ctx.body;
+  std::string consts =
+      constant("H", heads) + constant("HKV", kvHeads) +
+      constant("DH", dim, "head dim") +
+      constant("G", heads / kvHeads, "query heads per kv head") +
+      stride(b, "Q_S", q.rowsPerBatch) + stride(b, "K_S", k.rowsPerBatch) +
+      stride(b, "O_S", dout.rowsPerBatch) + stride(b, "P_S", pos.rowsPerBatch) +
+      stride(b, "DQ_S", ctx.results[0].rowsPerBatch) +
+      stride(b, "DK_S", ctx.results[1].rowsPerBatch) +
+      stride(b, "DV_S", ctx.results[2].rowsPerBatch) +
+      constant("CHUNK", op.getChunkSize(), "0: causal only") +
+      "  constexpr float SCALE = " +
+      floatLit(float(op.getScale().convertToDouble())) + ";\n";
+  // bf16 operands with a head dim of whole 16-wide steps whose tiles (two
+  // of 64 keys, two of 16 queries, rows padded by 8) fit 46 KiB: tensor
+  // cores. dk and dv keep 2 x DH / 2 accumulators a thread: up to 128.
+  bool bf16 = q.ctype == "l4_bf16" && k.ctype == "l4_bf16" &&
+              v.ctype == "l4_bf16" && dout.ctype == "l4_bf16";
+  if (bf16 && dim % 16 == 0 && dim <= 128)
+    return emitAttentionGradMma(ctx, consts, heads, kvHeads, q.rowsPerBatch,
+                                q.bmax);
   // Square tiles of R query rows and R keys, 8 threads a row. The four
   // row tiles (two of queries, two of keys) and the two score tiles must
   // fit the 48 KiB of static shared memory.
@@ -487,7 +866,6 @@ llvm::Error emitAttentionGrad(OpContext &ctx) {
   if (sharedBytes(rows) > 46 * 1024)
     return ctx.fail("head dim " + std::to_string(dim) +
                     " is too large for the attention backward's tiles");
-  Body &b = ctx.body;
   b.globals += R"cuda(// Stages rows t0 .. t0 + R - 1 of x (a row every XS rows of batch entry
 // b, XW wide, from column xo) in a tile; rows past T are zeros.
 template <int R, int DH, class X>
@@ -502,18 +880,7 @@ __device__ __forceinline__ void @B@_stage(float (*tile)[DH + 1], const X *x, lon
 }
 )cuda";
   llvm::raw_string_ostream os(b.code);
-  os << constant("H", heads) << constant("HKV", kvHeads)
-     << constant("DH", dim, "head dim")
-     << constant("G", heads / kvHeads, "query heads per kv head")
-     << constant("R", rows, "query rows and keys per tile")
-     << stride(b, "Q_S", q.rowsPerBatch) << stride(b, "K_S", k.rowsPerBatch)
-     << stride(b, "O_S", dout.rowsPerBatch) << stride(b, "P_S", pos.rowsPerBatch)
-     << stride(b, "DQ_S", ctx.results[0].rowsPerBatch)
-     << stride(b, "DK_S", ctx.results[1].rowsPerBatch)
-     << stride(b, "DV_S", ctx.results[2].rowsPerBatch)
-     << constant("CHUNK", op.getChunkSize(), "0: causal only")
-     << "  constexpr float SCALE = "
-     << floatLit(float(op.getScale().convertToDouble())) << ";\n"
+  os << consts << constant("R", rows, "query rows and keys per tile")
      << R"cuda(  // Flash-style, in one launch of two phases; scores are recomputed
   // (twice in A, once in B), never stored:
   //  A. a task per (batch, head, query tile): an online pass over the key
