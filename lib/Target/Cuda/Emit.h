@@ -204,6 +204,11 @@ struct PipelinedGemm {
     std::string ptr;   ///< the body's pointer ("x")
     bool kMajor = true;
     std::string base;  ///< element offset expression of @I or @R
+    /// A only, kMajor, mma.sync tiles: the operand is f32 (4-float pieces,
+    /// reduction extent a multiple of 4), staged as f32 in dynamic shared
+    /// memory and split at the fragment loads into bf16 hi + lo pairs, two
+    /// products each (as TiledGemm::aSplit keeps it, about 16 bits).
+    bool f32 = false;
   };
   std::string what;    ///< a comment for the generated code
   std::string m, n, r; ///< extents: rows, columns, reduction

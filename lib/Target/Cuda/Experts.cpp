@@ -278,6 +278,17 @@ llvm::Error emitMoeGateUpGradInput(OpContext &ctx) {
   g.aSplit = dgu.ctype == "float";
   g.maxTiles = (uint64_t(d.d) + 63) / 64;
   g.grouped = grouped(scores, d);
+  // Both operands' rows run along the reduction (j); dgu is f32 in
+  // training plans: split into bf16 hi + lo at the fragments.
+  PipelinedGemm p = pipelinedGrouped(
+      g, {"gate_up", true, "@G * D * 2 * I + @I * 2 * I"}, uint64_t(d.d));
+  p.a.f32 = dgu.ctype == "float";
+  if ((dgu.ctype == "l4_bf16" || p.a.f32) && gateUp.ctype == "l4_bf16" &&
+      pieceAligned({&dgu, &gateUp}) && d.i % 4 == 0 && d.d % 8 == 0 &&
+      choosePipelined(ctx, p, /*swiglu=*/false)) {
+    ctx.body.code += emitPipelined(ctx.body, p);
+    return llvm::Error::success();
+  }
   ctx.body.code += emitTiles(ctx.body, g);
   return llvm::Error::success();
 }

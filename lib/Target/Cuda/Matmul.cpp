@@ -682,7 +682,7 @@ bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu) {
   // wgmma is sm_90a's alone (not sm_90, not later architectures).
   // Their widest tiles keep 128 accumulators a thread (a warpgroup's
   // m64n256, or SwiGLU's two m64n128).
-  if (ctx.arch == "sm_90a") {
+  if (ctx.arch == "sm_90a" && !p.a.f32) {
     if (swiglu)
       b.configs.append({"w128x64s3", "w128x64s4", "w128x128s3"});
     else
@@ -745,6 +745,9 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   const bool wg = p.wgmma;
   assert((!wg || !swiglu || p.u.kMajor == p.b.kMajor) &&
          "wgmma: B and U alike");
+  const bool aF32 = p.a.f32;
+  assert((!aF32 || (p.a.kMajor && !wg && !norm && !swiglu)) &&
+         "an f32 A: row-major, mma.sync, no norm or SwiGLU");
   // `t` with the tile's expert for @G.
   auto expert = [&](const std::string &t) {
     return gr ? fill(t, "@G", "ge") : t;
@@ -783,19 +786,23 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
 )cuda";
   // Two stages fit the 48 KiB a block may declare statically; more live in
   // dynamic shared memory (b.sharedBytes), carved in declaration order.
+  // An f32 A's stages (rows of 40 floats: a half-warp's 8-byte fragment
+  // reads hit 32 banks) take two stages past 48 KiB: all go dynamic.
   unsigned dynamicBytes = 0;
-  auto decl = [&](const char *name, bool kMajor, const char *rows, int n) {
+  auto decl = [&](const char *name, bool kMajor, const char *rows, int n,
+                  bool f32 = false) {
     std::string dims = kMajor ? ("[" + std::string(rows) + "][BK + 8]")
                               : ("[BK][" + std::string(rows) + " + 8]");
-    if (ns == 2) {
-      os << "  __shared__ __align__(16) unsigned short " << name << "[NS]"
+    const char *type = f32 ? "float" : "unsigned short";
+    if (ns == 2 && !aF32) {
+      os << "  __shared__ __align__(16) " << type << " " << name << "[NS]"
          << dims << ";\n";
       return;
     }
-    os << "  auto *" << name << " = reinterpret_cast<unsigned short (*)"
+    os << "  auto *" << name << " = reinterpret_cast<" << type << " (*)"
        << dims << ">(l4_dsmem() + " << dynamicBytes << ");\n";
     unsigned perStage = kMajor ? unsigned(n) * 40 * 2 : 32u * (n + 8) * 2;
-    dynamicBytes += unsigned(ns) * perStage;
+    dynamicBytes += unsigned(ns) * perStage * (f32 ? 2 : 1);
   };
   if (wg) {
     os << "  unsigned short *const as = @B@_align1024(l4_dsmem());\n"
@@ -808,7 +815,7 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
     b.inlined = true;
     b.globals += wgmmaMma(nj * 4, !p.a.kMajor, !p.b.kMajor);
   } else {
-    decl("as", p.a.kMajor, "BM", 128);
+    decl("as", p.a.kMajor, "BM", 128, aF32);
     decl("bs", p.b.kMajor, "BN", bn);
     if (swiglu)
       decl("us", p.u.kMajor, "BN", bn);
@@ -852,6 +859,17 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   auto stageOf = [&](const PipelinedGemm::Operand &o, const char *tab,
                      const char *rows, const char *tabName) {
     std::string t = tab, rs = rows, ix = tabName, decl, cond, src, dst;
+    if (o.f32) {
+      // Row i's 4 floats at reduction columns k0 + j...
+      os << "      for (int c = tid; c < " << rs << " * BK / 4; c += NT) {\n"
+         << "        const int i = c >> 3, j = (c & 7) * 4;\n"
+         << "        if (" << ix << "[i] >= 0 && k0 + j < GR)\n"
+         << "          l4_cp_async16(&" << t << "[s][i][j], " << o.ptr << " + "
+         << ix << "[i] + k0 + j);\n"
+         << "        else\n          l4_zero16(&" << t << "[s][i][j]);\n"
+         << "      }\n";
+      return;
+    }
     if (o.kMajor) {
       // Row i's piece at reduction columns k0 + j..; wgmma's stage swizzles
       // the 16-byte pieces of each 128-byte row.
@@ -1010,6 +1028,27 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
           const long long n = n0 + j * 8 + 2 * t + (c & 1);
 )cuda";
   } else {
+  if (aF32) {
+    // A's pairs of floats, split: hi as bf16, lo the rest as bf16.
+    b.globals += R"cuda(__device__ __forceinline__ unsigned @B@_split(const float *p, unsigned &lo) {
+  const float2 v = *reinterpret_cast<const float2 *>(p);
+  const unsigned short h0 = l4_bf16_bits(v.x), h1 = l4_bf16_bits(v.y);
+  lo = (unsigned)l4_bf16_lo(v.x, h0) | ((unsigned)l4_bf16_lo(v.y, h1) << 16);
+  return (unsigned)h0 | ((unsigned)h1 << 16);
+}
+)cuda";
+    os << R"cuda(#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16) {
+        unsigned af[4][4], afl[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = wm * 64 + i * 16 + g;
+          af[i][0] = @B@_split(&as[s][r][kk + 2 * t], afl[i][0]);
+          af[i][1] = @B@_split(&as[s][r + 8][kk + 2 * t], afl[i][1]);
+          af[i][2] = @B@_split(&as[s][r][kk + 2 * t + 8], afl[i][2]);
+          af[i][3] = @B@_split(&as[s][r + 8][kk + 2 * t + 8], afl[i][3]);
+)cuda";
+  } else {
   os << R"cuda(#pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
         unsigned af[4][4];
@@ -1025,6 +1064,7 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
      << pairAt("as", p.a.kMajor, "r", "kk + 2 * t + 8") << ";\n"
      << "          af[i][3] = "
      << pairAt("as", p.a.kMajor, "r + 8", "kk + 2 * t + 8") << ";\n";
+  }
   os << R"cuda(        }
 #pragma unroll
         for (int j = 0; j < NJ; ++j) {
@@ -1039,8 +1079,11 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
        << pairAt("us", p.u.kMajor, "c", "kk + 2 * t + 8") << "};\n";
   os << R"cuda(#pragma unroll
           for (int i = 0; i < 4; ++i) {
-            l4_mma_bf16(acc[i][j], af[i], bf);
 )cuda";
+  // The small product first (lo x b), then hi x b.
+  if (aF32)
+    os << "            l4_mma_bf16(acc[i][j], afl[i], bf);\n";
+  os << "            l4_mma_bf16(acc[i][j], af[i], bf);\n";
   if (swiglu)
     os << "            l4_mma_bf16(acc2[i][j], af[i], uf);\n";
   os << R"cuda(          }
@@ -1737,8 +1780,10 @@ llvm::Error emitMoeDown(OpContext &ctx) {
   // have to be summed in order: the per-token kernel below.)
   if (maxTokens > kGemvMaxRows && slots == 1) {
     os << "  const long long M = B * LT;\n";
-    if (h.ctype == "l4_bf16" && down.ctype == "l4_bf16" && inter % 8 == 0 &&
-        dim % 8 == 0 && pieceAligned({&h, &down}) &&
+    // Training keeps h in f32: split into bf16 hi + lo at the fragments.
+    p.a.f32 = h.ctype == "float";
+    if ((h.ctype == "l4_bf16" || p.a.f32) && down.ctype == "l4_bf16" &&
+        inter % 8 == 0 && dim % 8 == 0 && pieceAligned({&h, &down}) &&
         choosePipelined(ctx, p, /*swiglu=*/false)) {
       os << emitPipelined(b, p);
       return llvm::Error::success();

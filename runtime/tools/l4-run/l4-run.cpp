@@ -45,6 +45,7 @@ const char *kUsage =
     "       l4-run PLAN --device=cuda (--weights CKPT_DIR | "
     "--random-weights=SEED)\n"
     "              --inputs IN.safetensors --check-kernels[=TOL]\n"
+    "              [--kernel-tol=NAME=TOL ...]   (kernels named *NAME*)\n"
     "       l4-run PLAN (--weights CKPT_DIR | --random-weights=SEED) --bench\n"
     "              [--batch B] [--seq P] [--max-new-tokens G] [--repeats R]\n"
     "              [--profile]   (a train plan: --batch B --seq T, one\n"
@@ -227,6 +228,14 @@ Options parseArgs(int argc, char **argv) {
       o.repeats = parseInt(flag, take());
     else if (flag == "--check-kernels")
       o.checkKernels = inlineValue ? parseFloat(flag, value) : 1e-3;
+    else if (flag == "--kernel-tol") {
+      std::string v = take();
+      size_t eq = v.rfind('=');
+      if (eq == std::string::npos || eq == 0)
+        usage("--kernel-tol takes NAME=TOL");
+      o.kernelTols.emplace_back(v.substr(0, eq),
+                                parseFloat(flag, v.substr(eq + 1)));
+    }
     else if (flag == "--device")
       o.device = take();
     else if (flag == "--inputs")
@@ -274,6 +283,8 @@ Options parseArgs(int argc, char **argv) {
   o.plan = positional[0];
   if (o.info)
     return o;
+  if (!o.kernelTols.empty() && !o.checkKernels)
+    usage("--kernel-tol goes with --check-kernels");
   bool training = !o.trainData.empty();
   int sources = !o.weights.empty() + bool(o.randomSeed) + !o.resume.empty();
   if (!o.resume.empty() && !training)
@@ -661,13 +672,20 @@ int runCheckKernels(const Options &o, l4rt_session session,
     if (T < s.max_seq)
       runOne("decode", next.data(), 1, T);
   }
-  double tol = *o.checkKernels;
   auto rel = [](const l4rt_kernel_check &c) {
     return c.max_abs_ref > 0 ? c.max_abs_err / c.max_abs_ref
                              : (c.max_abs_err > 0 ? 1e30 : 0.0);
   };
-  auto bad = [&](const l4rt_kernel_check &c) {
-    return c.integer ? c.mismatches > 0 : !(rel(c) <= tol);
+  // A kernel's limit: the first --kernel-tol whose NAME it contains, else
+  // --check-kernels'.
+  auto limitOf = [&](const Row &r) -> std::pair<double, int> {
+    for (size_t i = 0; i < o.kernelTols.size(); ++i)
+      if (r.name.find(o.kernelTols[i].first) != std::string::npos)
+        return {o.kernelTols[i].second, int(i)};
+    return {*o.checkKernels, -1};
+  };
+  auto bad = [&](const Row &r) {
+    return r.c.integer ? r.c.mismatches > 0 : !(rel(r.c) <= limitOf(r).first);
   };
   std::vector<size_t> order(rows.size());
   for (size_t i = 0; i < order.size(); ++i)
@@ -676,16 +694,23 @@ int runCheckKernels(const Options &o, l4rt_session session,
     return rel(rows[a].c) > rel(rows[b].c);
   });
   size_t over = 0, elements = 0;
+  std::vector<double> worstOf(o.kernelTols.size(), 0.0);
+  std::vector<size_t> countOf(o.kernelTols.size(), 0), overOf(countOf);
   for (const Row &r : rows) {
-    over += bad(r.c);
+    over += bad(r);
     elements += r.c.elements;
+    if (int i = limitOf(r).second; i >= 0) {
+      worstOf[size_t(i)] = std::max(worstOf[size_t(i)], rel(r.c));
+      ++countOf[size_t(i)];
+      overOf[size_t(i)] += bad(r);
+    }
   }
   std::printf("%-8s %-5s %-48s %-10s %-10s %s\n", "program", "#", "kernel",
               "rel err", "max |ref|", "result");
   size_t shown = 0;
   for (size_t i : order) {
     const Row &r = rows[i];
-    if (shown >= 12 && !bad(r.c))
+    if (shown >= 12 && !bad(r))
       break;
     ++shown;
     std::printf("%-8s %-5u %-48s %-10.2e %-10.2e %s%s\n", r.program.c_str(),
@@ -696,11 +721,22 @@ int runCheckKernels(const Options &o, l4rt_session session,
                                   .c_str()
                             : "");
   }
+  // A NAME no kernel has checks nothing: that fails too.
+  size_t unmatched = 0;
+  for (size_t i = 0; i < o.kernelTols.size(); ++i)
+    unmatched += countOf[i] == 0;
+  for (size_t i = 0; i < o.kernelTols.size(); ++i)
+    std::printf("check-kernels: %zu kernels named *%s*, worst rel err %.2e, "
+                "%zu above %.1e: %s\n",
+                countOf[i], o.kernelTols[i].first.c_str(), worstOf[i],
+                overOf[i], o.kernelTols[i].second,
+                countOf[i] == 0 ? "none matched" : overOf[i] ? "FAIL" : "ok");
   double worst = order.empty() ? 0 : rel(rows[order[0]].c);
   std::printf("check-kernels: %zu kernels, %zu result elements, worst rel err "
               "%.2e, %zu above %.1e: %s\n",
-              rows.size(), elements, worst, over, tol, over ? "FAIL" : "ok");
-  return over ? 1 : 0;
+              rows.size(), elements, worst, over, *o.checkKernels,
+              over || unmatched ? "FAIL" : "ok");
+  return over || unmatched ? 1 : 0;
 }
 
 } // namespace

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace l4run {
@@ -21,6 +22,9 @@ struct Options {
   std::string plan, weights, inputs, out, prompt;
   std::string device = "cpu"; ///< --device: cpu, cuda, cuda:N
   std::optional<double> checkKernels; ///< --check-kernels=TOL
+  /// --kernel-tol=NAME=TOL (repeatable, with --check-kernels): kernels
+  /// whose name contains NAME are held to TOL instead (the first match).
+  std::vector<std::pair<std::string, double>> kernelTols;
   bool bench = false;                 ///< --bench (with --batch, --seq)
   bool profile = false;               ///< --profile (with --bench, cuda)
   int64_t repeats = 5;                ///< --repeats (bench)
