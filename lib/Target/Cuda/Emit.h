@@ -191,6 +191,19 @@ struct GemmText;
 std::string emitTiles(Body &b, const TiledGemm &g,
                       const GemmText *fused = nullptr);
 
+/// A grouped GEMM over its experts' entries (Grouped::overReduction, a
+/// weight gradient) on tensor cores whose A rows and B columns are
+/// contiguous (aRow "@M", bRow "@C"): 128x128 tiles of 8 warps; each step's
+/// operands are loaded a step ahead into registers in pieces of `piece` (4
+/// or 8) elements, then transformed (A's SwiGLU, the reduction scale),
+/// split into bf16 hi + lo (aSplit, bSplit) and stored to shared memory.
+/// The caller checks that pieces are whole and aligned: m, n and every
+/// offset of aCol, bCol and aSwigluUp multiples of `piece`, from 16-byte
+/// aligned buffers. `tiles`: the 128x128 tiles of all experts at the
+/// compiled maxima.
+std::string emitOverEntries(Body &b, const TiledGemm &g, int piece,
+                            uint64_t tiles);
+
 /// A bf16 GEMM y(m, c) = sum_r A(m, r) B(c, r) whose operands are read in
 /// 16-byte pieces (emitPipelined: 128-row tiles on tensor cores, cp.async
 /// pipelines). An operand is `kMajor` when its rows run along the

@@ -82,6 +82,29 @@ bool bf16Pieces(std::initializer_list<const View *> views) {
   return pieceAligned(views);
 }
 
+/// emitOverEntries for a weight gradient over m x n outputs per expert,
+/// when it fits (tensor cores; `sizes`, the extents and the strides of the
+/// operands' rows in elements, multiples of a piece of 8 or 4; the buffers
+/// 16-byte aligned) and the tuning file does not ask for emitTiles.
+bool overEntries(OpContext &ctx, const TiledGemm &g, const Dims &d,
+                 int64_t m, int64_t n, std::initializer_list<int64_t> sizes,
+                 std::initializer_list<const View *> views) {
+  if (!g.tensorCores || !pieceAligned(views))
+    return false;
+  int piece = 8;
+  for (int64_t s : sizes)
+    piece = s % piece == 0 ? piece : s % 4 == 0 ? 4 : 0;
+  if (!piece)
+    return false;
+  ctx.body.configs = {"e128x128", "t64x64"};
+  if (ctx.config == "t64x64")
+    return false;
+  uint64_t tiles = uint64_t(d.e) * ((uint64_t(m) + 127) / 128) *
+                   ((uint64_t(n) + 127) / 128);
+  ctx.body.code += emitOverEntries(ctx.body, g, piece, tiles);
+  return true;
+}
+
 // Offsets of the per-slot rows: gate/up [.., K, 2I], the input's [.., K, D].
 constexpr const char *kGuRow = "(@T / LT * G_S + @T % LT) * (KS * 2 * I) + "
                                "@K * 2 * I";
@@ -242,7 +265,9 @@ llvm::Error emitMoeDownGradWeight(OpContext &ctx) {
       uint64_t(d.e) * ((uint64_t(d.i) + 63) / 64) * ((uint64_t(d.d) + 63) / 64);
   g.grouped = grouped(scores, d);
   g.grouped->overReduction = true;
-  ctx.body.code += emitTiles(ctx.body, g);
+  // gu's rows are 2I apart, its up half I on; dy's D.
+  if (!overEntries(ctx, g, d, d.i, d.d, {d.i, d.d}, {&gu, &dy}))
+    ctx.body.code += emitTiles(ctx.body, g);
   return llvm::Error::success();
 }
 
@@ -402,7 +427,9 @@ llvm::Error emitMoeGateUpGradWeight(OpContext &ctx) {
   g.grouped->overReduction = true;
   g.grouped->reductionScale =
       "l4_ld(scores, (@T / LT * S_S + @T % LT) * E + @G)";
-  ctx.body.code += emitTiles(ctx.body, g);
+  // x's rows are D apart, dgu's 2I.
+  if (!overEntries(ctx, g, d, d.d, 2 * d.i, {d.d, 2 * d.i}, {&x, &dgu}))
+    ctx.body.code += emitTiles(ctx.body, g);
   return llvm::Error::success();
 }
 

@@ -672,6 +672,202 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
   return text;
 }
 
+std::string emitOverEntries(Body &b, const TiledGemm &g, int piece,
+                            uint64_t tiles) {
+  assert(g.grouped && g.grouped->overReduction && g.tensorCores &&
+         g.aRow == "@M" && g.bRow == "@C" && g.store.empty() &&
+         (piece == 4 || piece == 8) && "emitOverEntries: see Emit.h");
+  const TiledGemm::Grouped &gr = *g.grouped;
+  const auto &fill = subst;
+  // An expression of the entry q (@T, @K) and the tile's expert (@G).
+  auto entry = [&](const std::string &e) {
+    return fill(fill(fill(e, "@G", "ge"), "@T", "q / GK"), "@K", "q % GK");
+  };
+  const bool aSplit = g.aSplit, bSplit = g.bSplit;
+  const bool swiglu = !g.aSwigluUp.empty(), scaled = !gr.reductionScale.empty();
+  std::string text;
+  llvm::raw_string_ostream os(text);
+  os << "  // " << g.what << "\n";
+  os << R"cuda(  // Tensor cores over an expert's entries: tiles of 128x128 outputs of
+  // expert ge, the reduction over its entries in route order, in steps of
+  // 32. Thread (warp, lane) loads entry k0 + lane's 16 consecutive rows of
+  // A (columns of B) at warp * 16 into registers a step ahead, so the
+  // loads are in flight while the step before runs its products; then it
+  // stores them to shared memory as bf16 [row][k] (rows padded to 40: a
+  // warp's stores, 32 entries of one row, and the fragment reads hit
+  // distinct banks), two buffers. Warp (wm, wn) computes rows wm*64.. and
+  // columns wn*32.. as 4 x 4 mma.sync m16n8k16 tiles.
+  constexpr int BM = 128, BN = 128, BK = 32, LD = BK + 8, NT = 256;
+)cuda";
+  os << "  const long long GM = " << g.m << ", GN = " << g.n << ";\n"
+     << "  constexpr int GE = " << gr.experts << ", GK = " << gr.slots
+     << ";\n";
+  unsigned dynamicBytes = 0;
+  auto decl = [&](const char *name, const char *what) {
+    os << "  auto *" << name
+       << " = reinterpret_cast<unsigned short (*)[BM][LD]>(l4_dsmem() + "
+       << dynamicBytes << "); // " << what << "\n";
+    dynamicBytes += 2 * 128 * 40 * 2;
+  };
+  decl("as", "A");
+  if (aSplit)
+    decl("asl", "A's lo");
+  decl("bs", "B");
+  if (bSplit)
+    decl("bsl", "B's lo");
+  b.sharedBytes = dynamicBytes;
+  os << R"cuda(  // Expert e's entries (token * GK + slot) are route[GE + 1 + goff[e] ..];
+  // tile (e, m0, n0) sums over them in route order.
+  __shared__ int goff[GE + 1];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3, wm = warp >> 2, wn = warp & 3;
+  for (int e = tid; e <= GE; e += NT)
+    goff[e] = )cuda"
+     << gr.table << R"cuda([e];
+  __syncthreads();
+  const long long tilesN = (GN + BN - 1) / BN, tilesM = (GM + BM - 1) / BM;
+  const long long tiles = GE * tilesM * tilesN;
+  for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int ge = (int)(tile / (tilesM * tilesN));
+    const long long rest = tile % (tilesM * tilesN);
+    const long long m0 = rest / tilesN * BM, n0 = rest % tilesN * BN;
+    const long long GR = goff[ge + 1] - goff[ge], steps = (GR + BK - 1) / BK;
+    const int *const ents = )cuda"
+     << gr.table << R"cuda( + GE + 1 + goff[ge];
+    // This thread's rows of A and columns of B; its entry's values, and
+    // the entry of the step after (its table read in flight as well).
+    const long long mi = m0 + warp * 16, ni = n0 + warp * 16;
+    float av[16], bv[16];
+)cuda";
+  if (swiglu)
+    os << "    float au[16];\n";
+  if (scaled)
+    os << "    float sc = 0.0f;\n";
+  os << "    int qn = lane < GR ? ents[lane] : -1;\n"
+     << "    auto load = [&](long long k0) {\n"
+     << "      const int q = qn;\n"
+     << "      qn = k0 + BK + lane < GR ? ents[k0 + BK + lane] : -1;\n"
+     << "      const long long ac = q >= 0 ? " << entry(g.aCol)
+     << " : -1, bc = q >= 0 ? " << entry(g.bCol) << " : -1;\n";
+  if (scaled)
+    os << "      sc = q >= 0 ? " << entry(gr.reductionScale) << " : 0.0f;\n";
+  std::string ld = piece == 8 ? "l4_ld8" : "l4_ld4";
+  os << "#pragma unroll\n      for (int p = 0; p < 16; p += " << piece
+     << ") {\n"
+     << "        if (ac >= 0 && mi + p < GM) {\n"
+     << "          " << ld << "(" << g.a << ", ac + mi + p, av + p);\n";
+  if (swiglu)
+    os << "          " << ld << "(" << g.a << ", ac + " << g.aSwigluUp
+       << " + mi + p, au + p);\n";
+  os << "        } else {\n"
+     << "#pragma unroll\n          for (int u = 0; u < " << piece
+     << "; ++u)\n            av[p + u] = 0.0f;\n";
+  if (swiglu) // zeros, not swiglu(0, garbage): NaN * 0 is NaN
+    os << "#pragma unroll\n          for (int u = 0; u < " << piece
+       << "; ++u)\n            au[p + u] = 0.0f;\n";
+  os << "        }\n"
+     << "        if (bc >= 0 && ni + p < GN) {\n"
+     << "          " << ld << "(" << g.b << ", bc + ni + p, bv + p);\n"
+     << "        } else {\n"
+     << "#pragma unroll\n          for (int u = 0; u < " << piece
+     << "; ++u)\n            bv[p + u] = 0.0f;\n"
+     << "        }\n      }\n    };\n";
+  // A's value: the SwiGLU of gate and up, then the scale (emitTiles's order).
+  std::string aVal = "av[u]";
+  if (swiglu)
+    aVal = "l4_swiglu(av[u], au[u])";
+  if (scaled)
+    aVal = "(" + aVal + " * sc)";
+  os << R"cuda(    // The loaded values, transformed and split, into buffer s (every
+    // thread is past the products that read it last).
+    auto store = [&](int s) {
+#pragma unroll
+      for (int u = 0; u < 16; ++u) {
+)cuda";
+  os << "        const float a = " << aVal << ";\n"
+     << "        const unsigned short ah = l4_bf16_bits(a), bh = "
+        "l4_bf16_bits(bv[u]);\n"
+     << "        as[s][warp * 16 + u][lane] = ah;\n";
+  if (aSplit)
+    os << "        asl[s][warp * 16 + u][lane] = l4_bf16_lo(a, ah);\n";
+  os << "        bs[s][warp * 16 + u][lane] = bh;\n";
+  if (bSplit)
+    os << "        bsl[s][warp * 16 + u][lane] = l4_bf16_lo(bv[u], bh);\n";
+  os << "      }\n    };\n";
+  os << mmaAccumulators("4", "4", false);
+  os << R"cuda(    if (steps > 0) {
+      load(0);
+      store(0);
+    }
+    __syncthreads();
+    for (long long step = 0; step < steps; ++step) {
+      const int s = (int)(step & 1);
+      if (step + 1 < steps)
+        load((step + 1) * BK);
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16) {
+        unsigned af[4][4];
+)cuda";
+  if (aSplit)
+    os << "        unsigned afl[4][4];\n";
+  os << R"cuda(#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = wm * 64 + i * 16 + g;
+          af[i][0] = l4_pair(&as[s][r][kk + 2 * t]);
+          af[i][1] = l4_pair(&as[s][r + 8][kk + 2 * t]);
+          af[i][2] = l4_pair(&as[s][r][kk + 2 * t + 8]);
+          af[i][3] = l4_pair(&as[s][r + 8][kk + 2 * t + 8]);
+)cuda";
+  if (aSplit)
+    os << R"cuda(          afl[i][0] = l4_pair(&asl[s][r][kk + 2 * t]);
+          afl[i][1] = l4_pair(&asl[s][r + 8][kk + 2 * t]);
+          afl[i][2] = l4_pair(&asl[s][r][kk + 2 * t + 8]);
+          afl[i][3] = l4_pair(&asl[s][r + 8][kk + 2 * t + 8]);
+)cuda";
+  os << R"cuda(        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int n = wn * 32 + j * 8 + g;
+          const unsigned bf[2] = {l4_pair(&bs[s][n][kk + 2 * t]), l4_pair(&bs[s][n][kk + 2 * t + 8])};
+)cuda";
+  if (bSplit)
+    os << "          const unsigned bfl[2] = {l4_pair(&bsl[s][n][kk + 2 * "
+          "t]), l4_pair(&bsl[s][n][kk + 2 * t + 8])};\n";
+  // The small products first (lo x hi), then hi x hi, as emitTiles.
+  os << "#pragma unroll\n          for (int i = 0; i < 4; ++i) {\n";
+  if (aSplit)
+    os << "            l4_mma_bf16(acc[i][j], afl[i], bf);\n";
+  if (bSplit)
+    os << "            l4_mma_bf16(acc[i][j], af[i], bfl);\n";
+  os << R"cuda(            l4_mma_bf16(acc[i][j], af[i], bf);
+          }
+        }
+      }
+      if (step + 1 < steps)
+        store(s ^ 1);
+      __syncthreads(); // buffer s ^ 1 is whole; everyone is done with s
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const long long m = m0 + wm * 64 + i * 16 + g + (c >= 2 ? 8 : 0);
+          const long long n = n0 + wn * 32 + j * 8 + 2 * t + (c & 1);
+          if (m >= GM || n >= GN)
+            continue;
+          l4_st(y, )cuda"
+     << fill(fill(fill(g.y, "@G", "ge"), "@M", "m"), "@C", "n")
+     << R"cuda(, acc[i][j][c]);
+        }
+  }
+)cuda";
+  b.threads = 256;
+  b.blocks = gridFor(tiles, 1);
+  return text;
+}
+
 bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu) {
   Body &b = ctx.body;
   if (swiglu)
