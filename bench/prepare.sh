@@ -26,6 +26,8 @@ compile() { # NAME BATCH SEQ [ARGS...]
 }
 # Prefill of 2048 tokens (then 32 decode steps at ~2k context), batch 1.
 compile scout4-b1-2k 1 2080
+# Prefill of 8192 tokens: attention at T = 8192 against cuDNN (kernels.py).
+compile scout4-b1-8k 1 8200
 # Decode at batch 1 and 32 after a 128-token prompt.
 compile scout4-b1 1 192
 compile scout4-b32 32 192

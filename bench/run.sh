@@ -6,8 +6,10 @@
 # and the roofline floors from this device's measured copy bandwidth and
 # bf16 GEMM rate; a bf16 training step of configs/train-2048.json (4 x 2048
 # tokens) against the peers' (for tokens/s the ratio column is l4c / eager,
-# higher is better; for times lower is better). Writes $OUT/bench.md (a table for docs/performance.md);
-# bench.log also holds every kernel's GPU time (l4-run --profile).
+# higher is better; for times lower is better); then the prefills' kernels
+# against cuBLAS and cuDNN (bench/kernels.py). Writes $OUT/bench.md (the
+# tables for docs/performance.md); bench.log also holds every kernel's GPU
+# time (l4-run --profile), and $OUT/profile-*.json the prefills' in full.
 # Usage: bench/run.sh [BUNDLE]   (default build/bench)
 set -uo pipefail
 b=${1:-build/bench}
@@ -26,7 +28,10 @@ l4c() { # NAME PLAN ARGS...
     2>&1 | tee -a "$log" | grep -E '^(bench|profile):'
 
 }
-l4c prefill-2048 scout4-b1-2k --batch 1 --seq 2048 --max-new-tokens 32 --repeats 5
+l4c prefill-2048 scout4-b1-2k --batch 1 --seq 2048 --max-new-tokens 32 --repeats 5 \
+  --profile-json "$out/profile-prefill-2048.json"
+l4c prefill-8192 scout4-b1-8k --batch 1 --seq 8192 --max-new-tokens 1 --repeats 3 \
+  --profile-json "$out/profile-prefill-8192.json"
 l4c decode-b1 scout4-b1 --batch 1 --seq 128 --max-new-tokens 64 --repeats 5
 l4c decode-b32 scout4-b32 --batch 32 --seq 128 --max-new-tokens 64 --repeats 5
 l4c train-4x2048 train-2048 --batch 4 --seq 2048 --repeats 3
@@ -47,6 +52,11 @@ if [ "${TUNE:-0}" = 1 ]; then
   tune decode-b32 scout4-b32-tune --program=decode --batch 32 --seq 1 --repeats 20
   tune train train-2048-tune --batch 4 --seq 2048 --repeats 5
 fi
+# Kernel by kernel against cuBLAS and cuDNN (issue 6: GEMMs within 10%,
+# attention within 30%), from the two prefills' profiles.
+echo "== kernels against the libraries" | tee -a "$log"
+timeout 600 python3 bench/kernels.py --profile "$out/profile-prefill-2048.json" \
+  --profile "$out/profile-prefill-8192.json" 2>&1 | tee "$out/kernels.md" | tee -a "$log"
 echo "== peers and roofline" | tee -a "$log"
 timeout 900 python3 bench/peer.py --out "$out/peer.json" 2>&1 | tee -a "$log" | grep -E '^peer|^roofline'
 python3 - "$log" "$out/peer.json" >"$out/bench.md" <<'PY'
@@ -82,4 +92,6 @@ print()
 print("copy bandwidth %s GB/s, bf16 GEMM %s TFLOP/s (measured in this run)"
       % (f(peer.get("bandwidth_gbs")), f(peer.get("gemm_tflops"))))
 PY
+echo >>"$out/bench.md"
+cat "$out/kernels.md" >>"$out/bench.md"
 cat "$out/bench.md"

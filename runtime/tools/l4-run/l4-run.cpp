@@ -48,8 +48,9 @@ const char *kUsage =
     "              [--kernel-tol=NAME=TOL ...]   (kernels named *NAME*)\n"
     "       l4-run PLAN (--weights CKPT_DIR | --random-weights=SEED) --bench\n"
     "              [--batch B] [--seq P] [--max-new-tokens G] [--repeats R]\n"
-    "              [--profile]   (a train plan: --batch B --seq T, one\n"
-    "              training step with AdamW per repeat)\n"
+    "              [--profile] [--profile-json=FILE]   (a train plan:\n"
+    "              --batch B --seq T, one training step with AdamW per "
+    "repeat)\n"
     "Every mode takes --device=cpu|cuda|cuda:N (default cpu; cuda needs a "
     "plan\n"
     "compiled with --target=cuda).\n"
@@ -57,6 +58,7 @@ const char *kUsage =
     "between launches, medians of R runs) for the forward pass, or the "
     "prefill\n"
     "and one decode step, slowest first, and the time per kernel kind.\n"
+    "--profile-json=FILE also writes every kernel's time to FILE as JSON.\n"
     "IN holds input_ids (i64 [B, T]). OUT gets logits (f32 [B, T, V]) from a "
     "forward\n"
     "plan, and greedy_ids (i64 [B, T + G]) from a generate plan or when\n"
@@ -224,6 +226,12 @@ Options parseArgs(int argc, char **argv) {
       o.bench = true;
     else if (flag == "--profile" && !inlineValue)
       o.profile = true;
+    else if (flag == "--profile-json") {
+      o.profileJson = take();
+      if (o.profileJson.empty())
+        usage("--profile-json needs a file name");
+      o.profile = true;
+    }
     else if (flag == "--repeats")
       o.repeats = parseInt(flag, take());
     else if (flag == "--check-kernels")
@@ -323,7 +331,7 @@ Options parseArgs(int argc, char **argv) {
     return o;
   }
   if (o.profile)
-    usage("--profile goes with --bench");
+    usage("--profile and --profile-json go with --bench");
   for (const auto &[given, flag] : {std::pair{o.steps.has_value(), "--steps"},
                                     {o.batch.has_value(), "--batch"},
                                     {o.seq.has_value(), "--seq"},
@@ -477,14 +485,73 @@ int runFiles(const Options &o, l4rt_session session,
 
 /// --profile: each kernel's GPU time in one program, slowest first, then
 /// the sum per kernel kind.
-void printProfile(l4rt_session session, const char *program,
-                  const std::vector<int64_t> &ids, int64_t B, int64_t T,
-                  int64_t pos0, int64_t repeats) {
+/// `s` as a JSON string literal.
+std::string jsonString(const std::string &s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += char(c);
+    } else if (c < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", c);
+      out += buf;
+    } else {
+      out += char(c);
+    }
+  }
+  return out + "\"";
+}
+
+/// The JSON object of one profiled program, every kernel in launch order.
+std::string profileJson(const char *program, int64_t B, int64_t T,
+                        int64_t repeats,
+                        const std::vector<l4rt_kernel_time> &v) {
+  std::string j = "{\"program\": " + jsonString(program) +
+                  ", \"batch\": " + std::to_string(B) +
+                  ", \"length\": " + std::to_string(T) +
+                  ", \"repeats\": " + std::to_string(repeats) +
+                  ", \"kernels\": [";
+  for (size_t i = 0; i < v.size(); ++i) {
+    char ms[32];
+    std::snprintf(ms, sizeof ms, "%.6f", v[i].ms);
+    j += std::string(i ? ",\n    " : "\n    ") + "{\"kernel\": " +
+         std::to_string(v[i].kernel) + ", \"name\": " +
+         jsonString(v[i].name) + ", \"kind\": " + jsonString(v[i].kind) +
+         ", \"ms\": " + ms + "}";
+  }
+  return j + "]}";
+}
+
+/// --profile-json: the programs' objects into FILE, whole or not at all
+/// (a temporary file renamed over it).
+void writeProfileJson(const Options &o, const std::vector<std::string> &progs) {
+  if (o.profileJson.empty())
+    return;
+  std::string text = "{\"plan\": " + jsonString(o.plan) + ", \"programs\": [";
+  for (size_t i = 0; i < progs.size(); ++i)
+    text += (i ? ",\n  " : "\n  ") + progs[i];
+  text += "]}\n";
+  std::string tmp = o.profileJson + ".tmp";
+  FILE *f = std::fopen(tmp.c_str(), "wb");
+  bool ok = f && std::fwrite(text.data(), 1, text.size(), f) == text.size();
+  ok = f && std::fclose(f) == 0 && ok;
+  if (!ok || std::rename(tmp.c_str(), o.profileJson.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    die("cannot write " + o.profileJson);
+  }
+}
+
+/// Prints the profile; returns its JSON object (writeProfileJson).
+std::string printProfile(l4rt_session session, const char *program,
+                         const std::vector<int64_t> &ids, int64_t B, int64_t T,
+                         int64_t pos0, int64_t repeats) {
   const l4rt_kernel_time *times = nullptr;
   size_t n = 0;
   check(l4rt_profile_kernels(session, program, ids.data(), B, T, pos0, repeats,
                              &times, &n));
   std::vector<l4rt_kernel_time> v(times, times + n);
+  std::string json = profileJson(program, B, T, repeats, v);
   double total = 0;
   std::map<std::string, std::pair<double, int>> kinds;
   for (const l4rt_kernel_time &t : v) {
@@ -510,6 +577,7 @@ void printProfile(l4rt_session session, const char *program,
   for (const auto &[kind, sum] : kinds)
     std::printf("  kind %-10s %4d kernels %9.4f ms %5.1f%%\n", kind.c_str(),
                 sum.second, sum.first, total > 0 ? 100 * sum.first / total : 0.0);
+  return json;
 }
 
 /// --bench: times the plan on seeded random ids [B, P] (a forward pass, or
@@ -564,7 +632,8 @@ int runTrainBench(const Options &o, l4rt_session session,
               (long long)B, (long long)T, (long long)o.repeats, med,
               med > 0 ? 1e3 * double(B * T) / med : 0.0);
   if (o.profile)
-    printProfile(session, "train_step", ids, B, T, 0, o.repeats);
+    writeProfileJson(
+        o, {printProfile(session, "train_step", ids, B, T, 0, o.repeats)});
   return 0;
 }
 
@@ -626,16 +695,18 @@ int runBench(const Options &o, l4rt_session session,
                 dec > 0 ? 1e3 * double(B) / dec : 0.0);
   std::printf(" (medians)\n");
   if (o.profile) {
+    std::vector<std::string> progs;
     if (forward) {
-      printProfile(session, "forward", ids, B, P, 0, o.repeats);
+      progs.push_back(printProfile(session, "forward", ids, B, P, 0, o.repeats));
     } else {
-      printProfile(session, "prefill", ids, B, P, 0, o.repeats);
+      progs.push_back(printProfile(session, "prefill", ids, B, P, 0, o.repeats));
       // One decode step after the prompt: the last prompt token again.
       std::vector<int64_t> last;
       for (int64_t b = 0; b < B; ++b)
         last.push_back(ids[size_t(b * P + P - 1)]);
-      printProfile(session, "decode", last, B, 1, P, o.repeats);
+      progs.push_back(printProfile(session, "decode", last, B, 1, P, o.repeats));
     }
+    writeProfileJson(o, progs);
   }
   return 0;
 }

@@ -27,6 +27,9 @@ struct Options {
   std::vector<std::pair<std::string, double>> kernelTols;
   bool bench = false;                 ///< --bench (with --batch, --seq)
   bool profile = false;               ///< --profile (with --bench, cuda)
+  /// --profile-json=FILE (implies --profile): every kernel's time of every
+  /// profiled program, as JSON, for scripts (bench/kernels.py).
+  std::string profileJson;
   int64_t repeats = 5;                ///< --repeats (bench)
   bool info = false, hasPrompt = false;
   std::optional<uint64_t> randomSeed;
