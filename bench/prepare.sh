@@ -40,6 +40,10 @@ train() { # NAME [ARGS...]
     ${tuning[@]+"${tuning[@]}"} "$@" -o "$b/plans/$name.plan" 2>&1 | sed 's/^/  /'
 }
 train train-2048
+# The same step with the logits stored whole (--loss-chunk=none: 4.95 instead
+# of 2.27 GiB of arena, and no recomputed lm_head GEMM: about 6.8 of the
+# step's ~43 TFLOP), to measure what the default's chunking costs.
+train train-2048-whole --loss-chunk=none
 # For l4-tune (bench/run.sh): every other tile configuration of the tunable
 # GEMMs as candidates, prefill, decode at batch 1 and 32, and training.
 compile scout4-b1-2k-tune 1 2080 --tune-candidates

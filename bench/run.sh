@@ -35,6 +35,7 @@ l4c prefill-8192 scout4-b1-8k --batch 1 --seq 8192 --max-new-tokens 1 --repeats 
 l4c decode-b1 scout4-b1 --batch 1 --seq 128 --max-new-tokens 64 --repeats 5
 l4c decode-b32 scout4-b32 --batch 32 --seq 128 --max-new-tokens 64 --repeats 5
 l4c train-4x2048 train-2048 --batch 4 --seq 2048 --repeats 3
+l4c train-4x2048-whole train-2048-whole --batch 4 --seq 2048 --repeats 3
 # Kernel tuning (TUNE=1; it can take minutes of device time): every tile
 # configuration of the tunable GEMMs, timed and checked; the files go back
 # to the CPU machine (TUNING=... bench/prepare.sh).
@@ -88,6 +89,9 @@ e = peer.get("eager", {}).get("train_tokens_per_s")
 print("| train step 4x2048, 2048 wide (tokens/s) | %s | %s | %s | | %s |"
       % (f(train), f(e), f(peer.get("compile", {}).get("train_tokens_per_s")),
          "n/a" if not (train and e) else "%.2f" % (train / e)))
+whole = l4c("train-4x2048-whole", "train_tokens_per_s")
+print("| the same, logits whole (`--loss-chunk=none`) | %s | | | | %s |"
+      % (f(whole), "n/a" if not (whole and e) else "%.2f" % (whole / e)))
 print()
 print("copy bandwidth %s GB/s, bf16 GEMM %s TFLOP/s (measured in this run)"
       % (f(peer.get("bandwidth_gbs")), f(peer.get("gemm_tflops"))))
