@@ -164,22 +164,30 @@ llvm::Error emitAttentionTiles(OpContext &ctx, bool fromCache) {
 /// bf16 plans: flash-style attention on tensor cores (mma.sync m16n8k16,
 /// bf16 in, f32 accumulate). A block of 4 warps takes 64 query rows of one
 /// head, 16 a warp, with the warp's Q fragments in registers; key tiles of
-/// 64 keys and their values (transposed) are staged in shared memory. S =
-/// Q K^T and the online softmax stay in the accumulator fragments; P is
-/// re-packed in registers as the A fragments of O += P V, split in two bf16
-/// parts (two products) so that it keeps f32-like precision. Same masks,
-/// tile skipping and empty-row zeros as the f32 tiles.
+/// 64 keys and their values are copied to shared memory by cp.async into
+/// two buffers, one tile ahead. S = Q K^T and the online softmax stay in
+/// the accumulator fragments; P is re-packed in registers as the A
+/// fragments of O += P V, split in two bf16 parts (two products) so that
+/// it keeps f32-like precision, or rounded once (configuration a64p1).
+/// Same masks, tile skipping and empty-row zeros as the f32 tiles.
 llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
   const View &q = ctx.operands[0];
-  int64_t heads = q.shape()[2];
+  int64_t heads = q.shape()[2], dim = q.shape()[3];
   Body &b = ctx.body;
+  // Configurations: a64 (P in two bf16 parts, the default) and a64p1.
+  b.configs = {"a64", "a64p1"};
+  const bool onePart = ctx.config == "a64p1";
   llvm::raw_string_ostream os(b.code);
   os << attentionConstants(ctx, fromCache)
      << R"cuda(  constexpr int BQ = 64, BK = 64, NT = 128, KS = DH / 16, NO = DH / 8;
   constexpr long long KW = HKV * DH;
-  // Rows padded by 8 elements: a fragment's 8 rows x 4 pairs hit 32 banks.
-  __shared__ __align__(16) unsigned short ks[BK][DH + 8];
-  __shared__ __align__(16) unsigned short vt[DH][BK + 8]; // v transposed
+  // Key tiles of k and v [key][DH + 8] in two buffers (dynamic shared
+  // memory), filled by 16-byte cp.async copies: the next tile's copies are
+  // in flight while this tile's products run. Rows padded by 8 elements: a
+  // K fragment's 8 rows x 4 pairs, and a V fragment's 4 row pairs x 8
+  // columns read as 16-bit halves, hit distinct banks.
+  auto *ks = reinterpret_cast<unsigned short (*)[BK][DH + 8]>(l4_dsmem());
+  auto *vs = reinterpret_cast<unsigned short (*)[BK][DH + 8]>(l4_dsmem() + 2 * BK * (DH + 8) * 2);
   __shared__ long long rlo[BQ], rhi[BQ];
   const unsigned short *qb = reinterpret_cast<const unsigned short *>(q);
   const unsigned short *kb = reinterpret_cast<const unsigned short *>(k);
@@ -219,29 +227,44 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
 #pragma unroll
     for (int n = 0; n < NO; ++n)
       o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-    for (long long j0 = jmin; j0 <= jmax; j0 += BK) {
-      __syncthreads(); // the previous key tile is read
-      for (int e = tid; e < BK * (DH / 2); e += NT) {
-        const int jj = e / (DH / 2), i = e % (DH / 2) * 2;
+    // Keys j0.. into buffer sb; zeros past jmax (P is 0 there, and 0 times
+    // whatever v held could be NaN).
+    auto stage = [&](int sb, long long j0) {
+      for (int c = tid; c < BK * (DH / 8); c += NT) {
+        const int jj = c / (DH / 8), i = c % (DH / 8) * 8;
         const long long j = j0 + jj;
-        unsigned kp = 0u, vp = 0u;
         if (j <= jmax) {
-          kp = l4_pair(kb + kvo + j * KW + i);
-          vp = l4_pair(vb + kvo + j * KW + i);
+          l4_cp_async16(&ks[sb][jj][i], kb + kvo + j * KW + i);
+          l4_cp_async16(&vs[sb][jj][i], vb + kvo + j * KW + i);
+        } else {
+          l4_zero16(&ks[sb][jj][i]);
+          l4_zero16(&vs[sb][jj][i]);
         }
-        *reinterpret_cast<unsigned *>(&ks[jj][i]) = kp;
-        vt[i][jj] = (unsigned short)(vp & 0xffffu);
-        vt[i + 1][jj] = (unsigned short)(vp >> 16);
       }
-      __syncthreads();
+      l4_cp_async_commit();
+    };
+    const long long tiles = jmax >= jmin ? (jmax - jmin) / BK + 1 : 0;
+    if (tiles > 0)
+      stage(0, jmin);
+    for (long long it = 0; it < tiles; ++it) {
+      const long long j0 = jmin + it * BK;
+      const int sb = (int)(it & 1);
+      // The next tile into the other buffer (read by the tile before this,
+      // which every thread has finished: the barrier closing the loop).
+      if (it + 1 < tiles)
+        stage(sb ^ 1, j0 + BK);
+      else
+        l4_cp_async_commit(); // an empty group: the wait below counts tiles
+      l4_cp_async_wait<1>(); // this tile's copies have landed ...
+      __syncthreads(); // ... everyone's
       float s[BK / 8][4];
 #pragma unroll
       for (int n = 0; n < BK / 8; ++n) {
         s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
-          const unsigned bf[2] = {l4_pair(&ks[n * 8 + g][kk * 16 + 2 * t4]),
-                                  l4_pair(&ks[n * 8 + g][kk * 16 + 2 * t4 + 8])};
+          const unsigned bf[2] = {l4_pair(&ks[sb][n * 8 + g][kk * 16 + 2 * t4]),
+                                  l4_pair(&ks[sb][n * 8 + g][kk * 16 + 2 * t4 + 8])};
           l4_mma_bf16(s[n], qa[kk], bf);
         }
       }
@@ -278,43 +301,63 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
         o[n][2] *= c1;
         o[n][3] *= c1;
       }
-      // P = exp(S - m) as the A fragments of P V, in two bf16 parts (hi +
+      // P = exp(S - m) as the A fragments of P V)cuda";
+  if (onePart)
+    os << R"cuda(, rounded to bf16 once
+      // (a64p1, a tuning candidate: as FlashAttention and HF's eager bf16
+      // attention round P; one product per step instead of two).
+      unsigned pa[BK / 16][4];
+)cuda";
+  else
+    os << R"cuda(, in two bf16 parts (hi +
       // lo carry P to about 16 bits): the CPU backend keeps P in f32, and
       // rounding it to bf16 alone is enough to flip a MoE routing decision
       // downstream (measured on maverick-tiny).
       unsigned pa[BK / 16][4], pl[BK / 16][4];
-#pragma unroll
+)cuda";
+  os << R"cuda(#pragma unroll
       for (int n = 0; n < BK / 8; ++n) {
-        unsigned short ph[4], plo[4];
-#pragma unroll
+)cuda" << (onePart ? "        unsigned short ph[4];\n"
+                   : "        unsigned short ph[4], plo[4];\n")
+     << R"cuda(#pragma unroll
         for (int c = 0; c < 4; ++c) {
           const float mx = c < 2 ? m0 : m1;
           const float p = s[n][c] == l4_neg_inf() ? 0.0f : expf(s[n][c] - mx);
           ph[c] = l4_bf16_bits(p);
-          plo[c] = l4_bf16_lo(p, ph[c]);
-          if (c < 2)
+)cuda";
+  if (!onePart)
+    os << "          plo[c] = l4_bf16_lo(p, ph[c]);\n";
+  os << R"cuda(          if (c < 2)
             l0 += p;
           else
             l1 += p;
         }
         pa[n / 2][(n & 1) * 2] = (unsigned)ph[0] | ((unsigned)ph[1] << 16);
         pa[n / 2][(n & 1) * 2 + 1] = (unsigned)ph[2] | ((unsigned)ph[3] << 16);
-        pl[n / 2][(n & 1) * 2] = (unsigned)plo[0] | ((unsigned)plo[1] << 16);
+)cuda";
+  if (!onePart)
+    os << R"cuda(        pl[n / 2][(n & 1) * 2] = (unsigned)plo[0] | ((unsigned)plo[1] << 16);
         pl[n / 2][(n & 1) * 2 + 1] = (unsigned)plo[2] | ((unsigned)plo[3] << 16);
-      }
+)cuda";
+  os << R"cuda(      }
       const int cnt = jmax - j0 + 1 < BK ? (int)(jmax - j0 + 1) : BK;
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk) {
         if (kk * 16 >= cnt)
           break; // keys past jmax: P is 0 there
+        const int k0 = kk * 16 + 2 * t4;
 #pragma unroll
         for (int n = 0; n < NO; ++n) {
-          const unsigned bf[2] = {l4_pair(&vt[n * 8 + g][kk * 16 + 2 * t4]),
-                                  l4_pair(&vt[n * 8 + g][kk * 16 + 2 * t4 + 8])};
+          const int d = n * 8 + g;
+          const unsigned bf[2] = {l4_pair2(vs[sb][k0][d], vs[sb][k0 + 1][d]),
+                                  l4_pair2(vs[sb][k0 + 8][d], vs[sb][k0 + 9][d])};
           l4_mma_bf16(o[n], pa[kk], bf);
-          l4_mma_bf16(o[n], pl[kk], bf);
-        }
+)cuda";
+  if (!onePart)
+    os << "          l4_mma_bf16(o[n], pl[kk], bf);\n";
+  os << R"cuda(        }
       }
+      __syncthreads(); // everyone is done with buffer sb
     }
     for (int d = 1; d < 4; d <<= 1) {
       l0 += __shfl_xor_sync(0xffffffffu, l0, d);
@@ -342,6 +385,7 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
   b.blocks = gridFor(uint64_t(q.bmax) * heads *
                          ((uint64_t(q.rowsPerBatch) + 63) / 64),
                      1);
+  b.sharedBytes = unsigned(4 * 64 * (dim + 8) * 2);
   return llvm::Error::success();
 }
 
@@ -368,11 +412,13 @@ llvm::Error emitAttention(OpContext &ctx) {
   uint64_t tileBytes = 4 * uint64_t(kTileRows * (dim + 1) +
                                     kTileKeys * (dim + 1) + kTileKeys * dim +
                                     kTileRows * (kTileKeys + 1));
-  // bf16 operands with a head dim of whole 16-wide steps: tensor cores.
-  uint64_t mmaBytes = 2 * uint64_t(64 * (dim + 8) + dim * 72) + 1024;
+  // bf16 operands with a head dim of whole 16-wide steps up to 160 (a
+  // thread holds DH / 2 output and DH / 4 Q values in registers), k and v
+  // copied in 16-byte pieces: tensor cores.
   bool bf16 = q.ctype == "l4_bf16" && k.ctype == "l4_bf16" &&
               v.ctype == "l4_bf16";
-  if (q.rowsPerBatch > 1 && bf16 && dim % 16 == 0 && mmaBytes <= 46 * 1024)
+  if (q.rowsPerBatch > 1 && bf16 && dim % 16 == 0 && dim <= 160 &&
+      pieceAligned({&k, &v}))
     return emitAttentionMma(ctx, fromCache);
   if (q.rowsPerBatch > 1 && tileBytes <= 46 * 1024)
     return emitAttentionTiles(ctx, fromCache);
