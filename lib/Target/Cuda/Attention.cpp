@@ -282,14 +282,8 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
           else
             x1 = fmaxf(x1, s[n][c]);
         }
-      for (int d = 1; d < 4; d <<= 1) {
-        x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, d));
-        x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, d));
-      }
-      const float n0 = fmaxf(m0, x0), n1 = fmaxf(m1, x1);
-      // A row that has seen no allowed key yet keeps m = -inf.
-      const float c0 = n0 == l4_neg_inf() ? 1.0f : expf(m0 - n0);
-      const float c1 = n1 == l4_neg_inf() ? 1.0f : expf(m1 - n1);
+      float n0, n1, c0, c1;
+      l4_online_max(m0, m1, x0, x1, n0, n1, c0, c1);
       m0 = n0;
       m1 = n1;
       l0 *= c0;
@@ -367,18 +361,7 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
     const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
     const long long y0 = (b * Y_S + r0) * (H * DH) + h * DH;
     const long long y1 = (b * Y_S + r1) * (H * DH) + h * DH;
-#pragma unroll
-    for (int n = 0; n < NO; ++n) {
-      const int d = n * 8 + 2 * t4;
-      if (r0 < T) {
-        l4_st(y, y0 + d, o[n][0] * i0);
-        l4_st(y, y0 + d + 1, o[n][1] * i0);
-      }
-      if (r1 < T) {
-        l4_st(y, y1 + d, o[n][2] * i1);
-        l4_st(y, y1 + d + 1, o[n][3] * i1);
-      }
-    }
+    l4_st_rows(y, y0, y1, r0 < T, r1 < T, o, i0, i1, t4);
   }
 )cuda";
   b.threads = 128;

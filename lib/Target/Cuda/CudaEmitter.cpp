@@ -224,6 +224,40 @@ __device__ __forceinline__ float l4_warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+// The online softmax of mma fragments: a lane's maxima x0, x1 of rows g
+// and g + 8 over its scores, reduced over its quad; n0, n1 the rows' new
+// maxima and c0, c1 the factors that rescale what was summed under m0, m1
+// (a row that has seen no allowed key yet keeps -inf and a factor of 1).
+__device__ __forceinline__ void l4_online_max(float m0, float m1, float x0, float x1, float &n0,
+                                              float &n1, float &c0, float &c1) {
+  for (int d = 1; d < 4; d <<= 1) {
+    x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, d));
+    x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, d));
+  }
+  n0 = fmaxf(m0, x0);
+  n1 = fmaxf(m1, x1);
+  c0 = n0 == l4_neg_inf() ? 1.0f : expf(m0 - n0);
+  c1 = n1 == l4_neg_inf() ? 1.0f : expf(m1 - n1);
+}
+// Stores a warp's mma accumulators of rows g and g + 8 (o[n][0..1] and
+// o[n][2..3], columns 8n + 2t and 8n + 2t + 1) times s0 and s1 from row
+// offsets y0 and y1; a row past the end (ok0, ok1 false) is not stored.
+template <int NO, class T>
+__device__ __forceinline__ void l4_st_rows(T *y, long long y0, long long y1, bool ok0, bool ok1,
+                                           const float (&o)[NO][4], float s0, float s1, int t4) {
+#pragma unroll
+  for (int n = 0; n < NO; ++n) {
+    const int d = n * 8 + 2 * t4;
+    if (ok0) {
+      l4_st(y, y0 + d, o[n][0] * s0);
+      l4_st(y, y0 + d + 1, o[n][1] * s0);
+    }
+    if (ok1) {
+      l4_st(y, y1 + d, o[n][2] * s1);
+      l4_st(y, y1 + d + 1, o[n][3] * s1);
+    }
+  }
+}
 __device__ __forceinline__ float l4_warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;

@@ -627,14 +627,8 @@ static llvm::Error emitAttentionGradMma(OpContext &ctx, const std::string &const
             else
               x1 = fmaxf(x1, s[j][c]);
           }
-        for (int d = 1; d < 4; d <<= 1) {
-          x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, d));
-          x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, d));
-        }
-        const float n0 = fmaxf(m0, x0), n1 = fmaxf(m1, x1);
-        // A row that has seen no allowed key yet keeps m = -inf.
-        const float c0 = n0 == l4_neg_inf() ? 1.0f : expf(m0 - n0);
-        const float c1 = n1 == l4_neg_inf() ? 1.0f : expf(m1 - n1);
+        float n0, n1, c0, c1;
+        l4_online_max(m0, m1, x0, x1, n0, n1, c0, c1);
         l0 *= c0;
         u0 *= c0;
         l1 *= c1;
@@ -696,18 +690,7 @@ static llvm::Error emitAttentionGradMma(OpContext &ctx, const std::string &const
             accumulate(dq, dh[kk], dl[kk], ks, kk * 16);
       }
       const long long d0 = (b * DQ_S + r0) * QW + h * DH, d1 = (b * DQ_S + r1) * QW + h * DH;
-#pragma unroll
-      for (int n = 0; n < NO; ++n) {
-        const int d = n * 8 + 2 * t4;
-        if (r0 < T) {
-          l4_st(y0, d0 + d, dq[n][0] * SCALE);
-          l4_st(y0, d0 + d + 1, dq[n][1] * SCALE);
-        }
-        if (r1 < T) {
-          l4_st(y0, d1 + d, dq[n][2] * SCALE);
-          l4_st(y0, d1 + d + 1, dq[n][3] * SCALE);
-        }
-      }
+      l4_st_rows(y0, d0, d1, r0 < T, r1 < T, dq, SCALE, SCALE, t4);
       if (t4 == 0) {
         if (r0 < T) {
           lseOf[(b * T + r0) * H + h] = lse0;

@@ -311,6 +311,55 @@ static std::string mmaAccumulators(llvm::StringRef rows, llvm::StringRef cols,
   return t + "        }\n";
 }
 
+/// One 32-deep reduction step's products on bf16 stages laid out [row][k]
+/// (as, bs, us; asl, bsl their lo parts when split; `at` picks the step's
+/// buffer, "" or "[s]"): warp (wm, wn) takes `rows` 16-row fragments of A
+/// from row wm * rows * 16 and 4 8-column fragments of B from column
+/// wn * 32. The small products first (lo x hi), then hi x hi; with
+/// `swiglu`, acc2 += A U as well.
+static std::string mmaStep(int rows, llvm::StringRef at, bool aSplit,
+                           bool bSplit, bool swiglu) {
+  const std::string n = std::to_string(rows),
+                    first = std::to_string(rows * 16);
+  auto tab = [&](const char *name) { return name + at.str(); };
+  std::string t = "#pragma unroll\n      for (int kk = 0; kk < BK; kk += 16) {\n"
+                  "        unsigned af[" + n + "][4];\n";
+  if (aSplit)
+    t += "        unsigned afl[" + n + "][4];\n";
+  t += "#pragma unroll\n        for (int i = 0; i < " + n + "; ++i) {\n"
+       "          const int r = wm * " + first + " + i * 16 + g;\n";
+  for (auto [frag, stage] : {std::pair{"af", "as"}, std::pair{"afl", "asl"}}) {
+    if (frag == llvm::StringRef("afl") && !aSplit)
+      continue;
+    const std::string f = frag, a = tab(stage);
+    t += "          " + f + "[i][0] = l4_pair(&" + a + "[r][kk + 2 * t]);\n" +
+         "          " + f + "[i][1] = l4_pair(&" + a + "[r + 8][kk + 2 * t]);\n" +
+         "          " + f + "[i][2] = l4_pair(&" + a + "[r][kk + 2 * t + 8]);\n" +
+         "          " + f + "[i][3] = l4_pair(&" + a + "[r + 8][kk + 2 * t + 8]);\n";
+  }
+  auto pairs = [&](const char *stage) {
+    const std::string b = tab(stage);
+    return "{l4_pair(&" + b + "[n][kk + 2 * t]), l4_pair(&" + b +
+           "[n][kk + 2 * t + 8])};\n";
+  };
+  t += "        }\n#pragma unroll\n        for (int j = 0; j < 4; ++j) {\n"
+       "          const int n = wn * 32 + j * 8 + g;\n"
+       "          const unsigned bf[2] = " + pairs("bs");
+  if (bSplit)
+    t += "          const unsigned bfl[2] = " + pairs("bsl");
+  t += "#pragma unroll\n          for (int i = 0; i < " + n + "; ++i) {\n";
+  if (aSplit)
+    t += "            l4_mma_bf16(acc[i][j], afl[i], bf);\n";
+  if (bSplit)
+    t += "            l4_mma_bf16(acc[i][j], af[i], bfl);\n";
+  t += "            l4_mma_bf16(acc[i][j], af[i], bf);\n          }\n";
+  if (swiglu)
+    t += "          const unsigned uf[2] = " + pairs("us") +
+         "#pragma unroll\n          for (int i = 0; i < " + n + "; ++i)\n"
+         "            l4_mma_bf16(acc2[i][j], af[i], uf);\n";
+  return t + "        }\n      }\n";
+}
+
 std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
   std::string text;
   llvm::raw_string_ostream os(text);
@@ -529,52 +578,8 @@ std::string emitTiles(Body &b, const TiledGemm &g, const GemmText *fused) {
       mmaLoad(g.bByCol, "brow", {{"bs", bVal}, {"us", uVal}});
     else
       mmaLoad(g.bByCol, "brow", {{"bs", bVal}}, bSplit ? "bsl" : nullptr);
-    os << R"cuda(      __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += 16) {
-        unsigned af[2][4];
-)cuda";
-    if (aSplit)
-      os << "        unsigned afl[2][4];\n";
-    os << R"cuda(#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int r = wm * 32 + i * 16 + g;
-          af[i][0] = l4_pair(&as[r][kk + 2 * t]);
-          af[i][1] = l4_pair(&as[r + 8][kk + 2 * t]);
-          af[i][2] = l4_pair(&as[r][kk + 2 * t + 8]);
-          af[i][3] = l4_pair(&as[r + 8][kk + 2 * t + 8]);
-)cuda";
-    if (aSplit)
-      os << R"cuda(          afl[i][0] = l4_pair(&asl[r][kk + 2 * t]);
-          afl[i][1] = l4_pair(&asl[r + 8][kk + 2 * t]);
-          afl[i][2] = l4_pair(&asl[r][kk + 2 * t + 8]);
-          afl[i][3] = l4_pair(&asl[r + 8][kk + 2 * t + 8]);
-)cuda";
-    os << R"cuda(        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int n = wn * 32 + j * 8 + g;
-          unsigned bf[2] = {l4_pair(&bs[n][kk + 2 * t]), l4_pair(&bs[n][kk + 2 * t + 8])};
-)cuda";
-    if (bSplit)
-      os << "          unsigned bfl[2] = {l4_pair(&bsl[n][kk + 2 * t]), "
-            "l4_pair(&bsl[n][kk + 2 * t + 8])};\n";
-    // The small products first (lo x hi), then hi x hi.
-    os << "#pragma unroll\n          for (int i = 0; i < 2; ++i) {\n";
-    if (aSplit)
-      os << "            l4_mma_bf16(acc[i][j], afl[i], bf);\n";
-    if (bSplit)
-      os << "            l4_mma_bf16(acc[i][j], af[i], bfl);\n";
-    os << "            l4_mma_bf16(acc[i][j], af[i], bf);\n          }\n";
-    if (swiglu)
-      os << R"cuda(          unsigned uf[2] = {l4_pair(&us[n][kk + 2 * t]), l4_pair(&us[n][kk + 2 * t + 8])};
-#pragma unroll
-          for (int i = 0; i < 2; ++i)
-            l4_mma_bf16(acc2[i][j], af[i], uf);
-)cuda";
-    os << R"cuda(        }
-      }
-    }
+    os << "      __syncthreads();\n" << mmaStep(2, "", aSplit, bSplit, swiglu)
+       << R"cuda(    }
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -804,46 +809,8 @@ std::string emitOverEntries(Body &b, const TiledGemm &g, int piece,
       const int s = (int)(step & 1);
       if (step + 1 < steps)
         load((step + 1) * BK);
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += 16) {
-        unsigned af[4][4];
-)cuda";
-  if (aSplit)
-    os << "        unsigned afl[4][4];\n";
-  os << R"cuda(#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int r = wm * 64 + i * 16 + g;
-          af[i][0] = l4_pair(&as[s][r][kk + 2 * t]);
-          af[i][1] = l4_pair(&as[s][r + 8][kk + 2 * t]);
-          af[i][2] = l4_pair(&as[s][r][kk + 2 * t + 8]);
-          af[i][3] = l4_pair(&as[s][r + 8][kk + 2 * t + 8]);
-)cuda";
-  if (aSplit)
-    os << R"cuda(          afl[i][0] = l4_pair(&asl[s][r][kk + 2 * t]);
-          afl[i][1] = l4_pair(&asl[s][r + 8][kk + 2 * t]);
-          afl[i][2] = l4_pair(&asl[s][r][kk + 2 * t + 8]);
-          afl[i][3] = l4_pair(&asl[s][r + 8][kk + 2 * t + 8]);
-)cuda";
-  os << R"cuda(        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int n = wn * 32 + j * 8 + g;
-          const unsigned bf[2] = {l4_pair(&bs[s][n][kk + 2 * t]), l4_pair(&bs[s][n][kk + 2 * t + 8])};
-)cuda";
-  if (bSplit)
-    os << "          const unsigned bfl[2] = {l4_pair(&bsl[s][n][kk + 2 * "
-          "t]), l4_pair(&bsl[s][n][kk + 2 * t + 8])};\n";
-  // The small products first (lo x hi), then hi x hi, as emitTiles.
-  os << "#pragma unroll\n          for (int i = 0; i < 4; ++i) {\n";
-  if (aSplit)
-    os << "            l4_mma_bf16(acc[i][j], afl[i], bf);\n";
-  if (bSplit)
-    os << "            l4_mma_bf16(acc[i][j], af[i], bfl);\n";
-  os << R"cuda(            l4_mma_bf16(acc[i][j], af[i], bf);
-          }
-        }
-      }
-      if (step + 1 < steps)
+)cuda" << mmaStep(4, "[s]", aSplit, bSplit, false)
+     << R"cuda(      if (step + 1 < steps)
         store(s ^ 1);
       __syncthreads(); // buffer s ^ 1 is whole; everyone is done with s
     }
