@@ -11,15 +11,23 @@
 # tables for docs/performance.md); bench.log also holds every kernel's GPU
 # time (l4-run --profile), and $OUT/profile-*.json the prefills' in full.
 # Usage: bench/run.sh [BUNDLE]   (default build/bench)
+# PARTS="l4c kernels peers" (the default; "tune" too with TUNE=1) picks the
+# parts to run: a device command may run 10 minutes at most, so a session
+# can run them in several calls on the same warm machine with the same OUT.
+# Each call appends to bench.log and rebuilds bench.md from all that the
+# calls so far measured (the latest figure of each row).
 set -uo pipefail
 b=${1:-build/bench}
 out=${OUT:-bench-results}
+parts=${PARTS:-l4c kernels peers}
+[ "${TUNE:-0}" = 1 ] && parts="$parts tune"
+part() { [[ " $parts " == *" $1 "* ]]; }
 mkdir -p "$out"
 export LD_LIBRARY_PATH="$PWD/$b/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export L4C_CACHE_DIR="$out/cache"
 run=$b/bin/l4-run
 log=$out/bench.log
-: >"$log"
+touch "$log"
 l4c() { # NAME PLAN ARGS...
   local name=$1 plan=$2
   shift 2
@@ -28,14 +36,16 @@ l4c() { # NAME PLAN ARGS...
     2>&1 | tee -a "$log" | grep -E '^(bench|profile):'
 
 }
-l4c prefill-2048 scout4-b1-2k --batch 1 --seq 2048 --max-new-tokens 32 --repeats 5 \
-  --profile-json "$out/profile-prefill-2048.json"
-l4c prefill-8192 scout4-b1-8k --batch 1 --seq 8192 --max-new-tokens 1 --repeats 3 \
-  --profile-json "$out/profile-prefill-8192.json"
-l4c decode-b1 scout4-b1 --batch 1 --seq 128 --max-new-tokens 64 --repeats 5
-l4c decode-b32 scout4-b32 --batch 32 --seq 128 --max-new-tokens 64 --repeats 5
-l4c train-4x2048 train-2048 --batch 4 --seq 2048 --repeats 3
-l4c train-4x2048-whole train-2048-whole --batch 4 --seq 2048 --repeats 3
+if part l4c; then
+  l4c prefill-2048 scout4-b1-2k --batch 1 --seq 2048 --max-new-tokens 32 --repeats 5 \
+    --profile-json "$out/profile-prefill-2048.json"
+  l4c prefill-8192 scout4-b1-8k --batch 1 --seq 8192 --max-new-tokens 1 --repeats 3 \
+    --profile-json "$out/profile-prefill-8192.json"
+  l4c decode-b1 scout4-b1 --batch 1 --seq 128 --max-new-tokens 64 --repeats 5
+  l4c decode-b32 scout4-b32 --batch 32 --seq 128 --max-new-tokens 64 --repeats 5
+  l4c train-4x2048 train-2048 --batch 4 --seq 2048 --repeats 3
+  l4c train-4x2048-whole train-2048-whole --batch 4 --seq 2048 --repeats 3
+fi
 # Kernel tuning (TUNE=1; it can take minutes of device time): every tile
 # configuration of the tunable GEMMs, timed and checked; the files go back
 # to the CPU machine (TUNING=... bench/prepare.sh).
@@ -46,7 +56,7 @@ tune() { # NAME PLAN ARGS...
   timeout 300 "$b/bin/l4-tune" "$b/plans/$plan.plan" --device=cuda --random-weights=1 \
     --skip-mismatches -o "$out/tuning-$name.json" "$@" 2>&1 | tee -a "$log" | grep -E '^l4-tune'
 }
-if [ "${TUNE:-0}" = 1 ]; then
+if part tune; then
   tune prefill scout4-b1-2k-tune --batch 1 --seq 2048 --repeats 10
   # One decode step (the GEMVs and the routed experts' decode kernels have candidates).
   tune decode-b1 scout4-b1-tune --program=decode --batch 1 --seq 1 --repeats 20
@@ -55,11 +65,15 @@ if [ "${TUNE:-0}" = 1 ]; then
 fi
 # Kernel by kernel against cuBLAS and cuDNN (issue 6: GEMMs within 10%,
 # attention within 30%), from the two prefills' profiles.
-echo "== kernels against the libraries" | tee -a "$log"
-timeout 600 python3 bench/kernels.py --profile "$out/profile-prefill-2048.json" \
-  --profile "$out/profile-prefill-8192.json" 2>&1 | tee "$out/kernels.md" | tee -a "$log"
-echo "== peers and roofline" | tee -a "$log"
-timeout 900 python3 bench/peer.py --out "$out/peer.json" 2>&1 | tee -a "$log" | grep -E '^peer|^roofline'
+if part kernels; then
+  echo "== kernels against the libraries" | tee -a "$log"
+  timeout 600 python3 bench/kernels.py --profile "$out/profile-prefill-2048.json" \
+    --profile "$out/profile-prefill-8192.json" 2>&1 | tee "$out/kernels.md" | tee -a "$log"
+fi
+if part peers; then
+  echo "== peers and roofline" | tee -a "$log"
+  timeout 900 python3 bench/peer.py --out "$out/peer.json" 2>&1 | tee -a "$log" | grep -E '^peer|^roofline'
+fi
 python3 - "$log" "$out/peer.json" >"$out/bench.md" <<'PY'
 import json, re, sys, datetime
 log = open(sys.argv[1]).read()
@@ -68,8 +82,10 @@ try:
 except Exception:
     peer = {}
 def l4c(name, key):
-    m = re.search(r"== l4c %s\n(?:.*\n)*?bench: .*?%s=([0-9.]+)" % (name, key), log)
-    return float(m.group(1)) if m else None
+    # The latest run of that row (the log gathers every call's).
+    # (not past the next section's header: a failed run has no figure).
+    m = re.findall(r"== l4c %s\n(?:(?!== ).*\n)*?bench: .*?%s=([0-9.]+)" % (name, key), log)
+    return float(m[-1]) if m else None
 rows = [
     ("prefill 2048 (ms)", l4c("prefill-2048", "prefill_ms"), "prefill_2048_ms", "floor_prefill_ms"),
     ("decode b1 (ms/token)", l4c("decode-b1", "decode_ms_per_step"), "decode_b1_ms", "floor_decode_b1_ms"),
@@ -96,6 +112,8 @@ print()
 print("copy bandwidth %s GB/s, bf16 GEMM %s TFLOP/s (measured in this run)"
       % (f(peer.get("bandwidth_gbs")), f(peer.get("gemm_tflops"))))
 PY
-echo >>"$out/bench.md"
-cat "$out/kernels.md" >>"$out/bench.md"
+if [ -s "$out/kernels.md" ]; then
+  echo >>"$out/bench.md"
+  cat "$out/kernels.md" >>"$out/bench.md"
+fi
 cat "$out/bench.md"
