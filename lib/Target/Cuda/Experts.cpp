@@ -92,10 +92,12 @@ bool overEntries(OpContext &ctx, const TiledGemm &g, const Dims &d,
   if (!g.tensorCores || !pieceAligned(views))
     return false;
   int piece = 8;
-  for (int64_t s : sizes)
-    piece = s % piece == 0 ? piece : s % 4 == 0 ? 4 : 0;
-  if (!piece)
-    return false;
+  for (int64_t s : sizes) {
+    if (s % piece != 0)
+      piece = s % 4 == 0 ? 4 : 0;
+    if (!piece)
+      return false; // emitTiles reads element by element
+  }
   ctx.body.configs = {"e128x128", "t64x64"};
   if (ctx.config == "t64x64")
     return false;
