@@ -368,7 +368,8 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
   b.blocks = gridFor(uint64_t(q.bmax) * heads *
                          ((uint64_t(q.rowsPerBatch) + 63) / 64),
                      1);
-  b.sharedBytes = unsigned(4 * 64 * (dim + 8) * 2);
+  // ks and vs: two buffers each of BK x (DH + 8) bf16.
+  b.sharedBytes = unsigned(2 * 2 * 64 * (dim + 8) * 2);
   return llvm::Error::success();
 }
 

@@ -712,7 +712,7 @@ std::string emitOverEntries(Body &b, const TiledGemm &g, int piece,
     os << "  auto *" << name
        << " = reinterpret_cast<unsigned short (*)[BM][LD]>(l4_dsmem() + "
        << dynamicBytes << "); // " << what << "\n";
-    dynamicBytes += 2 * 128 * 40 * 2;
+    dynamicBytes += 2 * 128 * 40 * 2; // two buffers of BM x LD bf16
   };
   decl("as", "A");
   if (aSplit)
@@ -756,27 +756,31 @@ std::string emitOverEntries(Body &b, const TiledGemm &g, int piece,
      << " : -1, bc = q >= 0 ? " << entry(g.bCol) << " : -1;\n";
   if (scaled)
     os << "      sc = q >= 0 ? " << entry(gr.reductionScale) << " : 0.0f;\n";
+  // A piece of `vals` from offset `at`, or zeros outside the matrix (for
+  // au too: swiglu(0, garbage) could be NaN).
   std::string ld = piece == 8 ? "l4_ld8" : "l4_ld4";
+  auto pieceOf = [&](const std::string &in,
+                     std::initializer_list<std::pair<std::string, const char *>>
+                         loads) {
+    os << "        if (" << in << ") {\n";
+    for (auto &[at, vals] : loads)
+      os << "          " << ld << "(" << at << ", " << vals << " + p);\n";
+    os << "        } else {\n#pragma unroll\n          for (int u = 0; u < "
+       << piece << "; ++u) {\n";
+    for (auto &[at, vals] : loads)
+      os << "            " << vals << "[p + u] = 0.0f;\n";
+    os << "          }\n        }\n";
+  };
   os << "#pragma unroll\n      for (int p = 0; p < 16; p += " << piece
-     << ") {\n"
-     << "        if (ac >= 0 && mi + p < GM) {\n"
-     << "          " << ld << "(" << g.a << ", ac + mi + p, av + p);\n";
+     << ") {\n";
   if (swiglu)
-    os << "          " << ld << "(" << g.a << ", ac + " << g.aSwigluUp
-       << " + mi + p, au + p);\n";
-  os << "        } else {\n"
-     << "#pragma unroll\n          for (int u = 0; u < " << piece
-     << "; ++u)\n            av[p + u] = 0.0f;\n";
-  if (swiglu) // zeros, not swiglu(0, garbage): NaN * 0 is NaN
-    os << "#pragma unroll\n          for (int u = 0; u < " << piece
-       << "; ++u)\n            au[p + u] = 0.0f;\n";
-  os << "        }\n"
-     << "        if (bc >= 0 && ni + p < GN) {\n"
-     << "          " << ld << "(" << g.b << ", bc + ni + p, bv + p);\n"
-     << "        } else {\n"
-     << "#pragma unroll\n          for (int u = 0; u < " << piece
-     << "; ++u)\n            bv[p + u] = 0.0f;\n"
-     << "        }\n      }\n    };\n";
+    pieceOf("ac >= 0 && mi + p < GM",
+            {{g.a + ", ac + mi + p", "av"},
+             {g.a + ", ac + " + g.aSwigluUp + " + mi + p", "au"}});
+  else
+    pieceOf("ac >= 0 && mi + p < GM", {{g.a + ", ac + mi + p", "av"}});
+  pieceOf("bc >= 0 && ni + p < GN", {{g.b + ", bc + ni + p", "bv"}});
+  os << "      }\n    };\n";
   // A's value: the SwiGLU of gate and up, then the scale (emitTiles's order).
   std::string aVal = "av[u]";
   if (swiglu)

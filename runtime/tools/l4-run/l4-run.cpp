@@ -9,6 +9,7 @@
 #include "l4-run.h"
 #include "io/safetensors.h"
 #include "l4c/runtime/l4rt.h"
+#include "../json_text.h"
 #include "../seeded_ids.h"
 
 #include <algorithm>
@@ -483,24 +484,9 @@ int runFiles(const Options &o, l4rt_session session,
   return 0;
 }
 
-/// --profile: each kernel's GPU time in one program, slowest first, then
-/// the sum per kernel kind.
 /// `s` as a JSON string literal.
 std::string jsonString(const std::string &s) {
-  std::string out = "\"";
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += char(c);
-    } else if (c < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      out += buf;
-    } else {
-      out += char(c);
-    }
-  }
-  return out + "\"";
+  return "\"" + l4c::tools::jsonEscape(s) + "\"";
 }
 
 /// The JSON object of one profiled program, every kernel in launch order.
@@ -532,17 +518,13 @@ void writeProfileJson(const Options &o, const std::vector<std::string> &progs) {
   for (size_t i = 0; i < progs.size(); ++i)
     text += (i ? ",\n  " : "\n  ") + progs[i];
   text += "]}\n";
-  std::string tmp = o.profileJson + ".tmp";
-  FILE *f = std::fopen(tmp.c_str(), "wb");
-  bool ok = f && std::fwrite(text.data(), 1, text.size(), f) == text.size();
-  ok = f && std::fclose(f) == 0 && ok;
-  if (!ok || std::rename(tmp.c_str(), o.profileJson.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    die("cannot write " + o.profileJson);
-  }
+  if (l4c::io::Status st = l4c::io::writeFileAtomic(o.profileJson, text);
+      !st.ok())
+    die(st.error);
 }
 
-/// Prints the profile; returns its JSON object (writeProfileJson).
+/// --profile: each kernel's GPU time in one program, slowest first, then
+/// the sum per kernel kind; returns the program's JSON (writeProfileJson).
 std::string printProfile(l4rt_session session, const char *program,
                          const std::vector<int64_t> &ids, int64_t B, int64_t T,
                          int64_t pos0, int64_t repeats) {

@@ -13,6 +13,7 @@
 //===----------------------------------------------------------------------===//
 #include "io/safetensors.h"
 #include "l4c/runtime/l4rt.h"
+#include "../json_text.h"
 #include "../seeded_ids.h"
 
 #include <cmath>
@@ -148,23 +149,7 @@ Options parseArgs(int argc, char **argv) {
   return o;
 }
 
-/// JSON string contents (the names l4c writes are plain, but be safe).
-std::string jsonEscape(const std::string &s) {
-  std::string out;
-  for (char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
+using l4c::tools::jsonEscape;
 
 } // namespace
 
