@@ -12,7 +12,8 @@ bool isTileConfig(llvm::StringRef config) {
                              "p128x64s3", "p128x64s4", "t64x64", "w128x128s3",
                              "w128x128s4", "w128x256s3", "w128x64s3",
                              "w128x64s4", "e128x128", "g32", "g64", "g128",
-                             "c64", "v1", "v2", "v4", "a64", "a64p1"},
+                             "c64", "v1", "v2", "v4", "a64", "a64p1", "w64",
+                             "w64p1"},
                             config);
 }
 
@@ -51,7 +52,8 @@ readTuningFile(llvm::StringRef path, llvm::StringRef arch) {
       return fail(llvm::formatv("entry {0}: unknown tile configuration "
                                 "'{1}' (expected p128x<128|64>[s<3|4>], "
                                 "w128x<256|128|64>s<3|4>, e128x128, t64x64, "
-                                "g<32|64|128>, c64, v<1|2|4> or a64[p1])",
+                                "g<32|64|128>, c64, v<1|2|4>, a64[p1] or "
+                                "w64[p1])",
                                 i, *config));
     if (*a != arch)
       continue;

@@ -2,10 +2,11 @@
 //
 // Forward and prefill: flash-style tiles with an online softmax, visiting
 // only the key tiles some row of the tile may see: on tensor cores for bf16
-// (64 query rows x 64 keys, mma.sync), else 16 query rows x 32 keys in f32
-// on CUDA cores. Decode: one block per (batch entry, query row,
-// head) with an online softmax over the keys the mask allows. Keys come
-// from fresh k/v activations (forward) or the KV cache (generation).
+// (64 query rows x 64 keys, mma.sync, or Hopper wgmma as a tuning
+// candidate), else 16 query rows x 32 keys in f32 on CUDA cores. Decode:
+// one block per (batch entry, query row, head) with an online softmax over
+// the keys the mask allows. Keys come from fresh k/v activations (forward)
+// or the KV cache (generation).
 //
 //===----------------------------------------------------------------------===//
 #include "Emit.h"
@@ -161,34 +162,77 @@ llvm::Error emitAttentionTiles(OpContext &ctx, bool fromCache) {
   return llvm::Error::success();
 }
 
-/// bf16 plans: flash-style attention on tensor cores (mma.sync m16n8k16,
-/// bf16 in, f32 accumulate). A block of 4 warps takes 64 query rows of one
-/// head, 16 a warp, with the warp's Q fragments in registers; key tiles of
-/// 64 keys and their values are copied to shared memory by cp.async into
-/// two buffers, one tile ahead. S = Q K^T and the online softmax stay in
-/// the accumulator fragments; P is re-packed in registers as the A
-/// fragments of O += P V, split in two bf16 parts (two products) so that
-/// it keeps f32-like precision, or rounded once (configuration a64p1).
-/// Same masks, tile skipping and empty-row zeros as the f32 tiles.
+/// bf16 plans: flash-style attention on tensor cores (bf16 in, f32
+/// accumulate). A block of 4 warps takes 64 query rows of one head, 16 a
+/// warp; key tiles of 64 keys and their values are copied to shared memory
+/// by cp.async into two buffers, one tile ahead. S = Q K^T and the online
+/// softmax stay in the accumulator fragments (the same layout for both MMA
+/// kinds), and O += P V takes P in two bf16 parts (two products) so that it
+/// keeps f32-like precision, or rounded once (configurations *p1). Same
+/// masks, tile skipping and empty-row zeros as the f32 tiles.
+///
+/// a64, a64p1: mma.sync m16n8k16 with the warp's Q fragments in registers
+/// and P re-packed in registers as the A fragments of P V.
+/// w64, w64p1 (sm_90a, head dims up to 128, tuning candidates): Hopper
+/// warpgroup MMAs, the block one warpgroup: Q, the K/V tiles and P in
+/// 128-byte-swizzled shared memory, S as m64n64k16 products, O += P V as
+/// m64n<DH>k16 with V transposed by the MMA.
 llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
   const View &q = ctx.operands[0];
   int64_t heads = q.shape()[2], dim = q.shape()[3];
   Body &b = ctx.body;
-  // Configurations: a64 (P in two bf16 parts, the default) and a64p1.
   b.configs = {"a64", "a64p1"};
-  const bool onePart = ctx.config == "a64p1";
+  if (ctx.arch == "sm_90a" && dim <= 128 && pieceAligned({&q}))
+    b.configs.append({"w64", "w64p1"});
+  const bool wg = ctx.config.starts_with("w");
+  const bool onePart = ctx.config.ends_with("p1");
   llvm::raw_string_ostream os(b.code);
   os << attentionConstants(ctx, fromCache)
      << R"cuda(  constexpr int BQ = 64, BK = 64, NT = 128, KS = DH / 16, NO = DH / 8;
   constexpr long long KW = HKV * DH;
-  // Key tiles of k and v [key][DH + 8] in two buffers (dynamic shared
+)cuda";
+  if (wg) {
+    b.globals += kWgmmaGlobals;
+    b.globals += wgmmaMma(8, false, false, "mma_s");
+    b.globals += wgmmaMma(int(dim / 8), false, true, "mma_o");
+    b.inlined = true;
+    os << R"cuda(  // The head dim padded to whole 128-byte swizzle rows of 64 elements.
+  constexpr int DP = (DH + 63) / 64 * 64;
+  // Hopper warpgroup MMAs; the block is one warpgroup. Shared memory from a
+  // 1024-byte aligned base: Q [DP / 64][BQ][64], two buffers of K
+  // [DP / 64][BK][64] (K-major, each 128-byte row's 16-byte piece p stored
+  // at p ^ (row % 8), as wgmma's 128-byte swizzle reads it), two of V in
+  // atoms (d / 64, key / 8) of 64 d x 8 keys (MN-major: transposed by the
+  // MMA), then P [BQ][BK] (K-major: the A of O += P V))cuda"
+       << (onePart ? "" : ", its hi and lo parts") << R"cuda(.
+  unsigned short *const qs = @B@_align1024(l4_dsmem());
+  unsigned short *const ks = qs + BQ * DP;
+  unsigned short *const vs = ks + 2 * BK * DP;
+  unsigned short *const ps = vs + 2 * BK * DP;
+)cuda";
+    if (!onePart)
+      os << "  unsigned short *const pls = ps + BQ * BK;\n";
+    os << R"cuda(  // Element (row i, column c) of a K-major tile of n rows; element
+  // (d, key j) of a V tile.
+  auto kOff = [](int i, int c, int n) {
+    return (c >> 6) * (n * 64) + i * 64 + ((((c & 63) >> 3) ^ (i & 7)) << 3) + (c & 7);
+  };
+  auto vOff = [](int d, int j) {
+    return (d >> 6) * (BK * 64) + (j >> 3) * 512 + (j & 7) * 64 +
+           ((((d & 63) >> 3) ^ (j & 7)) << 3) + (d & 7);
+  };
+)cuda";
+  } else {
+    os << R"cuda(  // Key tiles of k and v [key][DH + 8] in two buffers (dynamic shared
   // memory), filled by 16-byte cp.async copies: the next tile's copies are
   // in flight while this tile's products run. Rows padded by 8 elements: a
   // K fragment's 8 rows x 4 pairs, and a V fragment's 4 row pairs x 8
   // columns read as 16-bit halves, hit distinct banks.
   auto *ks = reinterpret_cast<unsigned short (*)[BK][DH + 8]>(l4_dsmem());
   auto *vs = reinterpret_cast<unsigned short (*)[BK][DH + 8]>(l4_dsmem() + 2 * BK * (DH + 8) * 2);
-  __shared__ long long rlo[BQ], rhi[BQ];
+)cuda";
+  }
+  os << R"cuda(  __shared__ long long rlo[BQ], rhi[BQ];
   const unsigned short *qb = reinterpret_cast<const unsigned short *>(q);
   const unsigned short *kb = reinterpret_cast<const unsigned short *>(k);
   const unsigned short *vb = reinterpret_cast<const unsigned short *>(v);
@@ -201,11 +245,25 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
     const long long h = task % H, rest = task / H;
     const long long b = rest / qTiles, t0 = rest % qTiles * BQ;
     const long long kvo = b * KR * KW + h / G * DH;
-    __syncthreads(); // the previous task is done with rlo, rhi
+    __syncthreads(); // the previous task is done with rlo, rhi)cuda"
+     << (wg ? " and qs" : "") << R"cuda(
     l4_attn_rows(pos, b * P_S, t0, T, KV_LIMIT, CHUNK, BQ, rlo, rhi);
-    // This warp's Q fragments: A(row, k) = q(t0 + w*16 + row, h, k).
-    unsigned qa[KS][4];
     const long long r0 = t0 + warp * 16 + g, r1 = r0 + 8;
+)cuda";
+  if (wg)
+    os << R"cuda(    // Q's 64 rows (zeros past T) into qs, a copy group of their own.
+    for (int c = tid; c < BQ * (DH / 8); c += NT) {
+      const int i = c / (DH / 8), d = c % (DH / 8) * 8;
+      if (t0 + i < T)
+        l4_cp_async16(qs + kOff(i, d, BQ), qb + (b * Q_S + t0 + i) * (H * DH) + h * DH + d);
+      else
+        l4_zero16(qs + kOff(i, d, BQ));
+    }
+    l4_cp_async_commit();
+)cuda";
+  else
+    os << R"cuda(    // This warp's Q fragments: A(row, k) = q(t0 + w*16 + row, h, k).
+    unsigned qa[KS][4];
     const long long q0 = (b * Q_S + r0) * (H * DH) + h * DH;
     const long long q1 = (b * Q_S + r1) * (H * DH) + h * DH;
 #pragma unroll
@@ -216,7 +274,8 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
       qa[kk][2] = r0 < T ? l4_pair(qb + q0 + c0 + 8) : 0u;
       qa[kk][3] = r1 < T ? l4_pair(qb + q1 + c0 + 8) : 0u;
     }
-    __syncthreads();
+)cuda";
+  os << R"cuda(    __syncthreads();
     long long jmin, jmax;
     l4_attn_union(rlo, rhi, BQ, KV_LIMIT, jmin, jmax);
     const int w0 = warp * 16 + g, w1 = w0 + 8;
@@ -233,12 +292,20 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
       for (int c = tid; c < BK * (DH / 8); c += NT) {
         const int jj = c / (DH / 8), i = c % (DH / 8) * 8;
         const long long j = j0 + jj;
-        if (j <= jmax) {
-          l4_cp_async16(&ks[sb][jj][i], kb + kvo + j * KW + i);
-          l4_cp_async16(&vs[sb][jj][i], vb + kvo + j * KW + i);
+)cuda";
+  if (wg)
+    os << R"cuda(        unsigned short *const kd = ks + sb * BK * DP + kOff(jj, i, BK);
+        unsigned short *const vd = vs + sb * BK * DP + vOff(i, jj);
+)cuda";
+  else
+    os << R"cuda(        unsigned short *const kd = &ks[sb][jj][i], *const vd = &vs[sb][jj][i];
+)cuda";
+  os << R"cuda(        if (j <= jmax) {
+          l4_cp_async16(kd, kb + kvo + j * KW + i);
+          l4_cp_async16(vd, vb + kvo + j * KW + i);
         } else {
-          l4_zero16(&ks[sb][jj][i]);
-          l4_zero16(&vs[sb][jj][i]);
+          l4_zero16(kd);
+          l4_zero16(vd);
         }
       }
       l4_cp_async_commit();
@@ -256,7 +323,25 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
       else
         l4_cp_async_commit(); // an empty group: the wait below counts tiles
       l4_cp_async_wait<1>(); // this tile's copies have landed ...
+)cuda";
+  if (wg)
+    os << R"cuda(      @B@_fence_proxy(); // ... visible to wgmma's reads ...
       __syncthreads(); // ... everyone's
+      // S = Q K^T: the descriptors advance 16 columns (32 bytes) along the
+      // swizzled rows per k16 step, a panel per 64.
+      float s[BK / 8][4] = {};
+      @B@_pin(s);
+      @B@_fence();
+#pragma unroll
+      for (int kk = 0; kk < KS; ++kk)
+        @B@_mma_s(s, @B@_desc(qs + kOff(0, kk * 16, BQ)),
+                  @B@_desc(ks + sb * BK * DP + kOff(0, kk * 16, BK)));
+      @B@_commit();
+      @B@_wait<0>();
+      @B@_pin(s);
+)cuda";
+  else
+    os << R"cuda(      __syncthreads(); // ... everyone's
       float s[BK / 8][4];
 #pragma unroll
       for (int n = 0; n < BK / 8; ++n) {
@@ -268,7 +353,8 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
           l4_mma_bf16(s[n], qa[kk], bf);
         }
       }
-      // Scale and mask; the rows' maxima over the quad's lanes.
+)cuda";
+  os << R"cuda(      // Scale and mask; the rows' maxima over the quad's lanes.
       float x0 = l4_neg_inf(), x1 = l4_neg_inf();
 #pragma unroll
       for (int n = 0; n < BK / 8; ++n)
@@ -295,20 +381,23 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
         o[n][2] *= c1;
         o[n][3] *= c1;
       }
-      // P = exp(S - m) as the A fragments of P V)cuda";
+      // P = exp(S - m))cuda"
+     << (wg ? " into shared memory (the A of P V)"
+            : " as the A fragments of P V");
   if (onePart)
     os << R"cuda(, rounded to bf16 once
-      // (a64p1, a tuning candidate: as FlashAttention and HF's eager bf16
+      // (*p1, tuning candidates: as FlashAttention and HF's eager bf16
       // attention round P; one product per step instead of two).
-      unsigned pa[BK / 16][4];
 )cuda";
   else
     os << R"cuda(, in two bf16 parts (hi +
       // lo carry P to about 16 bits): the CPU backend keeps P in f32, and
       // rounding it to bf16 alone is enough to flip a MoE routing decision
       // downstream (measured on maverick-tiny).
-      unsigned pa[BK / 16][4], pl[BK / 16][4];
 )cuda";
+  if (!wg)
+    os << (onePart ? "      unsigned pa[BK / 16][4];\n"
+                   : "      unsigned pa[BK / 16][4], pl[BK / 16][4];\n");
   os << R"cuda(#pragma unroll
       for (int n = 0; n < BK / 8; ++n) {
 )cuda" << (onePart ? "        unsigned short ph[4];\n"
@@ -326,15 +415,48 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
           else
             l1 += p;
         }
-        pa[n / 2][(n & 1) * 2] = (unsigned)ph[0] | ((unsigned)ph[1] << 16);
-        pa[n / 2][(n & 1) * 2 + 1] = (unsigned)ph[2] | ((unsigned)ph[3] << 16);
 )cuda";
+  // Where the pairs of rows g and g + 8 go: fragment registers, or P's
+  // shared tiles.
+  auto pairs = [&](const char *tab, const char *part) {
+    if (wg)
+      os << "        *reinterpret_cast<unsigned *>(" << tab
+         << " + kOff(w0, n * 8 + 2 * t4, BQ)) = (unsigned)" << part
+         << "[0] | ((unsigned)" << part << "[1] << 16);\n"
+         << "        *reinterpret_cast<unsigned *>(" << tab
+         << " + kOff(w1, n * 8 + 2 * t4, BQ)) = (unsigned)" << part
+         << "[2] | ((unsigned)" << part << "[3] << 16);\n";
+    else
+      os << "        " << tab << "[n / 2][(n & 1) * 2] = (unsigned)" << part
+         << "[0] | ((unsigned)" << part << "[1] << 16);\n"
+         << "        " << tab << "[n / 2][(n & 1) * 2 + 1] = (unsigned)"
+         << part << "[2] | ((unsigned)" << part << "[3] << 16);\n";
+  };
+  pairs(wg ? "ps" : "pa", "ph");
   if (!onePart)
-    os << R"cuda(        pl[n / 2][(n & 1) * 2] = (unsigned)plo[0] | ((unsigned)plo[1] << 16);
-        pl[n / 2][(n & 1) * 2 + 1] = (unsigned)plo[2] | ((unsigned)plo[3] << 16);
+    pairs(wg ? "pls" : "pl", "plo");
+  os << "      }\n";
+  if (wg) {
+    os << R"cuda(      @B@_fence_proxy(); // P is visible to wgmma's reads ...
+      __syncthreads(); // ... everyone's
+      // O += P V over the tile's 64 keys (V is 0 past jmax): P's descriptor
+      // advances 16 keys along its swizzled rows, V's two 8-key atoms.
+      @B@_pin(o);
+      @B@_fence();
+#pragma unroll
+      for (int kk = 0; kk < BK / 16; ++kk) {
+        const unsigned long long dv = @B@_desc_mn(vs + sb * BK * DP + kk * 1024);
+        @B@_mma_o(o, @B@_desc(ps + kk * 16), dv);
 )cuda";
-  os << R"cuda(      }
-      const int cnt = jmax - j0 + 1 < BK ? (int)(jmax - j0 + 1) : BK;
+    if (!onePart)
+      os << "        @B@_mma_o(o, @B@_desc(pls + kk * 16), dv);\n";
+    os << R"cuda(      }
+      @B@_commit();
+      @B@_wait<0>();
+      @B@_pin(o);
+)cuda";
+  } else {
+    os << R"cuda(      const int cnt = jmax - j0 + 1 < BK ? (int)(jmax - j0 + 1) : BK;
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk) {
         if (kk * 16 >= cnt)
@@ -347,11 +469,14 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
                                   l4_pair2(vs[sb][k0 + 8][d], vs[sb][k0 + 9][d])};
           l4_mma_bf16(o[n], pa[kk], bf);
 )cuda";
-  if (!onePart)
-    os << "          l4_mma_bf16(o[n], pl[kk], bf);\n";
-  os << R"cuda(        }
+    if (!onePart)
+      os << "          l4_mma_bf16(o[n], pl[kk], bf);\n";
+    os << R"cuda(        }
       }
-      __syncthreads(); // everyone is done with buffer sb
+)cuda";
+  }
+  os << R"cuda(      __syncthreads(); // everyone is done with buffer sb)cuda"
+     << (wg ? " and P" : "") << R"cuda(
     }
     for (int d = 1; d < 4; d <<= 1) {
       l0 += __shfl_xor_sync(0xffffffffu, l0, d);
@@ -364,12 +489,20 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
     l4_st_rows(y, y0, y1, r0 < T, r1 < T, o, i0, i1, t4);
   }
 )cuda";
+  if (wg)
+    os << "  l4_cp_async_wait<0>(); // no copy outlives the kernel (the last "
+          "groups are empty)\n";
   b.threads = 128;
   b.blocks = gridFor(uint64_t(q.bmax) * heads *
                          ((uint64_t(q.rowsPerBatch) + 63) / 64),
                      1);
-  // ks and vs: two buffers each of BK x (DH + 8) bf16.
-  b.sharedBytes = unsigned(2 * 2 * 64 * (dim + 8) * 2);
+  int64_t padded = (dim + 63) / 64 * 64;
+  // wgmma: the alignment slack, Q, two K and two V buffers, P (two parts
+  // but for *p1); mma.sync: two buffers each of K and V, [BK][DH + 8].
+  b.sharedBytes =
+      wg ? unsigned(1024 + 2 * (64 * padded + 4 * 64 * padded +
+                                64 * 64 * (onePart ? 1 : 2)))
+         : unsigned(2 * 2 * 64 * (dim + 8) * 2);
   return llvm::Error::success();
 }
 

@@ -296,6 +296,22 @@ llvm::Error emitMoeGateUpGradInput(OpContext &ctx);
 llvm::Error emitMoeCombineGrad(OpContext &ctx);
 llvm::Error emitMoeGateUpGradWeight(OpContext &ctx);
 
+/// Body globals of the wgmma kernels (sm_90a; the emulator has its own):
+/// shared addresses (@B@_saddr, @B@_align1024), the 128-byte-swizzle
+/// operand descriptors (@B@_desc K-major, @B@_desc_mn MN-major), the fences
+/// and group waits, and @B@_pin, which ties accumulators to their place in
+/// the instruction stream (the compiler must not move their reads across a
+/// wait, nor their zeroing across a fence).
+extern const char *const kWgmmaGlobals;
+/// @B@_<name>(d, descA, descB): d += A * B^T for one wgmma.m64n<8J>k16 with
+/// bf16 operands from shared memory, each K-major or (`transA`, `transB`)
+/// MN-major, and f32 accumulators d[J][4] (the fragment of the PTX ISA's
+/// "wgmma .m64nNk16 register fragment" layout: d[j][c] at row
+/// 16 * (warp % 4) + lane / 4 + 8 * (c / 2), column 8 * j + 2 * (lane % 4)
+/// + c % 2, as mma.sync's m16n8 fragments of the warp's 16 rows).
+std::string wgmmaMma(int j, bool transA, bool transB,
+                     llvm::StringRef name = "mma");
+
 // Text helpers.
 
 /// `s` with every `from` replaced by `to`.

@@ -196,12 +196,7 @@ static const char *const kTileRowNorm =
     }
 )cuda";
 
-/// Body globals of the wgmma GEMMs (sm_90a; the emulator has its own):
-/// shared addresses, the 128-byte-swizzle operand descriptor, the fences
-/// and group waits, and @B@_pin, which ties the accumulators to their
-/// place in the instruction stream (the compiler must not move their
-/// reads across a wait, nor their zeroing across a fence).
-static const char *const kWgmmaGlobals = R"cuda(
+const char *const kWgmmaGlobals = R"cuda(
 __device__ __forceinline__ unsigned @B@_saddr(const void *p) {
 #ifdef L4C_CUEMU
   return l4emu::sharedAddress(p);
@@ -261,15 +256,10 @@ template <int J> __device__ __forceinline__ void @B@_pin(float (&d)[J][4]) {
 }
 )cuda";
 
-/// @B@_mma(d, descA, descB): d += A * B^T for one wgmma.m64n<8J>k16 with
-/// bf16 operands from shared memory, each K-major or (`transA`, `transB`)
-/// MN-major, and f32 accumulators d[J][4] (the
-/// fragment of the PTX ISA's "wgmma .m64nNk16 register fragment" layout:
-/// d[j][c] at row 16 * (warp % 4) + lane / 4 + 8 * (c / 2), column
-/// 8 * j + 2 * (lane % 4) + c % 2).
-static std::string wgmmaMma(int j, bool transA, bool transB) {
+std::string wgmmaMma(int j, bool transA, bool transB, llvm::StringRef name) {
   const std::string regs = std::to_string(4 * j), n = std::to_string(8 * j);
-  std::string t = "\n__device__ __forceinline__ void @B@_mma(float (&d)[" +
+  std::string t = "\n__device__ __forceinline__ void @B@_" + name.str() +
+                  "(float (&d)[" +
                   std::to_string(j) +
                   "][4], unsigned long long a, unsigned long long b) {\n"
                   "#ifdef L4C_CUEMU\n  l4emu::wgmma(&d[0][0], " + n +
