@@ -57,6 +57,8 @@ def gemm_shapes(cfg):
     H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     I, Imlp = cfg["intermediate_size"], cfg.get("intermediate_size_mlp", cfg["intermediate_size"])
     return [
+        # Plans of at most 32 rows join q, k and v (l4c-fuse's qkv).
+        (r"\.self_attn\.qkv_proj", "q+k+v", (H + 2 * KV) * hd, D, False),
         (r"\.self_attn\.q_proj", "q_proj", H * hd, D, False),
         (r"\.self_attn\.k_proj", "k_proj", KV * hd, D, False),
         (r"\.self_attn\.v_proj", "v_proj", KV * hd, D, False),

@@ -10,6 +10,7 @@
 #include "l4c/Dialect/Kernel/KernelOps.h"
 #include "l4c/Dialect/L4/L4Ops.h"
 #include "l4c/Passes/Passes.h"
+#include "l4c/Target/Cuda/CudaEmitter.h"
 #include "mlir/Dialect/Func/IR/FuncOps.h"
 #include "mlir/IR/IRMapping.h"
 #include "llvm/ADT/STLExtras.h"
@@ -113,6 +114,98 @@ GroupOp fuse(ArrayRef<GroupOp> producers, GroupOp consumer, StringRef name) {
   return fused;
 }
 
+/// Replaces `members` (groups in block order, none reading another's
+/// results except as listed) by one group placed before `before`, named
+/// `name`, of kind `kind`: it runs the members' ops in order and yields
+/// every member result something outside the members reads. Inputs fed by
+/// a member become values inside; an op repeating an earlier one of the
+/// new body (the same name, operands and attributes: an input norm each
+/// member recomputed) is dropped for that one.
+GroupOp fuseSiblings(ArrayRef<GroupOp> members, Operation *before,
+                     StringRef name, StringRef kind) {
+  auto isMember = [&](Operation *op) {
+    return llvm::is_contained(members, dyn_cast_or_null<GroupOp>(op));
+  };
+  SmallVector<Value> inputs, outs;
+  for (GroupOp g : members) {
+    for (Value v : g.getInputs())
+      if (!isMember(v.getDefiningOp()) && !llvm::is_contained(inputs, v))
+        inputs.push_back(v);
+    for (Value r : g.getResults())
+      if (llvm::any_of(r.getUsers(),
+                       [&](Operation *u) { return !isMember(u); }))
+        outs.push_back(r);
+  }
+  SmallVector<Type> types;
+  for (Value r : outs)
+    types.push_back(r.getType());
+  Location loc = GroupOp(members.front()).getLoc();
+  OpBuilder b(before);
+  auto fused = GroupOp::create(b, loc, name, kind, inputs, types);
+  Block &body = fused.getBody().front();
+  b.setInsertionPointToStart(&body);
+  IRMapping outer;
+  for (auto [v, arg] : llvm::zip(inputs, body.getArguments()))
+    outer.map(v, arg);
+  SmallVector<Operation *> cloned;
+  for (GroupOp g : members) {
+    Block &old = g.getBody().front();
+    IRMapping map;
+    for (auto [arg, in] : llvm::zip(old.getArguments(), g.getInputs()))
+      map.map(arg, outer.lookup(in));
+    for (Operation &op : old.without_terminator()) {
+      Operation *c = b.clone(op, map);
+      for (Operation *prev : cloned)
+        if (prev->getName() == c->getName() &&
+            prev->getOperands() == c->getOperands() &&
+            prev->getAttrDictionary() == c->getAttrDictionary() &&
+            prev->getResultTypes() == c->getResultTypes()) {
+          c->replaceAllUsesWith(prev);
+          for (auto [r, p] : llvm::zip(op.getResults(), prev->getResults()))
+            map.map(r, p);
+          c->erase();
+          c = nullptr;
+          break;
+        }
+      if (c)
+        cloned.push_back(c);
+    }
+    auto yield = cast<l4c::kernel::YieldOp>(old.getTerminator());
+    for (auto [res, v] : llvm::zip(g.getResults(), yield.getValues()))
+      outer.map(res, map.lookup(v));
+  }
+  SmallVector<Value> yielded;
+  for (Value r : outs)
+    yielded.push_back(outer.lookup(r));
+  l4c::kernel::YieldOp::create(b, loc, yielded);
+  for (auto [r, f] : llvm::zip(outs, fused.getResults()))
+    r.replaceAllUsesWith(f);
+  for (GroupOp g : llvm::reverse(members))
+    g.erase();
+  return fused;
+}
+
+/// The value a group's body argument stands for outside it.
+Value outerValue(GroupOp g, Value inner) {
+  auto arg = dyn_cast<BlockArgument>(inner);
+  return arg && arg.getOwner() == &g.getBody().front()
+             ? g.getInputs()[arg.getArgNumber()]
+             : Value();
+}
+
+/// The group producing `v` with exactly these ops (by type), or null.
+template <class... OpTs> GroupOp producedBy(Value v) {
+  auto g = v ? v.getDefiningOp<GroupOp>() : GroupOp();
+  if (!g || g.getNumResults() != 1)
+    return GroupOp();
+  auto ops = opsOf(g);
+  if (ops.size() != sizeof...(OpTs))
+    return GroupOp();
+  size_t i = 0;
+  bool ok = (isa<OpTs>(ops[i++]) && ...);
+  return ok ? g : GroupOp();
+}
+
 /// The shape of a GEMM-centred group the CUDA emitter fuses:
 /// [rms_norm] (linear | linear linear swiglu) add*.
 struct GemmShape {
@@ -148,13 +241,14 @@ std::optional<GemmShape> gemmShape(GroupOp g) {
 struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
   using FusionPassBase::FusionPassBase;
 
-  bool epilogue = false, swiglu = false, norm = false, rope = false;
+  bool epilogue = false, swiglu = false, norm = false, rope = false,
+       qkv = false, cache = false;
 
   LogicalResult parseFusions() {
     for (StringRef f : llvm::split(fusions, ',')) {
       f = f.trim();
       if (f == "all")
-        epilogue = swiglu = norm = rope = true;
+        epilogue = swiglu = norm = rope = qkv = cache = true;
       else if (f == "none" || f.empty())
         continue;
       else if (f == "epilogue")
@@ -165,10 +259,15 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
         norm = true;
       else if (f == "rope")
         rope = true;
+      else if (f == "qkv")
+        qkv = true;
+      else if (f == "cache")
+        cache = true;
       else
         return emitError(UnknownLoc::get(&getContext()))
                << "l4c-fuse: unknown fusion '" << f
-               << "' (expected all, none, epilogue, swiglu, norm or rope)";
+               << "' (expected all, none, epilogue, swiglu, norm, rope, qkv "
+                  "or cache)";
     }
     return success();
   }
@@ -293,6 +392,147 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
     }
   }
 
+  /// Decode-shaped projections (at most kGemvMaxRows rows, where the CUDA
+  /// target streams the weights one warp per output column): the linears
+  /// of one input (or of one norm of it, fused as a prologue in each) with
+  /// nothing else in their groups -> one kernel over all their columns.
+  /// Attention's q, k and v: one launch and one pass over x instead of
+  /// three.
+  void fuseProjections(func::FuncOp fn) {
+    SmallVector<GroupOp> atts;
+    fn.walk([&](GroupOp g) {
+      if (single<l4::AttentionOp>(g))
+        atts.push_back(g);
+    });
+    for (GroupOp att : atts) {
+      auto op = single<l4::AttentionOp>(att);
+      // q, k and v back through the views and the groups between them
+      // and their projections (RoPE, norms, cache updates, temperature).
+      SmallVector<GroupOp> projs;
+      for (Value v : {op.getQuery(), op.getKey(), op.getValue()}) {
+        Value cur = outerValue(att, v);
+        for (int hops = 0; cur && hops < 4; ++hops) {
+          if (auto rs = cur.getDefiningOp<l4::ReshapeOp>()) {
+            cur = rs.getInput();
+            continue;
+          }
+          auto g = cur.getDefiningOp<GroupOp>();
+          if (!g || g.getNumResults() != 1)
+            break;
+          std::optional<GemmShape> s = gemmShape(g);
+          if (s && !s->swiglu && s->adds == 0) {
+            projs.push_back(g);
+            break;
+          }
+          // Follow the op's data operand (a cache update's update).
+          Operation *first = opsOf(g).front();
+          Value data = isa<l4::KvCacheUpdateOp>(first) ? first->getOperand(1)
+                                                       : first->getOperand(0);
+          cur = outerValue(g, data);
+        }
+      }
+      if (projs.size() != 3 || projs[0] == projs[1] || projs[1] == projs[2] ||
+          projs[0] == projs[2])
+        continue;
+      // One input, the same norm (or none), decode-shaped, each read by
+      // its reshape alone.
+      auto x = projs[0].getInputs()[0];
+      auto xt = cast<RankedTensorType>(x.getType());
+      int64_t rows = xt.getNumElements() / xt.getShape().back();
+      bool ok = rows <= int64_t(l4c::kGemvMaxRows);
+      auto normOf = [](GroupOp g) {
+        return dyn_cast<l4::RmsNormOp>(opsOf(g).front());
+      };
+      for (GroupOp p : projs) {
+        auto n0 = normOf(projs[0]), n = normOf(p);
+        ok &= p.getInputs()[0] == x && bool(n) == bool(n0) &&
+              p.getResult(0).hasOneUse() &&
+              isa<l4::ReshapeOp>(*p.getResult(0).getUsers().begin());
+        if (ok && n)
+          ok = outerValue(p, n.getWeight()) == outerValue(projs[0], n0.getWeight()) &&
+               n.getEps() == n0.getEps();
+      }
+      if (!ok)
+        continue;
+      llvm::sort(projs, [](GroupOp a, GroupOp b) {
+        return a->isBeforeInBlock(b);
+      });
+      // "...self_attn.q_proj+input_layernorm" -> "...self_attn.qkv_proj+...".
+      std::string name = projs[0].getName().str();
+      std::string seg = lastSegment(name.substr(0, name.find('+'))).str();
+      std::string merged = seg;
+      for (GroupOp p : ArrayRef(projs).drop_front()) {
+        StringRef n = p.getName();
+        merged += "+" + lastSegment(n.substr(0, n.find('+'))).str();
+      }
+      if (seg == "q_proj")
+        merged = "qkv_proj";
+      name.replace(name.rfind(seg), seg.size(), merged);
+      fuseSiblings(projs, projs[0], name, "gemm");
+    }
+  }
+
+  /// What follows attention's projections, before attention: q's RoPE (and
+  /// QK norm) or temperature scale, k's RoPE (and QK norm) and the two KV
+  /// cache updates -> one kernel (one block per token row, its cos and sin
+  /// computed once for q and k; k goes into the cache rotated).
+  void fuseCacheUpdates(func::FuncOp fn) {
+    SmallVector<GroupOp> atts;
+    fn.walk([&](GroupOp g) {
+      if (single<l4::AttentionOp>(g))
+        atts.push_back(g);
+    });
+    for (GroupOp att : atts) {
+      auto op = single<l4::AttentionOp>(att);
+      GroupOp kc = producedBy<l4::KvCacheUpdateOp>(outerValue(att, op.getKey()));
+      GroupOp vc = producedBy<l4::KvCacheUpdateOp>(outerValue(att, op.getValue()));
+      if (!kc || !vc || kc == vc)
+        continue;
+      Value q = outerValue(att, op.getQuery());
+      GroupOp qpart = producedBy<l4::RopeOp, l4::L2NormOp>(q);
+      if (!qpart)
+        qpart = producedBy<l4::RopeOp>(q);
+      if (!qpart)
+        qpart = producedBy<l4::TemperatureScaleOp>(q);
+      auto kop = cast<l4::KvCacheUpdateOp>(opsOf(kc).front());
+      Value k = outerValue(kc, kop.getUpdate());
+      GroupOp kpart = producedBy<l4::RopeOp, l4::L2NormOp>(k);
+      if (!kpart)
+        kpart = producedBy<l4::RopeOp>(k);
+      // Parts that rotate backwards (inverse RoPE) are not attention's.
+      auto forward = [](GroupOp g) {
+        auto r = g ? dyn_cast<l4::RopeOp>(opsOf(g).front()) : l4::RopeOp();
+        return !r || !r.getInverse();
+      };
+      if ((qpart && (!q.hasOneUse() || !forward(qpart))) ||
+          (kpart && (!k.hasOneUse() || !forward(kpart))))
+        continue;
+      SmallVector<GroupOp> members;
+      for (GroupOp g : {qpart, kpart, kc, vc})
+        if (g)
+          members.push_back(g);
+      llvm::sort(members, [](GroupOp a, GroupOp b) {
+        return a->isBeforeInBlock(b);
+      });
+      // Nothing before attention may read what moves to just before it.
+      bool early = false;
+      for (GroupOp g : members)
+        for (Operation *u : g->getUsers())
+          early |= u != att.getOperation() && !llvm::is_contained(members, dyn_cast<GroupOp>(u)) &&
+                   u->isBeforeInBlock(att);
+      if (early)
+        continue;
+      // "...self_attn.k_cache" -> "...self_attn.q_rope+q_norm+k_rope+...".
+      std::string name = kc.getName().str();
+      size_t dot = name.rfind('.');
+      std::string parts;
+      for (GroupOp g : members)
+        parts += (parts.empty() ? "" : "+") + lastSegment(g.getName()).str();
+      name = name.substr(0, dot + 1) + parts;
+      fuseSiblings(members, att, name, "cache");
+    }
+  }
+
   void runOnOperation() override {
     if (failed(parseFusions()))
       return signalPassFailure();
@@ -305,6 +545,12 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
         fuseEpilogues(fn);
       if (norm)
         fuseNorms(fn);
+      // qkv finds the projections through the one-result groups the cache
+      // fusion merges, so it runs first.
+      if (qkv)
+        fuseProjections(fn);
+      if (cache)
+        fuseCacheUpdates(fn);
     });
   }
 };

@@ -73,7 +73,7 @@ static cl::opt<std::string> lossChunkOpt(
 static cl::opt<std::string> fuseOpt(
     "fuse", cl::init("all"),
     cl::desc("kernel fusions (l4c-fuse): all | none | a comma list of swiglu, "
-             "epilogue, norm, rope"),
+             "epilogue, norm, rope, qkv, cache"),
     cl::sub(compileCmd));
 static cl::opt<std::string> tuningOpt(
     "tuning", cl::init(""),
@@ -198,9 +198,11 @@ static int runCompile() {
   }
   for (llvm::StringRef f : llvm::split(llvm::StringRef(fuseOpt), ','))
     if (!llvm::is_contained(
-            {"all", "none", "swiglu", "epilogue", "norm", "rope"}, f.trim()))
+            {"all", "none", "swiglu", "epilogue", "norm", "rope", "qkv",
+             "cache"},
+            f.trim()))
       return fail("--fuse takes all, none or a comma list of swiglu, "
-                  "epilogue, norm and rope; got '" +
+                  "epilogue, norm, rope, qkv and cache; got '" +
                   fuseOpt + "'");
   mlir::PassManager pm(&ctx);
   l4c::LowerToKernelOptions lopts;

@@ -163,7 +163,18 @@ def FusionPass : Pass<"l4c-fuse", "mlir::ModuleOp"> {
     - `norm`: an `rms_norm` read only as the input of GEMM groups becomes a
       prologue of each of them (the norm is recomputed per consumer);
     - `rope`: `rope` read only by an `l2_norm` (the QK norm) becomes one
-      kernel that rotates and normalises each head vector.
+      kernel that rotates and normalises each head vector;
+    - `qkv`: attention's q, k and v projections of one input (each with the
+      same norm prologue, or none) become one kernel over all their
+      columns, for at most `kGemvMaxRows` rows (decode, where the CUDA
+      target streams the weights one warp per column; the norm is computed
+      once);
+    - `cache`: q's RoPE (and QK norm) or temperature scale, k's RoPE (and
+      QK norm) and the k and v cache updates that feed an attention become
+      one kernel (one block per token row; k goes into the cache rotated).
+
+    A fused group with several results yields them in the order of the
+    groups it replaced.
 
     A value that a later kernel still reads is never fused away, so training
     programs fuse only where the backward pass does not need the
@@ -187,7 +198,7 @@ def FusionPass : Pass<"l4c-fuse", "mlir::ModuleOp"> {
   let options = [
     Option<"fusions", "fusions", "std::string", /*default=*/"\"all\"",
            "comma-separated fusions to apply: all, none, swiglu, epilogue, "
-           "norm, rope">
+           "norm, rope, qkv, cache">
   ];
   let dependentDialects = ["l4c::kernel::KernelDialect"];
 }

@@ -665,7 +665,23 @@ matchFusedGemm(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
   ctx.op = first;
   Value w = first.getWeight(), wu, cur = first.getResult();
   ++i;
-  if (l4::LinearOp second = linearAt(i)) {
+  SmallVector<Value> moreW; // w1, w2, ...: one kernel over several linears
+  if (yield.getValues().size() > 1) {
+    if (yield.getValues()[0] != cur)
+      return bad("the kernel must yield its linears' results in order");
+    for (; i < ops.size(); ++i) {
+      l4::LinearOp lin = linearAt(i);
+      if (!lin || !checkLinear(lin) ||
+          yield.getValues().size() <= moreW.size() + 1 ||
+          yield.getValues()[moreW.size() + 1] != lin.getResult())
+        return bad("several results are the linears of one input, in order");
+      moreW.push_back(lin.getWeight());
+    }
+    if (yield.getValues().size() != moreW.size() + 1)
+      return bad("several results are the linears of one input, in order");
+    spec.outs = unsigned(moreW.size()) + 1;
+    cur = Value(); // nothing below is the last value
+  } else if (l4::LinearOp second = linearAt(i)) {
     auto act = i + 1 < ops.size() ? dyn_cast<l4::SwigluOp>(ops[i + 1])
                                   : l4::SwigluOp();
     if (!act || !checkLinear(second))
@@ -683,6 +699,11 @@ matchFusedGemm(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
   }
   roles.push_back({x, "x"});
   roles.push_back({w, "w"});
+  static const char *kMoreW[] = {"w1", "w2", "w3", "w4", "w5", "w6", "w7"};
+  if (moreW.size() > std::size(kMoreW))
+    return bad("too many linears");
+  for (auto [k, v] : llvm::enumerate(moreW))
+    roles.push_back({v, kMoreW[k]});
   if (spec.swiglu)
     roles.push_back({wu, "wu"});
   if (spec.norm)
@@ -702,12 +723,13 @@ matchFusedGemm(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
     roles.push_back({other, kResidual[spec.adds++]});
     cur = add.getResult();
   }
-  if (yield.getValues().size() != 1 || yield.getValues()[0] != cur)
+  if (spec.outs == 1 &&
+      (yield.getValues().size() != 1 || yield.getValues()[0] != cur))
     return bad("the kernel must yield the last value only");
   // The intermediates' dtype: they are rounded to it in the kernel.
   std::optional<bool> bf16;
   for (Operation *op : ops)
-    if (op->getResult(0) != cur) {
+    if (!llvm::is_contained(yield.getValues(), op->getResult(0))) {
       Type t = cast<RankedTensorType>(op->getResult(0).getType())
                    .getElementType();
       if (!t.isF32() && !t.isBF16())
@@ -725,12 +747,143 @@ matchFusedGemm(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
     view->param = "in" + std::to_string(a);
     ctx.operands.push_back(std::move(*view));
   }
-  auto view = makeView(ctx, results[0], "y");
-  if (!view)
-    return view.takeError();
-  view->param = "out0";
-  ctx.results.push_back(std::move(*view));
+  for (unsigned o = 0; o < spec.outs; ++o) {
+    auto view = makeView(ctx, results[o], o ? "y" + std::to_string(o) : "y");
+    if (!view)
+      return view.takeError();
+    view->param = "out" + std::to_string(o);
+    ctx.results.push_back(std::move(*view));
+  }
   return spec;
+}
+
+/// l4c-fuse's `cache` kernel: q's RoPE (and QK norm) or temperature scale,
+/// k's RoPE (and QK norm), the two cache updates; the views in the order
+/// cuda::emitCacheGroup takes them.
+llvm::Expected<cuda::CacheGroup>
+matchCacheGroup(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
+                llvm::ArrayRef<CudaBuffer> results, OpContext &ctx) {
+  Block &block = group.getBody().front();
+  auto yield = cast<kernel::YieldOp>(block.getTerminator());
+  auto bad = [&](const llvm::Twine &why) {
+    return llvm::createStringError(
+        llvm::formatv("kernel '{0}': the CUDA target does not generate this "
+                      "cache kernel: {1}",
+                      group.getName(), why.str())
+            .str());
+  };
+  auto isArg = [&](Value v) {
+    auto a = dyn_cast<BlockArgument>(v);
+    return a && a.getOwner() == &block;
+  };
+  SmallVector<l4::KvCacheUpdateOp, 2> updates;
+  for (Operation &op : block.without_terminator())
+    if (auto u = dyn_cast<l4::KvCacheUpdateOp>(op))
+      updates.push_back(u);
+  if (updates.size() != 2)
+    return bad("expected two cache updates");
+  // A RoPE (and QK norm) chain ending at v: its rope, its norm, its input.
+  struct Chain {
+    l4::RopeOp rope;
+    l4::L2NormOp norm;
+    Value in;
+  };
+  auto chainOf = [&](Value v) -> std::optional<Chain> {
+    Chain c;
+    if ((c.norm = v.getDefiningOp<l4::L2NormOp>()))
+      v = c.norm.getInput();
+    c.rope = v.getDefiningOp<l4::RopeOp>();
+    if (!c.rope || c.rope.getInverse() || !isArg(c.rope.getInput()))
+      return std::nullopt;
+    c.in = c.rope.getInput();
+    return c;
+  };
+  std::optional<Chain> kChain = chainOf(updates[0].getUpdate());
+  l4::KvCacheUpdateOp ku = updates[0], vu = updates[1];
+  if (!kChain) {
+    if ((kChain = chainOf(updates[1].getUpdate())))
+      std::swap(ku, vu);
+  }
+  Value xk = kChain ? kChain->in : ku.getUpdate();
+  if (!isArg(xk) || !isArg(vu.getUpdate()) || !isArg(ku.getCache()) ||
+      !isArg(vu.getCache()))
+    return bad("k and v must come from kernel inputs");
+  Value pos = ku.getPositions();
+  // q: the yielded value that is no cache.
+  Value qOut;
+  for (Value v : yield.getValues())
+    if (v != ku.getResult() && v != vu.getResult()) {
+      if (qOut)
+        return bad("expected at most q besides the caches");
+      qOut = v;
+    }
+  cuda::CacheGroup g;
+  Value xq;
+  if (qOut) {
+    if (auto t = qOut.getDefiningOp<l4::TemperatureScaleOp>()) {
+      g.qTemp = t;
+      xq = t.getInput();
+      if (t.getPositions() != pos)
+        return bad("q's positions differ from the caches'");
+    } else if (std::optional<Chain> c = chainOf(qOut)) {
+      g.qRope = c->rope;
+      xq = c->in;
+      if (c->norm)
+        g.qNorm = cuda::RopeNorm{c->norm.getEps().convertToDouble(),
+                                 cast<RankedTensorType>(c->rope.getType())
+                                     .getElementType()
+                                     .isBF16()};
+      if (c->rope.getPositions() != pos)
+        return bad("q's positions differ from the caches'");
+    } else {
+      return bad("q must be rotated (and normalised) or scaled");
+    }
+    if (!isArg(xq))
+      return bad("q must come from a kernel input");
+  }
+  if (kChain) {
+    g.kRope = kChain->rope;
+    if (kChain->norm)
+      g.kNorm = cuda::RopeNorm{kChain->norm.getEps().convertToDouble(),
+                               cast<RankedTensorType>(kChain->rope.getType())
+                                   .getElementType()
+                                   .isBF16()};
+    if (kChain->rope.getPositions() != pos)
+      return bad("k's positions differ from the caches'");
+  }
+  if (vu.getPositions() != pos || !isArg(pos))
+    return bad("the caches' positions differ");
+  // Every op is one of the parts above.
+  unsigned parts = 2 + (g.qRope ? 1 : 0) + (g.qNorm ? 1 : 0) +
+                   (g.qTemp ? 1 : 0) + (g.kRope ? 1 : 0) + (g.kNorm ? 1 : 0);
+  if (std::distance(block.without_terminator().begin(),
+                    block.without_terminator().end()) != parts)
+    return bad("unexpected ops");
+  ctx.op = qOut ? qOut.getDefiningOp() : ku.getOperation();
+  static const char *kNames[] = {"xq", "pos", "xk", "xv", "kc_in", "vc_in"};
+  Value roles[] = {xq, pos, xk, vu.getUpdate(), ku.getCache(), vu.getCache()};
+  for (unsigned r = qOut ? 0 : 1; r < 6; ++r) {
+    unsigned a = cast<BlockArgument>(roles[r]).getArgNumber();
+    auto view = makeView(ctx, inputs[a], kNames[r]);
+    if (!view)
+      return view.takeError();
+    view->param = "in" + std::to_string(a);
+    ctx.operands.push_back(std::move(*view));
+  }
+  static const char *kOut[] = {"yq", "kc", "vc"};
+  Value outs[] = {qOut, ku.getResult(), vu.getResult()};
+  for (unsigned r = qOut ? 0 : 1; r < 3; ++r) {
+    auto it = llvm::find(yield.getValues(), outs[r]);
+    if (it == yield.getValues().end())
+      return bad("the caches must be results");
+    unsigned idx = std::distance(yield.getValues().begin(), it);
+    auto view = makeView(ctx, results[idx], kOut[r]);
+    if (!view)
+      return view.takeError();
+    view->param = "out" + std::to_string(idx);
+    ctx.results.push_back(std::move(*view));
+  }
+  return g;
 }
 
 } // namespace
@@ -786,7 +939,13 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
   ctx.arch = arch;
   std::optional<cuda::GemmSpec> fused;
   std::optional<cuda::RopeNorm> ropeNorm;
-  if (numOps == 2 && isa<l4::RopeOp>(*ops.begin()) &&
+  std::optional<cuda::CacheGroup> cacheGroup;
+  if (group.getKind() == "cache" && numOps > 1) {
+    auto g = matchCacheGroup(group, inputs, results, ctx);
+    if (!g)
+      return g.takeError();
+    cacheGroup = *g;
+  } else if (numOps == 2 && isa<l4::RopeOp>(*ops.begin()) &&
       isa<l4::L2NormOp>(*std::next(ops.begin()))) {
     // rope then the QK norm: the rope's views, the norm's result.
     auto norm = cast<l4::L2NormOp>(*std::next(ops.begin()));
@@ -803,14 +962,16 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
       return spec.takeError();
     fused = *spec;
   }
+  // matchFusedGemm and matchCacheGroup made the views.
+  const bool viewsMade = fused || cacheGroup;
   std::optional<Names> names =
-      fused ? std::optional<Names>(Names{}) : operandNames(ctx.op);
+      viewsMade ? std::optional<Names>(Names{}) : operandNames(ctx.op);
   if (!names)
     return ctx.fail("not supported by --target=cuda yet (the CUDA target "
                     "compiles inference ops only)");
   for (auto [i, v] : llvm::enumerate(ctx.op->getOperands())) {
-    if (fused)
-      break; // matchFusedGemm made the views
+    if (viewsMade)
+      break;
     auto arg = dyn_cast<BlockArgument>(v);
     if (!arg || arg.getOwner() != &block)
       return ctx.fail("operand " + llvm::Twine(i) + " is not a kernel input");
@@ -821,7 +982,7 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
     ctx.operands.push_back(std::move(*view));
   }
   for (auto [i, r] : llvm::enumerate(ctx.op->getResults())) {
-    if (fused)
+    if (viewsMade)
       break;
     // A fused rope's result is the norm's: the kernel's only result.
     Value v = ropeNorm ? yield.getValues()[0] : Value(r);
@@ -837,9 +998,10 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
     view->param = "out" + std::to_string(idx);
     ctx.results.push_back(std::move(*view));
   }
-  if (llvm::Error e = fused      ? cuda::emitGemm(ctx, *fused)
-                      : ropeNorm ? cuda::emitRope(ctx, &*ropeNorm)
-                                 : emitOp(ctx))
+  if (llvm::Error e = fused        ? cuda::emitGemm(ctx, *fused)
+                      : cacheGroup ? cuda::emitCacheGroup(ctx, *cacheGroup)
+                      : ropeNorm   ? cuda::emitRope(ctx, &*ropeNorm)
+                                   : emitOp(ctx))
     return std::move(e);
   if (!config.empty() && !llvm::is_contained(ctx.body.configs, config))
     return named("has no tile configuration '" + config + "' (it has: " +

@@ -103,6 +103,16 @@ struct RopeNorm {
 };
 llvm::Error emitRope(OpContext &ctx, const RopeNorm *norm = nullptr);
 llvm::Error emitTemperatureScale(OpContext &ctx);
+/// l4c-fuse's `cache` kernel: q's RoPE (and QK norm) or temperature scale,
+/// k's RoPE (and QK norm), and the k and v cache updates, one block per
+/// token row. ctx.operands: [q,] positions, k, v, the k cache, the v cache;
+/// ctx.results: [q's result,] the k cache, the v cache.
+struct CacheGroup {
+  mlir::Operation *qRope = nullptr, *kRope = nullptr; ///< l4.rope or null
+  std::optional<RopeNorm> qNorm, kNorm; ///< the QK norm after each rope
+  mlir::Operation *qTemp = nullptr; ///< l4.temperature_scale or null
+};
+llvm::Error emitCacheGroup(OpContext &ctx, const CacheGroup &g);
 llvm::Error emitKvCacheUpdate(OpContext &ctx);
 llvm::Error emitRouterScores(OpContext &ctx);
 llvm::Error emitElementwise(OpContext &ctx, llvm::StringRef expr);
@@ -117,13 +127,14 @@ struct GemmSpec {
   double eps = 0;
   bool swiglu = false; ///< y = up * silu(gate), w the gate's and wu the up's
   unsigned adds = 0;   ///< y += r0, then r1, ... (residuals)
+  /// Linears of the one input (l4c-fuse's `qkv`), weight-streaming form
+  /// only: ctx.operands hold x, w, then w1.. (one per further output)
+  /// before the norm weight; ctx.results y, y1..; no SwiGLU or adds.
+  unsigned outs = 1;
   /// The values passed between the parts are bf16 (else f32): the kernel
   /// rounds each as storing it would, so fusion never changes the numbers.
   bool bf16Temps = false;
 };
-/// Plans with at most this many rows (batch x live length at the compiled
-/// maxima) get the weight-streaming GEMV form of a GEMM.
-constexpr uint64_t kGemvMaxRows = 32;
 llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec);
 
 /// A GEMM y[m, c] = sum_r A(m, r) * B(c, r) in the tiled kernels (linear and

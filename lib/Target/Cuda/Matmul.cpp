@@ -1302,6 +1302,23 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
   if (ws.size() != 2 || x.inner != ws[1] || y.inner != ws[0])
     return ctx.fail("expected x [.., K], w [N, K] and y [.., N]");
   size_t next = 2;
+  // More linears of x (l4c-fuse's qkv): their columns follow w's.
+  llvm::SmallVector<int64_t, 4> cols = {ws[0]};
+  for (unsigned o = 1; o < spec.outs; ++o) {
+    const View &wo = ctx.operands[next++];
+    if (o >= ctx.results.size())
+      return ctx.fail("expected a result per linear");
+    const View &yo = ctx.results[o];
+    if (wo.shape().size() != 2 || wo.shape()[1] != ws[1] ||
+        yo.inner != wo.shape()[0] || !yo.hasBatch || yo.hasSeq != y.hasSeq ||
+        yo.rowsPerBatch != y.rowsPerBatch || wo.ctype != w.ctype ||
+        yo.ctype != y.ctype)
+      return ctx.fail("expected the linears' weights [N_i, K] and results "
+                      "alike but for their widths");
+    cols.push_back(wo.shape()[0]);
+  }
+  if (spec.outs > 1 && (spec.swiglu || spec.adds))
+    return ctx.fail("several linears take no SwiGLU or adds");
   if (spec.swiglu && ctx.operands[next++].shape() != ws)
     return ctx.fail("expected the up projection shaped like the gate's");
   if (spec.norm && ctx.operands[next++].inner != ws[1])
@@ -1318,7 +1335,10 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
   Body &b = ctx.body;
   GemmText text{spec, ctx};
   llvm::raw_string_ostream os(b.code);
-  os << constant("N", ws[0]) << constant("K", ws[1])
+  int64_t allCols = 0;
+  for (int64_t c : cols)
+    allCols += c;
+  os << constant("N", allCols) << constant("K", ws[1])
      << stride(b, "X_S", x.rowsPerBatch) << stride(b, "Y_S", y.rowsPerBatch);
   for (unsigned i = 0; i < spec.adds; ++i)
     os << stride(b, ("R" + llvm::Twine(i) + "_S").str(),
@@ -1328,6 +1348,9 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
   os << "  const long long LT = " << (x.hasSeq ? "T" : "1") << ";\n"
      << "  const long long M = B * LT;\n";
   uint64_t maxM = uint64_t(x.bmax) * x.maxLiveRows();
+  if (spec.outs > 1 && maxM > kGemvMaxRows)
+    return ctx.fail("several linears in one kernel are generated for at most " +
+                    llvm::Twine(kGemvMaxRows) + " rows (weight streaming)");
 
   if (maxM <= kGemvMaxRows) {
     // Decode-shaped: few rows, so the weights' bytes are the cost. One warp
@@ -1376,7 +1399,32 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
   const long long warps = blockDim.x >> 5;
   for (long long n = blockIdx.x * warps + (threadIdx.x >> 5); n < N;
        n += (long long)gridDim.x * warps) {
-    for (long long m0 = 0; m0 < M; m0 += MR) {
+)cuda";
+    // The column's weight row, and where it is stored: column nc of the
+    // NC-wide output yc.
+    if (spec.outs == 1) {
+      os << "    const " << w.ctype << " *const wr = w + n * K;\n"
+         << "    " << y.ctype << " *const yc = y;\n"
+         << "    const long long nc = n, NC = N;\n";
+    } else {
+      os << "    // Linear i's columns follow linear i - 1's.\n"
+         << "    const " << w.ctype << " *wr;\n    " << y.ctype
+         << " *yc;\n    long long nc, NC;\n";
+      int64_t at = 0;
+      for (unsigned o = 0; o < spec.outs; ++o) {
+        std::string suffix = o ? std::to_string(o) : "";
+        os << "    " << (o ? "} else " : "")
+           << (o + 1 < spec.outs ? "if (n < " + std::to_string(at + cols[o]) +
+                                       ") "
+                                 : std::string())
+           << "{\n      wr = w" << suffix << " + (n - " << at
+           << ") * K;\n      yc = y" << suffix << ";\n      nc = n - " << at
+           << ";\n      NC = " << cols[o] << ";\n";
+        at += cols[o];
+      }
+      os << "    }\n";
+    }
+    os << R"cuda(    for (long long m0 = 0; m0 < M; m0 += MR) {
       long long xr[MR];
       float acc[MR], inv[MR];
 )cuda";
@@ -1407,7 +1455,7 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
           ts << "        float gv[" << count << "][VW];\n";
         ts << "#pragma unroll\n        for (int s = 0; s < " << count
            << "; ++s) {\n          " << ld
-           << "(w, n * K + k + s * 32 * VW, wv[s]);\n";
+           << "(wr, k + s * 32 * VW, wv[s]);\n";
         if (spec.swiglu)
           ts << "          " << ld << "(wu, n * K + k + s * 32 * VW, uv[s]);\n";
         if (spec.norm)
@@ -1440,7 +1488,7 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
          << steps("1") << "      }\n";
     } else {
       os << R"cuda(      for (long long k = lane; k < K; k += 32) {
-        const float wv = l4_ld(w, n * K + k);
+        const float wv = l4_ld(wr, k);
 )cuda";
       if (spec.swiglu)
         os << "        const float uv = l4_ld(wu, n * K + k);\n";
@@ -1468,13 +1516,13 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
           continue;
 )cuda"
        << text.epilogue("acc[r]", "acc2[r]", "        ")
-       << R"cuda(        l4_st(y, (m / LT * Y_S + m % LT) * N + n, v);
+       << R"cuda(        l4_st(yc, (m / LT * Y_S + m % LT) * NC + nc, v);
       }
     }
   }
 )cuda";
     b.threads = 256;
-    b.blocks = gridFor(uint64_t(ws[0]), b.threads / 32);
+    b.blocks = gridFor(uint64_t(allCols), b.threads / 32);
     return llvm::Error::success();
   }
 

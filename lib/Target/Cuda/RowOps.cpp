@@ -151,17 +151,12 @@ llvm::Error emitNorm(OpContext &ctx, double eps, bool hasWeight) {
   return llvm::Error::success();
 }
 
-llvm::Error emitRope(OpContext &ctx, const RopeNorm *norm) {
-  auto rope = cast<l4::RopeOp>(ctx.op);
-  const View &x = ctx.operands[0], &pos = ctx.operands[1], &y = ctx.results[0];
-  auto lt = liveRows(ctx, {&x, &pos, &y});
-  if (!lt)
-    return lt.takeError();
-  auto shape = x.shape();
-  if (shape.size() != 4 || shape[3] % 2 || y.inner != x.inner)
-    return ctx.fail("expected x [B, S, H, d] with an even d");
-  int64_t heads = shape[2], d = shape[3], half = d / 2;
-  // The same fp32 frequencies as the CPU backend, by the same function.
+namespace {
+
+/// The RoPE inverse frequencies of `rope` as a body global
+/// (@B@_inv_freq[d / 2], fp32, by the CPU backend's function).
+llvm::Error ropeGlobals(OpContext &ctx, l4::RopeOp rope, int64_t d) {
+  int64_t half = d / 2;
   std::vector<float> invFreq(half);
   bool llama3 = rope.getScaling() == l4::RopeScaling::llama3;
   if (!cpu::ropeInvFreq(rope.getTheta().convertToDouble(), size_t(d),
@@ -171,53 +166,61 @@ llvm::Error emitRope(OpContext &ctx, const RopeNorm *norm) {
                         rope.getHighFreqFactor().convertToDouble(),
                         double(rope.getOriginalMaxPosition()), invFreq.data()))
     return ctx.fail("unknown rope scaling");
-  Body &b = ctx.body;
-  {
-    llvm::raw_string_ostream gs(b.globals);
-    gs << "// RoPE inverse frequencies (fp32, as HF computes them)\n"
-       << "__constant__ float @B@_inv_freq[" << half << "] = {";
-    for (int64_t j = 0; j < half; ++j)
-      gs << (j % 4 ? " " : "\n    ") << floatLit(invFreq[j]) << ",";
-    gs << "\n};\n";
-  }
-  llvm::raw_string_ostream os(b.code);
-  os << constant("H", heads) << constant("D", d) << constant("HALF", half)
-     << rowConstants(b, "X", x) << rowConstants(b, "Y", y)
-     << stride(b, "P_S", pos.rowsPerBatch) << "  const long long LT = " << *lt
-     << ";\n"
-     << "  __shared__ float cs[2 * HALF];\n"
-     << R"cuda(  for (long long r = blockIdx.x; r < B * LT; r += gridDim.x) {
-    const long long b = r / LT, t = r - b * LT;
-    const float p = (float)l4_ldi(pos, b * P_S + t);
-    __syncthreads(); // the previous row is done with cs
+  llvm::raw_string_ostream gs(ctx.body.globals);
+  gs << "// RoPE inverse frequencies (fp32, as HF computes them)\n"
+     << "__constant__ float @B@_inv_freq[" << half << "] = {";
+  for (int64_t j = 0; j < half; ++j)
+    gs << (j % 4 ? " " : "\n    ") << floatLit(invFreq[j]) << ",";
+  gs << "\n};\n";
+  return llvm::Error::success();
+}
+
+/// A row's cos and sin at position p into cs[2 * HALF] (between two
+/// barriers).
+std::string ropeCosSin(bool inverse) {
+  return std::string(R"cuda(    __syncthreads(); // the previous row is done with cs
     for (int j = threadIdx.x; j < HALF; j += blockDim.x) {
       // fp32 angle as HF; cos and sin rounded from double.
       const float angle = @B@_inv_freq[j] * p;
       double s, c;
       sincos((double)angle, &s, &c);
       cs[2 * j] = (float)c;
+)cuda") +
+         (inverse ? "      cs[2 * j + 1] = -(float)s; // inverse: the "
+                    "rotation's adjoint\n"
+                  : "      cs[2 * j + 1] = (float)s;\n") +
+         "    }\n    __syncthreads();\n";
+}
+
+/// One row's heads (HEADS of D) rotated from x at xo into y at yo, and
+/// with `norm` then normalised: a warp per head rotates it twice, once for
+/// its sum of squares and once to store it normalised; the rotated values
+/// are rounded as the unfused rope would store them.
+std::string ropeHeads(const RopeNorm *norm, llvm::StringRef heads,
+                      llvm::StringRef x, llvm::StringRef xo,
+                      llvm::StringRef y, llvm::StringRef yo) {
+  std::string t;
+  llvm::raw_string_ostream os(t);
+  if (!norm) {
+    os << "    for (long long e = threadIdx.x; e < " << heads
+       << " * HALF; e += blockDim.x) {\n"
+       << R"cuda(      const long long h = e / HALF, j = e - h * HALF, k = h * D + 2 * j;
+      const float a = l4_ld(@X, @XO + k), bv = l4_ld(@X, @XO + k + 1);
+      const float c = cs[2 * j], s = cs[2 * j + 1];
+      l4_st(@Y, @YO + k, a * c - bv * s);
+      l4_st(@Y, @YO + k + 1, a * s + bv * c);
+    }
 )cuda";
-  os << (rope.getInverse() ? "      cs[2 * j + 1] = -(float)s; // inverse: "
-                             "the rotation's adjoint\n"
-                           : "      cs[2 * j + 1] = (float)s;\n");
-  os << R"cuda(    }
-    __syncthreads();
-    const long long xo = (b * X_S + t) * X_W, yo = (b * Y_S + t) * Y_W;
-)cuda";
-  if (norm) {
-    // Fused with the QK norm: one warp per head vector rotates it twice,
-    // once for its sum of squares and once to store it normalised; the
-    // rotated values are rounded as the unfused rope would store them.
+  } else {
     auto rot = [&](llvm::StringRef v) {
       return norm->bf16Temps ? ("l4_round_bf16(" + v + ")").str() : v.str();
     };
-    os << "    constexpr float EPS = " << floatLit(float(norm->eps)) << ";\n"
-       << R"cuda(    const int lane = threadIdx.x & 31;
-    for (long long h = threadIdx.x >> 5; h < H; h += blockDim.x >> 5) {
-      float ss = 0.0f;
+    os << "    for (long long h = threadIdx.x >> 5; h < " << heads
+       << "; h += blockDim.x >> 5) {\n"
+       << R"cuda(      float ss = 0.0f;
       for (long long j = lane; j < HALF; j += 32) {
         const long long k = h * D + 2 * j;
-        const float a = l4_ld(x, xo + k), bv = l4_ld(x, xo + k + 1);
+        const float a = l4_ld(@X, @XO + k), bv = l4_ld(@X, @XO + k + 1);
         const float c = cs[2 * j], s = cs[2 * j + 1];
         const float ra = )cuda"
        << rot("a * c - bv * s") << ", rb = " << rot("a * s + bv * c") << R"cuda(;
@@ -226,34 +229,167 @@ llvm::Error emitRope(OpContext &ctx, const RopeNorm *norm) {
       }
       ss = l4_warp_sum(ss);
       const float var = (float)((double)ss / (double)D);
-      const float inv = (float)(1.0 / sqrt((double)(var + EPS)));
+      const float inv = (float)(1.0 / sqrt((double)(var + @EPS)));
       for (long long j = lane; j < HALF; j += 32) {
         const long long k = h * D + 2 * j;
-        const float a = l4_ld(x, xo + k), bv = l4_ld(x, xo + k + 1);
+        const float a = l4_ld(@X, @XO + k), bv = l4_ld(@X, @XO + k + 1);
         const float c = cs[2 * j], s = cs[2 * j + 1];
-        l4_st(y, yo + k, ()cuda"
+        l4_st(@Y, @YO + k, ()cuda"
        << rot("a * c - bv * s") << R"cuda() * inv);
-        l4_st(y, yo + k + 1, ()cuda"
+        l4_st(@Y, @YO + k + 1, ()cuda"
        << rot("a * s + bv * c") << R"cuda() * inv);
       }
     }
-  }
 )cuda";
-    b.threads = 128;
-    b.blocks = gridFor(maxRows(x), 1);
-    return llvm::Error::success();
   }
-  os << R"cuda(    for (long long e = threadIdx.x; e < H * HALF; e += blockDim.x) {
-      const long long h = e / HALF, j = e - h * HALF, k = h * D + 2 * j;
-      const float a = l4_ld(x, xo + k), bv = l4_ld(x, xo + k + 1);
-      const float c = cs[2 * j], s = cs[2 * j + 1];
-      l4_st(y, yo + k, a * c - bv * s);
-      l4_st(y, yo + k + 1, a * s + bv * c);
-    }
+  std::string out = t;
+  for (auto [from, to] :
+       {std::pair<llvm::StringRef, std::string>{"@XO", xo.str()},
+        {"@X", x.str()},
+        {"@YO", yo.str()},
+        {"@Y", y.str()},
+        {"@EPS", norm ? floatLit(float(norm->eps)) : std::string()}})
+    out = replaceAll(out, from, to);
+  return out;
+}
+
+/// The temperature scale of a row at position p (HF's fp32 math, log1p
+/// rounded from double) into `scale`.
+std::string temperatureScale(l4::TemperatureScaleOp op) {
+  return "    // In fp32 as HF, with log1p rounded from double.\n"
+         "    const float scale = (float)log1p((double)floorf((p + 1.0f) / " +
+         floatLit(float(op.getFloorScale().convertToDouble())) + ")) * " +
+         floatLit(float(op.getAttnScale().convertToDouble())) + " + 1.0f;\n";
+}
+
+} // namespace
+
+llvm::Error emitRope(OpContext &ctx, const RopeNorm *norm) {
+  auto rope = cast<l4::RopeOp>(ctx.op);
+  const View &x = ctx.operands[0], &pos = ctx.operands[1], &y = ctx.results[0];
+  auto lt = liveRows(ctx, {&x, &pos, &y});
+  if (!lt)
+    return lt.takeError();
+  auto shape = x.shape();
+  if (shape.size() != 4 || shape[3] % 2 || y.inner != x.inner)
+    return ctx.fail("expected x [B, S, H, d] with an even d");
+  int64_t heads = shape[2], d = shape[3];
+  if (llvm::Error e = ropeGlobals(ctx, rope, d))
+    return e;
+  Body &b = ctx.body;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("H", heads) << constant("D", d) << constant("HALF", d / 2)
+     << rowConstants(b, "X", x) << rowConstants(b, "Y", y)
+     << stride(b, "P_S", pos.rowsPerBatch) << "  const long long LT = " << *lt
+     << ";\n"
+     << "  __shared__ float cs[2 * HALF];\n"
+     << (norm ? "  const int lane = threadIdx.x & 31;\n" : "")
+     << R"cuda(  for (long long r = blockIdx.x; r < B * LT; r += gridDim.x) {
+    const long long b = r / LT, t = r - b * LT;
+    const float p = (float)l4_ldi(pos, b * P_S + t);
+)cuda" << ropeCosSin(rope.getInverse())
+     << "    const long long xo = (b * X_S + t) * X_W, yo = (b * Y_S + t) * Y_W;\n"
+     << ropeHeads(norm, "H", "x", "xo", "y", "yo") << "  }\n";
+  b.threads = 128;
+  b.blocks = gridFor(maxRows(x), 1);
+  return llvm::Error::success();
+}
+
+llvm::Error emitCacheGroup(OpContext &ctx, const CacheGroup &g) {
+  auto qRope = llvm::cast_or_null<l4::RopeOp>(g.qRope);
+  auto kRope = llvm::cast_or_null<l4::RopeOp>(g.kRope);
+  auto qTemp = llvm::cast_or_null<l4::TemperatureScaleOp>(g.qTemp);
+  // Operands [xq,] pos, xk, xv, the k and v caches; results [yq,] kc, vc.
+  const bool hasQ = qRope || qTemp;
+  if (ctx.operands.size() != (hasQ ? 6u : 5u) ||
+      ctx.results.size() != (hasQ ? 3u : 2u))
+    return ctx.fail("expected the cache kernel's operands and results");
+  size_t i = 0;
+  const View *xq = hasQ ? &ctx.operands[i++] : nullptr;
+  const View &pos = ctx.operands[i++], &xk = ctx.operands[i++],
+             &xv = ctx.operands[i++];
+  View &kin = ctx.operands[i++], &vin = ctx.operands[i++];
+  const View *yq = hasQ ? &ctx.results[0] : nullptr;
+  const View &kc = ctx.results[hasQ ? 1 : 0], &vc = ctx.results[hasQ ? 2 : 1];
+  auto lt = liveRows(ctx, {&pos, &xk, &xv});
+  if (!lt)
+    return lt.takeError();
+  if (hasQ)
+    if (auto lq = liveRows(ctx, {xq, yq, &pos}); !lq)
+      return lq.takeError();
+  auto ks = kc.shape(), vs = vc.shape();
+  auto inPlace = [](const View &in, const View &out) {
+    return in.buf->region == out.buf->region && in.buf->offset == out.buf->offset;
+  };
+  if (ks.size() != 4 || vs != ks || !kc.hasBatch || kc.hasSeq ||
+      xk.inner != ks[2] * ks[3] || xv.inner != xk.inner ||
+      !inPlace(kin, kc) || !inPlace(vin, vc))
+    return ctx.fail("expected k and v caches [B, M, Hkv, d] updated in place "
+                    "from rows of Hkv x d");
+  if (qRope && kRope &&
+      qRope->getAttrDictionary() != kRope->getAttrDictionary())
+    return ctx.fail("q's and k's RoPE differ");
+  // The caches are written through their results (the same bytes).
+  kin.referenced = vin.referenced = false;
+  int64_t d = ks[3];
+  if (d % 2)
+    return ctx.fail("expected an even head dim");
+  Body &b = ctx.body;
+  l4::RopeOp rope = qRope ? qRope : kRope;
+  if (rope)
+    if (llvm::Error e = ropeGlobals(ctx, rope, d))
+      return e;
+  llvm::raw_string_ostream os(b.code);
+  os << constant("HK", ks[2], "kv heads") << constant("D", d)
+     << constant("HALF", d / 2) << constant("M", ks[1], "cache rows")
+     << constant("RW", ks[2] * d) << rowConstants(b, "K", xk)
+     << rowConstants(b, "V", xv) << stride(b, "P_S", pos.rowsPerBatch);
+  if (hasQ)
+    os << constant("HQ", xq->inner / d, "query heads") << rowConstants(b, "Q", *xq)
+       << rowConstants(b, "Y", *yq);
+  os << "  const long long LT = " << *lt << ";\n";
+  if (rope)
+    os << "  __shared__ float cs[2 * HALF];\n";
+  if (g.qNorm || g.kNorm)
+    os << "  const int lane = threadIdx.x & 31;\n";
+  os << "  // One block per token row: "
+     << (qRope ? "q rotated" : qTemp ? "q scaled" : "") << (hasQ ? ", " : "")
+     << (kRope ? "k rotated" : "k")
+     << R"cuda( and v into the caches at
+  // the row's position (a position outside the cache is dropped, as the
+  // host checks them).
+  for (long long r = blockIdx.x; r < B * LT; r += gridDim.x) {
+    const long long b = r / LT, t = r - b * LT;
+    const long long pi = l4_ldi(pos, b * P_S + t);
+    const float p = (float)pi;
+)cuda";
+  if (rope)
+    os << ropeCosSin(false);
+  if (qRope)
+    os << "    const long long qo = (b * Q_S + t) * Q_W, yo = (b * Y_S + t) * Y_W;\n"
+       << ropeHeads(g.qNorm ? &*g.qNorm : nullptr, "HQ", "xq", "qo", "yq", "yo");
+  if (qTemp)
+    os << temperatureScale(qTemp)
+       << R"cuda(    const long long qo = (b * Q_S + t) * Q_W, yo = (b * Y_S + t) * Y_W;
+    for (long long i = threadIdx.x; i < Q_W; i += blockDim.x)
+      l4_st(yq, yo + i, l4_ld(xq, qo + i) * scale);
+)cuda";
+  os << R"cuda(    if (pi < 0 || pi >= M)
+      continue;
+    const long long ko = (b * K_S + t) * K_W, vo = (b * V_S + t) * V_W;
+    const long long co = (b * M + pi) * RW;
+)cuda";
+  if (kRope)
+    os << ropeHeads(g.kNorm ? &*g.kNorm : nullptr, "HK", "xk", "ko", "kc", "co");
+  else
+    os << "    for (long long i = threadIdx.x; i < RW; i += blockDim.x)\n"
+          "      l4_st(kc, co + i, l4_ld(xk, ko + i));\n";
+  os << R"cuda(    for (long long i = threadIdx.x; i < RW; i += blockDim.x)
+      l4_st(vc, co + i, l4_ld(xv, vo + i));
   }
 )cuda";
   b.threads = 128;
-  b.blocks = gridFor(maxRows(x), 1);
+  b.blocks = gridFor(maxRows(xk), 1);
   return llvm::Error::success();
 }
 
@@ -268,18 +404,13 @@ llvm::Error emitTemperatureScale(OpContext &ctx) {
   Body &b = ctx.body;
   llvm::raw_string_ostream os(b.code);
   os << rowConstants(b, "X", x) << rowConstants(b, "Y", y)
-     << stride(b, "P_S", pos.rowsPerBatch) << "  constexpr float FLOOR = "
-     << floatLit(float(op.getFloorScale().convertToDouble())) << ";\n"
-     << "  constexpr float ATTN = "
-     << floatLit(float(op.getAttnScale().convertToDouble())) << ";\n"
-     << "  const long long LT = " << *lt << ";\n"
+     << stride(b, "P_S", pos.rowsPerBatch) << "  const long long LT = " << *lt
+     << ";\n"
      << R"cuda(  for (long long r = blockIdx.x; r < B * LT; r += gridDim.x) {
     const long long b = r / LT, t = r - b * LT;
     const float p = (float)l4_ldi(pos, b * P_S + t);
-    // In fp32 as HF, with log1p rounded from double.
-    const float fl = floorf((p + 1.0f) / FLOOR);
-    const float scale = (float)log1p((double)fl) * ATTN + 1.0f;
-    const long long xo = (b * X_S + t) * X_W, yo = (b * Y_S + t) * Y_W;
+)cuda" << temperatureScale(op)
+     << R"cuda(    const long long xo = (b * X_S + t) * X_W, yo = (b * Y_S + t) * Y_W;
     for (long long i = threadIdx.x; i < X_W; i += blockDim.x)
       l4_st(y, yo + i, l4_ld(x, xo + i) * scale);
   }

@@ -1,10 +1,10 @@
 // RUN: l4-opt %s --split-input-file --convert-l4-to-kernel --l4c-fuse | FileCheck %s
 // RUN: l4-opt %s --split-input-file --convert-l4-to-kernel --l4c-fuse=fusions=none | FileCheck %s --check-prefix=NONE
 // RUN: l4-opt %s --split-input-file --convert-l4-to-kernel --l4c-fuse=fusions=epilogue | FileCheck %s --check-prefix=EPI
-// RUN: not l4-opt %s --split-input-file --convert-l4-to-kernel --l4c-fuse=fusions=qkv 2>&1 | FileCheck %s --check-prefix=BAD
+// RUN: not l4-opt %s --split-input-file --convert-l4-to-kernel --l4c-fuse=fusions=qkvo 2>&1 | FileCheck %s --check-prefix=BAD
 // RUN: l4-opt %s --split-input-file --convert-l4-to-kernel --l4c-fuse --l4c-plan-memory | FileCheck %s --check-prefix=MEM
 
-// BAD: l4c-fuse: unknown fusion 'qkv' (expected all, none, epilogue, swiglu, norm or rope)
+// BAD: l4c-fuse: unknown fusion 'qkvo' (expected all, none, epilogue, swiglu, norm, rope, qkv or cache)
 
 // A dense feed-forward block: the norm, both projections and SwiGLU become
 // one kernel, the down projection and the residual another.

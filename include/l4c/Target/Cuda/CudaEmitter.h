@@ -19,6 +19,11 @@
 
 namespace l4c {
 
+/// Plans with at most this many rows (batch x live length at the compiled
+/// maxima) get the weight-streaming GEMV form of a GEMM (and l4c-fuse's
+/// `qkv` fusion, which only that form generates).
+constexpr uint64_t kGemvMaxRows = 32;
+
 /// Where a kernel operand or result lives and how it is laid out: the
 /// shape is at the compiled maxima; `dims` say which extents are the
 /// run-time batch and sequence length.
