@@ -41,6 +41,17 @@ template <class OpT> OpT single(GroupOp g) {
   return ops.size() == 1 ? dyn_cast<OpT>(ops.front()) : OpT();
 }
 
+/// The function's groups made of a single OpT, in order (collected first:
+/// the fusions erase groups while they go).
+template <class OpT> SmallVector<GroupOp> groupsOf(func::FuncOp fn) {
+  SmallVector<GroupOp> out;
+  fn.walk([&](GroupOp g) {
+    if (single<OpT>(g))
+      out.push_back(g);
+  });
+  return out;
+}
+
 /// True when every use of every result of `producer` is an operand of
 /// `consumer`.
 bool onlyFeeds(GroupOp producer, GroupOp consumer) {
@@ -274,11 +285,7 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
 
   /// gate = linear(x, Wg), up = linear(x, Wu), swiglu(gate, up) -> one group.
   void fuseSwiglu(func::FuncOp fn) {
-    SmallVector<GroupOp> acts;
-    fn.walk([&](GroupOp g) {
-      if (single<l4::SwigluOp>(g))
-        acts.push_back(g);
-    });
+    SmallVector<GroupOp> acts = groupsOf<l4::SwigluOp>(fn);
     for (GroupOp act : acts) {
       auto gate = act.getInputs()[0].getDefiningOp<GroupOp>();
       auto up = act.getInputs()[1].getDefiningOp<GroupOp>();
@@ -303,11 +310,7 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
     bool changed = true;
     while (changed) {
       changed = false;
-      SmallVector<GroupOp> adds;
-      fn.walk([&](GroupOp g) {
-        if (single<l4::AddOp>(g))
-          adds.push_back(g);
-      });
+      SmallVector<GroupOp> adds = groupsOf<l4::AddOp>(fn);
       for (GroupOp add : adds) {
         // The GEMM operand: the one a GEMM-shaped group produces for this
         // add alone; the other operand becomes the epilogue's addend.
@@ -335,11 +338,7 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
   /// each of them (recomputed per consumer; a row's norm is cheap next to
   /// its GEMM).
   void fuseNorms(func::FuncOp fn) {
-    SmallVector<GroupOp> norms;
-    fn.walk([&](GroupOp g) {
-      if (single<l4::RmsNormOp>(g))
-        norms.push_back(g);
-    });
+    SmallVector<GroupOp> norms = groupsOf<l4::RmsNormOp>(fn);
     for (GroupOp n : norms) {
       Value y = n.getResult(0);
       SmallVector<GroupOp> consumers;
@@ -377,11 +376,7 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
   /// rope(x) read only by l2_norm (the QK norm after RoPE) -> one kernel
   /// that rotates and normalises each head vector.
   void fuseRopeNorms(func::FuncOp fn) {
-    SmallVector<GroupOp> norms;
-    fn.walk([&](GroupOp g) {
-      if (single<l4::L2NormOp>(g))
-        norms.push_back(g);
-    });
+    SmallVector<GroupOp> norms = groupsOf<l4::L2NormOp>(fn);
     for (GroupOp n : norms) {
       auto r = n.getInputs()[0].getDefiningOp<GroupOp>();
       auto ropeOp = r ? single<l4::RopeOp>(r) : l4::RopeOp();
@@ -399,11 +394,7 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
   /// Attention's q, k and v: one launch and one pass over x instead of
   /// three.
   void fuseProjections(func::FuncOp fn) {
-    SmallVector<GroupOp> atts;
-    fn.walk([&](GroupOp g) {
-      if (single<l4::AttentionOp>(g))
-        atts.push_back(g);
-    });
+    SmallVector<GroupOp> atts = groupsOf<l4::AttentionOp>(fn);
     for (GroupOp att : atts) {
       auto op = single<l4::AttentionOp>(att);
       // q, k and v back through the views and the groups between them
@@ -477,11 +468,7 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
   /// cache updates -> one kernel (one block per token row, its cos and sin
   /// computed once for q and k; k goes into the cache rotated).
   void fuseCacheUpdates(func::FuncOp fn) {
-    SmallVector<GroupOp> atts;
-    fn.walk([&](GroupOp g) {
-      if (single<l4::AttentionOp>(g))
-        atts.push_back(g);
-    });
+    SmallVector<GroupOp> atts = groupsOf<l4::AttentionOp>(fn);
     for (GroupOp att : atts) {
       auto op = single<l4::AttentionOp>(att);
       GroupOp kc = producedBy<l4::KvCacheUpdateOp>(outerValue(att, op.getKey()));

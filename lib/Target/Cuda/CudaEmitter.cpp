@@ -787,6 +787,14 @@ matchCacheGroup(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
     l4::RopeOp rope;
     l4::L2NormOp norm;
     Value in;
+    /// The QK norm's part of the kernel, if the chain has one.
+    std::optional<cuda::RopeNorm> ropeNorm() {
+      if (!norm)
+        return std::nullopt;
+      return cuda::RopeNorm{
+          norm.getEps().convertToDouble(),
+          cast<RankedTensorType>(rope.getType()).getElementType().isBF16()};
+    }
   };
   auto chainOf = [&](Value v) -> std::optional<Chain> {
     Chain c;
@@ -828,11 +836,7 @@ matchCacheGroup(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
     } else if (std::optional<Chain> c = chainOf(qOut)) {
       g.qRope = c->rope;
       xq = c->in;
-      if (c->norm)
-        g.qNorm = cuda::RopeNorm{c->norm.getEps().convertToDouble(),
-                                 cast<RankedTensorType>(c->rope.getType())
-                                     .getElementType()
-                                     .isBF16()};
+      g.qNorm = c->ropeNorm();
       if (c->rope.getPositions() != pos)
         return bad("q's positions differ from the caches'");
     } else {
@@ -843,11 +847,7 @@ matchCacheGroup(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
   }
   if (kChain) {
     g.kRope = kChain->rope;
-    if (kChain->norm)
-      g.kNorm = cuda::RopeNorm{kChain->norm.getEps().convertToDouble(),
-                               cast<RankedTensorType>(kChain->rope.getType())
-                                   .getElementType()
-                                   .isBF16()};
+    g.kNorm = kChain->ropeNorm();
     if (kChain->rope.getPositions() != pos)
       return bad("k's positions differ from the caches'");
   }
