@@ -173,8 +173,9 @@ llvm::Error emitAttentionTiles(OpContext &ctx, bool fromCache) {
 ///
 /// a64, a64p1: mma.sync m16n8k16 with the warp's Q fragments in registers
 /// and P re-packed in registers as the A fragments of P V.
-/// w64, w64p1 (sm_90a, head dims up to 128, tuning candidates): Hopper
-/// warpgroup MMAs, the block one warpgroup: Q, the K/V tiles and P in
+/// w64, w64p1, w128, w128p1 (sm_90a, head dims up to 128, tuning
+/// candidates): Hopper warpgroup MMAs, the block one warpgroup of 64
+/// queries (w128: two, sharing the K/V tiles): Q, the K/V tiles and P in
 /// 128-byte-swizzled shared memory, S as m64n64k16 products, O += P V as
 /// m64n<DH>k16 with V transposed by the MMA.
 llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
@@ -183,12 +184,15 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
   Body &b = ctx.body;
   b.configs = {"a64", "a64p1"};
   if (ctx.arch == "sm_90a" && dim <= 128 && pieceAligned({&q}))
-    b.configs.append({"w64", "w64p1"});
+    b.configs.append({"w64", "w64p1", "w128", "w128p1"});
   const bool wg = ctx.config.starts_with("w");
   const bool onePart = ctx.config.ends_with("p1");
+  // w128: two warpgroups of 64 queries share each K/V tile.
+  const int groups = ctx.config.starts_with("w128") ? 2 : 1;
   llvm::raw_string_ostream os(b.code);
-  os << attentionConstants(ctx, fromCache)
-     << R"cuda(  constexpr int BQ = 64, BK = 64, NT = 128, KS = DH / 16, NO = DH / 8;
+  os << attentionConstants(ctx, fromCache) << "  constexpr int BQ = "
+     << 64 * groups << ", BK = 64, NT = " << 128 * groups
+     << R"cuda(, KS = DH / 16, NO = DH / 8;
   constexpr long long KW = HKV * DH;
 )cuda";
   if (wg) {
@@ -198,7 +202,8 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
     b.inlined = true;
     os << R"cuda(  // The head dim padded to whole 128-byte swizzle rows of 64 elements.
   constexpr int DP = (DH + 63) / 64 * 64;
-  // Hopper warpgroup MMAs; the block is one warpgroup. Shared memory from a
+  // Hopper warpgroup MMAs; warpgroup wgi of the block (NT / 128 of them)
+  // takes query rows wgi * 64... Shared memory from a
   // 1024-byte aligned base: Q [DP / 64][BQ][64], two buffers of K
   // [DP / 64][BK][64] (K-major, each 128-byte row's 16-byte piece p stored
   // at p ^ (row % 8), as wgmma's 128-byte swizzle reads it), two of V in
@@ -240,7 +245,12 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
   // output) columns 8n + 2t, 8n + 2t + 1 of each 8-wide tile n.
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
-  const long long qTiles = (T + BQ - 1) / BQ;
+)cuda";
+  if (wg)
+    os << (groups > 1
+               ? "  const int wgi = warp >> 2; // this warpgroup's 64 rows of the tile\n"
+               : "  constexpr int wgi = 0; // the block's one warpgroup\n");
+  os << R"cuda(  const long long qTiles = (T + BQ - 1) / BQ;
   for (long long task = blockIdx.x; task < B * H * qTiles; task += gridDim.x) {
     const long long h = task % H, rest = task / H;
     const long long b = rest / qTiles, t0 = rest % qTiles * BQ;
@@ -334,7 +344,7 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
       @B@_fence();
 #pragma unroll
       for (int kk = 0; kk < KS; ++kk)
-        @B@_mma_s(s, @B@_desc(qs + kOff(0, kk * 16, BQ)),
+        @B@_mma_s(s, @B@_desc(qs + kOff(wgi * 64, kk * 16, BQ)),
                   @B@_desc(ks + sb * BK * DP + kOff(0, kk * 16, BK)));
       @B@_commit();
       @B@_wait<0>();
@@ -446,10 +456,10 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk) {
         const unsigned long long dv = @B@_desc_mn(vs + sb * BK * DP + kk * 1024);
-        @B@_mma_o(o, @B@_desc(ps + kk * 16), dv);
+        @B@_mma_o(o, @B@_desc(ps + wgi * 64 * BK + kk * 16), dv);
 )cuda";
     if (!onePart)
-      os << "        @B@_mma_o(o, @B@_desc(pls + kk * 16), dv);\n";
+      os << "        @B@_mma_o(o, @B@_desc(pls + wgi * 64 * BK + kk * 16), dv);\n";
     os << R"cuda(      }
       @B@_commit();
       @B@_wait<0>();
@@ -492,16 +502,17 @@ llvm::Error emitAttentionMma(OpContext &ctx, bool fromCache) {
   if (wg)
     os << "  l4_cp_async_wait<0>(); // no copy outlives the kernel (the last "
           "groups are empty)\n";
-  b.threads = 128;
+  const int bq = 64 * groups;
+  b.threads = unsigned(128 * groups);
   b.blocks = gridFor(uint64_t(q.bmax) * heads *
-                         ((uint64_t(q.rowsPerBatch) + 63) / 64),
+                         ((uint64_t(q.rowsPerBatch) + bq - 1) / bq),
                      1);
   int64_t padded = (dim + 63) / 64 * 64;
   // wgmma: the alignment slack, Q, two K and two V buffers, P (two parts
   // but for *p1); mma.sync: two buffers each of K and V, [BK][DH + 8].
   b.sharedBytes =
-      wg ? unsigned(1024 + 2 * (64 * padded + 4 * 64 * padded +
-                                64 * 64 * (onePart ? 1 : 2)))
+      wg ? unsigned(1024 + 2 * (bq * padded + 4 * 64 * padded +
+                                bq * 64 * (onePart ? 1 : 2)))
          : unsigned(2 * 2 * 64 * (dim + 8) * 2);
   return llvm::Error::success();
 }
