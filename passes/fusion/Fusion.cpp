@@ -68,53 +68,82 @@ StringRef lastSegment(StringRef name) {
   return dot == StringRef::npos ? name : name.drop_front(dot + 1);
 }
 
+/// What the groups `parts` read from outside them, each value once, in
+/// order: the inputs of a group merging them.
+SmallVector<Value> outsideInputs(ArrayRef<GroupOp> parts) {
+  SmallVector<Value> inputs;
+  for (GroupOp g : parts)
+    for (Value v : g.getInputs())
+      if (!llvm::is_contained(parts, v.getDefiningOp<GroupOp>()) &&
+          !llvm::is_contained(inputs, v))
+        inputs.push_back(v);
+  return inputs;
+}
+
+/// A new group at b's insertion point, b then inside its body; `outer` maps
+/// each of `inputs` to its body argument.
+GroupOp newGroup(OpBuilder &b, Location loc, StringRef name, StringRef kind,
+                 ArrayRef<Value> inputs, TypeRange types, IRMapping &outer) {
+  auto g = GroupOp::create(b, loc, name, kind, inputs, types);
+  Block &body = g.getBody().front();
+  b.setInsertionPointToStart(&body);
+  for (auto [v, arg] : llvm::zip(inputs, body.getArguments()))
+    outer.map(v, arg);
+  return g;
+}
+
+/// Clones g's ops at b's insertion point, reading g's inputs through
+/// `outer`, and maps g's results in `outer` to what the clones yield. With
+/// `seen`, an op repeating one of `seen` (the same name, operands,
+/// attributes and result types: an input norm each part recomputed) is not
+/// cloned again; the earlier op's results stand for its.
+void cloneGroupInto(OpBuilder &b, GroupOp g, IRMapping &outer,
+                    SmallVectorImpl<Operation *> *seen = nullptr) {
+  Block &old = g.getBody().front();
+  IRMapping map;
+  for (auto [arg, in] : llvm::zip(old.getArguments(), g.getInputs()))
+    map.map(arg, outer.lookup(in));
+  for (Operation &op : old.without_terminator()) {
+    Operation *c = b.clone(op, map);
+    if (!seen)
+      continue;
+    auto same = llvm::find_if(*seen, [&](Operation *prev) {
+      return prev->getName() == c->getName() &&
+             prev->getOperands() == c->getOperands() &&
+             prev->getAttrDictionary() == c->getAttrDictionary() &&
+             prev->getResultTypes() == c->getResultTypes();
+    });
+    if (same == seen->end()) {
+      seen->push_back(c);
+      continue;
+    }
+    for (auto [r, p] : llvm::zip(op.getResults(), (*same)->getResults()))
+      map.map(r, p);
+    c->erase();
+  }
+  auto yield = cast<l4c::kernel::YieldOp>(old.getTerminator());
+  for (auto [res, v] : llvm::zip(g.getResults(), yield.getValues()))
+    outer.map(res, map.lookup(v));
+}
+
 /// Replaces `consumer` by one group that runs the ops of `producers` (in
 /// order) and then the consumer's, named `name`. Inputs fed by a producer's
 /// results become values inside the new group. Producers left without uses
 /// are erased; a producer with other uses (a norm cloned into several
 /// consumers) stays.
 GroupOp fuse(ArrayRef<GroupOp> producers, GroupOp consumer, StringRef name) {
-  // The new group's inputs: everything any part reads from outside.
-  SmallVector<Value> inputs;
-  auto addInput = [&](Value v) {
-    for (GroupOp p : producers)
-      if (v.getDefiningOp() == p.getOperation())
-        return;
-    if (!llvm::is_contained(inputs, v))
-      inputs.push_back(v);
-  };
-  for (GroupOp p : producers)
-    for (Value v : p.getInputs())
-      addInput(v);
-  for (Value v : consumer.getInputs())
-    addInput(v);
-
+  SmallVector<GroupOp> parts(producers);
+  parts.push_back(consumer);
   OpBuilder b(consumer);
-  auto fused = GroupOp::create(b, consumer.getLoc(), name, consumer.getKind(),
-                               inputs, consumer.getResultTypes());
-  Block &body = fused.getBody().front();
-  b.setInsertionPointToStart(&body);
-  // Outer values -> values inside the new body.
   IRMapping outer;
-  for (auto [v, arg] : llvm::zip(inputs, body.getArguments()))
-    outer.map(v, arg);
-  auto cloneBody = [&](GroupOp g) {
-    Block &old = g.getBody().front();
-    IRMapping map;
-    for (auto [arg, in] : llvm::zip(old.getArguments(), g.getInputs()))
-      map.map(arg, outer.lookup(in));
-    for (Operation &op : old.without_terminator())
-      b.clone(op, map);
-    auto yield = cast<l4c::kernel::YieldOp>(old.getTerminator());
-    SmallVector<Value> values;
-    for (Value v : yield.getValues())
-      values.push_back(map.lookup(v));
-    return values;
-  };
-  for (GroupOp p : producers)
-    for (auto [res, v] : llvm::zip(p.getResults(), cloneBody(p)))
-      outer.map(res, v);
-  SmallVector<Value> results = cloneBody(consumer);
+  GroupOp fused = newGroup(b, consumer.getLoc(), name, consumer.getKind(),
+                           outsideInputs(parts), consumer.getResultTypes(),
+                           outer);
+  for (GroupOp g : parts)
+    cloneGroupInto(b, g, outer);
+  SmallVector<Value> results;
+  for (Value r : consumer.getResults())
+    results.push_back(outer.lookup(r));
   l4c::kernel::YieldOp::create(b, consumer.getLoc(), results);
 
   consumer.replaceAllUsesWith(fused.getResults());
@@ -125,66 +154,30 @@ GroupOp fuse(ArrayRef<GroupOp> producers, GroupOp consumer, StringRef name) {
   return fused;
 }
 
-/// Replaces `members` (groups in block order, none reading another's
-/// results except as listed) by one group placed before `before`, named
-/// `name`, of kind `kind`: it runs the members' ops in order and yields
-/// every member result something outside the members reads. Inputs fed by
-/// a member become values inside; an op repeating an earlier one of the
-/// new body (the same name, operands and attributes: an input norm each
-/// member recomputed) is dropped for that one.
+/// Replaces `members` (groups in block order) by one group placed before
+/// `before`, named `name`, of kind `kind`: it runs the members' ops in
+/// order, drops an op repeating an earlier one (cloneGroupInto's `seen`),
+/// and yields every member result something outside the members reads.
 GroupOp fuseSiblings(ArrayRef<GroupOp> members, Operation *before,
                      StringRef name, StringRef kind) {
-  auto isMember = [&](Operation *op) {
-    return llvm::is_contained(members, dyn_cast_or_null<GroupOp>(op));
-  };
-  SmallVector<Value> inputs, outs;
-  for (GroupOp g : members) {
-    for (Value v : g.getInputs())
-      if (!isMember(v.getDefiningOp()) && !llvm::is_contained(inputs, v))
-        inputs.push_back(v);
-    for (Value r : g.getResults())
-      if (llvm::any_of(r.getUsers(),
-                       [&](Operation *u) { return !isMember(u); }))
-        outs.push_back(r);
-  }
+  SmallVector<Value> outs;
   SmallVector<Type> types;
-  for (Value r : outs)
-    types.push_back(r.getType());
+  for (GroupOp g : members)
+    for (Value r : g.getResults())
+      if (llvm::any_of(r.getUsers(), [&](Operation *u) {
+            return !llvm::is_contained(members, dyn_cast<GroupOp>(u));
+          })) {
+        outs.push_back(r);
+        types.push_back(r.getType());
+      }
   Location loc = GroupOp(members.front()).getLoc();
   OpBuilder b(before);
-  auto fused = GroupOp::create(b, loc, name, kind, inputs, types);
-  Block &body = fused.getBody().front();
-  b.setInsertionPointToStart(&body);
   IRMapping outer;
-  for (auto [v, arg] : llvm::zip(inputs, body.getArguments()))
-    outer.map(v, arg);
-  SmallVector<Operation *> cloned;
-  for (GroupOp g : members) {
-    Block &old = g.getBody().front();
-    IRMapping map;
-    for (auto [arg, in] : llvm::zip(old.getArguments(), g.getInputs()))
-      map.map(arg, outer.lookup(in));
-    for (Operation &op : old.without_terminator()) {
-      Operation *c = b.clone(op, map);
-      for (Operation *prev : cloned)
-        if (prev->getName() == c->getName() &&
-            prev->getOperands() == c->getOperands() &&
-            prev->getAttrDictionary() == c->getAttrDictionary() &&
-            prev->getResultTypes() == c->getResultTypes()) {
-          c->replaceAllUsesWith(prev);
-          for (auto [r, p] : llvm::zip(op.getResults(), prev->getResults()))
-            map.map(r, p);
-          c->erase();
-          c = nullptr;
-          break;
-        }
-      if (c)
-        cloned.push_back(c);
-    }
-    auto yield = cast<l4c::kernel::YieldOp>(old.getTerminator());
-    for (auto [res, v] : llvm::zip(g.getResults(), yield.getValues()))
-      outer.map(res, map.lookup(v));
-  }
+  GroupOp fused =
+      newGroup(b, loc, name, kind, outsideInputs(members), types, outer);
+  SmallVector<Operation *> seen;
+  for (GroupOp g : members)
+    cloneGroupInto(b, g, outer, &seen);
   SmallVector<Value> yielded;
   for (Value r : outs)
     yielded.push_back(outer.lookup(r));

@@ -526,6 +526,19 @@ llvm::Expected<View> makeView(const OpContext &ctx, const CudaBuffer &buf,
   return v;
 }
 
+/// Appends the kernel's input (or result) `index` to ctx.operands (or
+/// ctx.results) as the view `name`, cast from body parameter in<index>
+/// (out<index>).
+llvm::Error addView(OpContext &ctx, llvm::ArrayRef<CudaBuffer> bufs,
+                    unsigned index, llvm::StringRef name, bool result) {
+  auto view = makeView(ctx, bufs[index], name);
+  if (!view)
+    return view.takeError();
+  view->param = (result ? "out" : "in") + std::to_string(index);
+  (result ? ctx.results : ctx.operands).push_back(std::move(*view));
+  return llvm::Error::success();
+}
+
 /// Dispatches the op to its family's emitter.
 llvm::Error emitOp(OpContext &ctx) {
   Operation *op = ctx.op;
@@ -739,21 +752,15 @@ matchFusedGemm(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
       bf16 = t.isBF16();
     }
   spec.bf16Temps = bf16.value_or(false);
-  for (auto [v, name] : roles) {
-    unsigned a = cast<BlockArgument>(v).getArgNumber();
-    auto view = makeView(ctx, inputs[a], name);
-    if (!view)
-      return view.takeError();
-    view->param = "in" + std::to_string(a);
-    ctx.operands.push_back(std::move(*view));
-  }
-  for (unsigned o = 0; o < spec.outs; ++o) {
-    auto view = makeView(ctx, results[o], o ? "y" + std::to_string(o) : "y");
-    if (!view)
-      return view.takeError();
-    view->param = "out" + std::to_string(o);
-    ctx.results.push_back(std::move(*view));
-  }
+  for (auto [v, name] : roles)
+    if (llvm::Error e = addView(ctx, inputs, cast<BlockArgument>(v).getArgNumber(),
+                                name, /*result=*/false))
+      return std::move(e);
+  for (unsigned o = 0; o < spec.outs; ++o)
+    if (llvm::Error e = addView(ctx, results, o,
+                                o ? "y" + std::to_string(o) : "y",
+                                /*result=*/true))
+      return std::move(e);
   return spec;
 }
 
@@ -862,14 +869,11 @@ matchCacheGroup(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
   ctx.op = qOut ? qOut.getDefiningOp() : ku.getOperation();
   static const char *kNames[] = {"xq", "pos", "xk", "xv", "kc_in", "vc_in"};
   Value roles[] = {xq, pos, xk, vu.getUpdate(), ku.getCache(), vu.getCache()};
-  for (unsigned r = qOut ? 0 : 1; r < 6; ++r) {
-    unsigned a = cast<BlockArgument>(roles[r]).getArgNumber();
-    auto view = makeView(ctx, inputs[a], kNames[r]);
-    if (!view)
-      return view.takeError();
-    view->param = "in" + std::to_string(a);
-    ctx.operands.push_back(std::move(*view));
-  }
+  for (unsigned r = qOut ? 0 : 1; r < 6; ++r)
+    if (llvm::Error e =
+            addView(ctx, inputs, cast<BlockArgument>(roles[r]).getArgNumber(),
+                    kNames[r], /*result=*/false))
+      return std::move(e);
   static const char *kOut[] = {"yq", "kc", "vc"};
   Value outs[] = {qOut, ku.getResult(), vu.getResult()};
   for (unsigned r = qOut ? 0 : 1; r < 3; ++r) {
@@ -877,11 +881,8 @@ matchCacheGroup(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
     if (it == yield.getValues().end())
       return bad("the caches must be results");
     unsigned idx = std::distance(yield.getValues().begin(), it);
-    auto view = makeView(ctx, results[idx], kOut[r]);
-    if (!view)
-      return view.takeError();
-    view->param = "out" + std::to_string(idx);
-    ctx.results.push_back(std::move(*view));
+    if (llvm::Error e = addView(ctx, results, idx, kOut[r], /*result=*/true))
+      return std::move(e);
   }
   return g;
 }
@@ -975,11 +976,9 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
     auto arg = dyn_cast<BlockArgument>(v);
     if (!arg || arg.getOwner() != &block)
       return ctx.fail("operand " + llvm::Twine(i) + " is not a kernel input");
-    auto view = makeView(ctx, inputs[arg.getArgNumber()], (*names)[i]);
-    if (!view)
-      return view.takeError();
-    view->param = "in" + std::to_string(arg.getArgNumber());
-    ctx.operands.push_back(std::move(*view));
+    if (llvm::Error e = addView(ctx, inputs, arg.getArgNumber(), (*names)[i],
+                                /*result=*/false))
+      return std::move(e);
   }
   for (auto [i, r] : llvm::enumerate(ctx.op->getResults())) {
     if (viewsMade)
@@ -992,11 +991,8 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
     unsigned idx = std::distance(yield.getValues().begin(), it);
     std::string name =
         ctx.op->getNumResults() == 1 ? "y" : "y" + std::to_string(i);
-    auto view = makeView(ctx, results[idx], name);
-    if (!view)
-      return view.takeError();
-    view->param = "out" + std::to_string(idx);
-    ctx.results.push_back(std::move(*view));
+    if (llvm::Error e = addView(ctx, results, idx, name, /*result=*/true))
+      return std::move(e);
   }
   if (llvm::Error e = fused        ? cuda::emitGemm(ctx, *fused)
                       : cacheGroup ? cuda::emitCacheGroup(ctx, *cacheGroup)
