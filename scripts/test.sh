@@ -38,6 +38,8 @@ echo "== compiler unit tests"
 gtest_suite compiler-unit "$build/test/unit/l4c-unit-tests"
 echo "== runtime unit tests"
 gtest_suite runtime-unit "$build/runtime/l4c_runtime_tests"
+echo "== emulator unit tests (mbarriers, TMA, named barriers)"
+gtest_suite cuemu-unit "$build/runtime/l4c_cuemu_tests"
 
 echo "== runtime package test (an outside project links libl4rt via find_package)"
 ctest --test-dir "$build" -R l4rt_find_package --output-on-failure >"$log/ctest.log" 2>&1

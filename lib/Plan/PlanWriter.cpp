@@ -507,11 +507,22 @@ llvm::Expected<std::string> Writer::finish(const Llama4Config &c,
           auto bin = fbb.CreateVector(cubins[ck.bodyName]);
           it = shared.try_emplace(ck.bodyName, src, bin).first;
         }
+        std::vector<fb::Offset<pl::TensorMap>> maps;
+        for (const CudaTensorMap &m : ck.tensorMaps)
+          maps.push_back(pl::CreateTensorMap(
+              fbb, regionOf(m.region), m.offset,
+              m.bf16 ? pl::DType::BF16 : pl::DType::F32,
+              fbb.CreateVector(std::vector<uint64_t>(m.dims.begin(), m.dims.end())),
+              fbb.CreateVector(
+                  std::vector<uint64_t>(m.strides.begin(), m.strides.end())),
+              fbb.CreateVector(std::vector<uint32_t>(m.box.begin(), m.box.end())),
+              m.swizzle));
         tables.push_back(pl::CreateKernel(
             fbb, k.name, k.kind, k.ops, it->second.first, it->second.second,
             fbb.CreateString(ck.entry), ck.threads, ck.blocks, ck.sharedBytes,
             k.temps, fbb.CreateString(ck.config),
-            fbb.CreateString(k.signature), k.alternativeOf));
+            fbb.CreateString(k.signature), k.alternativeOf,
+            maps.empty() ? 0 : fbb.CreateVector(maps)));
       }
     nvrtcVersion = nvrtc::version();
   } else {

@@ -251,6 +251,12 @@ std::string shapeStr(const std::vector<int64_t> &shape) {
   return s + "]";
 }
 
+template <typename T> std::string listStr(const std::vector<T> &v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i)
+    s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
 
 bool overlaps(const BufferDesc &a, const BufferDesc &b) {
   return a.region == b.region && a.offset < b.offset + b.size &&
@@ -301,6 +307,8 @@ private:
   Status checkRegionAliasing(plan::Region region);
   Status checkWeights(const plan::Plan &fb);
   Status checkKernels(const plan::Plan &fb);
+  Status checkTensorMap(const std::string &where, const plan::TensorMap &m,
+                        TensorMapDesc &d);
   Status checkOp(const std::string &where, const plan::SemanticOp &op,
                  OpDesc &out);
   Status checkOpShapes(const std::string &where, OpDesc &d,
@@ -543,6 +551,18 @@ Status PlanVerifier::checkKernels(const plan::Plan &fb) {
       return fail(kwhere + ": alternative_of " +
                   std::to_string(kd.alternativeOf) +
                   " does not name an earlier kernel that is not a candidate");
+    // Verified on every target: a CPU plan ignores them, but a plan that
+    // carries them must carry ones a driver could encode.
+    if (kernel->tensor_maps())
+      for (uint32_t m = 0; m < kernel->tensor_maps()->size(); ++m) {
+        TensorMapDesc d;
+        if (Status s =
+                checkTensorMap(kwhere + " tensor map " + std::to_string(m),
+                               *kernel->tensor_maps()->Get(m), d);
+            !s.ok())
+          return s;
+        kd.tensorMaps.push_back(std::move(d));
+      }
     if (!kernel->ops()) {
       if (kd.alternativeOf >= 0 && !p.kernels[kd.alternativeOf].ops.empty())
         return fail(kwhere + ": a tuning candidate must have the ops, "
@@ -593,6 +613,90 @@ Status PlanVerifier::checkKernels(const plan::Plan &fb) {
                     std::to_string(kd.alternativeOf));
     }
   }
+  return Status::success();
+}
+
+Status PlanVerifier::checkTensorMap(const std::string &where,
+                                    const plan::TensorMap &m,
+                                    TensorMapDesc &d) {
+  // cuTensorMapEncodeTiled's rules (cuda.h), for the tiled, non-interleaved
+  // maps with element strides of 1 that the runtime encodes.
+  auto bad = [&](const std::string &msg) { return fail(where + ": " + msg); };
+  if (int(m.region()) < 0 || int(m.region()) > int(plan::Region::Io))
+    return bad("unknown region " + std::to_string(int(m.region())));
+  d.region = m.region();
+  if (m.dtype() != plan::DType::F32 && m.dtype() != plan::DType::BF16)
+    return bad("dtype " +
+               (dtypeSize(m.dtype()) ? std::string(dtypeName(m.dtype()))
+                                     : std::to_string(int(m.dtype()))) +
+               " is not f32 or bf16");
+  d.dtype = m.dtype();
+  const uint64_t elem = dtypeSize(d.dtype);
+  if (m.dims())
+    d.dims.assign(m.dims()->begin(), m.dims()->end());
+  if (m.strides())
+    d.strides.assign(m.strides()->begin(), m.strides()->end());
+  if (m.box())
+    d.box.assign(m.box()->begin(), m.box()->end());
+  d.offset = m.offset();
+  d.swizzle = m.swizzle();
+  const size_t rank = d.dims.size();
+  if (rank < 1 || rank > 5)
+    return bad("rank " + std::to_string(rank) + " (dims " + listStr(d.dims) +
+               ") is outside [1, 5]");
+  if (d.strides.size() != rank - 1)
+    return bad("strides has " + std::to_string(d.strides.size()) +
+               " entries for rank " + std::to_string(rank) + " (expects " +
+               std::to_string(rank - 1) + ")");
+  if (d.box.size() != rank)
+    return bad("box has " + std::to_string(d.box.size()) +
+               " entries for rank " + std::to_string(rank));
+  for (size_t i = 0; i < rank; ++i) {
+    if (d.dims[i] < 1 || d.dims[i] > (uint64_t(1) << 32))
+      return bad("dims " + listStr(d.dims) + ": extent " + std::to_string(i) +
+                 " is outside [1, 2^32]");
+    // A box may outgrow the tensor: what lies outside arrives as zeros.
+    if (d.box[i] < 1 || d.box[i] > 256)
+      return bad("box " + listStr(d.box) + ": entry " + std::to_string(i) +
+                 " is outside [1, 256]");
+  }
+  if (d.offset % 16 != 0)
+    return bad("offset " + std::to_string(d.offset) +
+               " is not a multiple of 16");
+  for (size_t i = 0; i < d.strides.size(); ++i)
+    if (d.strides[i] % 16 != 0 || d.strides[i] >= (uint64_t(1) << 40))
+      return bad("strides " + listStr(d.strides) + ": entry " +
+                 std::to_string(i) +
+                 " is not a multiple of 16 below 2^40 bytes");
+  uint64_t inner = uint64_t(d.box[0]) * elem;
+  if (inner % 16 != 0)
+    return bad("box[0] of " + std::to_string(d.box[0]) + " " +
+               dtypeName(d.dtype) + " elements spans " + std::to_string(inner) +
+               " bytes, not a multiple of 16");
+  if (d.swizzle > 3)
+    return bad("swizzle " + std::to_string(d.swizzle) +
+               " is not 0 (none), 1 (32B), 2 (64B) or 3 (128B)");
+  if (d.swizzle != 0 && inner > (16u << d.swizzle))
+    return bad("box[0] spans " + std::to_string(inner) +
+               " bytes, more than the " + std::to_string(16u << d.swizzle) +
+               "-byte span of its swizzle");
+  // The last byte any copy may read: element dims - 1 in every dimension.
+  uint64_t end = 0;
+  bool overflow = __builtin_mul_overflow(d.dims[0], elem, &end) ||
+                  __builtin_add_overflow(end, d.offset, &end);
+  for (size_t i = 1; i < rank && !overflow; ++i) {
+    uint64_t span;
+    overflow = __builtin_mul_overflow(d.dims[i] - 1, d.strides[i - 1], &span) ||
+               __builtin_add_overflow(end, span, &end);
+  }
+  uint64_t limit = p.regionSize[int(d.region)];
+  if (overflow || end > limit)
+    return bad("dims " + listStr(d.dims) + " with strides " +
+               listStr(d.strides) + " from offset " + std::to_string(d.offset) +
+               " reach " +
+               (overflow ? std::string("past 2^64") : std::to_string(end)) +
+               ", outside the " + regionName(d.region) + " region of " +
+               std::to_string(limit) + " bytes");
   return Status::success();
 }
 

@@ -21,7 +21,7 @@ namespace l4c::rt {
 /// The plan format version this runtime executes. Bump together with the
 /// compiler's copy (include/l4c/Plan/PlanWriter.h) on any incompatible
 /// change to plan.fbs.
-constexpr uint32_t kPlanVersion = 1;
+constexpr uint32_t kPlanVersion = 2;
 
 /// Failure classes; the C API maps them one to one onto l4rt_status.
 enum class StatusCode {
@@ -131,6 +131,20 @@ struct OpDesc {
   std::vector<float> invFreq; ///< rope: cpu::ropeInvFreq, head_dim / 2 entries
 };
 
+/// A TMA tensor map a CUDA kernel takes after B and T (plan.fbs,
+/// TensorMap): verified to be one cuTensorMapEncodeTiled accepts and to
+/// address only bytes of its region.
+struct TensorMapDesc {
+  plan::Region region = plan::Region::Arena;
+  uint64_t offset = 0; ///< bytes from the region's start to element 0
+  plan::DType dtype = plan::DType::BF16; ///< F32 or BF16
+  /// Innermost first: elements per dimension (rank 1 to 5), the bytes
+  /// between indices of dims[1..] (rank - 1 of them), elements per copy.
+  std::vector<uint64_t> dims, strides;
+  std::vector<uint32_t> box;
+  uint8_t swizzle = 0; ///< CUtensorMapSwizzle: 0 none, 1 32B, 2 64B, 3 128B
+};
+
 struct KernelDesc {
   std::string name, kind;
   std::vector<OpDesc> ops;
@@ -141,6 +155,9 @@ struct KernelDesc {
   std::string tileConfig, signature;
   /// >= 0: a candidate configuration of that kernel; no program runs it.
   int32_t alternativeOf = -1;
+  /// CUDA: the TMA tensor maps the entry takes after B and T, in order (the
+  /// CPU backend ignores them).
+  std::vector<TensorMapDesc> tensorMaps;
 };
 
 struct ProgramDesc {

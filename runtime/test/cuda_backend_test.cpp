@@ -4,6 +4,7 @@
 // allocations, copies, module loads, launches and graphs, and can fail any
 // call. The load-time NVRTC path and its disk cache use the real NVRTC where
 // it is installed (it builds sm_90a cubins without a GPU) and skip otherwise.
+// A TMA kernel runs end to end through the emulator (runtime/test/cuemu).
 //
 //===----------------------------------------------------------------------===//
 #include "cuda/cuda_backend.h"
@@ -50,6 +51,22 @@ namespace {
 // The fake driver
 //===----------------------------------------------------------------------===//
 
+/// The fake's CUtensorMap contents: what cuTensorMapEncodeTiled was given.
+struct FakeTensorMap {
+  int dtype = -1;
+  unsigned rank = 0;
+  CUdeviceptr address = 0;
+  std::vector<unsigned long long> dims, strides;
+  std::vector<unsigned> box, elementStrides;
+  int interleave = -1, swizzle = -1, l2 = -1, oob = -1;
+  bool operator==(const FakeTensorMap &o) const {
+    return dtype == o.dtype && rank == o.rank && address == o.address &&
+           dims == o.dims && strides == o.strides && box == o.box &&
+           elementStrides == o.elementStrides && interleave == o.interleave &&
+           swizzle == o.swizzle && l2 == o.l2 && oob == o.oob;
+  }
+};
+
 struct FakeLaunch {
   std::string entry;
   unsigned grid = 0, threads = 0, shared = 0;
@@ -57,6 +74,9 @@ struct FakeLaunch {
   L4Regions regions;
   long long B = 0, T = 0;
   bool fromGraph = false;
+  /// The tensor maps after B and T (as many as FakeCuda::mapParams says
+  /// the entry takes), decoded from the 128 bytes passed.
+  std::vector<FakeTensorMap> maps;
 };
 
 struct FakeModule {
@@ -127,6 +147,12 @@ public:
   std::vector<FakeLaunch> launches; ///< executed, directly or by a graph
   std::vector<std::pair<std::string, int>> sharedOptIns;
   int contexts = 0; ///< retained primary contexts
+
+  /// Encoded tensor maps, in order; a CUtensorMap holds its index + 1.
+  std::vector<FakeTensorMap> encoded;
+  /// Tensor map parameters an entry takes after B and T (the real driver
+  /// knows from the kernel's signature); none if absent.
+  std::map<std::string, size_t> mapParams;
 
   /// Kernels to emulate on launch (not on capture), by entry.
   std::map<std::string, std::function<void(FakeCuda &, const FakeLaunch &)>>
@@ -340,10 +366,50 @@ struct FakeCalls {
     std::memcpy(&l.regions, params[0], sizeof(L4Regions));
     std::memcpy(&l.B, params[1], sizeof(long long));
     std::memcpy(&l.T, params[2], sizeof(long long));
+    auto maps = f().mapParams.find(func->entry);
+    for (size_t i = 0; maps != f().mapParams.end() && i < maps->second; ++i) {
+      // Copied now, as the driver copies kernel parameters at launch.
+      if (reinterpret_cast<uintptr_t>(params[3 + i]) % 64)
+        return cuda::CUDA_ERROR_INVALID_VALUE;
+      cuda::CUtensorMap m;
+      std::memcpy(&m, params[3 + i], sizeof(m));
+      if (m.opaque[0] < 1 || m.opaque[0] > f().encoded.size() ||
+          m.opaque[1] != 0x746d6170) // "tmap"
+        return cuda::CUDA_ERROR_INVALID_VALUE;
+      l.maps.push_back(f().encoded[m.opaque[0] - 1]);
+    }
     if (stream->capturing)
       stream->captured.push_back(l);
     else
       f().execute(l);
+    return 0;
+  }
+  static CUresult encodeMap(cuda::CUtensorMap *map, int dtype, unsigned rank,
+                            void *address, const unsigned long long *dims,
+                            const unsigned long long *strides,
+                            const unsigned *box, const unsigned *elementStrides,
+                            int interleave, int swizzle, int l2, int oob) {
+    if (CUresult r = f().enter("cuTensorMapEncodeTiled"))
+      return r;
+    if (reinterpret_cast<uintptr_t>(map) % 64 || rank < 1 || rank > 5 ||
+        reinterpret_cast<uintptr_t>(address) % 16)
+      return cuda::CUDA_ERROR_INVALID_VALUE;
+    FakeTensorMap m;
+    m.dtype = dtype;
+    m.rank = rank;
+    m.address = reinterpret_cast<uintptr_t>(address);
+    m.dims.assign(dims, dims + rank);
+    m.strides.assign(strides, strides + rank - 1);
+    m.box.assign(box, box + rank);
+    m.elementStrides.assign(elementStrides, elementStrides + rank);
+    m.interleave = interleave;
+    m.swizzle = swizzle;
+    m.l2 = l2;
+    m.oob = oob;
+    f().encoded.push_back(m);
+    std::memset(map, 0xee, sizeof(*map));
+    map->opaque[0] = f().encoded.size();
+    map->opaque[1] = 0x746d6170;
     return 0;
   }
   static CUresult setAttribute(cuda::CUfunction fn, int attrib, int value) {
@@ -557,6 +623,7 @@ DriverApi FakeCuda::table() {
   a.cuEventDestroy = [](cuda::CUevent) {
     return C::f().enter("cuEventDestroy");
   };
+  a.cuTensorMapEncodeTiled = C::encodeMap;
   return a;
 }
 
@@ -631,7 +698,8 @@ std::vector<uint8_t> CudaPlan::serialize() const {
     ks.push_back(pl::CreateKernel(
         fbb, fbb.CreateString(ker.name), fbb.CreateString(ker.kind),
         fbb.CreateVector(ops), str(c.source), blob(c.cubin),
-        fbb.CreateString(c.entry), c.threads, c.blocks, c.shared));
+        fbb.CreateString(c.entry), c.threads, c.blocks, c.shared, 0, 0, 0, -1,
+        createTensorMaps(fbb, ker)));
   }
   std::vector<flatbuffers::Offset<pl::Program>> ps;
   for (const ProgramSpec &pr : p.programs) {
@@ -1177,6 +1245,124 @@ TEST_F(CudaBackendTest, EmulatedKernelsComputeThroughTheRegions) {
   }
 }
 
+//===----------------------------------------------------------------------===//
+// TMA tensor maps
+//===----------------------------------------------------------------------===//
+
+/// linearPlan whose lm_head takes two tensor maps: its weight (f32 [16, 8]
+/// at weights offset 576, 32-byte swizzle) and the logits (io offset 128,
+/// f32 rows of 16).
+CudaPlan withTensorMaps() {
+  PlanSpec spec = linearPlan(2, 4, 16, 8);
+  TensorMapSpec w;
+  w.region = pl::Region::Weights;
+  w.offset = 576;
+  w.dtype = pl::DType::F32;
+  w.dims = {8, 16};
+  w.strides = {32};
+  w.box = {4, 8};
+  w.swizzle = 1;
+  TensorMapSpec o;
+  o.region = pl::Region::Io;
+  o.offset = 128;
+  o.dtype = pl::DType::BF16;
+  o.dims = {32, 8};
+  o.strides = {64};
+  o.box = {32, 4};
+  o.swizzle = 2;
+  spec.kernels[2].tensorMaps = {w, o};
+  return withFakeCubin(spec);
+}
+
+TEST_F(CudaBackendTest, EncodesTensorMapsAndPassesThemAfterBAndT) {
+  CudaPlan cp = withTensorMaps();
+  auto plan = parse(cp.serialize());
+  ASSERT_EQ(plan->buffers[plan->weights[2].buffer].offset, 576u);
+  fake.mapParams[cp.code[2].entry] = 2;
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan));
+
+  // Encoded once, at load, over the allocated regions.
+  FakeTensorMap w;
+  w.dtype = 7; // CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+  w.rank = 2;
+  w.address = backend->regionBase(plan::Region::Weights) + 576;
+  w.dims = {8, 16};
+  w.strides = {32};
+  w.box = {4, 8};
+  w.elementStrides = {1, 1};
+  w.interleave = 0; // none
+  w.swizzle = 1;    // 32B
+  w.l2 = 3;         // 256B promotion
+  w.oob = 0;        // zeros
+  FakeTensorMap o = w;
+  o.dtype = 9; // CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+  o.address = backend->regionBase(plan::Region::Io) + 128;
+  o.dims = {32, 8};
+  o.strides = {64};
+  o.box = {32, 4};
+  o.swizzle = 2;
+  ASSERT_EQ(fake.encoded.size(), 2u);
+  EXPECT_TRUE(fake.encoded[0] == w);
+  EXPECT_TRUE(fake.encoded[1] == o);
+
+  // Direct launches, graph captures and profiles all pass them.
+  const rt::ProgramDesc &fwd = *plan->program("forward");
+  ASSERT_TRUE(backend->runProgram(fwd, 2, 3).ok());
+  ASSERT_TRUE(backend->runProgramGraph(fwd, 1, 2).ok());
+  std::vector<double> ms;
+  rt::Status s = backend->profileProgram(fwd, 2, 4, ms);
+  ASSERT_TRUE(s.ok()) << s.message;
+  ASSERT_EQ(fake.launches.size(), 9u);
+  for (const FakeLaunch &l : fake.launches) {
+    SCOPED_TRACE(l.entry + (l.fromGraph ? " (graph)" : ""));
+    EXPECT_EQ(l.regions.weights, backend->regionBase(plan::Region::Weights));
+    if (l.entry != cp.code[2].entry) {
+      EXPECT_TRUE(l.maps.empty());
+      continue;
+    }
+    ASSERT_EQ(l.maps.size(), 2u);
+    EXPECT_TRUE(l.maps[0] == w);
+    EXPECT_TRUE(l.maps[1] == o);
+  }
+  EXPECT_EQ(fake.launches[2].B, 2);
+  EXPECT_EQ(fake.launches[5].T, 2);
+  EXPECT_TRUE(fake.launches[5].fromGraph);
+  EXPECT_EQ(fake.counts["cuTensorMapEncodeTiled"], 2);
+}
+
+TEST_F(CudaBackendTest, TensorMapsNeedTheDriversEncoder) {
+  // A driver without cuTensorMapEncodeTiled runs plans without maps...
+  DriverApi api = FakeCuda::table();
+  api.cuTensorMapEncodeTiled = nullptr;
+  Driver old = Driver::forTesting(api);
+  CudaPlan plain = withFakeCubin(linearPlan(2, 4, 16, 8));
+  std::unique_ptr<CudaBackend> b;
+  rt::Status s = CudaBackend::create(parse(plain.serialize()), 0, old, b);
+  ASSERT_TRUE(s.ok()) << s.message;
+  b.reset();
+  // ...and refuses, naming the kernel, a plan whose kernels take them.
+  s = CudaBackend::create(parse(withTensorMaps().serialize()), 0, old, b);
+  EXPECT_EQ(s.code, rt::StatusCode::Unsupported);
+  EXPECT_EQ(s.message,
+            "test.l4plan: kernel 'lm_head' (#2) takes 2 TMA tensor map(s), "
+            "but the cuda driver (fake cuda driver) has no "
+            "cuTensorMapEncodeTiled (it needs a CUDA 12 or newer driver)");
+  EXPECT_FALSE(b);
+  EXPECT_EQ(fake.counts["cuModuleLoadDataEx"], 1); // the plain plan's only
+  EXPECT_TRUE(fake.mem.empty());
+
+  // A map the driver refuses: named, and nothing is leaked.
+  fake.failCall = "cuTensorMapEncodeTiled";
+  fake.failSkip = 1;
+  s = create(parse(withTensorMaps().serialize()));
+  EXPECT_EQ(s.message, "kernel 'lm_head' (#2) tensor map 1: "
+                       "cuTensorMapEncodeTiled failed: "
+                       "CUDA_ERROR_INVALID_VALUE (invalid argument)");
+  EXPECT_FALSE(backend);
+  EXPECT_TRUE(fake.mem.empty());
+  EXPECT_EQ(fake.contexts, 0);
+}
+
 TEST_F(CudaBackendTest, TimerUsesEvents) {
   CudaPlan cp = withFakeCubin(linearPlan());
   auto plan = parse(cp.serialize());
@@ -1546,6 +1732,102 @@ TEST_F(CudaNvrtcTest, CompileErrorNamesTheKernels) {
             0u)
       << s.message;
   EXPECT_TRUE(filesUnder(dir.path()).empty());
+}
+
+//===----------------------------------------------------------------------===//
+// The emulator (runtime/test/cuemu) as the driver
+//===----------------------------------------------------------------------===//
+
+/// Kernels as l4c emits them for the emulator: 0 and 1 do nothing, 2 copies
+/// the box of its tensor map (lm_head's weight, 32-byte swizzle) with TMA
+/// onto an mbarrier, then stores the swizzled stage as it lies into the
+/// logits.
+constexpr char kTmaSource[] = R"cuda(
+struct L4Regions { char *arena, *weights, *cache, *io; };
+struct __align__(64) L4TensorMap { unsigned long long v[16]; };
+extern "C" __global__ void l4k_0(L4Regions r, long long B, long long T) {}
+extern "C" __global__ void l4k_1(L4Regions r, long long B, long long T) {}
+extern "C" __global__ void l4k_2(L4Regions r, long long B, long long T,
+                                 const __grid_constant__ L4TensorMap tm0) {
+  unsigned char *smem = l4emu::dynamicShared;
+  unsigned long long *bar = reinterpret_cast<unsigned long long *>(smem + 1024);
+  if (threadIdx.x == 0)
+    l4emu::mbarInit(bar, 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    l4emu::mbarArriveExpectTx(bar, 512);
+    l4emu::tmaLoad(smem, &tm0, bar, 0, 0, 0, 0, 0);
+  }
+  l4emu::mbarWait(bar, 0);
+  float *logits = reinterpret_cast<float *>(r.io + 128);
+  for (unsigned i = threadIdx.x; i < 128; i += blockDim.x)
+    logits[i] = reinterpret_cast<const float *>(smem)[i] + float(B * 1000 + T * 100);
+}
+)cuda";
+
+TEST(CudaEmulator, TmaKernelRunsThroughTheBackend) {
+  std::unique_ptr<Driver> emu;
+  rt::Status s = Driver::open(L4CUEMU_LIB, emu);
+  ASSERT_TRUE(s.ok()) << s.message;
+  ASSERT_NE(emu->api().cuTensorMapEncodeTiled, nullptr);
+
+  PlanSpec spec = linearPlan(2, 4, 16, 8);
+  TensorMapSpec w;
+  w.region = pl::Region::Weights;
+  w.offset = 576; // lm_head.weight, f32 [16, 8]
+  w.dtype = pl::DType::F32;
+  w.dims = {8, 16};
+  w.strides = {32};
+  w.box = {8, 16};
+  w.swizzle = 1;
+  spec.kernels[2].tensorMaps = {w};
+  CudaPlan cp;
+  cp.spec = spec;
+  for (unsigned k = 0; k < 3; ++k) {
+    CudaCode c;
+    c.source = kTmaSource;
+    c.entry = "l4k_" + std::to_string(k);
+    c.threads = 64;
+    c.blocks = 1;
+    c.shared = 1024 + 64;
+    cp.code.push_back(c);
+  }
+  auto plan = parse(cp.serialize());
+  ASSERT_TRUE(plan);
+  const rt::BufferDesc &head = plan->buffers[plan->weights[2].buffer];
+  ASSERT_EQ(head.offset, 576u);
+  const rt::ProgramDesc &fwd = *plan->program("forward");
+  const rt::BufferDesc &logits = plan->buffers[fwd.logits];
+  ASSERT_EQ(logits.offset, 128u);
+
+  CudaOptions opts;
+  opts.sourceImages = true;
+  opts.diskCache = false;
+  std::unique_ptr<CudaBackend> backend;
+  s = CudaBackend::create(plan, 0, *emu, backend, opts);
+  ASSERT_TRUE(s.ok()) << s.message;
+  std::vector<float> weight(128);
+  for (size_t i = 0; i < weight.size(); ++i)
+    weight[i] = float(i + 1);
+  ASSERT_TRUE(
+      backend->upload(head.region, head.offset, weight.data(), 512).ok());
+  for (bool graph : {false, true}) {
+    SCOPED_TRACE(graph ? "graph" : "direct");
+    s = graph ? backend->runProgramGraph(fwd, 1, 3)
+              : backend->runProgram(fwd, 2, 4);
+    ASSERT_TRUE(s.ok()) << s.message;
+    std::vector<float> out(128);
+    s = backend->download(logits.region, logits.offset, out.data(), 512);
+    ASSERT_TRUE(s.ok()) << s.message;
+    // Rows of 32 bytes; in each 128 bytes the second half's 16-byte chunks
+    // swap places (32-byte swizzle: address bit 4 ^= bit 7).
+    float extra = graph ? 1300 : 2400;
+    for (unsigned i = 0; i < 128; ++i) {
+      unsigned at = i * 4;
+      at ^= ((at >> 7) & 1) << 4;
+      EXPECT_EQ(out[at / 4], weight[i] + extra) << "element " << i;
+    }
+  }
 }
 
 //===----------------------------------------------------------------------===//

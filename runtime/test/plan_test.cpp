@@ -143,10 +143,12 @@ TEST(PlanVerifier, RejectsWrongIdentifier) {
 
 TEST(PlanVerifier, RejectsOtherVersion) {
   PlanSpec p = linearPlan();
-  p.version = 2;
+  p.version = 3;
   rt::Status s = parse(p);
-  EXPECT_EQ(s.message, "test.l4plan: plan version 2 is not supported by this "
-                       "runtime (expects 1)");
+  EXPECT_EQ(s.message, "test.l4plan: plan version 3 is not supported by this "
+                       "runtime (expects 2)");
+  p.version = 1; // before tensor maps
+  expectRejected(p, "plan version 1 is not supported");
   p.version = 0;
   expectRejected(p, "plan version 0 is not supported");
 }
@@ -490,6 +492,200 @@ TEST(PlanVerifier, ChecksTuningCandidates) {
   p = withCandidate(linearPlan());
   p.kernels.back().alternativeOf = int32_t(p.kernels.size());
   expectRejected(p, "does not name an earlier kernel that is not a candidate");
+}
+
+/// linearPlan with one tensor map on lm_head: its weight (f32 [16, 8] at
+/// offset 576 of the 1088-byte weights region) as rows of 8, read in boxes
+/// of 4 x 8 with 32-byte swizzle. The map reaches the region's last byte.
+PlanSpec withTensorMap(const std::function<void(TensorMapSpec &)> &edit =
+                           [](TensorMapSpec &) {}) {
+  PlanSpec p = linearPlan(2, 4, 16, 8);
+  const BufferSpec &head = p.buffers[findBuffer(p, "lm_head.weight")];
+  TensorMapSpec m;
+  m.region = pl::Region::Weights;
+  m.offset = head.offset;
+  m.dtype = pl::DType::F32;
+  m.dims = {8, 16};
+  m.strides = {32};
+  m.box = {4, 8};
+  m.swizzle = 1;
+  edit(m);
+  p.kernels[2].tensorMaps.push_back(m);
+  return p;
+}
+
+TEST(PlanVerifier, DecodesTensorMaps) {
+  PlanSpec p = withTensorMap();
+  ASSERT_EQ(p.buffers[findBuffer(p, "lm_head.weight")].offset, 576u);
+  ASSERT_EQ(p.regionSize[int(pl::Region::Weights)], 1088u);
+  // A second map: bf16 rows of 16 in the arena, 128-byte swizzle, rank 3.
+  TensorMapSpec m2;
+  m2.region = pl::Region::Arena;
+  m2.offset = 0;
+  m2.dtype = pl::DType::BF16;
+  m2.dims = {16, 2, 2};
+  m2.strides = {32, 64};
+  m2.box = {16, 2, 1};
+  m2.swizzle = 3;
+  p.kernels[2].tensorMaps.push_back(m2);
+  std::shared_ptr<const rt::Plan> plan;
+  rt::Status s = parse(p, &plan); // a cpu plan: verified, then ignored
+  ASSERT_TRUE(s.ok()) << s.message;
+  EXPECT_TRUE(plan->kernels[0].tensorMaps.empty());
+  ASSERT_EQ(plan->kernels[2].tensorMaps.size(), 2u);
+  const rt::TensorMapDesc &d = plan->kernels[2].tensorMaps[0];
+  EXPECT_EQ(d.region, pl::Region::Weights);
+  EXPECT_EQ(d.offset, 576u);
+  EXPECT_EQ(d.dtype, pl::DType::F32);
+  EXPECT_EQ(d.dims, (std::vector<uint64_t>{8, 16}));
+  EXPECT_EQ(d.strides, (std::vector<uint64_t>{32}));
+  EXPECT_EQ(d.box, (std::vector<uint32_t>{4, 8}));
+  EXPECT_EQ(d.swizzle, 1);
+  const rt::TensorMapDesc &e = plan->kernels[2].tensorMaps[1];
+  EXPECT_EQ(e.dtype, pl::DType::BF16);
+  EXPECT_EQ(e.dims, (std::vector<uint64_t>{16, 2, 2}));
+  EXPECT_EQ(e.strides, (std::vector<uint64_t>{32, 64}));
+  EXPECT_EQ(e.box, (std::vector<uint32_t>{16, 2, 1}));
+  EXPECT_EQ(e.swizzle, 3);
+  // A box may outgrow the tensor (a 128-row tile of 16 rows: the rest
+  // arrives as zeros).
+  s = parse(withTensorMap([](TensorMapSpec &m) { m.box = {4, 128}; }));
+  EXPECT_TRUE(s.ok()) << s.message;
+  // A rank-1 map has no strides.
+  s = parse(withTensorMap([](TensorMapSpec &m) {
+    m.dims = {128};
+    m.strides = {};
+    m.box = {64};
+    m.swizzle = 0;
+  }));
+  EXPECT_TRUE(s.ok()) << s.message;
+  // Each swizzle's span: 64 bytes of box[0] fit 64B and 128B, not 32B.
+  for (uint8_t sw : {0, 2, 3}) {
+    s = parse(withTensorMap([&](TensorMapSpec &m) {
+      m.dims = {16, 8};
+      m.strides = {64};
+      m.box = {16, 8};
+      m.swizzle = sw;
+    }));
+    EXPECT_TRUE(s.ok()) << "swizzle " << int(sw) << ": " << s.message;
+  }
+}
+
+TEST(PlanVerifier, RejectsBadTensorMaps) {
+  const std::string at = "kernel 2 'lm_head' tensor map 0: ";
+  auto reject = [&](const std::function<void(TensorMapSpec &)> &edit,
+                    const std::string &want) {
+    SCOPED_TRACE(want);
+    expectRejected(withTensorMap(edit), at + want);
+  };
+  reject([](TensorMapSpec &m) { m.region = pl::Region(7); },
+         "unknown region 7");
+  reject([](TensorMapSpec &m) { m.dtype = pl::DType::I64; },
+         "dtype i64 is not f32 or bf16");
+  reject([](TensorMapSpec &m) { m.dtype = pl::DType::F16; },
+         "dtype f16 is not f32 or bf16");
+  reject([](TensorMapSpec &m) { m.dtype = pl::DType(9); },
+         "dtype 9 is not f32 or bf16");
+  reject(
+      [](TensorMapSpec &m) {
+        m.dims = {};
+        m.strides = {};
+        m.box = {};
+      },
+      "rank 0 (dims []) is outside [1, 5]");
+  reject(
+      [](TensorMapSpec &m) {
+        m.dims = {8, 1, 1, 1, 1, 16};
+        m.strides = {32, 32, 32, 32, 32};
+        m.box = {4, 1, 1, 1, 1, 8};
+      },
+      "rank 6 (dims [8, 1, 1, 1, 1, 16]) is outside [1, 5]");
+  reject([](TensorMapSpec &m) { m.strides = {}; },
+         "strides has 0 entries for rank 2 (expects 1)");
+  reject(
+      [](TensorMapSpec &m) {
+        m.strides = {32, 32};
+      },
+      "strides has 2 entries for rank 2 (expects 1)");
+  reject([](TensorMapSpec &m) { m.box = {4}; }, "box has 1 entries for rank 2");
+  reject(
+      [](TensorMapSpec &m) {
+        m.dims = {0, 16};
+      },
+      "dims [0, 16]: extent 0 is outside [1, 2^32]");
+  reject(
+      [](TensorMapSpec &m) {
+        m.dims = {8, (uint64_t(1) << 32) + 1};
+      },
+      "dims [8, 4294967297]: extent 1 is outside [1, 2^32]");
+  reject(
+      [](TensorMapSpec &m) {
+        m.box = {0, 8};
+      },
+      "box [0, 8]: entry 0 is outside [1, 256]");
+  reject(
+      [](TensorMapSpec &m) {
+        m.box = {8, 257};
+      },
+      "box [8, 257]: entry 1 is outside [1, 256]");
+  reject(
+      [](TensorMapSpec &m) {
+        m.dims = {4, 512};
+        m.strides = {16};
+        m.box = {4, 257};
+        m.offset = 0;
+      },
+      "box [4, 257]: entry 1 is outside [1, 256]");
+  reject([](TensorMapSpec &m) { m.offset += 8; },
+         "offset 584 is not a multiple of 16");
+  reject([](TensorMapSpec &m) { m.strides = {24}; },
+         "strides [24]: entry 0 is not a multiple of 16 below 2^40 bytes");
+  reject([](TensorMapSpec &m) { m.strides = {uint64_t(1) << 40}; },
+         "strides [1099511627776]: entry 0 is not a multiple of 16 below "
+         "2^40 bytes");
+  reject(
+      [](TensorMapSpec &m) {
+        m.box = {2, 8};
+      },
+      "box[0] of 2 f32 elements spans 8 bytes, not a multiple of 16");
+  reject([](TensorMapSpec &m) { m.swizzle = 4; },
+         "swizzle 4 is not 0 (none), 1 (32B), 2 (64B) or 3 (128B)");
+  reject(
+      [](TensorMapSpec &m) {
+        m.dims = {16, 8};
+        m.strides = {64};
+        m.box = {16, 8};
+      },
+      "box[0] spans 64 bytes, more than the 32-byte span of its swizzle");
+  reject(
+      [](TensorMapSpec &m) {
+        m.dims = {64, 2};
+        m.strides = {256};
+        m.box = {64, 2};
+        m.swizzle = 3;
+        m.offset = 0;
+      },
+      "box[0] spans 256 bytes, more than the 128-byte span of its swizzle");
+  // One row more, or one element further, leaves the region.
+  reject([](TensorMapSpec &m) { m.offset += 16; },
+         "dims [8, 16] with strides [32] from offset 592 reach 1104, outside "
+         "the weights region of 1088 bytes");
+  reject(
+      [](TensorMapSpec &m) {
+        m.dims = {8, 17};
+      },
+      "dims [8, 17] with strides [32] from offset 576 reach 1120, outside "
+      "the weights region of 1088 bytes");
+  reject([](TensorMapSpec &m) { m.region = pl::Region::Cache; },
+         "dims [8, 16] with strides [32] from offset 576 reach 1088, outside "
+         "the cache region of 0 bytes");
+  reject(
+      [](TensorMapSpec &m) {
+        m.dims = {8, uint64_t(1) << 32};
+        m.strides = {(uint64_t(1) << 40) - 16};
+      },
+      "dims [8, 4294967296] with strides [1099511627760] from offset 576 "
+      "reach past 2^64, outside the weights region of 1088 bytes");
 }
 
 /// The tiny model with its routed experts split as l4c-split-experts splits

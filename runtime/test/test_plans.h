@@ -54,13 +54,39 @@ struct OpSpec {
   std::vector<uint32_t> operands, results;
 };
 
+/// A TMA tensor map (plan.fbs, TensorMap); dims, strides and box innermost
+/// first.
+struct TensorMapSpec {
+  pl::Region region = pl::Region::Arena;
+  uint64_t offset = 0;
+  pl::DType dtype = pl::DType::BF16;
+  std::vector<uint64_t> dims, strides;
+  std::vector<uint32_t> box;
+  uint8_t swizzle = 0;
+};
+
 struct KernelSpec {
   std::string name, kind;
   std::vector<OpSpec> ops;
   std::vector<uint32_t> temps; ///< results the kernel consumes itself
   std::string tileConfig, signature; ///< l4-tune's (CUDA plans)
   int32_t alternativeOf = -1;        ///< a tuning candidate of that kernel
+  std::vector<TensorMapSpec> tensorMaps; ///< CUDA: passed after B and T
 };
+
+/// The kernel's tensor maps for FlatBufferBuilder (0 when it has none).
+inline flatbuffers::Offset<
+    flatbuffers::Vector<flatbuffers::Offset<pl::TensorMap>>>
+createTensorMaps(flatbuffers::FlatBufferBuilder &fbb, const KernelSpec &k) {
+  if (k.tensorMaps.empty())
+    return 0;
+  std::vector<flatbuffers::Offset<pl::TensorMap>> maps;
+  for (const TensorMapSpec &m : k.tensorMaps)
+    maps.push_back(pl::CreateTensorMap(
+        fbb, m.region, m.offset, m.dtype, fbb.CreateVector(m.dims),
+        fbb.CreateVector(m.strides), fbb.CreateVector(m.box), m.swizzle));
+  return fbb.CreateVector(maps);
+}
 
 struct IoSpec {
   std::string name;
@@ -90,7 +116,7 @@ inline std::vector<pl::DimKind> dimsOf(const std::string &code) {
 }
 
 struct PlanSpec {
-  uint32_t version = 1;
+  uint32_t version = 2;
   std::string programKind = "forward", target = "cpu", precision = "f32",
               source = "test";
   int64_t maxBatch = 1, maxSeq = 1, vocab = 0;
@@ -173,7 +199,7 @@ struct PlanSpec {
           fbb.CreateVector(ops), 0, 0, 0, 0, 0, 0,
           k.temps.empty() ? 0 : fbb.CreateVector(k.temps),
           fbb.CreateString(k.tileConfig), fbb.CreateString(k.signature),
-          k.alternativeOf));
+          k.alternativeOf, createTensorMaps(fbb, k)));
     }
     std::vector<flatbuffers::Offset<pl::Program>> ps;
     for (const ProgramSpec &p : programs) {

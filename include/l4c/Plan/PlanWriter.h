@@ -17,7 +17,7 @@
 namespace l4c {
 
 /// Must equal the runtime's kPlanVersion.
-constexpr uint32_t kPlanVersion = 1;
+constexpr uint32_t kPlanVersion = 2;
 
 struct PlanOptions {
   std::string programKind = "forward"; ///< forward | generate | train

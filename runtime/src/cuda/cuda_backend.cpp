@@ -45,6 +45,10 @@ Status CudaBackend::create(std::shared_ptr<const rt::Plan> plan, int device,
     return s;
   if (Status s = b->allocateRegions(); !s.ok())
     return s;
+  // Before the kernels: a driver that cannot encode them fails the load
+  // before any compiling.
+  if (Status s = b->encodeTensorMaps(); !s.ok())
+    return s;
   if (Status s = b->loadKernels(opts); !s.ok())
     return s;
   out = std::move(b);
@@ -136,6 +140,57 @@ Status CudaBackend::allocateRegions() {
   }
   return drv_.check(a.cuStreamSynchronize(stream_), "cuStreamSynchronize",
                     "zeroing the regions");
+}
+
+Status CudaBackend::encodeTensorMaps() {
+  const DriverApi &a = drv_.api();
+  tensorMaps_.assign(plan_->kernels.size(), {});
+  for (uint32_t k = 0; k < plan_->kernels.size(); ++k) {
+    const std::vector<rt::TensorMapDesc> &descs = plan_->kernels[k].tensorMaps;
+    if (descs.empty())
+      continue;
+    if (!a.cuTensorMapEncodeTiled)
+      return Status::fail(
+          StatusCode::Unsupported,
+          plan_->label() + ": " + kernelLabel(k) + " takes " +
+              std::to_string(descs.size()) +
+              " TMA tensor map(s), but the cuda driver (" + drv_.label() +
+              ") has no cuTensorMapEncodeTiled (it needs a CUDA 12 or newer "
+              "driver)");
+    std::vector<CUtensorMap> &maps = tensorMaps_[k];
+    maps.resize(descs.size());
+    for (size_t i = 0; i < descs.size(); ++i) {
+      // The plan verifier checked every rule of cuTensorMapEncodeTiled that
+      // does not depend on the address, and that the map stays inside its
+      // region; the regions are 256-byte aligned.
+      const rt::TensorMapDesc &d = descs[i];
+      unsigned rank = unsigned(d.dims.size());
+      unsigned long long dims[5] = {0}, strides[4] = {0};
+      unsigned box[5] = {0}, elementStrides[5] = {1, 1, 1, 1, 1};
+      for (unsigned j = 0; j < rank; ++j) {
+        dims[j] = d.dims[j];
+        box[j] = d.box[j];
+        if (j + 1 < rank)
+          strides[j] = d.strides[j];
+      }
+      void *address =
+          reinterpret_cast<void *>(uintptr_t(base_[int(d.region)] + d.offset));
+      int dtype = d.dtype == plan::DType::BF16
+                      ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                      : CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
+      if (Status s =
+              drv_.check(a.cuTensorMapEncodeTiled(
+                             &maps[i], dtype, rank, address, dims, strides, box,
+                             elementStrides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                             int(d.swizzle), CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
+                         "cuTensorMapEncodeTiled",
+                         kernelLabel(k) + " tensor map " + std::to_string(i));
+          !s.ok())
+        return s;
+    }
+  }
+  return Status::success();
 }
 
 CudaBackend::~CudaBackend() {
@@ -276,19 +331,25 @@ Status CudaBackend::checkExtents(const rt::ProgramDesc &prog, int64_t B,
   return Status::success();
 }
 
+Status CudaBackend::launchKernel(uint32_t k, L4Regions &regions, long long &B,
+                                 long long &T, std::vector<void *> &params) {
+  const Launch &l = launches_[k];
+  params.assign({&regions, &B, &T});
+  for (CUtensorMap &m : tensorMaps_[k])
+    params.push_back(&m);
+  return drv_.check(drv_->cuLaunchKernel(l.fn, l.grid, 1, 1, l.threads, 1, 1,
+                                         l.sharedBytes, stream_, params.data(),
+                                         nullptr),
+                    "cuLaunchKernel", kernelLabel(k));
+}
+
 Status CudaBackend::launchSteps(const rt::ProgramDesc &prog, long long B,
                                 long long T, bool capturing) {
   const DriverApi &a = drv_.api();
   L4Regions regions{base_[0], base_[1], base_[2], base_[3]};
-  // The driver copies the values at launch (and at capture), so locals do.
-  void *params[] = {&regions, &B, &T};
+  std::vector<void *> params;
   for (uint32_t k : prog.steps) {
-    const Launch &l = launches_[k];
-    if (Status s = drv_.check(a.cuLaunchKernel(l.fn, l.grid, 1, 1, l.threads, 1,
-                                               1, l.sharedBytes, stream_,
-                                               params, nullptr),
-                              "cuLaunchKernel", kernelLabel(k));
-        !s.ok())
+    if (Status s = launchKernel(k, regions, B, T, params); !s.ok())
       return s;
     if (syncEachLaunch_ && !capturing)
       if (Status s = drv_.check(a.cuStreamSynchronize(stream_),
@@ -334,15 +395,12 @@ Status CudaBackend::profileProgram(const rt::ProgramDesc &prog, int64_t B,
     }
   long long b = B, t = T;
   L4Regions regions{base_[0], base_[1], base_[2], base_[3]};
-  void *params[] = {&regions, &b, &t};
+  std::vector<void *> params;
   Status st = drv_.check(a.cuEventRecord(events[0], stream_), "cuEventRecord",
                          "kernel profile");
   for (size_t i = 0; st.ok() && i < prog.steps.size(); ++i) {
     uint32_t k = prog.steps[i];
-    const Launch &l = launches_[k];
-    st = drv_.check(a.cuLaunchKernel(l.fn, l.grid, 1, 1, l.threads, 1, 1,
-                                     l.sharedBytes, stream_, params, nullptr),
-                    "cuLaunchKernel", kernelLabel(k));
+    st = launchKernel(k, regions, b, t, params);
     if (st.ok())
       st = drv_.check(a.cuEventRecord(events[i + 1], stream_),
                       "cuEventRecord", kernelLabel(k));

@@ -192,6 +192,13 @@ private:
   rt::Status openDevice(int device);
   rt::Status allocateRegions();
   rt::Status loadKernels(const CudaOptions &opts);
+  /// Encodes every kernel's TMA tensor maps over the allocated regions.
+  rt::Status encodeTensorMaps();
+  /// Launches plan kernel `k` with (regions, B, T, its tensor maps...);
+  /// `params` is the caller's scratch (the driver copies the values at
+  /// launch and at capture, so locals do).
+  rt::Status launchKernel(uint32_t k, L4Regions &regions, long long &B,
+                          long long &T, std::vector<void *> &params);
   rt::Status makeCurrent() const;
   rt::Status checkRange(const char *what, plan::Region r, uint64_t offset,
                         uint64_t bytes) const;
@@ -228,6 +235,8 @@ private:
   uint64_t size_[4] = {0, 0, 0, 0};
   std::vector<CUmodule> modules_;
   std::vector<Launch> launches_; ///< per plan kernel
+  /// Per plan kernel: its encoded tensor maps, passed by value after B, T.
+  std::vector<std::vector<CUtensorMap>> tensorMaps_;
   std::map<std::tuple<std::string, int64_t, int64_t>, Graph> graphs_;
   uint64_t graphClock_ = 0;
   CUevent timerStart_ = nullptr, timerStop_ = nullptr;

@@ -77,6 +77,10 @@ std::string bindAll(void *h, DriverApi &a) {
   bind(h, {"cuEventElapsedTime_v2", "cuEventElapsedTime"}, a.cuEventElapsedTime,
        m);
   bind(h, {"cuEventDestroy_v2"}, a.cuEventDestroy, m);
+  // Optional (CUDA 12.0+, sm_90 TMA): a driver without it still loads, and
+  // the backend refuses only plans whose kernels take tensor maps.
+  std::string optional;
+  bind(h, {"cuTensorMapEncodeTiled"}, a.cuTensorMapEncodeTiled, optional);
   return m;
 }
 

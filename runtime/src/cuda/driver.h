@@ -52,6 +52,23 @@ constexpr unsigned CU_EVENT_DEFAULT = 0;
 constexpr CUjit_option CU_JIT_ERROR_LOG_BUFFER = 5;
 constexpr CUjit_option CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES = 6;
 
+// TMA tensor maps (cuTensorMapEncodeTiled): the enum values of cuda.h's
+// CUtensorMapDataType, CUtensorMapInterleave, CUtensorMapSwizzle,
+// CUtensorMapL2promotion and CUtensorMapFloatOOBfill the backend passes.
+constexpr int CU_TENSOR_MAP_DATA_TYPE_FLOAT32 = 7;
+constexpr int CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 = 9;
+constexpr int CU_TENSOR_MAP_INTERLEAVE_NONE = 0;
+constexpr int CU_TENSOR_MAP_SWIZZLE_NONE = 0; // 1: 32B, 2: 64B, 3: 128B
+constexpr int CU_TENSOR_MAP_L2_PROMOTION_L2_256B = 3;
+constexpr int CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE = 0; // zeros outside
+
+/// CUtensorMap: 128 opaque bytes, 64-byte aligned, passed to a kernel by
+/// value (a `const __grid_constant__` parameter).
+struct alignas(64) CUtensorMap {
+  unsigned long long opaque[16];
+};
+static_assert(sizeof(CUtensorMap) == 128, "CUtensorMap is 128 bytes");
+
 /// The driver entry points, under the names of the symbols they bind (the
 /// versioned ones where cuda.h maps the plain name onto a _v2).
 struct DriverApi {
@@ -108,6 +125,13 @@ struct DriverApi {
   CUresult (*cuEventElapsedTime)(float *ms, CUevent start, // _v2 or plain
                                  CUevent end);
   CUresult (*cuEventDestroy)(CUevent event); // _v2
+  // Optional: null where the driver lacks it (older drivers, emulators);
+  // only a plan whose kernels take tensor maps needs it.
+  CUresult (*cuTensorMapEncodeTiled)(
+      CUtensorMap *map, int dataType, unsigned rank, void *address,
+      const unsigned long long *dims, const unsigned long long *strides,
+      const unsigned *box, const unsigned *elementStrides, int interleave,
+      int swizzle, int l2Promotion, int oobFill);
 };
 
 /// A filled symbol table and how to word its errors. The real driver is

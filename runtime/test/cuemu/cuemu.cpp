@@ -15,6 +15,9 @@
 // are synchronous; graphs
 // record their launches with copies of the parameters and replay them.
 //
+// Tensor maps (cuTensorMapEncodeTiled) hold the emulator's own encoding, which
+// shim.h's tmaLoad reads.
+//
 // Test-only and slow: for the tiny shapes of the golden cases. Modules are
 // cached by source hash under $L4C_CUEMU_DIR (default: a directory in
 // /tmp), so the same program is built once.
@@ -281,6 +284,26 @@ CUresult launch(Function *f, unsigned grid, unsigned block, unsigned smem,
   return OK;
 }
 
+/// shim.h's l4emu::kTensorMapMagic and layout: word 0 the magic, 1 the
+/// global address, 2 rank | element size << 8 | swizzle << 16 | data type
+/// << 24, 3-7 dims, 8-11 the byte strides of dims 1-4, 12 box[0..3] (16 bits
+/// each), 13 box[4].
+constexpr unsigned long long kTensorMapMagic = 0x414d5475656d344cull;
+
+/// Element bytes of CUtensorMapDataType UINT8 ... TFLOAT32_FTZ; the packed
+/// 4- and 6-bit types (13-15) are not emulated.
+unsigned tensorMapElemSize(int dtype) {
+  static const unsigned sizes[] = {1, 2, 4, 4, 8, 8, 2, 4, 8, 2, 4, 4, 4};
+  return dtype >= 0 && dtype < 13 ? sizes[dtype] : 0;
+}
+
+/// Says why a map the real driver might take is refused here.
+CUresult notEmulated(const char *what) {
+  std::fprintf(stderr, "cuemu: cuTensorMapEncodeTiled: %s is not emulated\n",
+               what);
+  return INVALID_VALUE;
+}
+
 double now() {
   return std::chrono::duration<double, std::milli>(
              std::chrono::steady_clock::now().time_since_epoch())
@@ -470,6 +493,59 @@ CUresult cuEventElapsedTime_v2(float *ms, Event *a, Event *b) {
 }
 CUresult cuEventDestroy_v2(Event *e) {
   delete e;
+  return OK;
+}
+
+/// cuda.h's rules for a tiled map; CUDA_ERROR_INVALID_VALUE for what the
+/// driver rejects and (with a message) for what tmaLoad does not emulate.
+CUresult cuTensorMapEncodeTiled(void *map, int dtype, unsigned rank, void *addr,
+                                const unsigned long long *dims,
+                                const unsigned long long *strides,
+                                const unsigned *box,
+                                const unsigned *elemStrides, int interleave,
+                                int swizzle, int l2, int oob) {
+  auto *w = static_cast<unsigned long long *>(map);
+  if (!w || reinterpret_cast<uintptr_t>(map) % 64 || rank < 1 || rank > 5 ||
+      !addr || reinterpret_cast<uintptr_t>(addr) % 16 || !dims || !box ||
+      !elemStrides || (rank > 1 && !strides) || interleave < 0 ||
+      interleave > 2 || swizzle < 0 || swizzle > 6 || l2 < 0 || l2 > 3 ||
+      oob < 0 || oob > 1 || dtype < 0 || dtype > 15)
+    return INVALID_VALUE;
+  unsigned elem = tensorMapElemSize(dtype);
+  if (!elem)
+    return notEmulated("a packed data type");
+  if (interleave != 0)
+    return notEmulated("an interleaved layout");
+  if (swizzle > 3)
+    return notEmulated("a 128B swizzle with 32B or 64B atoms");
+  if (oob != 0)
+    return notEmulated("the NaN out-of-bounds fill");
+  for (unsigned i = 0; i < rank; ++i) {
+    if (dims[i] == 0 || dims[i] > (1ull << 32) || box[i] == 0 || box[i] > 256 ||
+        elemStrides[i] == 0 || elemStrides[i] > 8)
+      return INVALID_VALUE;
+    if (i + 1 < rank && (strides[i] % 16 || strides[i] >= (1ull << 40)))
+      return INVALID_VALUE;
+  }
+  unsigned inner = box[0] * elem;
+  if (inner % 16 || (swizzle != 0 && inner > (16u << swizzle)))
+    return INVALID_VALUE;
+  for (unsigned i = 0; i < rank; ++i)
+    if (elemStrides[i] != 1)
+      return notEmulated("an element stride other than 1");
+  std::memset(w, 0, 128);
+  w[0] = kTensorMapMagic;
+  w[1] = reinterpret_cast<uintptr_t>(addr);
+  w[2] = rank | elem << 8 | unsigned(swizzle) << 16 | unsigned(dtype) << 24;
+  for (unsigned i = 0; i < rank; ++i) {
+    w[3 + i] = dims[i];
+    if (i + 1 < rank)
+      w[8 + i] = strides[i];
+    if (i < 4)
+      w[12] |= (unsigned long long)box[i] << (16 * i);
+    else
+      w[13] = box[i];
+  }
   return OK;
 }
 

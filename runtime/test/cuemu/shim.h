@@ -7,7 +7,10 @@
 // barrier of the block's fibers and warp shuffles exchange through a
 // per-warp slot array between two barriers of the warp. __shared__
 // variables become function statics: one block runs at a time, so one copy
-// is the block's.
+// is the block's. sm_90's asynchronous machinery (mbarriers, TMA bulk tensor
+// copies, named barriers) is emulated for warp-specialized kernels: a thread
+// waiting on an mbarrier yields and stays runnable, and a scheduler round in
+// which no thread got further than re-checking one is a deadlock.
 //
 // Test-only, x86-64 only (its context switch): meant for the tiny shapes of
 // the golden cases.
@@ -46,6 +49,11 @@ struct Fiber {
   void *sp = nullptr; // saved stack pointer while switched out
   bool done = false;
   void *waitingOn = nullptr; // the barrier it waits at
+  // mbarWait: the mbarrier and parity it waits for, and whether its last
+  // run did nothing but find that phase still incomplete.
+  unsigned long long *spinOn = nullptr;
+  unsigned spinParity = 0;
+  bool spinning = false;
 };
 inline std::vector<Fiber> fibers;
 inline std::vector<std::vector<char>> stacks;
@@ -81,6 +89,7 @@ public:
   void reset(unsigned n) { n_ = n; arrived_ = 0; }
   /// True for the thread whose arrival releases the others: it runs on
   /// before any of them, so it can finish the group's work for them.
+  unsigned arrived() const { return arrived_; }
   bool wait(const char *what) {
     what_ = what;
     if (++arrived_ == n_) {
@@ -103,6 +112,7 @@ private:
 
 inline Barrier blockBarrier;
 inline std::vector<Barrier> warpBarriers;
+inline Barrier namedBarriers[16]; // bar.sync 1..15 (and 0 with a count)
 inline unsigned long long shuffleSlots[1024];
 inline unsigned char *dynamicShared = nullptr;
 inline unsigned dynamicBytes = 0;
@@ -126,6 +136,300 @@ inline void *fiberStack(std::vector<char> &stack) {
   for (int i = 0; i < 6; ++i)
     regs[i] = nullptr;
   return regs;
+}
+
+/// An mbarrier's state, packed into its 8 bytes of shared memory as on the
+/// GPU: bits 0-20 the arrivals the current phase still waits for, 21-41
+/// the arrivals per phase (mbarInit's count), 42-62 the pending transaction
+/// bytes (21-bit two's complement: a copy may complete before its bytes
+/// are expected), bit 63 the current phase's parity.
+struct MbarState {
+  unsigned pending, count;
+  int tx;
+  unsigned phase;
+};
+constexpr int kMbarTxLimit = (1 << 20) - 1; // PTX's tx-count range
+
+inline void mbarCheck(const unsigned long long *bar, const char *op) {
+  if (reinterpret_cast<std::uintptr_t>(bar) % 8) {
+    std::fprintf(stderr, "cuemu: %s on a misaligned mbarrier at %p\n", op,
+                 static_cast<const void *>(bar));
+    std::abort();
+  }
+}
+inline MbarState mbarLoad(const unsigned long long *bar, const char *op) {
+  mbarCheck(bar, op);
+  unsigned long long v = *bar;
+  MbarState s;
+  s.pending = unsigned(v & 0x1fffff);
+  s.count = unsigned((v >> 21) & 0x1fffff);
+  unsigned tx = unsigned((v >> 42) & 0x1fffff);
+  s.tx = tx & 0x100000 ? int(tx) - (1 << 21) : int(tx);
+  s.phase = unsigned(v >> 63);
+  if (s.count == 0) {
+    std::fprintf(stderr,
+                 "cuemu: %s on an mbarrier at %p that mbarInit has "
+                 "not initialized\n",
+                 op, static_cast<const void *>(bar));
+    std::abort();
+  }
+  return s;
+}
+/// Stores `s`, first completing the phase if nothing is pending: the
+/// arrivals start again from the count and the parity flips.
+inline void mbarStore(unsigned long long *bar, MbarState s) {
+  if (s.pending == 0 && s.tx == 0) {
+    s.pending = s.count;
+    s.phase ^= 1;
+  }
+  *bar = (unsigned long long)(s.pending & 0x1fffff) |
+         (unsigned long long)(s.count & 0x1fffff) << 21 |
+         (unsigned long long)(unsigned(s.tx) & 0x1fffff) << 42 |
+         (unsigned long long)(s.phase & 1) << 63;
+}
+inline void mbarAddTx(unsigned long long *bar, MbarState &s, long long bytes,
+                      const char *op) {
+  long long tx = s.tx + bytes;
+  if (tx > kMbarTxLimit || tx < -kMbarTxLimit) {
+    std::fprintf(stderr,
+                 "cuemu: %s: the mbarrier at %p would have %lld "
+                 "pending transaction bytes (the limit is 2^20 - 1)\n",
+                 op, static_cast<void *>(bar), tx);
+    std::abort();
+  }
+  s.tx = int(tx);
+}
+
+/// mbarrier.init.shared.b64: `count` arrivals per phase; phase 0, nothing
+/// pending.
+inline void mbarInit(unsigned long long *bar, unsigned count) {
+  mbarCheck(bar, "mbarInit");
+  if (count < 1 || count > (1u << 20) - 1) {
+    std::fprintf(stderr,
+                 "cuemu: mbarInit with a count of %u (must be 1 to "
+                 "2^20 - 1)\n",
+                 count);
+    std::abort();
+  }
+  *bar = (unsigned long long)count | (unsigned long long)count << 21;
+}
+
+inline void mbarArriveOn(unsigned long long *bar, MbarState s, const char *op) {
+  if (s.pending == 0) { // only while transaction bytes are still pending
+    std::fprintf(stderr,
+                 "cuemu: %s: the mbarrier at %p has all %u arrivals "
+                 "of its phase already (more arrivals than its count)\n",
+                 op, static_cast<void *>(bar), s.count);
+    std::abort();
+  }
+  --s.pending;
+  mbarStore(bar, s);
+}
+
+/// mbarrier.arrive.shared.b64: one arrival.
+inline void mbarArrive(unsigned long long *bar) {
+  mbarArriveOn(bar, mbarLoad(bar, "mbarArrive"), "mbarArrive");
+}
+
+/// mbarrier.arrive.expect_tx.shared.b64: expect `bytes` more transaction
+/// bytes in the current phase, then one arrival.
+inline void mbarArriveExpectTx(unsigned long long *bar, unsigned bytes) {
+  MbarState s = mbarLoad(bar, "mbarArriveExpectTx");
+  mbarAddTx(bar, s, (long long)bytes, "mbarArriveExpectTx");
+  mbarArriveOn(bar, s, "mbarArriveExpectTx");
+}
+
+/// complete_tx: `bytes` of the current phase's transactions arrived.
+inline void mbarCompleteTx(unsigned long long *bar, unsigned bytes) {
+  MbarState s = mbarLoad(bar, "tmaLoad (complete_tx)");
+  mbarAddTx(bar, s, -(long long)bytes, "tmaLoad (complete_tx)");
+  mbarStore(bar, s);
+}
+
+/// mbarrier.try_wait.parity in a loop: returns once the phase of parity
+/// `parity` has completed, that is at once while the current phase's
+/// parity differs. Until then the thread yields and stays runnable; the
+/// scheduler (launch) treats a run that only re-checked as no progress.
+inline void mbarWait(unsigned long long *bar, unsigned parity) {
+  if (mbarLoad(bar, "mbarWait").phase != (parity & 1))
+    return;
+  Fiber &me = fibers[current];
+  me.spinOn = bar;
+  me.spinParity = parity & 1;
+  // The first yield ends a run that got here from elsewhere: progress.
+  me.spinning = false;
+  do {
+    yieldToScheduler();
+    me.spinning = true;
+  } while (mbarLoad(bar, "mbarWait").phase == (parity & 1));
+  me.spinning = false;
+  me.spinOn = nullptr;
+}
+
+/// bar.sync id, count: the first `count` threads to arrive (a multiple of
+/// 32) release each other. Barrier 0 with every thread of the block is
+/// __syncthreads's.
+inline const char *const kNamedBarrierWhat[16] = {
+    "bar.sync 0",  "bar.sync 1",  "bar.sync 2",  "bar.sync 3",
+    "bar.sync 4",  "bar.sync 5",  "bar.sync 6",  "bar.sync 7",
+    "bar.sync 8",  "bar.sync 9",  "bar.sync 10", "bar.sync 11",
+    "bar.sync 12", "bar.sync 13", "bar.sync 14", "bar.sync 15"};
+inline void namedBarrier(unsigned id, unsigned count) {
+  if (id > 15 || count == 0 || count % 32 || count > bDim.x) {
+    std::fprintf(stderr,
+                 "cuemu: bar.sync %u, %u in a block of %u threads "
+                 "(ids are 0 to 15, counts multiples of 32 up to the "
+                 "block's threads)\n",
+                 id, count, bDim.x);
+    std::abort();
+  }
+  Barrier &b = id == 0 && count == bDim.x ? blockBarrier : namedBarriers[id];
+  if (b.arrived() == 0)
+    b.reset(count);
+  else if (b.size() != count) {
+    std::fprintf(stderr,
+                 "cuemu: bar.sync %u, %u while %u of %u threads "
+                 "wait at it\n",
+                 id, count, b.arrived(), b.size());
+    std::abort();
+  }
+  b.wait(kNamedBarrierWhat[id]);
+}
+
+/// The emulator's CUtensorMap (written by cuemu.cpp's cuTensorMapEncodeTiled,
+/// which keeps a copy of this layout): 16 words.
+constexpr unsigned long long kTensorMapMagic =
+    0x414d5475656d344cull; // "L4emuTMA"
+struct TensorMapFields {
+  const unsigned char *address;
+  unsigned rank, elemSize, swizzle;
+  unsigned long long dims[5], strides[5]; // strides[0]: the element size
+  unsigned box[5];
+};
+inline TensorMapFields decodeTensorMap(const void *map) {
+  const unsigned long long *w = static_cast<const unsigned long long *>(map);
+  if (reinterpret_cast<std::uintptr_t>(map) % 8 || w[0] != kTensorMapMagic) {
+    std::fprintf(stderr,
+                 "cuemu: tmaLoad with %p, which is not a tensor map "
+                 "made by cuTensorMapEncodeTiled\n",
+                 map);
+    std::abort();
+  }
+  TensorMapFields t;
+  t.address = reinterpret_cast<const unsigned char *>(std::uintptr_t(w[1]));
+  t.rank = unsigned(w[2] & 0xff);
+  t.elemSize = unsigned((w[2] >> 8) & 0xff);
+  t.swizzle = unsigned((w[2] >> 16) & 0xff);
+  for (unsigned i = 0; i < 5; ++i) {
+    t.dims[i] = i < t.rank ? w[3 + i] : 1;
+    t.strides[i] = i == 0 ? t.elemSize : i < t.rank ? w[7 + i] : 0;
+    t.box[i] = i < t.rank ? unsigned(i < 4 ? (w[12] >> (16 * i)) & 0xffff
+                                           : w[13] & 0xffff)
+                          : 1;
+  }
+  return t;
+}
+
+/// cp.async.bulk.tensor.Nd.shared::cluster.global.mbarrier::complete_tx::bytes:
+/// the box whose first element sits at coordinates c (innermost first;
+/// those past the map's rank are ignored), copied at once into shared memory at
+/// `dst`: densely, box[0] innermost, elements outside the tensor as zeros, and
+/// with the map's swizzle applied to the shared address as the hardware does
+/// (the 16-byte chunk, address bits 4-6, XORed with bits 7-9 for 128B, bits 4-5
+/// with 7-8 for 64B, bit 4 with 7 for 32B). Then the whole box's bytes,
+/// zeros included, complete on `bar`.
+inline void tmaLoad(void *dst, const void *map, unsigned long long *bar, int c0,
+                    int c1, int c2, int c3, int c4) {
+  TensorMapFields t = decodeTensorMap(map);
+  std::uintptr_t d = reinterpret_cast<std::uintptr_t>(dst);
+  std::uintptr_t align = t.swizzle == 3 ? 1024 : 128;
+  if (d % align) {
+    std::fprintf(stderr,
+                 "cuemu: tmaLoad to %p: the shared destination must "
+                 "be %u-byte aligned%s\n",
+                 dst, unsigned(align),
+                 t.swizzle == 3 ? " with 128-byte swizzle" : "");
+    std::abort();
+  }
+  unsigned long long elems = 1;
+  for (unsigned i = 0; i < 5; ++i)
+    elems *= t.box[i];
+  unsigned long long bytes = elems * t.elemSize;
+  std::uintptr_t shared = reinterpret_cast<std::uintptr_t>(dynamicShared);
+  if (d >= shared && d < shared + dynamicBytes &&
+      d + bytes > shared + dynamicBytes) {
+    std::fprintf(stderr,
+                 "cuemu: tmaLoad of %llu bytes at shared byte %u "
+                 "overruns the %u dynamic shared bytes\n",
+                 bytes, unsigned(d - shared), dynamicBytes);
+    std::abort();
+  }
+  const long long c[5] = {c0, c1, c2, c3, c4};
+  unsigned swizzleMask = t.swizzle ? (1u << t.swizzle) - 1 : 0;
+  unsigned long long o = 0; // bytes into the dense box
+  for (unsigned i4 = 0; i4 < t.box[4]; ++i4)
+    for (unsigned i3 = 0; i3 < t.box[3]; ++i3)
+      for (unsigned i2 = 0; i2 < t.box[2]; ++i2)
+        for (unsigned i1 = 0; i1 < t.box[1]; ++i1)
+          for (unsigned i0 = 0; i0 < t.box[0]; ++i0, o += t.elemSize) {
+            const unsigned idx[5] = {i0, i1, i2, i3, i4};
+            bool inside = true;
+            unsigned long long src = 0;
+            for (unsigned k = 0; k < t.rank; ++k) {
+              long long at = c[k] + idx[k];
+              if (at < 0 || (unsigned long long)at >= t.dims[k])
+                inside = false;
+              else
+                src += (unsigned long long)at * t.strides[k];
+            }
+            std::uintptr_t a = d + o;
+            a ^= ((a >> 7) & swizzleMask) << 4;
+            if (inside)
+              std::memcpy(reinterpret_cast<void *>(a), t.address + src,
+                          t.elemSize);
+            else
+              std::memset(reinterpret_cast<void *>(a), 0, t.elemSize);
+          }
+  mbarCompleteTx(bar, unsigned(bytes));
+}
+
+/// Every runnable thread only re-checked an mbarrier whose phase is still
+/// incomplete, and the others wait at barriers or have exited: nothing
+/// can complete it.
+[[noreturn]] inline void reportMbarrierDeadlock(unsigned block) {
+  unsigned spinning = 0, waiting = 0, exited = 0;
+  const Fiber *first = nullptr;
+  const char *what = "";
+  for (const Fiber &f : fibers) {
+    if (f.done)
+      ++exited;
+    else if (f.waitingOn) {
+      ++waiting;
+      what = static_cast<Barrier *>(f.waitingOn)->what_;
+    } else if (f.spinOn) {
+      ++spinning;
+      if (!first)
+        first = &f;
+    }
+  }
+  MbarState s = mbarLoad(first->spinOn, "mbarWait");
+  std::uintptr_t at = reinterpret_cast<std::uintptr_t>(first->spinOn);
+  std::uintptr_t shared = reinterpret_cast<std::uintptr_t>(dynamicShared);
+  char where[64];
+  if (at >= shared && at < shared + dynamicBytes)
+    std::snprintf(where, sizeof where, "at shared byte %u",
+                  unsigned(at - shared));
+  else
+    std::snprintf(where, sizeof where, "at %p",
+                  static_cast<void *>(first->spinOn));
+  std::fprintf(stderr,
+               "cuemu: deadlock in block %u: %u threads wait on an mbarrier "
+               "(%s, the first of them) for its phase of parity %u, which "
+               "never completes: %u of %u arrivals and %d transaction bytes "
+               "pending; %u threads wait at a %s, %u have exited\n",
+               block, spinning, where, first->spinParity, s.pending, s.count,
+               s.tx, waiting, waiting ? what : "barrier", exited);
+  std::abort();
 }
 
 /// Runs body() as `grid` blocks of `block` threads (blocks capped by
@@ -155,6 +459,8 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
   for (unsigned b = 0; b < grid; ++b) {
     bIdx = {b, 0, 0};
     blockBarrier.reset(block);
+    for (Barrier &nb : namedBarriers)
+      nb.reset(0);
     warpBarriers.assign((block + 31) / 32, Barrier());
     for (unsigned w = 0; w * 32 < block; ++w)
       warpBarriers[w].reset(std::min(32u, block - w * 32));
@@ -163,7 +469,9 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
       fibers[t].sp = fiberStack(stacks[t]);
     unsigned live = block;
     while (live) {
-      bool ran = false;
+      // Progress: some thread that ran did more than find the mbarrier it
+      // waits on still incomplete.
+      bool ran = false, progress = false;
       for (unsigned t = 0; t < block; ++t) {
         Fiber &f = fibers[t];
         if (f.done || f.waitingOn)
@@ -172,10 +480,13 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
         tIdx = {t, 0, 0};
         l4emu_swap(&schedulerSp, f.sp);
         ran = true;
+        progress |= !f.spinning;
         if (f.done)
           --live;
       }
-      if (!ran && live) {
+      if (!live)
+        break;
+      if (!ran) {
         const char *what = "";
         unsigned waiting = 0;
         for (Fiber &f : fibers)
@@ -189,6 +500,8 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
                      b, waiting, what, block - waiting);
         std::abort();
       }
+      if (!progress)
+        reportMbarrierDeadlock(b);
     }
   }
   blockBody = nullptr;
@@ -428,6 +741,7 @@ template <class... A> void freePacked(void (*)(A...), void *packed) {
 #define __align__(n) __attribute__((aligned(n)))
 #define L4C_CUEMU 1
 #define __constant__ static
+#define __grid_constant__
 #define threadIdx (l4emu::tIdx)
 #define blockIdx (l4emu::bIdx)
 #define blockDim (l4emu::bDim)

@@ -35,6 +35,19 @@ struct CudaBuffer {
   mlir::Type elementType;
 };
 
+/// A TMA tensor map the kernel's entry takes (plan.fbs, table TensorMap):
+/// the runtime encodes it over the tensor at `offset` of `region` once the
+/// regions are allocated. Extents at the compiled maxima, innermost first.
+struct CudaTensorMap {
+  MemRegion region = MemRegion::Arena;
+  uint64_t offset = 0; ///< bytes from the region's start to element 0
+  bool bf16 = true;    ///< else f32
+  llvm::SmallVector<uint64_t, 5> dims;    ///< elements
+  llvm::SmallVector<uint64_t, 4> strides; ///< bytes, of dims[1..]
+  llvm::SmallVector<uint32_t, 5> box;     ///< elements a copy moves
+  uint8_t swizzle = 3;                    ///< CUtensorMapSwizzle (3: 128B)
+};
+
 /// One generated kernel. The body depends only on shapes, dtypes and
 /// attributes, never on offsets, so kernels of identical layers share it
 /// (same `bodyName`) and can be compiled together, once.
@@ -55,6 +68,8 @@ struct CudaKernel {
   /// kernel's default first, and the one this kernel was generated with.
   llvm::SmallVector<std::string, 3> configs;
   std::string config;
+  /// The tensor maps the entry takes after B and T, in order.
+  llvm::SmallVector<CudaTensorMap, 2> tensorMaps;
 
   /// Prelude, body and entry: a program that compiles alone.
   std::string source() const;
