@@ -13,7 +13,9 @@ bool isTileConfig(llvm::StringRef config) {
                              "w128x128s4", "w128x256s3", "w128x64s3",
                              "w128x64s4", "e128x128", "g32", "g64", "g128",
                              "c64", "v1", "v2", "v4", "a64", "a64p1", "w64",
-                             "w64p1", "w128", "w128p1"},
+                             "w64p1", "w128", "w128p1", "tma128x64s4",
+                             "tma128x128s3", "tma128x128s4", "tma128x256s3",
+                             "tma128x256s4"},
                             config);
 }
 
@@ -51,7 +53,8 @@ readTuningFile(llvm::StringRef path, llvm::StringRef arch) {
     if (!isTileConfig(*config))
       return fail(llvm::formatv("entry {0}: unknown tile configuration "
                                 "'{1}' (expected p128x<128|64>[s<3|4>], "
-                                "w128x<256|128|64>s<3|4>, e128x128, t64x64, "
+                                "w128x<256|128|64>s<3|4>, tma128x<256|128|64>s<3|4>, "
+                                "e128x128, t64x64, "
                                 "g<32|64|128>, c64, v<1|2|4>, a64[p1] or "
                                 "w<64|128>[p1])",
                                 i, *config));

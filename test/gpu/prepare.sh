@@ -77,7 +77,7 @@ ids odd16-inputs 8 3 90
 "$run" "$b/plans/odd-generate.plan" --random-weights=11 --max-new-tokens=20 \
   --inputs "$b/refs/odd-inputs.safetensors" --out "$b/refs/odd-generate-cpu.safetensors"
 
-echo "== tile configurations: every candidate (wgmma among them), and plans that choose wgmma"
+echo "== tile configurations: every candidate (wgmma and TMA among them), and plans that choose them"
 # l4-tune compares each candidate with its kernel on the GPU; the wgmma
 # tiles have only run on the emulator so far. llama4-tiny's GEMMs all have
 # wgmma tiles (its routed experts' too); odd16's 90 rows end mid-tile.
@@ -90,19 +90,24 @@ compile odd16-forward-bf16-cand "$odd16" forward 3 90 --precision=bf16 --tune-ca
 compile tiny-generate-bf16-cand llama4-tiny generate 12 16 --precision=bf16 --tune-candidates
 ids tiny-inputs 9 2 40 256
 for prog in forward train; do
-  # A tuning file that picks the deepest wgmma tiles wherever a GEMM has them.
-  "$l4c" compile llama4-tiny --program=$prog --precision=bf16 --target=cuda \
-    --max-batch=2 --max-seq=40 --emit=cuda | python3 -c '
+  # Tuning files that pick the deepest wgmma tiles (cp.async copies by
+  # every thread: w...), and the widest warp-specialised TMA ones (tma...),
+  # wherever a GEMM has them.
+  for kind in wgmma tma; do
+    "$l4c" compile llama4-tiny --program=$prog --precision=bf16 --target=cuda \
+      --max-batch=2 --max-seq=40 --emit=cuda | python3 -c '
 import json, re, sys
+prefix = {"wgmma": "w", "tma": "tma"}[sys.argv[2]]
 e = []
 for m in re.finditer(r"tiles (\S+) of (\S+) \(signature (\S+)\)", sys.stdin.read()):
-    w = [c for c in m.group(2).split("|") if c.startswith("w")]
+    w = [c for c in m.group(2).split("|") if c.startswith(prefix)]
     if w:
         e.append({"arch": "sm_90a", "signature": m.group(3), "config": w[-1]})
 json.dump({"format": "l4c-tuning", "version": 1, "entries": e}, open(sys.argv[1], "w"))
-' "$b/refs/wgmma-$prog.json"
-  compile tiny-$prog-bf16-wgmma llama4-tiny $prog 2 40 --precision=bf16 \
-    --tuning="$b/refs/wgmma-$prog.json"
+' "$b/refs/$kind-$prog.json" $kind
+    compile tiny-$prog-bf16-$kind llama4-tiny $prog 2 40 --precision=bf16 \
+      --tuning="$b/refs/$kind-$prog.json"
+  done
 done
 
 echo "== timing models: llama4-tiny and a 313M-parameter config (test/gpu/configs/mid.json)"

@@ -11,9 +11,10 @@
 #      tile) against the CPU backend on the same plan, weights and inputs;
 #   3b. every kernel of those plans against the CPU backend, each on the
 #      same inputs (l4-run --check-kernels);
-#   3c. every tile configuration of the tunable GEMMs (wgmma's too), of the
-#      decode GEMVs and of the routed experts' decode kernels against its
-#      kernel (l4-tune), and plans that choose wgmma against the CPU;
+#   3c. every tile configuration of the tunable GEMMs (wgmma's and TMA's
+#      too), of the decode GEMVs and of the routed experts' decode kernels
+#      against its kernel (l4-tune), and plans that choose wgmma or TMA
+#      against the CPU;
 #   4. compute-sanitizer memcheck and racecheck on golden plans;
 #   5. HF transformers loads a checkpoint l4c trained and saved, and its
 #      logits equal l4c's (CPU and GPU);
@@ -150,7 +151,7 @@ for plan in odd16-forward-bf16:2e-2 odd16-train:1e-3 odd16-train-bf16:2e-2; do
     --check-kernels="${plan##*:}" "${exact[@]}"
 done
 
-echo "== 3c. tile configurations: every candidate against its kernel (l4-tune), wgmma plans against the CPU"
+echo "== 3c. tile configurations: every candidate against its kernel (l4-tune), wgmma and TMA plans against the CPU"
 for plan in tiny-forward-bf16-cand tiny-train-bf16-cand odd16-forward-bf16-cand; do
   check "l4-tune $plan (2e-2)" "tune-$plan" "$b/bin/l4-tune" "$b/plans/$plan.plan" \
     --device=cuda --random-weights=11 --repeats=3 -o "$out/tune-$plan.json"
@@ -158,7 +159,7 @@ done
 check "l4-tune tiny-generate-bf16-cand decode (2e-2)" tune-tiny-generate-bf16-cand \
   "$b/bin/l4-tune" "$b/plans/tiny-generate-bf16-cand.plan" --device=cuda --random-weights=11 \
   --repeats=3 --program=decode --batch 12 --seq 1 -o "$out/tune-tiny-generate-bf16-cand.json"
-for plan in tiny-forward-bf16-wgmma tiny-train-bf16-wgmma; do
+for plan in tiny-forward-bf16-wgmma tiny-train-bf16-wgmma tiny-forward-bf16-tma tiny-train-bf16-tma; do
   check "kernels $plan (2e-2)" "$plan-kernels" "$run" "$b/plans/$plan.plan" \
     --device=cuda --random-weights=11 --inputs "$b/refs/tiny-inputs.safetensors" \
     --check-kernels=2e-2
@@ -190,11 +191,14 @@ if command -v compute-sanitizer >/dev/null; then
         --inputs "$b/refs/odd16-inputs.safetensors" --out "$out/$tool-$plan.safetensors"
     done
   done
-  # The wgmma tiles: dynamic shared memory past 48 KiB, swizzled stages.
-  for tool in memcheck racecheck; do
-    check "$tool tiny-forward-bf16-wgmma" "$tool-tiny-wgmma" compute-sanitizer --tool $tool \
-      --error-exitcode 9 "$run" "$b/plans/tiny-forward-bf16-wgmma.plan" --device=cuda \
-      --random-weights=11 --inputs "$b/refs/tiny-inputs.safetensors" --out "$out/$tool-wgmma.safetensors"
+  # The wgmma tiles: dynamic shared memory past 48 KiB, swizzled stages;
+  # the TMA ones: tensor copies and mbarriers between warpgroups.
+  for kind in wgmma tma; do
+    for tool in memcheck racecheck synccheck; do
+      check "$tool tiny-forward-bf16-$kind" "$tool-tiny-$kind" compute-sanitizer --tool $tool \
+        --error-exitcode 9 "$run" "$b/plans/tiny-forward-bf16-$kind.plan" --device=cuda \
+        --random-weights=11 --inputs "$b/refs/tiny-inputs.safetensors" --out "$out/$tool-$kind.safetensors"
+    done
   done
 else
   row "memcheck" SKIP "compute-sanitizer not found"

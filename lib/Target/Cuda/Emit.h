@@ -70,6 +70,17 @@ struct Body {
   /// the one it was generated with first (empty: nothing to tune).
   llvm::SmallVector<std::string, 3> configs;
 
+  /// TMA tensor maps the body takes as `const L4TensorMap *name` (after
+  /// the workspace): the entry receives each as a __grid_constant__
+  /// parameter (CudaKernel::tensorMaps) over `buf`, whose region and
+  /// offset complete `map`.
+  struct TensorMapUse {
+    std::string name;
+    const CudaBuffer *buf = nullptr;
+    CudaTensorMap map;
+  };
+  llvm::SmallVector<TensorMapUse, 2> tensorMaps;
+
   /// Declares `name` as a body parameter the entry sets to `value`.
   void param(llvm::StringRef name, int64_t value) {
     params.emplace_back(name.str(), value);
@@ -256,6 +267,16 @@ struct PipelinedGemm {
   /// When set, the statements that store `v` instead of `l4_st(y, <y>, v)`
   /// (the same placeholders as y).
   std::string store;
+  /// The operands as whole buffers, for the TMA kernels (sm_90a's tensor
+  /// copies): A a token-major view whose rows are the reduction, B (and U)
+  /// a [rows][cols] matrix, [n][r] when kMajor, else [r][n]. Set by a
+  /// caller that offers the "tma" configurations (choosePipelined).
+  const View *aView = nullptr, *bView = nullptr, *uView = nullptr;
+  /// The chosen configuration is a TMA one: a producer warpgroup copies
+  /// the stages with tensor maps over the views, two consumer warpgroups
+  /// run wgmma (emitTmaGemm), the norm prologue rescaling A's stages in
+  /// place. Not grouped; bf16 A.
+  bool tma = false;
 };
 std::string emitPipelined(Body &b, const PipelinedGemm &p,
                           const GemmText *fused = nullptr);
@@ -265,7 +286,16 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
 /// sm_90a, "w128x<BN>s<NS>" (wgmma; BN up to 256, 128 with SwiGLU).
 /// Records them on the body; false when ctx.config asks for emitTiles,
 /// else sets p.bn, p.stages and p.wgmma.
-bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu = false);
+/// With `tma` (the caller sets p's views), sm_90a also offers
+/// "tma128x<BN>s<NS>": warp-specialised wgmma GEMMs whose stages arrive
+/// by TMA.
+bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu = false,
+                     bool tma = false);
+/// Whether TMA can address `v` as tmaMatrix, a [rows][cols] matrix (its
+/// whole shape, no batch), or tmaRows, token-major rows of `cols`
+/// elements: a 16-byte aligned start and rows of a multiple of 16 bytes.
+bool tmaMatrix(const View &v, int64_t rows, int64_t cols);
+bool tmaRows(const View &v, int64_t cols);
 /// The pipelined form of a by-entry grouped TiledGemm: its extents, A (its
 /// rows, which must run along the reduction), y, store and grouping, with
 /// `b` as B's operand and `maxN` columns at the compiled maxima.

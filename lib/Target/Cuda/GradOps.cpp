@@ -285,7 +285,8 @@ llvm::Error emitLinearGradInput(OpContext &ctx) {
   PipelinedGemm p;
   if (g.tensorCores && ws[0] % 8 == 0 && ws[1] % 8 == 0 &&
       pieceAligned({&dy, &w}) &&
-      choosePipelined(ctx, p, /*swiglu=*/false)) {
+      choosePipelined(ctx, p, /*swiglu=*/false,
+                      tmaRows(dy, ws[0]) && tmaMatrix(w, ws[0], ws[1]))) {
     // dy's rows run along the reduction (n), w's along the output (k).
     p.what = g.what;
     p.m = "M";
@@ -296,7 +297,11 @@ llvm::Error emitLinearGradInput(OpContext &ctx) {
     p.y = g.y;
     p.maxM = maxRows(dx);
     p.maxN = uint64_t(ws[1]);
+    p.aView = &dy;
+    p.bView = &w;
     os << emitPipelined(b, p);
+    if (p.tma) // read through the tensor maps alone
+      ctx.operands[0].referenced = ctx.operands[1].referenced = false;
     return llvm::Error::success();
   }
   os << emitTiles(b, g);

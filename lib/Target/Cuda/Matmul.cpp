@@ -256,6 +256,101 @@ template <int J> __device__ __forceinline__ void @B@_pin(float (&d)[J][4]) {
 }
 )cuda";
 
+/// Body globals of the TMA GEMMs, beside kWgmmaGlobals: mbarriers
+/// (init, arrive, arrive with expected transaction bytes, parity wait), the
+/// tensor copy into shared memory that completes on an mbarrier, and the
+/// warpgroups' register budgets.
+static const char *const kTmaGlobals = R"cuda(
+__device__ __forceinline__ void @B@_bar_init(unsigned long long *b, unsigned n) {
+#ifdef L4C_CUEMU
+  l4emu::mbarInit(b, n);
+#else
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(@B@_saddr(b)), "r"(n) : "memory");
+#endif
+}
+// The barriers' initialisation, visible to the tensor copies.
+__device__ __forceinline__ void @B@_bar_fence_init() {
+  @B@_SYNC("fence.mbarrier_init.release.cluster;", (void)0);
+}
+__device__ __forceinline__ void @B@_arrive(unsigned long long *b) {
+#ifdef L4C_CUEMU
+  l4emu::mbarArrive(b);
+#else
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(@B@_saddr(b)) : "memory");
+#endif
+}
+__device__ __forceinline__ void @B@_arrive_tx(unsigned long long *b, unsigned bytes) {
+#ifdef L4C_CUEMU
+  l4emu::mbarArriveExpectTx(b, bytes);
+#else
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(@B@_saddr(b)), "r"(bytes) : "memory");
+#endif
+}
+// Returns once the phase of parity `parity` has completed.
+__device__ __forceinline__ void @B@_bar_wait(unsigned long long *b, unsigned parity) {
+#ifdef L4C_CUEMU
+  l4emu::mbarWait(b, parity);
+#else
+  const unsigned a = @B@_saddr(b);
+  unsigned done;
+  do {
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}"
+                 : "=r"(done) : "r"(a), "r"(parity) : "memory");
+  } while (!done);
+#endif
+}
+// The box of map `m` at coordinates (c0, c1, c2), innermost first, into
+// shared dst; its bytes complete on mbarrier b.
+__device__ __forceinline__ void @B@_tma(unsigned short *dst, const L4TensorMap *m,
+                                        unsigned long long *b, int c0, int c1, int c2) {
+#ifdef L4C_CUEMU
+  l4emu::tmaLoad(dst, m, b, c0, c1, c2, 0, 0);
+#else
+  asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];"
+               ::"r"(@B@_saddr(dst)), "l"(reinterpret_cast<unsigned long long>(m)),
+                 "r"(@B@_saddr(b)), "r"(c0), "r"(c1), "r"(c2) : "memory");
+#endif
+}
+__device__ __forceinline__ void @B@_tma2(unsigned short *dst, const L4TensorMap *m,
+                                         unsigned long long *b, int c0, int c1) {
+#ifdef L4C_CUEMU
+  l4emu::tmaLoad(dst, m, b, c0, c1, 0, 0, 0);
+#else
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];"
+               ::"r"(@B@_saddr(dst)), "l"(reinterpret_cast<unsigned long long>(m)),
+                 "r"(@B@_saddr(b)), "r"(c0), "r"(c1) : "memory");
+#endif
+}
+// Consumer warpgroup w's 128 threads meet (named barrier 1 + w).
+__device__ __forceinline__ void @B@_wg_sync(int w) {
+#ifdef L4C_CUEMU
+  l4emu::namedBarrier(1 + w, 128);
+#else
+  asm volatile("bar.sync %0, 128;" ::"r"(1 + w) : "memory");
+#endif
+}
+// Tile `tile`'s row tile mt and column tile nt: groups of 16 row tiles,
+// each walked column tile by column tile, so that the blocks in flight
+// share A's rows and B's columns in L2 (a wave of 132 tiles reads about
+// 16 row tiles and 8 column tiles, not 132 column tiles of one row).
+__device__ __forceinline__ void @B@_tile_of(long long tile, long long tilesM,
+                                            long long tilesN, long long &mt,
+                                            long long &nt) {
+  const long long per = 16 * tilesN, first = tile / per * 16;
+  const long long rows = tilesM - first < 16 ? tilesM - first : 16;
+  mt = first + tile % per % rows;
+  nt = tile % per / rows;
+}
+// One producer warpgroup at 40 registers a thread, two consumer ones at
+// 232: 65536 in all.
+__device__ __forceinline__ void @B@_regs_producer() {
+  @B@_SYNC("setmaxnreg.dec.sync.aligned.u32 40;", (void)0);
+}
+__device__ __forceinline__ void @B@_regs_consumer() {
+  @B@_SYNC("setmaxnreg.inc.sync.aligned.u32 232;", (void)0);
+}
+)cuda";
+
 std::string wgmmaMma(int j, bool transA, bool transB, llvm::StringRef name) {
   const std::string regs = std::to_string(4 * j), n = std::to_string(8 * j);
   std::string t = "\n__device__ __forceinline__ void @B@_" + name.str() +
@@ -829,7 +924,20 @@ std::string emitOverEntries(Body &b, const TiledGemm &g, int piece,
   return text;
 }
 
-bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu) {
+bool tmaMatrix(const View &v, int64_t rows, int64_t cols) {
+  auto s = v.shape();
+  int64_t bytes = v.ctype == "l4_bf16" ? 2 : 4;
+  return !v.hasBatch && s.size() == 2 && s[0] == rows && s[1] == cols &&
+         v.buf->offset % 16 == 0 && (cols * bytes) % 16 == 0;
+}
+
+bool tmaRows(const View &v, int64_t cols) {
+  int64_t bytes = v.ctype == "l4_bf16" ? 2 : 4;
+  return v.hasBatch && v.inner == cols && v.buf->offset % 16 == 0 &&
+         (cols * bytes) % 16 == 0;
+}
+
+bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu, bool tma) {
   Body &b = ctx.body;
   if (swiglu)
     b.configs = {"p128x64", "p128x64s3", "p128x64s4", "t64x64"};
@@ -844,12 +952,21 @@ bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu) {
       b.configs.append({"w128x64s3", "w128x64s4", "w128x128s3"});
     else
       b.configs.append({"w128x128s3", "w128x128s4", "w128x256s3"});
+    // The stages of the TMA kernels: (128 + BN rows of B and U) x 64
+    // columns, up to 192 KiB in all.
+    if (tma && swiglu)
+      b.configs.append({"tma128x64s4", "tma128x128s3", "tma128x128s4"});
+    else if (tma)
+      b.configs.append({"tma128x128s4", "tma128x256s3", "tma128x256s4"});
   }
   llvm::StringRef c = ctx.config;
   if (c == "t64x64")
     return false;
-  // {p|w}128x<BN>[s<stages>]
-  p.wgmma = c.consume_front("w");
+  p.tma = c.consume_front("tma");
+  if (p.tma)
+    p.wgmma = true;
+  // {p|w|tma}128x<BN>[s<stages>]
+  p.wgmma = p.wgmma || c.consume_front("w");
   c.consume_front("p");
   if (c.consume_front("128x64"))
     p.bn = 64;
@@ -878,8 +995,13 @@ PipelinedGemm pipelinedGrouped(const TiledGemm &g, PipelinedGemm::Operand b,
   return p;
 }
 
+static std::string emitTmaGemm(Body &b, const PipelinedGemm &p,
+                               const GemmText *fused);
+
 std::string emitPipelined(Body &b, const PipelinedGemm &p,
                           const GemmText *fused) {
+  if (p.tma)
+    return emitTmaGemm(b, p, fused);
   std::string text;
   llvm::raw_string_ostream os(text);
   // The norm prologue rescales A's staged rows: only linear has one, and
@@ -1294,6 +1416,243 @@ std::string emitPipelined(Body &b, const PipelinedGemm &p,
   return text;
 }
 
+/// The TMA form of emitPipelined (sm_90a): 384 threads, warpgroup 0 the
+/// producer, whose one thread copies each reduction step's stage (A's 128
+/// rows, B's and U's BN) by tensor maps over the views into one of NS
+/// buffers, the copies completing on that buffer's `full` mbarrier; and
+/// consumer warpgroups 1 and 2, which wait for a stage, run wgmma on their
+/// 64 rows of A and all BN columns, and, once a later wait has retired
+/// those products, release the stage on its `empty` mbarrier (256
+/// arrivals). Both sides walk the same tiles (a persistent grid, in groups
+/// of 16 row tiles for L2's sake) and steps,
+/// so the buffers' phases follow one step counter, and the producer runs
+/// up to NS steps ahead, across tiles. The stages are the 128-byte-swizzled
+/// ones of emitPipelined's wgmma kernels (TMA's 128B swizzle writes that
+/// layout); a tile's rows lie in one batch entry (A's map is [entries]
+/// [rows][r]), and what lies outside the tensors arrives as zeros.
+static std::string emitTmaGemm(Body &b, const PipelinedGemm &p,
+                               const GemmText *fused) {
+  const bool swiglu = !p.u.ptr.empty();
+  const int bn = p.bn, ns = p.stages;
+  const bool norm = fused && fused->spec.norm;
+  assert(p.aView && p.bView && (!swiglu || p.uView) && p.a.kMajor &&
+         !p.grouped && !p.a.f32 && (!swiglu || p.u.kMajor == p.b.kMajor) &&
+         "TMA: whole views, A row-major bf16, no grouping");
+  assert((bn == 64 || bn == 128 || (bn == 256 && !swiglu)) && ns >= 2 &&
+         ns <= 4 && "TMA: 64 to 256 columns (128 with SwiGLU), 2 to 4 stages");
+  const auto &fill = subst;
+  const View &av = *p.aView;
+  const int64_t r = av.inner;
+  // A: [entries][rows][r]; a tile is 128 rows of one entry. Without a seq
+  // dim each batch entry is one row: one entry of B rows.
+  Body::TensorMapUse am{"tmA", av.buf, {}};
+  const int64_t rows = av.hasSeq ? av.rowsPerBatch : av.bmax,
+                entries = av.hasSeq ? av.bmax : 1;
+  am.map.dims = {uint64_t(r), uint64_t(rows), uint64_t(entries)};
+  am.map.strides = {uint64_t(r) * 2, uint64_t(r * rows) * 2};
+  am.map.box = {64, 128, 1};
+  b.tensorMaps.push_back(am);
+  // B, U: [rows][cols], boxes of 64 columns (128 bytes, the swizzle's span)
+  // by BN rows when K-major, by 64 reduction rows per 64-column atom else.
+  auto matrix = [&](const View &v, const char *name, bool kMajor) {
+    Body::TensorMapUse m{name, v.buf, {}};
+    auto sh = v.shape();
+    m.map.dims = {uint64_t(sh[1]), uint64_t(sh[0])};
+    m.map.strides = {uint64_t(sh[1]) * 2};
+    m.map.box = {64, kMajor ? uint32_t(bn) : 64u};
+    b.tensorMaps.push_back(m);
+  };
+  matrix(*p.bView, "tmB", p.b.kMajor);
+  if (swiglu)
+    matrix(*p.uView, "tmU", p.u.kMajor);
+  b.globals += kWgmmaGlobals;
+  b.globals += kTmaGlobals;
+  b.globals += wgmmaMma(bn / 8, false, !p.b.kMajor);
+  b.inlined = true;
+
+  std::string text;
+  llvm::raw_string_ostream os(text);
+  const unsigned stageBytes = unsigned(128 + bn * (swiglu ? 2 : 1)) * 64 * 2;
+  os << "  // " << p.what << "\n"
+     << "  constexpr int BM = 128, BN = " << bn
+     << ", BK = 64, NS = " << ns << ", J = BN / 8;\n"
+     << "  constexpr unsigned STAGE_BYTES = " << stageBytes << "u;\n"
+     << "  const long long GN = " << p.n << ", GR = " << p.r << ";\n"
+     << "  // Live rows per entry of A's map, live entries.\n"
+     << "  const long long TR = " << (av.hasSeq ? "T" : "B")
+     << ", NE = " << (av.hasSeq ? "B" : "1") << ";\n";
+  os << R"cuda(  // Warp-specialised Hopper GEMM: TMA copies, wgmma products, NS stages
+  // of [128 rows of A | BN of B)cuda"
+     << (swiglu ? " | BN of U" : "") << R"cuda(] x 64 reduction columns, 128-byte
+  // swizzled, from a 1024-byte aligned base; then the stages' mbarriers.
+  unsigned short *const as = @B@_align1024(l4_dsmem());
+  unsigned short *const bs = as + NS * BM * BK;
+)cuda";
+  if (swiglu)
+    os << "  unsigned short *const us = bs + NS * BN * BK;\n"
+       << "  unsigned long long *const full = reinterpret_cast<unsigned long "
+          "long *>(us + NS * BN * BK);\n";
+  else
+    os << "  unsigned long long *const full = reinterpret_cast<unsigned long "
+          "long *>(bs + NS * BN * BK);\n";
+  os << R"cuda(  unsigned long long *const empty = full + NS;
+@RINV  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  if (tid == 0) {
+    for (int s = 0; s < NS; ++s) {
+      @B@_bar_init(&full[s], 1);     // the producer's arrival + the bytes
+      @B@_bar_init(&empty[s], 256);  // every consumer thread
+    }
+    @B@_bar_fence_init();
+  }
+  __syncthreads();
+  const long long steps = (GR + BK - 1) / BK;
+  const long long tilesT = (TR + BM - 1) / BM, tilesN = (GN + BN - 1) / BN;
+  const long long tiles = NE * tilesT * tilesN;
+  if (wg == 0) {
+    @B@_regs_producer();
+    if (tid != 0)
+      return;
+    long long it = 0; // steps issued, over all tiles
+    for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      long long mt, nt;
+      @B@_tile_of(tile, NE * tilesT, tilesN, mt, nt);
+      const int t0 = (int)(mt % tilesT * BM), e = (int)(mt / tilesT);
+      const int n0 = (int)(nt * BN);
+      for (long long step = 0; step < steps; ++step, ++it) {
+        const int s = (int)(it % NS), k0 = (int)(step * BK);
+        // Buffer s is free once the consumers released its last use.
+        @B@_bar_wait(&empty[s], (unsigned)(it / NS & 1) ^ 1u);
+        @B@_arrive_tx(&full[s], STAGE_BYTES);
+        @B@_tma(as + s * BM * BK, tmA, &full[s], k0, t0, e);
+)cuda";
+  auto copies = [&](const char *buf, const char *map, bool kMajor) {
+    if (kMajor)
+      os << "        @B@_tma2(" << buf << " + s * BN * BK, " << map
+         << ", &full[s], k0, n0);\n";
+    else
+      os << "#pragma unroll\n"
+         << "        for (int a = 0; a < BN / 64; ++a)\n"
+         << "          @B@_tma2(" << buf << " + s * BN * BK + a * BK * 64, "
+         << map << ", &full[s], n0 + a * 64, k0);\n";
+  };
+  copies("bs", "tmB", p.b.kMajor);
+  if (swiglu)
+    copies("us", "tmU", p.u.kMajor);
+  os << R"cuda(      }
+    }
+    return;
+  }
+  @B@_regs_consumer();
+  const int wm = wg - 1, g = lane >> 2, t = lane & 3;
+  long long it = 0; // steps consumed, over all tiles
+  for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    long long mt, nt;
+    @B@_tile_of(tile, NE * tilesT, tilesN, mt, nt);
+    const long long t0 = mt % tilesT * BM, e = mt / tilesT;
+    const long long n0 = nt * BN;
+)cuda";
+  if (norm)
+    os << R"cuda(    // The norm's inverse RMS of this warpgroup's 64 rows, a warp per row.
+    for (int i = warp & 3; i < 64; i += 4) {
+      const long long tr = t0 + wm * 64 + i, m = e * TR + tr;
+      float ss = 0.0f;
+      if (tr < TR)
+        for (long long k = lane; k < GR; k += 32) {
+          const float a = l4_ld(x, )cuda"
+       << fill(p.a.base, "@I", "m") << R"cuda( + k);
+          ss += a * a;
+        }
+      ss = l4_warp_sum(ss);
+      const float var = (float)((double)ss / (double)GR);
+      if (lane == 0)
+        rinv[wm * 64 + i] = (float)(1.0 / sqrt((double)(var + EPS)));
+    }
+    @B@_wg_sync(wm);
+)cuda";
+  os << "    float acc[J][4] = {}" << (swiglu ? ", acc2[J][4] = {}" : "")
+     << ";\n";
+  auto pin = [&](const char *indent) {
+    os << indent << "@B@_pin(acc);\n";
+    if (swiglu)
+      os << indent << "@B@_pin(acc2);\n";
+  };
+  os << R"cuda(    for (long long step = 0; step < steps; ++step, ++it) {
+      const int s = (int)(it % NS);
+      @B@_bar_wait(&full[s], (unsigned)(it / NS & 1)); // the stage has landed
+)cuda";
+  if (norm)
+    os << R"cuda(      // The norm on this warpgroup's rows of the stage, in place: x * inv
+      // * g, rounded as the norm's bf16 output is; then visible to wgmma.
+      for (int q = tid & 127; q < 64 * BK; q += 128) {
+        const int i = wm * 64 + (q >> 6), j = q & 63;
+        const long long k = step * BK + j;
+        unsigned short &a = as[s * BM * BK + i * BK + ((((j >> 3) ^ (i & 7)) << 3) | (j & 7))];
+        if (t0 + i < TR && k < GR)
+          a = l4_bf16_bits((__uint_as_float((unsigned)a << 16) * rinv[i]) * l4_ld(nw, k));
+      }
+      @B@_fence_proxy();
+      @B@_wg_sync(wm);
+)cuda";
+  pin("      ");
+  os << R"cuda(      @B@_fence();
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16) {
+        const unsigned long long da = @B@_desc(as + s * BM * BK + wm * 64 * BK + kk);
+)cuda";
+  std::string bDesc = p.b.kMajor ? "@B@_desc(" : "@B@_desc_mn(",
+              bStep = p.b.kMajor ? " + kk)" : " + kk * 64)";
+  os << "        @B@_mma(acc, da, " << bDesc << "bs + s * BN * BK" << bStep
+     << ");\n";
+  if (swiglu)
+    os << "        @B@_mma(acc2, da, " << bDesc << "us + s * BN * BK" << bStep
+       << ");\n";
+  os << R"cuda(      }
+      @B@_commit();
+      @B@_wait<1>(); // step - 1's products are done with their stage:
+)cuda";
+  pin("      ");
+  os << R"cuda(      if (step > 0)
+        @B@_arrive(&empty[(int)((it - 1) % NS)]); // release it
+    }
+    @B@_wait<0>(); // acc is final
+)cuda";
+  pin("    ");
+  os << R"cuda(    if (steps > 0)
+      @B@_arrive(&empty[(int)((it - 1) % NS)]);
+#pragma unroll
+    for (int j = 0; j < J; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const long long tr = t0 + wm * 64 + (warp & 3) * 16 + g + (c >= 2 ? 8 : 0);
+        const long long n = n0 + j * 8 + 2 * t + (c & 1);
+        if (tr >= TR || n >= GN)
+          continue;
+        const long long m = e * TR + tr;
+)cuda";
+  if (fused)
+    os << fused->epilogue("acc[j][c]", "acc2[j][c]", "        ");
+  else
+    os << "        const float v = acc[j][c];\n";
+  if (!p.store.empty())
+    os << "        " << fill(fill(p.store, "@M", "m"), "@C", "n") << "\n";
+  else
+    os << "        l4_st(y, " << fill(fill(p.y, "@M", "m"), "@C", "n")
+       << ", v);\n";
+  os << "      }\n  }\n";
+  text = replaceAll(text, "@RINV",
+                    norm ? "  __shared__ float rinv[BM]; // the rows' inverse RMS\n"
+                         : "");
+  b.threads = 384;
+  b.sharedBytes = 1024 + unsigned(ns) * stageBytes + 2 * unsigned(ns) * 8;
+  // A persistent grid: one block an SM (an H100 SXM has 132).
+  uint64_t tilesMax = uint64_t(entries) *
+                      ((uint64_t(av.hasSeq ? av.rowsPerBatch : av.bmax) + 127) /
+                       128) *
+                      ((p.maxN + bn - 1) / bn);
+  b.blocks = std::clamp<uint64_t>(tilesMax, 1, 132);
+  return text;
+}
+
 llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
   const View &x = ctx.operands[0], &w = ctx.operands[1], &y = ctx.results[0];
   if (!x.hasBatch || !y.hasBatch || x.hasSeq != y.hasSeq)
@@ -1548,9 +1907,13 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
   bool aligned = ws[1] % 8 == 0 &&
                  pieceAligned({&ctx.operands[0], &ctx.operands[1]}) &&
                  (!spec.swiglu || pieceAligned({&ctx.operands[2]}));
+  // TMA addresses the operands as whole tensors.
+  const bool tma = tmaRows(x, ws[1]) &&
+                   tmaMatrix(w, ws[0], ws[1]) &&
+                   (!spec.swiglu || tmaMatrix(ctx.operands[2], ws[0], ws[1]));
   PipelinedGemm p;
   if (g.tensorCores && aligned &&
-      choosePipelined(ctx, p, spec.swiglu)) {
+      choosePipelined(ctx, p, spec.swiglu, tma)) {
     p.what = "y[m, n] = sum_k x[m, k] * w[n, k] over the M = B * LT live "
              "rows; row m is token (m / LT, m % LT).";
     p.m = "M";
@@ -1563,7 +1926,14 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
     p.y = "(@M / LT * Y_S + @M % LT) * N + @C";
     p.maxM = maxM;
     p.maxN = uint64_t(ws[0]);
+    p.aView = &x;
+    p.bView = &w;
+    if (spec.swiglu)
+      p.uView = &ctx.operands[2];
     os << emitPipelined(b, p, &text);
+    if (p.tma) // read through the tensor maps alone (x by the norm too)
+      for (unsigned i = spec.norm ? 1 : 0; i < (spec.swiglu ? 3u : 2u); ++i)
+        ctx.operands[i].referenced = false;
     return llvm::Error::success();
   }
   g.maxTiles = (maxM + 63) / 64 * ((uint64_t(ws[0]) + 63) / 64);
