@@ -129,7 +129,10 @@ static std::string groupedTileLoop(const TiledGemm::Grouped &gr,
       rest -= te;
     }
     const long long GM = goff[ge + 1] - goff[ge];
-    const long long m0 = rest / tilesN * BM, n0 = rest % tilesN * BN;
+    // Row tiles inner: an expert's row tiles of one column tile run side
+    // by side, so its weights come from memory once and from L2 after.
+    const long long rowTiles = (GM + BM - 1) / BM;
+    const long long m0 = rest % rowTiles * BM, n0 = rest / rowTiles * BN;
     __syncthreads(); // the previous tile is done with the tables
     for (int i = tid; i < BM; i += NT) {
       const int q = m0 + i < GM ? )cuda"
@@ -154,7 +157,7 @@ static std::string groupedDecls(const TiledGemm::Grouped &gr,
   t += "  const long long GT = " + gr.tokens + "; // live tokens\n";
   t += R"cuda(  // The route table: expert e's entries (token * GK + slot) are
   // route[GE + 1 + goff[e] ..], goff[e + 1] - goff[e] of them. Tiles run
-  // expert by expert, row tiles then column tiles; after them, tasks of 64
+  // expert by expert, column tiles then row tiles; after them, tasks of 64
   // tokens write the zeros of the rows no expert covers.
   __shared__ int goff[GE + 1];
   __shared__ int rq[BM];
