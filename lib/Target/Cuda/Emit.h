@@ -271,11 +271,17 @@ struct PipelinedGemm {
   /// copies): A a token-major view whose rows are the reduction, B (and U)
   /// a [rows][cols] matrix, [n][r] when kMajor, else [r][n]. Set by a
   /// caller that offers the "tma" configurations (choosePipelined).
+  /// Grouped GEMMs: B (and U) a [experts][rows][cols] tensor, A's rows
+  /// gathered by the producer warpgroup with cp.async (aView unused).
   const View *aView = nullptr, *bView = nullptr, *uView = nullptr;
+  /// U's columns start at this column of B's tensor (gate_up's up half),
+  /// MN-major only: U's copies use B's tensor map ("": its own map).
+  std::string uCol;
   /// The chosen configuration is a TMA one: a producer warpgroup copies
   /// the stages with tensor maps over the views, two consumer warpgroups
   /// run wgmma (emitTmaGemm), the norm prologue rescaling A's stages in
-  /// place. Not grouped; bf16 A.
+  /// place. bf16 A; grouped by entry (not over the reduction) without a
+  /// norm, A's rows then copied by cp.async.
   bool tma = false;
 };
 std::string emitPipelined(Body &b, const PipelinedGemm &p,
@@ -296,6 +302,9 @@ bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu = false,
 /// elements: a 16-byte aligned start and rows of a multiple of 16 bytes.
 bool tmaMatrix(const View &v, int64_t rows, int64_t cols);
 bool tmaRows(const View &v, int64_t cols);
+/// Whether TMA can address `v` as the routed experts' weights: a whole
+/// [experts][rows][cols] tensor, 16-byte aligned start and rows.
+bool tmaExperts(const View &v);
 /// The pipelined form of a by-entry grouped TiledGemm: its extents, A (its
 /// rows, which must run along the reduction), y, store and grouping, with
 /// `b` as B's operand and `maxN` columns at the compiled maxima.

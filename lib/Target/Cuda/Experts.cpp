@@ -163,7 +163,8 @@ llvm::Error emitMoeGateUp(OpContext &ctx) {
   PipelinedGemm p = pipelinedGrouped(
       g, {"gate_up", false, "@G * D * 2 * I + @R * 2 * I"}, uint64_t(2 * d.i));
   if (bf16Pieces({&x, &gateUp}) && d.d % 8 == 0 && d.i % 4 == 0 &&
-      choosePipelined(ctx, p, /*swiglu=*/false)) {
+      choosePipelined(ctx, p, /*swiglu=*/false, tmaExperts(gateUp))) {
+    p.bView = &gateUp;
     ctx.body.code += emitPipelined(ctx.body, p);
     return llvm::Error::success();
   }
@@ -221,7 +222,8 @@ llvm::Error emitMoeDownGrad(OpContext &ctx) {
   PipelinedGemm p =
       pipelinedGrouped(g, {"down", true, "@G * I * D + @I * D"}, uint64_t(d.i));
   if (bf16Pieces({&dy, &down}) && d.d % 8 == 0 &&
-      choosePipelined(ctx, p, /*swiglu=*/false)) {
+      choosePipelined(ctx, p, /*swiglu=*/false, tmaExperts(down))) {
+    p.bView = &down;
     ctx.body.code += emitPipelined(ctx.body, p);
     return llvm::Error::success();
   }
@@ -312,7 +314,8 @@ llvm::Error emitMoeGateUpGradInput(OpContext &ctx) {
   p.a.f32 = dgu.ctype == "float";
   if ((dgu.ctype == "l4_bf16" || p.a.f32) && gateUp.ctype == "l4_bf16" &&
       pieceAligned({&dgu, &gateUp}) && d.i % 4 == 0 && d.d % 8 == 0 &&
-      choosePipelined(ctx, p, /*swiglu=*/false)) {
+      choosePipelined(ctx, p, /*swiglu=*/false, tmaExperts(gateUp))) {
+    p.bView = &gateUp;
     ctx.body.code += emitPipelined(ctx.body, p);
     return llvm::Error::success();
   }

@@ -74,6 +74,40 @@ static std::string subst(std::string t, llvm::StringRef var,
   return t;
 }
 
+/// A grouped GEMM's zero task, for tiles past the GEMM's `tiles`: tokens
+/// z0.. get zeros in the slots past their nonzero scores (one warp per
+/// token: `warp` of `warps`; lane declared). Continues the tile loop.
+static std::string groupedZeroTask(const TiledGemm::Grouped &gr,
+                                   llvm::StringRef y, llvm::StringRef warp,
+                                   llvm::StringRef warps) {
+  std::string text;
+  llvm::raw_string_ostream os(text);
+  os << R"cuda(    if (tile >= tiles) {
+      // Tokens z0.. : zeros in the slots past their nonzero scores.
+      const long long z0 = (tile - tiles) * 64;
+      for (int r = )cuda"
+     << warp << "; r < 64 && z0 + r < GT; r += " << warps << R"cuda() {
+        const long long tk = z0 + r;
+        float nz = 0.0f;
+        for (int e = lane; e < GE; e += 32)
+          nz += l4_ld()cuda"
+     << gr.scores << ", " << subst(gr.scoreRow, "@T", "tk")
+     << R"cuda( + e) != 0.0f ? 1.0f : 0.0f;
+        const int cnt = (int)l4_warp_sum(nz);
+        for (int k = cnt < GK ? cnt : GK; k < GK; ++k)
+          for (long long n = lane; n < )cuda"
+     << (gr.zeroCols.empty() ? std::string("GN") : gr.zeroCols)
+     << R"cuda(; n += 32)
+            l4_st(y, )cuda"
+     << subst(subst(subst(y.str(), "@T", "tk"), "@K", "k"), "@C", "n")
+     << R"cuda(, 0.0f);
+      }
+      continue;
+    }
+)cuda";
+  return text;
+}
+
 /// The head of a grouped GEMM's tile loop over l4.moe_route's entries
 /// (TiledGemm::Grouped, rows by entry), for the tiles of emitTiles and
 /// emitPipelined alike (BM, BN, NT, tid, lane and warp declared): the
@@ -99,28 +133,7 @@ static std::string groupedTileLoop(const TiledGemm::Grouped &gr,
     tiles += (goff[e + 1] - goff[e] + BM - 1) / BM * tilesN;
   const long long zeroTasks = (GT + 63) / 64;
   for (long long tile = blockIdx.x; tile < tiles + zeroTasks; tile += gridDim.x) {
-    if (tile >= tiles) {
-      // Tokens z0.. : zeros in the slots past their nonzero scores.
-      const long long z0 = (tile - tiles) * 64;
-      for (int r = warp; r < 64 && z0 + r < GT; r += NT / 32) {
-        const long long tk = z0 + r;
-        float nz = 0.0f;
-        for (int e = lane; e < GE; e += 32)
-          nz += l4_ld()cuda"
-     << gr.scores << ", " << subst(gr.scoreRow, "@T", "tk")
-     << R"cuda( + e) != 0.0f ? 1.0f : 0.0f;
-        const int cnt = (int)l4_warp_sum(nz);
-        for (int k = cnt < GK ? cnt : GK; k < GK; ++k)
-          for (long long n = lane; n < )cuda"
-     << (gr.zeroCols.empty() ? std::string("GN") : gr.zeroCols)
-     << R"cuda(; n += 32)
-            l4_st(y, )cuda"
-     << subst(subst(subst(y.str(), "@T", "tk"), "@K", "k"), "@C", "n")
-     << R"cuda(, 0.0f);
-      }
-      continue;
-    }
-    long long rest = tile;
+)cuda" << groupedZeroTask(gr, y, "warp", "NT / 32") << R"cuda(    long long rest = tile;
     int ge = 0;
     for (;; ++ge) {
       const long long te = (goff[ge + 1] - goff[ge] + BM - 1) / BM * tilesN;
@@ -287,6 +300,14 @@ __device__ __forceinline__ void @B@_arrive_tx(unsigned long long *b, unsigned by
   l4emu::mbarArriveExpectTx(b, bytes);
 #else
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(@B@_saddr(b)), "r"(bytes) : "memory");
+#endif
+}
+// Expects `bytes` more transaction bytes in the current phase (no arrival).
+__device__ __forceinline__ void @B@_expect_tx(unsigned long long *b, unsigned bytes) {
+#ifdef L4C_CUEMU
+  l4emu::mbarExpectTx(b, bytes);
+#else
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(@B@_saddr(b)), "r"(bytes) : "memory");
 #endif
 }
 // Returns once the phase of parity `parity` has completed.
@@ -940,6 +961,13 @@ bool tmaRows(const View &v, int64_t cols) {
          (cols * bytes) % 16 == 0;
 }
 
+bool tmaExperts(const View &v) {
+  auto s = v.shape();
+  int64_t bytes = v.ctype == "l4_bf16" ? 2 : 4;
+  return !v.hasBatch && s.size() == 3 && v.buf->offset % 16 == 0 &&
+         (s[2] * bytes) % 16 == 0;
+}
+
 bool choosePipelined(OpContext &ctx, PipelinedGemm &p, bool swiglu, bool tma) {
   Body &b = ctx.body;
   if (swiglu)
@@ -1438,35 +1466,49 @@ static std::string emitTmaGemm(Body &b, const PipelinedGemm &p,
   const bool swiglu = !p.u.ptr.empty();
   const int bn = p.bn, ns = p.stages;
   const bool norm = fused && fused->spec.norm;
-  assert(p.aView && p.bView && (!swiglu || p.uView) && p.a.kMajor &&
-         !p.grouped && !p.a.f32 && (!swiglu || p.u.kMajor == p.b.kMajor) &&
-         "TMA: whole views, A row-major bf16, no grouping");
+  const TiledGemm::Grouped *gr = p.grouped ? &*p.grouped : nullptr;
+  assert((gr || p.aView) && p.bView && (!swiglu || p.uView) && p.a.kMajor &&
+         !p.a.f32 && (!swiglu || p.u.kMajor == p.b.kMajor) &&
+         (!gr || (!gr->overReduction && !norm)) &&
+         (p.uCol.empty() || (!p.b.kMajor && p.uView == p.bView)) &&
+         "TMA: whole views, A row-major bf16; grouped by entry, no norm");
   assert((bn == 64 || bn == 128 || (bn == 256 && !swiglu)) && ns >= 2 &&
          ns <= 4 && "TMA: 64 to 256 columns (128 with SwiGLU), 2 to 4 stages");
   const auto &fill = subst;
-  const View &av = *p.aView;
-  const int64_t r = av.inner;
   // A: [entries][rows][r]; a tile is 128 rows of one entry. Without a seq
-  // dim each batch entry is one row: one entry of B rows.
-  Body::TensorMapUse am{"tmA", av.buf, {}};
-  const int64_t rows = av.hasSeq ? av.rowsPerBatch : av.bmax,
-                entries = av.hasSeq ? av.bmax : 1;
-  am.map.dims = {uint64_t(r), uint64_t(rows), uint64_t(entries)};
-  am.map.strides = {uint64_t(r) * 2, uint64_t(r * rows) * 2};
-  am.map.box = {64, 128, 1};
-  b.tensorMaps.push_back(am);
-  // B, U: [rows][cols], boxes of 64 columns (128 bytes, the swizzle's span)
-  // by BN rows when K-major, by 64 reduction rows per 64-column atom else.
+  // dim each batch entry is one row: one entry of B rows. Grouped GEMMs
+  // gather A's rows instead (cp.async).
+  int64_t rows = 0, entries = 0;
+  if (!gr) {
+    const View &av = *p.aView;
+    const int64_t r = av.inner;
+    Body::TensorMapUse am{"tmA", av.buf, {}};
+    rows = av.hasSeq ? av.rowsPerBatch : av.bmax;
+    entries = av.hasSeq ? av.bmax : 1;
+    am.map.dims = {uint64_t(r), uint64_t(rows), uint64_t(entries)};
+    am.map.strides = {uint64_t(r) * 2, uint64_t(r * rows) * 2};
+    am.map.box = {64, 128, 1};
+    b.tensorMaps.push_back(am);
+  }
+  // B, U: [rows][cols] ([experts][rows][cols] when grouped), boxes of 64
+  // columns (128 bytes, the swizzle's span) by BN rows when K-major, by 64
+  // reduction rows per 64-column atom else.
   auto matrix = [&](const View &v, const char *name, bool kMajor) {
     Body::TensorMapUse m{name, v.buf, {}};
     auto sh = v.shape();
-    m.map.dims = {uint64_t(sh[1]), uint64_t(sh[0])};
-    m.map.strides = {uint64_t(sh[1]) * 2};
+    size_t n = sh.size();
+    m.map.dims = {uint64_t(sh[n - 1]), uint64_t(sh[n - 2])};
+    m.map.strides = {uint64_t(sh[n - 1]) * 2};
     m.map.box = {64, kMajor ? uint32_t(bn) : 64u};
+    if (gr) {
+      m.map.dims.push_back(uint64_t(sh[0]));
+      m.map.strides.push_back(uint64_t(sh[1] * sh[2]) * 2);
+      m.map.box.push_back(1);
+    }
     b.tensorMaps.push_back(m);
   };
   matrix(*p.bView, "tmB", p.b.kMajor);
-  if (swiglu)
+  if (swiglu && p.uCol.empty())
     matrix(*p.uView, "tmU", p.u.kMajor);
   b.globals += kWgmmaGlobals;
   b.globals += kTmaGlobals;
@@ -1478,12 +1520,30 @@ static std::string emitTmaGemm(Body &b, const PipelinedGemm &p,
   const unsigned stageBytes = unsigned(128 + bn * (swiglu ? 2 : 1)) * 64 * 2;
   os << "  // " << p.what << "\n"
      << "  constexpr int BM = 128, BN = " << bn
-     << ", BK = 64, NS = " << ns << ", J = BN / 8;\n"
-     << "  constexpr unsigned STAGE_BYTES = " << stageBytes << "u;\n"
-     << "  const long long GN = " << p.n << ", GR = " << p.r << ";\n"
-     << "  // Live rows per entry of A's map, live entries.\n"
-     << "  const long long TR = " << (av.hasSeq ? "T" : "B")
-     << ", NE = " << (av.hasSeq ? "B" : "1") << ";\n";
+     << ", BK = 64, NS = " << ns << ", J = BN / 8;\n";
+  if (gr) {
+    // The producer warpgroup's 128 threads copy A (a row each), its
+    // first thread B and U by TMA: the bytes B_BYTES.
+    os << "  constexpr unsigned B_BYTES = " << stageBytes - 128 * 64 * 2
+       << "u;\n"
+       << "  const long long GN = " << p.n << ", GR = " << p.r << ";\n"
+       << llvm::formatv("  constexpr int GE = {0}, GK = {1};\n", gr->experts,
+                        gr->slots)
+              .str()
+       << "  const long long GT = " << gr->tokens << "; // live tokens\n"
+       << R"cuda(  // The route table: expert e's entries (token * GK + slot) are
+  // route[GE + 1 + goff[e] ..], goff[e + 1] - goff[e] of them. Tiles run
+  // expert by expert, column tiles then row tiles; after them, tasks of 64
+  // tokens write the zeros of the rows no expert covers.
+  __shared__ int goff[GE + 1];
+)cuda";
+  } else {
+    os << "  constexpr unsigned STAGE_BYTES = " << stageBytes << "u;\n"
+       << "  const long long GN = " << p.n << ", GR = " << p.r << ";\n"
+       << "  // Live rows per entry of A's map, live entries.\n"
+       << "  const long long TR = " << (p.aView->hasSeq ? "T" : "B")
+       << ", NE = " << (p.aView->hasSeq ? "B" : "1") << ";\n";
+  }
   os << R"cuda(  // Warp-specialised Hopper GEMM: TMA copies, wgmma products, NS stages
   // of [128 rows of A | BN of B)cuda"
      << (swiglu ? " | BN of U" : "") << R"cuda(] x 64 reduction columns, 128-byte
@@ -1500,18 +1560,123 @@ static std::string emitTmaGemm(Body &b, const PipelinedGemm &p,
           "long *>(bs + NS * BN * BK);\n";
   os << R"cuda(  unsigned long long *const empty = full + NS;
 @RINV  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
-  if (tid == 0) {
+)cuda";
+  if (gr)
+    os << "  for (int e = tid; e <= GE; e += blockDim.x)\n    goff[e] = "
+       << gr->table << "[e];\n";
+  os << R"cuda(  if (tid == 0) {
     for (int s = 0; s < NS; ++s) {
-      @B@_bar_init(&full[s], 1);     // the producer's arrival + the bytes
+      @B@_bar_init(&full[s], @FULL);
       @B@_bar_init(&empty[s], 256);  // every consumer thread
     }
     @B@_bar_fence_init();
   }
   __syncthreads();
   const long long steps = (GR + BK - 1) / BK;
-  const long long tilesT = (TR + BM - 1) / BM, tilesN = (GN + BN - 1) / BN;
+)cuda";
+  if (gr)
+    os << R"cuda(  const long long tilesN = (GN + BN - 1) / BN;
+  long long tiles = 0;
+  for (int e = 0; e < GE; ++e)
+    tiles += (goff[e + 1] - goff[e] + BM - 1) / BM * tilesN;
+  const long long zeroTasks = (GT + 63) / 64;
+)cuda";
+  else
+    os << R"cuda(  const long long tilesT = (TR + BM - 1) / BM, tilesN = (GN + BN - 1) / BN;
   const long long tiles = NE * tilesT * tilesN;
-  if (wg == 0) {
+)cuda";
+  // A grouped tile's expert ge, its entries GM, m0 and n0: column tiles of
+  // an expert outer, row tiles inner (as groupedTileLoop).
+  const char *groupedTile = R"cuda(    long long rest = tile;
+    int ge = 0;
+    for (;; ++ge) {
+      const long long te = (goff[ge + 1] - goff[ge] + BM - 1) / BM * tilesN;
+      if (rest < te)
+        break;
+      rest -= te;
+    }
+    const long long GM = goff[ge + 1] - goff[ge], rowTiles = (GM + BM - 1) / BM;
+    const long long m0 = rest % rowTiles * BM, n0 = rest / rowTiles * BN;
+)cuda";
+  // One stage's TMA copies of B (and U): at (k0, n0) when K-major, per
+  // 64-column atom at (n0 + 64a, k0) else; the expert's index last.
+  auto copies = [&](const char *buf, const char *map, bool kMajor,
+                    const std::string &col) {
+    std::string ex = gr ? ", ge" : "", fn = gr ? "@B@_tma(" : "@B@_tma2(";
+    if (kMajor)
+      os << "        " << fn << buf << " + s * BN * BK, " << map
+         << ", &full[s], k0, n0" << ex << ");\n";
+    else
+      os << "#pragma unroll\n"
+         << "        for (int a = 0; a < BN / 64; ++a)\n"
+         << "          " << fn << buf << " + s * BN * BK + a * BK * 64, " << map
+         << ", &full[s], " << col << "n0 + a * 64, k0" << ex << ");\n";
+  };
+  auto bCopies = [&]() {
+    copies("bs", "tmB", p.b.kMajor, "");
+    if (swiglu && p.uCol.empty())
+      copies("us", "tmU", p.u.kMajor, "");
+    else if (swiglu)
+      copies("us", "tmB", p.u.kMajor, p.uCol + " + ");
+  };
+  if (gr) {
+    std::string aRow =
+        subst(subst(subst(p.a.base, "@G", "ge"), "@T", "q / GK"), "@K", "q % GK");
+    os << R"cuda(  if (wg == 0) {
+    @B@_regs_producer();
+    // Thread pi copies row pi of A's stages (an entry's row of A) by
+    // cp.async; a step's copies are waited for NS - 2 steps later (the
+    // consumers release a stage one step late, so a longer lag would wait
+    // on a release that needs this arrival), made visible to wgmma and
+    // arrived on the stage's full barrier (128 arrivals with B's bytes,
+    // which thread 0 expects and copies by TMA).
+    const int pi = tid;
+    long long it = 0; // steps issued, over all tiles
+    for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+)cuda" << groupedTile
+       << "    const int q = m0 + pi < GM ? " << gr->table
+       << "[GE + 1 + goff[ge] + m0 + pi] : -1;\n"
+       << "    const long long ar = q >= 0 ? " << aRow << " : -1;\n"
+       << R"cuda(      for (long long step = 0; step < steps; ++step, ++it) {
+        const int s = (int)(it % NS), k0 = (int)(step * BK);
+        // Buffer s is free once the consumers released its last use.
+        @B@_bar_wait(&empty[s], (unsigned)(it / NS & 1) ^ 1u);
+        if (pi == 0) {
+          @B@_expect_tx(&full[s], B_BYTES);
+)cuda";
+    bCopies();
+    os << R"cuda(        }
+        unsigned short *const arow = as + s * BM * BK + pi * BK;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          unsigned short *const d = arow + ((j ^ (pi & 7)) << 3);
+          if (ar >= 0 && k0 + j * 8 < GR)
+            l4_cp_async16(d, )cuda"
+       << p.a.ptr << R"cuda( + ar + k0 + j * 8);
+          else
+            l4_zero16(d);
+        }
+        l4_cp_async_commit();
+        l4_cp_async_wait<NS - 2>(); // step it - (NS - 2) has landed
+        if (it >= NS - 2) {
+          @B@_fence_proxy();
+          @B@_arrive(&full[(int)((it - (NS - 2)) % NS)]);
+        }
+      }
+    }
+    l4_cp_async_wait<0>();
+    @B@_fence_proxy();
+    for (long long i = it > NS - 2 ? it - (NS - 2) : 0; i < it; ++i)
+      @B@_arrive(&full[(int)(i % NS)]);
+    return;
+  }
+  @B@_regs_consumer();
+  const int wm = wg - 1, g = lane >> 2, t = lane & 3;
+  long long it = 0; // steps consumed, over all tiles
+  for (long long tile = blockIdx.x; tile < tiles + zeroTasks; tile += gridDim.x) {
+)cuda" << groupedZeroTask(*gr, p.y, "warp - 4", "8") << groupedTile;
+  } else {
+    os << R"cuda(  if (wg == 0) {
     @B@_regs_producer();
     if (tid != 0)
       return;
@@ -1528,20 +1693,8 @@ static std::string emitTmaGemm(Body &b, const PipelinedGemm &p,
         @B@_arrive_tx(&full[s], STAGE_BYTES);
         @B@_tma(as + s * BM * BK, tmA, &full[s], k0, t0, e);
 )cuda";
-  auto copies = [&](const char *buf, const char *map, bool kMajor) {
-    if (kMajor)
-      os << "        @B@_tma2(" << buf << " + s * BN * BK, " << map
-         << ", &full[s], k0, n0);\n";
-    else
-      os << "#pragma unroll\n"
-         << "        for (int a = 0; a < BN / 64; ++a)\n"
-         << "          @B@_tma2(" << buf << " + s * BN * BK + a * BK * 64, "
-         << map << ", &full[s], n0 + a * 64, k0);\n";
-  };
-  copies("bs", "tmB", p.b.kMajor);
-  if (swiglu)
-    copies("us", "tmU", p.u.kMajor);
-  os << R"cuda(      }
+    bCopies();
+    os << R"cuda(      }
     }
     return;
   }
@@ -1554,6 +1707,7 @@ static std::string emitTmaGemm(Body &b, const PipelinedGemm &p,
     const long long t0 = mt % tilesT * BM, e = mt / tilesT;
     const long long n0 = nt * BN;
 )cuda";
+  }
   if (norm)
     os << R"cuda(    // The norm's inverse RMS of this warpgroup's 64 rows, a warp per row.
     for (int i = warp & 3; i < 64; i += 4) {
@@ -1622,36 +1776,74 @@ static std::string emitTmaGemm(Body &b, const PipelinedGemm &p,
   pin("    ");
   os << R"cuda(    if (steps > 0)
       @B@_arrive(&empty[(int)((it - 1) % NS)]);
-#pragma unroll
+)cuda";
+  std::string a1 = "acc[j][c]", a2 = "acc2[j][c]";
+  if (gr) {
+    // This thread's two rows' entries (and scales).
+    os << "    int qr[2];\n";
+    if (!gr->rowScale.empty())
+      os << "    float rs[2];\n";
+    os << "    for (int h = 0; h < 2; ++h) {\n"
+       << "      const int li = wm * 64 + (warp & 3) * 16 + g + 8 * h;\n"
+       << "      const int q = m0 + li < GM ? " << gr->table
+       << "[GE + 1 + goff[ge] + m0 + li] : -1;\n"
+       << "      qr[h] = q;\n";
+    if (!gr->rowScale.empty())
+      os << "      rs[h] = q >= 0 ? "
+         << subst(subst(subst(gr->rowScale, "@G", "ge"), "@T", "q / GK"),
+                  "@K", "q % GK")
+         << " : 0.0f;\n";
+    os << "    }\n";
+    if (!gr->rowScale.empty()) {
+      a1 = "(acc[j][c] * rs[c >> 1])";
+      a2 = "(acc2[j][c] * rs[c >> 1])";
+    }
+  }
+  os << R"cuda(#pragma unroll
     for (int j = 0; j < J; ++j)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const long long tr = t0 + wm * 64 + (warp & 3) * 16 + g + (c >= 2 ? 8 : 0);
         const long long n = n0 + j * 8 + 2 * t + (c & 1);
+)cuda";
+  if (gr)
+    os << R"cuda(        const int q = qr[c >> 1];
+        if (q < 0 || n >= GN)
+          continue;
+)cuda";
+  else
+    os << R"cuda(        const long long tr = t0 + wm * 64 + (warp & 3) * 16 + g + (c >= 2 ? 8 : 0);
         if (tr >= TR || n >= GN)
           continue;
         const long long m = e * TR + tr;
 )cuda";
   if (fused)
-    os << fused->epilogue("acc[j][c]", "acc2[j][c]", "        ");
+    os << fused->epilogue(a1, a2, "        ");
   else
-    os << "        const float v = acc[j][c];\n";
+    os << "        const float v = " << a1 << ";\n";
+  auto place = [&](const std::string &t) {
+    if (!gr)
+      return fill(fill(t, "@M", "m"), "@C", "n");
+    return fill(fill(fill(fill(t, "@G", "ge"), "@T", "q / GK"), "@K", "q % GK"),
+                "@C", "n");
+  };
   if (!p.store.empty())
-    os << "        " << fill(fill(p.store, "@M", "m"), "@C", "n") << "\n";
+    os << "        " << place(p.store) << "\n";
   else
-    os << "        l4_st(y, " << fill(fill(p.y, "@M", "m"), "@C", "n")
-       << ", v);\n";
+    os << "        l4_st(y, " << place(p.y) << ", v);\n";
   os << "      }\n  }\n";
   text = replaceAll(text, "@RINV",
                     norm ? "  __shared__ float rinv[BM]; // the rows' inverse RMS\n"
                          : "");
+  text = replaceAll(text, "@FULL",
+                    gr ? "128); // the producers' rows of A, B's bytes"
+                       : "1);   // the producer's arrival + the bytes");
   b.threads = 384;
   b.sharedBytes = 1024 + unsigned(ns) * stageBytes + 2 * unsigned(ns) * 8;
   // A persistent grid: one block an SM (an H100 SXM has 132).
-  uint64_t tilesMax = uint64_t(entries) *
-                      ((uint64_t(av.hasSeq ? av.rowsPerBatch : av.bmax) + 127) /
-                       128) *
-                      ((p.maxN + bn - 1) / bn);
+  uint64_t colTiles = (p.maxN + bn - 1) / bn;
+  uint64_t tilesMax =
+      gr ? groupedBlocks(*gr, 128, colTiles)
+         : uint64_t(entries) * ((uint64_t(rows) + 127) / 128) * colTiles;
   b.blocks = std::clamp<uint64_t>(tilesMax, 1, 132);
   return text;
 }
@@ -2224,7 +2416,10 @@ llvm::Error emitMoeHidden(OpContext &ctx) {
     os << decls;
     if (g.tensorCores && dim % 8 == 0 && inter % 8 == 0 &&
         pieceAligned({&x, &gateUp}) &&
-        choosePipelined(ctx, p, /*swiglu=*/true)) {
+        choosePipelined(ctx, p, /*swiglu=*/true, tmaExperts(gateUp))) {
+      // TMA: the up half is B's tensor from column I on.
+      p.bView = p.uView = &gateUp;
+      p.uCol = "I";
       os << emitPipelined(b, p, &text);
       return llvm::Error::success();
     }
@@ -2362,7 +2557,8 @@ llvm::Error emitMoeDown(OpContext &ctx) {
     p.a.f32 = h.ctype == "float";
     if ((h.ctype == "l4_bf16" || p.a.f32) && down.ctype == "l4_bf16" &&
         inter % 8 == 0 && dim % 8 == 0 && pieceAligned({&h, &down}) &&
-        choosePipelined(ctx, p, /*swiglu=*/false)) {
+        choosePipelined(ctx, p, /*swiglu=*/false, tmaExperts(down))) {
+      p.bView = &down;
       os << emitPipelined(b, p);
       return llvm::Error::success();
     }

@@ -239,6 +239,14 @@ inline void mbarArriveExpectTx(unsigned long long *bar, unsigned bytes) {
   mbarArriveOn(bar, s, "mbarArriveExpectTx");
 }
 
+/// mbarrier.expect_tx.shared.b64: expect `bytes` more transaction bytes
+/// in the current phase, without an arrival.
+inline void mbarExpectTx(unsigned long long *bar, unsigned bytes) {
+  MbarState s = mbarLoad(bar, "mbarExpectTx");
+  mbarAddTx(bar, s, (long long)bytes, "mbarExpectTx");
+  mbarStore(bar, s);
+}
+
 /// complete_tx: `bytes` of the current phase's transactions arrived.
 inline void mbarCompleteTx(unsigned long long *bar, unsigned bytes) {
   MbarState s = mbarLoad(bar, "tmaLoad (complete_tx)");
