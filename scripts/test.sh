@@ -28,7 +28,7 @@ gtest_suite() { # name binary
 }
 
 echo "== lit"
-"$lit" -sv "$build/test" 2>&1 | tee "$log/lit.log" | grep -vE '^(PASS|UNSUPPORTED): ' | tail -n 30
+"$lit" -sv --time-tests "$build/test" 2>&1 | tee "$log/lit.log" | grep -vE '^(PASS|UNSUPPORTED): ' | tail -n 60
 lp=$(sed -n 's/^ *Passed *: *\([0-9]*\).*/\1/p' "$log/lit.log" | tail -1)
 lf=$(sed -n 's/^ *Failed *: *\([0-9]*\).*/\1/p' "$log/lit.log" | tail -1)
 count lit "${lp:-0}" "${lf:-0}"

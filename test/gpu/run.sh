@@ -21,9 +21,17 @@
 #   6. decode speed: l4c on the GPU and CPU, HF eager on the same config;
 #   7. the llama4-scout plan on this device with random weights.
 # Prints a table last; logs and the table go to $OUT (or ./gpu-results).
-# Usage: test/gpu/run.sh [BUNDLE]   (BUNDLE defaults to build/gpu)
+# Usage: [PARTS="1 2 3b"] test/gpu/run.sh [BUNDLE]   (BUNDLE defaults to
+# build/gpu; PARTS picks sections by number, all of them by default, so
+# that a short device session runs what matters first.)
 set -uo pipefail
 b=${1:-build/gpu}
+all=" 1 2 2a 2b 3 3b 3c 4 5 6 7 "
+parts=" ${PARTS:-$all} "
+for p in $parts; do
+  [[ $all == *" $p "* ]] || { echo "run.sh: no part '$p' (PARTS takes:$all)" >&2; exit 2; }
+done
+want() { [[ $parts == *" $1 "* ]]; }
 out=${OUT:-gpu-results}
 mkdir -p "$out/logs"
 export LD_LIBRARY_PATH="$PWD/$b/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -58,11 +66,14 @@ check() {
 echo "== device"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
 
+if want 1; then
 echo "== 1. CUDA backend unit tests"
 check "unit: Cuda* (fake driver + real device)" unit \
   "$b/bin/l4c_runtime_tests" --gtest_filter='Cuda*' --gtest_brief=1
 grep -E "SKIPPED|RunsKernelsOnTheDevice" "$out/logs/unit.log" | head -5
+fi
 
+if want 2; then
 echo "== 2. golden parity (f32)"
 while read -r name dir B T G; do
   p="$b/plans/$name"
@@ -78,7 +89,9 @@ while read -r name dir B T G; do
     check "golden $name generate: greedy ids" "$name-gen-cmp" "$cmp" \
       "$o-generate.safetensors" "$dir/golden.safetensors" --exact greedy_ids
 done <"$b/cases.txt"
+fi
 
+if want 2a; then
 echo "== 2a. golden training step (f32): loss, gradients, one AdamW step"
 while read -r name dir B T G; do
   check "golden $name train: run" "$name-train" "$run" "$b/plans/$name-train.plan" \
@@ -91,7 +104,9 @@ while read -r name dir B T G; do
   check "kernels $name train (1e-3)" "$name-train-kernels" "$run" "$b/plans/$name-train.plan" \
     --device=cuda --weights "$dir" --inputs "$dir/golden.safetensors" --check-kernels=1e-3
 done <"$b/cases.txt"
+fi
 
+if want 2b; then
 echo "== 2b. golden parity (bf16; limits as test/golden/bf16.test)"
 while read -r name dir B T G; do
   p="$b/plans/$name"
@@ -115,7 +130,9 @@ dirs=$(awk '{print $2}' "$b/cases.txt")
 # shellcheck disable=SC2086
 check "HF's own bf16 band (informational)" hf-bf16 python3 test/gpu/hf_bf16_band.py $dirs
 grep hf_bf16_band "$out/logs/hf-bf16.log" | sed 's/^/  /' | tee -a "$table"
+fi
 
+if want 3; then
 echo "== 3. odd shapes: GPU against the CPU backend"
 check "odd forward: run" odd-fwd "$run" "$b/plans/odd-forward.plan" --device=cuda \
   --random-weights=11 --inputs "$b/refs/odd-inputs.safetensors" --out "$out/odd-forward.safetensors" &&
@@ -126,7 +143,9 @@ check "odd generate: run" odd-gen "$run" "$b/plans/odd-generate.plan" --device=c
   --out "$out/odd-generate.safetensors" &&
   check "odd generate: greedy ids vs cpu" odd-gen-cmp "$cmp" "$out/odd-generate.safetensors" \
     "$b/refs/odd-generate-cpu.safetensors" --exact greedy_ids
+fi
 
+if want 3b; then
 echo "== 3b. every kernel on the GPU against the CPU backend (same inputs per kernel)"
 while read -r name dir B T G; do
   for prog in forward generate; do
@@ -150,7 +169,9 @@ for plan in odd16-forward-bf16:2e-2 odd16-train:1e-3 odd16-train-bf16:2e-2; do
     --device=cuda --random-weights=11 --inputs "$b/refs/odd16-inputs.safetensors" \
     --check-kernels="${plan##*:}" "${exact[@]}"
 done
+fi
 
+if want 3c; then
 echo "== 3c. tile configurations: every candidate against its kernel (l4-tune), wgmma and TMA plans against the CPU"
 for plan in tiny-forward-bf16-cand tiny-train-bf16-cand odd16-forward-bf16-cand; do
   check "l4-tune $plan (2e-2)" "tune-$plan" "$b/bin/l4-tune" "$b/plans/$plan.plan" \
@@ -164,7 +185,9 @@ for plan in tiny-forward-bf16-wgmma tiny-train-bf16-wgmma tiny-forward-bf16-tma 
     --device=cuda --random-weights=11 --inputs "$b/refs/tiny-inputs.safetensors" \
     --check-kernels=2e-2
 done
+fi
 
+if want 4; then
 echo "== 4. compute-sanitizer memcheck"
 if command -v compute-sanitizer >/dev/null; then
   d=test/data/golden/scout-tiny
@@ -203,7 +226,9 @@ if command -v compute-sanitizer >/dev/null; then
 else
   row "memcheck" SKIP "compute-sanitizer not found"
 fi
+fi
 
+if want 5; then
 echo "== 5. HF transformers loads an l4c checkpoint"
 h="$b/hf"
 check "hf: l4c cpu logits vs HF (1e-4)" hf-cpu python3 test/gpu/hf_check.py \
@@ -212,7 +237,9 @@ check "hf: l4c gpu run" hf-gpu-run "$run" "$b/plans/hf-forward.plan" --device=cu
   --weights "$h/ckpt" --inputs "$h/inputs.safetensors" --out "$out/hf-gpu.safetensors" &&
   check "hf: l4c gpu logits vs HF (1e-3)" hf-gpu python3 test/gpu/hf_check.py \
     "$h/ckpt" "$out/hf-gpu.safetensors" "$h/inputs.safetensors" --tol 1e-3
+fi
 
+if want 6; then
 echo "== 6. decode speed (batch 1, greedy, f32)"
 prompt="Llama 4 on H100:"
 rate() { sed -n 's/^decode: .*(\([0-9.]*\) tokens\/s)/\1/p' "$out/logs/$1.log"; }
@@ -226,12 +253,15 @@ for m in tiny mid; do
 done
 check "speed mid HF eager f32 (peer)" peer-mid python3 test/gpu/peer_decode.py \
   test/gpu/configs/mid.json --dtype float32 --prompt-len 16 --new-tokens 128
+fi
 
+if want 7; then
 echo "== 7. llama4-scout plan (generate, batch 1, seq 8192) on this device"
 check "scout plan: --info" scout-info "$run" --info "$b/plans/scout-generate.plan"
 timeout 120 "$run" "$b/plans/scout-generate.plan" --device=cuda --random-weights=1 \
   --prompt "hi" --max-new-tokens=4 >"$out/logs/scout-load.log" 2>&1
 row "scout plan: random weights on the GPU" INFO "rc=$?: $(tail -1 "$out/logs/scout-load.log" | cut -c1-150)"
+fi
 
 echo
 echo "== summary ($(cat "$out/device.txt"), $(date -u +%F))"
