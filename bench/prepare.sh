@@ -4,8 +4,9 @@
 # (configs/scout-slice4.json: Scout's real layer shapes) and a train plan
 # of configs/train-2048.json. Output: BUILD/bench, and BUILD/bench.tar.gz to
 # carry to the GPU machine (the plans with tuning candidates take the folder
-# past the 64 MiB a device call carries; compressed it is about 23 MB,
-# measured 2026-12-07).
+# past the 64 MiB a device call carries; compressed it is about 31 MB,
+# measured 2026-12-07 with the grouped TMA candidates; the script took 25
+# minutes on the 2-core machine, 13 of them the training plan's candidates).
 # Usage: bench/prepare.sh [BUILD]
 set -euo pipefail
 build=${1:-build}
