@@ -54,3 +54,9 @@ compile scout4-b32-tune 32 192 --tune-candidates
 train train-2048-tune --tune-candidates
 tar -C "$build" -czf "$build/bench.tar.gz" bench
 du -sh "$b" "$build/bench.tar.gz"
+# The device tool carries at most 64 MiB in all.
+size=$(stat -c %s "$build/bench.tar.gz")
+if [ "$size" -gt $((64 * 1024 * 1024)) ]; then
+  echo "prepare: $build/bench.tar.gz is $((size >> 20)) MiB, past the 64 MiB a device call carries" >&2
+  exit 1
+fi
