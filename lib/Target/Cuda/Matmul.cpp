@@ -108,6 +108,38 @@ static std::string groupedZeroTask(const TiledGemm::Grouped &gr,
   return text;
 }
 
+/// `t` (of @G, @T and @K) for route entry q of expert ge: token q / GK,
+/// slot q % GK.
+static std::string groupedEntry(llvm::StringRef t) {
+  return subst(subst(subst(t.str(), "@G", "ge"), "@T", "q / GK"), "@K",
+               "q % GK");
+}
+
+/// A grouped GEMM's tile count over the experts' offsets goff (loaded):
+/// tilesN column tiles by each expert's row tiles, then the zero tasks.
+static const char *const kGroupedTileCount = R"cuda(  const long long tilesN = (GN + BN - 1) / BN;
+  long long tiles = 0;
+  for (int e = 0; e < GE; ++e)
+    tiles += (goff[e + 1] - goff[e] + BM - 1) / BM * tilesN;
+  const long long zeroTasks = (GT + 63) / 64;
+)cuda";
+
+/// Tile `tile`'s expert ge, its entries GM, m0 and n0. Row tiles inner: an
+/// expert's row tiles of one column tile run side by side, so its weights
+/// come from memory once and from L2 after. Every grouped kernel (and both
+/// sides of a warp-specialised one) walks the tiles in this order.
+static const char *const kGroupedTile = R"cuda(    long long rest = tile;
+    int ge = 0;
+    for (;; ++ge) {
+      const long long te = (goff[ge + 1] - goff[ge] + BM - 1) / BM * tilesN;
+      if (rest < te)
+        break;
+      rest -= te;
+    }
+    const long long GM = goff[ge + 1] - goff[ge], rowTiles = (GM + BM - 1) / BM;
+    const long long m0 = rest % rowTiles * BM, n0 = rest / rowTiles * BN;
+)cuda";
+
 /// The head of a grouped GEMM's tile loop over l4.moe_route's entries
 /// (TiledGemm::Grouped, rows by entry), for the tiles of emitTiles and
 /// emitPipelined alike (BM, BN, NT, tid, lane and warp declared): the
@@ -119,42 +151,23 @@ static std::string groupedTileLoop(const TiledGemm::Grouped &gr,
                                    llvm::StringRef aRow, llvm::StringRef y) {
   std::string text;
   llvm::raw_string_ostream os(text);
-  auto entry = [&](llvm::StringRef t) {
-    return subst(subst(subst(t.str(), "@G", "ge"), "@T", "q / GK"), "@K",
-                 "q % GK");
-  };
-  os << R"cuda(  const long long tilesN = (GN + BN - 1) / BN;
-  for (int e = tid; e <= GE; e += NT)
+  os << R"cuda(  for (int e = tid; e <= GE; e += NT)
     goff[e] = )cuda"
      << gr.table << R"cuda([e];
   __syncthreads();
-  long long tiles = 0;
-  for (int e = 0; e < GE; ++e)
-    tiles += (goff[e + 1] - goff[e] + BM - 1) / BM * tilesN;
-  const long long zeroTasks = (GT + 63) / 64;
-  for (long long tile = blockIdx.x; tile < tiles + zeroTasks; tile += gridDim.x) {
-)cuda" << groupedZeroTask(gr, y, "warp", "NT / 32") << R"cuda(    long long rest = tile;
-    int ge = 0;
-    for (;; ++ge) {
-      const long long te = (goff[ge + 1] - goff[ge] + BM - 1) / BM * tilesN;
-      if (rest < te)
-        break;
-      rest -= te;
-    }
-    const long long GM = goff[ge + 1] - goff[ge];
-    // Row tiles inner: an expert's row tiles of one column tile run side
-    // by side, so its weights come from memory once and from L2 after.
-    const long long rowTiles = (GM + BM - 1) / BM;
-    const long long m0 = rest % rowTiles * BM, n0 = rest / rowTiles * BN;
-    __syncthreads(); // the previous tile is done with the tables
+)cuda" << kGroupedTileCount
+     << R"cuda(  for (long long tile = blockIdx.x; tile < tiles + zeroTasks; tile += gridDim.x) {
+)cuda" << groupedZeroTask(gr, y, "warp", "NT / 32")
+     << kGroupedTile << R"cuda(    __syncthreads(); // the previous tile is done with the tables
     for (int i = tid; i < BM; i += NT) {
       const int q = m0 + i < GM ? )cuda"
      << gr.table << R"cuda([GE + 1 + goff[ge] + m0 + i] : -1;
       rq[i] = q;
       arow[i] = q >= 0 ? )cuda"
-     << entry(aRow) << " : -1;\n";
+     << groupedEntry(aRow) << " : -1;\n";
   if (!gr.rowScale.empty())
-    os << "      rsc[i] = q >= 0 ? " << entry(gr.rowScale) << " : 0.0f;\n";
+    os << "      rsc[i] = q >= 0 ? " << groupedEntry(gr.rowScale)
+       << " : 0.0f;\n";
   os << "    }\n";
   return text;
 }
@@ -1575,28 +1588,10 @@ static std::string emitTmaGemm(Body &b, const PipelinedGemm &p,
   const long long steps = (GR + BK - 1) / BK;
 )cuda";
   if (gr)
-    os << R"cuda(  const long long tilesN = (GN + BN - 1) / BN;
-  long long tiles = 0;
-  for (int e = 0; e < GE; ++e)
-    tiles += (goff[e + 1] - goff[e] + BM - 1) / BM * tilesN;
-  const long long zeroTasks = (GT + 63) / 64;
-)cuda";
+    os << kGroupedTileCount;
   else
     os << R"cuda(  const long long tilesT = (TR + BM - 1) / BM, tilesN = (GN + BN - 1) / BN;
   const long long tiles = NE * tilesT * tilesN;
-)cuda";
-  // A grouped tile's expert ge, its entries GM, m0 and n0: column tiles of
-  // an expert outer, row tiles inner (as groupedTileLoop).
-  const char *groupedTile = R"cuda(    long long rest = tile;
-    int ge = 0;
-    for (;; ++ge) {
-      const long long te = (goff[ge + 1] - goff[ge] + BM - 1) / BM * tilesN;
-      if (rest < te)
-        break;
-      rest -= te;
-    }
-    const long long GM = goff[ge + 1] - goff[ge], rowTiles = (GM + BM - 1) / BM;
-    const long long m0 = rest % rowTiles * BM, n0 = rest / rowTiles * BN;
 )cuda";
   // One stage's TMA copies of B (and U): at (k0, n0) when K-major, per
   // 64-column atom at (n0 + 64a, k0) else; the expert's index last.
@@ -1620,8 +1615,7 @@ static std::string emitTmaGemm(Body &b, const PipelinedGemm &p,
       copies("us", "tmB", p.u.kMajor, p.uCol + " + ");
   };
   if (gr) {
-    std::string aRow =
-        subst(subst(subst(p.a.base, "@G", "ge"), "@T", "q / GK"), "@K", "q % GK");
+    std::string aRow = groupedEntry(p.a.base);
     os << R"cuda(  if (wg == 0) {
     @B@_regs_producer();
     // Thread pi copies row pi of A's stages (an entry's row of A) by
@@ -1633,7 +1627,7 @@ static std::string emitTmaGemm(Body &b, const PipelinedGemm &p,
     const int pi = tid;
     long long it = 0; // steps issued, over all tiles
     for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-)cuda" << groupedTile
+)cuda" << kGroupedTile
        << "    const int q = m0 + pi < GM ? " << gr->table
        << "[GE + 1 + goff[ge] + m0 + pi] : -1;\n"
        << "    const long long ar = q >= 0 ? " << aRow << " : -1;\n"
@@ -1674,7 +1668,7 @@ static std::string emitTmaGemm(Body &b, const PipelinedGemm &p,
   const int wm = wg - 1, g = lane >> 2, t = lane & 3;
   long long it = 0; // steps consumed, over all tiles
   for (long long tile = blockIdx.x; tile < tiles + zeroTasks; tile += gridDim.x) {
-)cuda" << groupedZeroTask(*gr, p.y, "warp - 4", "8") << groupedTile;
+)cuda" << groupedZeroTask(*gr, p.y, "warp - 4", "8") << kGroupedTile;
   } else {
     os << R"cuda(  if (wg == 0) {
     @B@_regs_producer();
@@ -1789,9 +1783,7 @@ static std::string emitTmaGemm(Body &b, const PipelinedGemm &p,
        << "[GE + 1 + goff[ge] + m0 + li] : -1;\n"
        << "      qr[h] = q;\n";
     if (!gr->rowScale.empty())
-      os << "      rs[h] = q >= 0 ? "
-         << subst(subst(subst(gr->rowScale, "@G", "ge"), "@T", "q / GK"),
-                  "@K", "q % GK")
+      os << "      rs[h] = q >= 0 ? " << groupedEntry(gr->rowScale)
          << " : 0.0f;\n";
     os << "    }\n";
     if (!gr->rowScale.empty()) {
@@ -1823,8 +1815,7 @@ static std::string emitTmaGemm(Body &b, const PipelinedGemm &p,
   auto place = [&](const std::string &t) {
     if (!gr)
       return fill(fill(t, "@M", "m"), "@C", "n");
-    return fill(fill(fill(fill(t, "@G", "ge"), "@T", "q / GK"), "@K", "q % GK"),
-                "@C", "n");
+    return fill(groupedEntry(t), "@C", "n");
   };
   if (!p.store.empty())
     os << "        " << place(p.store) << "\n";
