@@ -42,6 +42,9 @@ if part l4c; then
   l4c prefill-8192 scout4-b1-8k --batch 1 --seq 8192 --max-new-tokens 1 --repeats 3 \
     --profile-json "$out/profile-prefill-8192.json"
   l4c decode-b1 scout4-b1 --batch 1 --seq 128 --max-new-tokens 64 --repeats 5
+  # The same with every kernel launched plainly (no programmatic dependent
+  # launch): what overlapping each launch with the previous kernel saves.
+  L4C_PDL=0 l4c decode-b1-plain scout4-b1 --batch 1 --seq 128 --max-new-tokens 64 --repeats 5
   l4c decode-b32 scout4-b32 --batch 32 --seq 128 --max-new-tokens 64 --repeats 5
   l4c train-4x2048 train-2048 --batch 4 --seq 2048 --repeats 3
   l4c train-4x2048-whole train-2048-whole --batch 4 --seq 2048 --repeats 3
@@ -89,6 +92,7 @@ def l4c(name, key):
 rows = [
     ("prefill 2048 (ms)", l4c("prefill-2048", "prefill_ms"), "prefill_2048_ms", "floor_prefill_ms"),
     ("decode b1 (ms/token)", l4c("decode-b1", "decode_ms_per_step"), "decode_b1_ms", "floor_decode_b1_ms"),
+    ("decode b1, plain launches (`L4C_PDL=0`)", l4c("decode-b1-plain", "decode_ms_per_step"), "decode_b1_ms", "floor_decode_b1_ms"),
     ("decode b32 (ms/step)", l4c("decode-b32", "decode_ms_per_step"), "decode_b32_ms", "floor_decode_b32_ms"),
 ]
 f = lambda x: "n/a" if x is None else "%.3f" % x

@@ -522,7 +522,8 @@ llvm::Expected<std::string> Writer::finish(const Llama4Config &c,
             fbb.CreateString(ck.entry), ck.threads, ck.blocks, ck.sharedBytes,
             k.temps, fbb.CreateString(ck.config),
             fbb.CreateString(k.signature), k.alternativeOf,
-            maps.empty() ? 0 : fbb.CreateVector(maps)));
+            maps.empty() ? 0 : fbb.CreateVector(maps),
+            /*grid_wait=*/true)); // every entry starts with l4_grid_wait
       }
     nvrtcVersion = nvrtc::version();
   } else {

@@ -212,7 +212,12 @@ Status Session::attachGpu(int ordinal) {
 std::string Session::deviceName() const {
   if (!gpu_)
     return "cpu";
-  return "cuda (" + gpu_->deviceName() + ", " + gpu_->arch() + ")";
+  // How many kernels start with programmatic stream serialization
+  // (cuda::CudaOptions::programmaticLaunch): what a timing ran with.
+  return "cuda (" + gpu_->deviceName() + ", " + gpu_->arch() +
+         ", programmatic launch: " +
+         std::to_string(gpu_->loadStats().programmatic) + " of " +
+         std::to_string(gpu_->loadStats().kernels) + " kernels)";
 }
 
 Session::Session(std::shared_ptr<const Plan> plan) : plan_(std::move(plan)) {}

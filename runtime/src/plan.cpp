@@ -544,6 +544,7 @@ Status PlanVerifier::checkKernels(const plan::Plan &fb) {
     kd.tileConfig = str(kernel->tile_config());
     kd.signature = str(kernel->signature());
     kd.alternativeOf = kernel->alternative_of();
+    kd.gridWait = kernel->grid_wait();
     std::string kwhere = "kernel " + std::to_string(k) +
                          (kd.name.empty() ? "" : " '" + kd.name + "'");
     if (kd.alternativeOf < -1 || kd.alternativeOf >= int32_t(k) ||

@@ -158,6 +158,10 @@ struct KernelDesc {
   /// CUDA: the TMA tensor maps the entry takes after B and T, in order (the
   /// CPU backend ignores them).
   std::vector<TensorMapDesc> tensorMaps;
+  /// CUDA: the entry waits for the kernels before it before touching memory
+  /// (plan.fbs, Kernel.grid_wait), so it may be launched with programmatic
+  /// stream serialization.
+  bool gridWait = false;
 };
 
 struct ProgramDesc {

@@ -74,6 +74,8 @@ struct FakeLaunch {
   L4Regions regions;
   long long B = 0, T = 0;
   bool fromGraph = false;
+  /// Launched by cuLaunchKernelEx with programmatic stream serialization.
+  bool programmatic = false;
   /// The tensor maps after B and T (as many as FakeCuda::mapParams says
   /// the entry takes), decoded from the 128 bytes passed.
   std::vector<FakeTensorMap> maps;
@@ -351,6 +353,32 @@ struct FakeCalls {
                          void **extra) {
     if (CUresult r = f().enter("cuLaunchKernel"))
       return r;
+    return launchCommon(fn, gx, gy, gz, bx, by, bz, shared, s, params, extra,
+                        false);
+  }
+  static CUresult launchEx(const cuda::CUlaunchConfig *c, cuda::CUfunction fn,
+                           void **params, void **extra) {
+    if (CUresult r = f().enter("cuLaunchKernelEx"))
+      return r;
+    if (!c || (c->numAttrs && !c->attrs))
+      return cuda::CUDA_ERROR_INVALID_VALUE;
+    bool programmatic = false;
+    for (unsigned i = 0; i < c->numAttrs; ++i) {
+      const cuda::CUlaunchAttribute &a = c->attrs[i];
+      if (a.id != cuda::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION ||
+          reinterpret_cast<uintptr_t>(&a) % 8)
+        return cuda::CUDA_ERROR_INVALID_VALUE;
+      programmatic |= a.value.programmaticStreamSerializationAllowed != 0;
+    }
+    return launchCommon(fn, c->gridDimX, c->gridDimY, c->gridDimZ,
+                        c->blockDimX, c->blockDimY, c->blockDimZ,
+                        c->sharedMemBytes, c->hStream, params, extra,
+                        programmatic);
+  }
+  static CUresult launchCommon(cuda::CUfunction fn, unsigned gx, unsigned gy,
+                               unsigned gz, unsigned bx, unsigned by,
+                               unsigned bz, unsigned shared, cuda::CUstream s,
+                               void **params, void **extra, bool programmatic) {
     auto *func = reinterpret_cast<FakeFunction *>(fn);
     auto *stream = reinterpret_cast<FakeStream *>(s);
     if (!func || !stream || extra || !params || gx < 1 || gy != 1 || gz != 1 ||
@@ -363,6 +391,7 @@ struct FakeCalls {
     l.threads = bx;
     l.shared = shared;
     l.stream = s;
+    l.programmatic = programmatic;
     std::memcpy(&l.regions, params[0], sizeof(L4Regions));
     std::memcpy(&l.B, params[1], sizeof(long long));
     std::memcpy(&l.T, params[2], sizeof(long long));
@@ -563,6 +592,7 @@ DriverApi FakeCuda::table() {
   };
   a.cuFuncSetAttribute = C::setAttribute;
   a.cuLaunchKernel = C::launch;
+  a.cuLaunchKernelEx = C::launchEx;
   a.cuStreamCreate = [](cuda::CUstream *s, unsigned flags) {
     if (CUresult r = C::f().enter("cuStreamCreate"))
       return r;
@@ -636,6 +666,7 @@ struct CudaCode {
   std::vector<uint8_t> cubin;
   std::string entry;
   unsigned threads = 128, blocks = 4, shared = 0;
+  bool gridWait = false; ///< Kernel.grid_wait
 };
 
 struct CudaPlan {
@@ -699,7 +730,7 @@ std::vector<uint8_t> CudaPlan::serialize() const {
         fbb, fbb.CreateString(ker.name), fbb.CreateString(ker.kind),
         fbb.CreateVector(ops), str(c.source), blob(c.cubin),
         fbb.CreateString(c.entry), c.threads, c.blocks, c.shared, 0, 0, 0, -1,
-        createTensorMaps(fbb, ker)));
+        createTensorMaps(fbb, ker), c.gridWait));
   }
   std::vector<flatbuffers::Offset<pl::Program>> ps;
   for (const ProgramSpec &pr : p.programs) {
@@ -1361,6 +1392,105 @@ TEST_F(CudaBackendTest, TensorMapsNeedTheDriversEncoder) {
   EXPECT_FALSE(backend);
   EXPECT_TRUE(fake.mem.empty());
   EXPECT_EQ(fake.contexts, 0);
+}
+
+TEST_F(CudaBackendTest, KernelsThatWaitAreLaunchedProgrammatically) {
+  // Every kernel of a generate plan waits (as l4c writes them) but #1, a
+  // kernel of an older plan.
+  CudaPlan cp = withFakeCubin(tinyModelPlan("generate", 2, 8));
+  for (CudaCode &c : cp.code)
+    c.gridWait = true;
+  cp.code[1].gridWait = false;
+  auto plan = parse(cp.serialize());
+  EXPECT_TRUE(plan->kernels[0].gridWait);
+  EXPECT_FALSE(plan->kernels[1].gridWait);
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan));
+  EXPECT_EQ(backend->loadStats().programmatic, cp.code.size() - 1);
+
+  const rt::ProgramDesc &prefill = *plan->program("prefill");
+  const rt::ProgramDesc &decode = *plan->program("decode");
+  ASSERT_TRUE(backend->runProgram(prefill, 2, 8).ok());
+  ASSERT_TRUE(backend->runProgramGraph(decode, 2, 1).ok());
+  ASSERT_EQ(fake.launches.size(), prefill.steps.size() + decode.steps.size());
+  size_t plain = 0;
+  for (size_t i = 0; i < fake.launches.size(); ++i) {
+    uint32_t k = i < prefill.steps.size()
+                     ? prefill.steps[i]
+                     : decode.steps[i - prefill.steps.size()];
+    const FakeLaunch &l = fake.launches[i];
+    EXPECT_EQ(l.programmatic, k != 1) << "kernel " << k;
+    // The same grid, block, shared memory and parameters either way.
+    EXPECT_EQ(l.entry, cp.code[k].entry);
+    EXPECT_EQ(l.grid, cp.code[k].blocks);
+    EXPECT_EQ(l.threads, cp.code[k].threads);
+    EXPECT_EQ(l.B, 2);
+    EXPECT_EQ(l.regions.arena, backend->regionBase(plan::Region::Arena));
+    plain += k == 1;
+  }
+  EXPECT_EQ(fake.counts["cuLaunchKernel"], int(plain));
+  EXPECT_EQ(fake.counts["cuLaunchKernelEx"], int(fake.launches.size() - plain));
+
+  // The kernel profile launches plainly: each kernel's time is its own.
+  fake.launches.clear();
+  std::vector<double> ms;
+  rt::Status p = backend->profileProgram(prefill, 2, 8, ms);
+  ASSERT_TRUE(p.ok()) << p.message;
+  ASSERT_EQ(fake.launches.size(), prefill.steps.size());
+  for (const FakeLaunch &l : fake.launches)
+    EXPECT_FALSE(l.programmatic);
+
+  // A failed programmatic launch names the kernel.
+  fake.failCall = "cuLaunchKernelEx";
+  rt::Status s = backend->runProgram(prefill, 1, 1);
+  EXPECT_EQ(s.message.find("kernel '"), 0u) << s.message;
+  EXPECT_NE(s.message.find("cuLaunchKernelEx failed"), std::string::npos)
+      << s.message;
+}
+
+TEST_F(CudaBackendTest, ProgrammaticLaunchNeedsHopperTheDriverAndConsent) {
+  CudaPlan cp = withFakeCubin(linearPlan());
+  for (CudaCode &c : cp.code)
+    c.gridWait = true;
+  auto plan = parse(cp.serialize());
+  const rt::ProgramDesc &fwd = *plan->program("forward");
+  auto runPlain = [&](const std::string &why) {
+    fake.launches.clear();
+    ASSERT_TRUE(backend->runProgram(fwd, 1, 1).ok()) << why;
+    EXPECT_EQ(backend->loadStats().programmatic, 0u) << why;
+    for (const FakeLaunch &l : fake.launches)
+      EXPECT_FALSE(l.programmatic) << why;
+  };
+  // Turned off by the option...
+  CudaOptions off;
+  off.programmaticLaunch = false;
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan, off));
+  runPlain("option");
+  // ...or by L4C_PDL=0.
+  ::setenv("L4C_PDL", "0", 1);
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan));
+  ::unsetenv("L4C_PDL");
+  runPlain("L4C_PDL=0");
+  // Before Hopper the attribute means nothing: not used.
+  fake.major = 8;
+  CudaPlan cp80 = cp;
+  cp80.arch = "sm_80";
+  auto plan80 = parse(cp80.serialize());
+  ASSERT_NO_FATAL_FAILURE(mustCreate(plan80));
+  fake.launches.clear();
+  ASSERT_TRUE(backend->runProgram(*plan80->program("forward"), 1, 1).ok());
+  EXPECT_EQ(backend->loadStats().programmatic, 0u);
+  for (const FakeLaunch &l : fake.launches)
+    EXPECT_FALSE(l.programmatic);
+  fake.major = 9;
+  // A driver without cuLaunchKernelEx runs the plan with cuLaunchKernel.
+  DriverApi api = FakeCuda::table();
+  api.cuLaunchKernelEx = nullptr;
+  Driver old = Driver::forTesting(api);
+  backend.reset();
+  ASSERT_TRUE(CudaBackend::create(plan, 0, old, backend).ok());
+  runPlain("no cuLaunchKernelEx");
+  EXPECT_EQ(fake.counts["cuLaunchKernelEx"], 0);
+  backend.reset(); // before `old`, which it uses
 }
 
 TEST_F(CudaBackendTest, TimerUsesEvents) {

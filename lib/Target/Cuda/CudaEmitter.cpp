@@ -95,6 +95,21 @@ struct L4Regions { char *arena, *weights, *cache, *io; };
 // TensorMap) and passed by value as a __grid_constant__ parameter.
 struct __align__(64) L4TensorMap { unsigned long long v[16]; };
 
+// Programmatic dependent launch (sm_90+). Every entry calls this first: it
+// waits until the kernels before it in the stream have finished and their
+// writes are visible, then lets the next kernel launch. A kernel launched
+// with programmatic stream serialization (the runtime does so for plans
+// whose kernels have Kernel.grid_wait) thus has its blocks resident, at
+// this wait, while the previous kernel's last blocks run, instead of being
+// launched after them; launched plainly, the wait returns at once. Nothing
+// before the wait touches memory, so the results are the same either way.
+__device__ __forceinline__ void l4_grid_wait() {
+#if !defined(L4C_CUEMU) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Storage access. Only these helpers know storage dtypes; all math is f32.
 // bf16 is widened exactly on load and rounded to nearest even on store (a
 // NaN stays a quiet NaN), bit for bit as the CPU backend rounds.
@@ -1096,7 +1111,7 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
   k.launcher =
       llvm::formatv("// {0} ({1})\nextern \"C\" __global__ void "
                     "__launch_bounds__({2}) {3}(L4Regions r, long long B, long "
-                    "long T{6}) {{\n  {4}({5}B, T);\n}\n",
+                    "long T{6}) {{\n  l4_grid_wait();\n  {4}({5}B, T);\n}\n",
                     group.getName(), k.kind, k.threads, k.entry, k.bodyName,
                     args, mapParams)
           .str();

@@ -41,6 +41,9 @@ Status CudaBackend::create(std::shared_ptr<const rt::Plan> plan, int device,
   const char *sync = std::getenv("L4C_CUDA_SYNC");
   b->syncEachLaunch_ =
       opts.syncEachLaunch || (sync && *sync && std::strcmp(sync, "0") != 0);
+  const char *pdl = std::getenv("L4C_PDL");
+  b->programmaticLaunch_ =
+      opts.programmaticLaunch && !(pdl && std::strcmp(pdl, "0") == 0);
   if (Status s = b->openDevice(device); !s.ok())
     return s;
   if (Status s = b->allocateRegions(); !s.ok())
@@ -98,6 +101,7 @@ Status CudaBackend::openDevice(int device) {
         !s.ok())
       return s;
   arch_ = archFor(major, minor);
+  ccMajor_ = major;
   where += " (" + deviceName_ + ")";
   if (Status s = drv_.check(a.cuDevicePrimaryCtxRetain(&ctx_, device_),
                             "cuDevicePrimaryCtxRetain", where);
@@ -332,11 +336,22 @@ Status CudaBackend::checkExtents(const rt::ProgramDesc &prog, int64_t B,
 }
 
 Status CudaBackend::launchKernel(uint32_t k, L4Regions &regions, long long &B,
-                                 long long &T, std::vector<void *> &params) {
+                                 long long &T, std::vector<void *> &params,
+                                 bool programmatic) {
   const Launch &l = launches_[k];
   params.assign({&regions, &B, &T});
   for (CUtensorMap &m : tensorMaps_[k])
     params.push_back(&m);
+  if (l.programmatic && programmatic) {
+    CUlaunchAttribute attr{};
+    attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    CUlaunchConfig config{l.grid,          1,       1,     l.threads, 1, 1,
+                          l.sharedBytes, stream_, &attr, 1};
+    return drv_.check(drv_->cuLaunchKernelEx(&config, l.fn, params.data(),
+                                             nullptr),
+                      "cuLaunchKernelEx", kernelLabel(k));
+  }
   return drv_.check(drv_->cuLaunchKernel(l.fn, l.grid, 1, 1, l.threads, 1, 1,
                                          l.sharedBytes, stream_, params.data(),
                                          nullptr),
@@ -400,7 +415,7 @@ Status CudaBackend::profileProgram(const rt::ProgramDesc &prog, int64_t B,
                          "kernel profile");
   for (size_t i = 0; st.ok() && i < prog.steps.size(); ++i) {
     uint32_t k = prog.steps[i];
-    st = launchKernel(k, regions, b, t, params);
+    st = launchKernel(k, regions, b, t, params, /*programmatic=*/false);
     if (st.ok())
       st = drv_.check(a.cuEventRecord(events[i + 1], stream_),
                       "cuEventRecord", kernelLabel(k));

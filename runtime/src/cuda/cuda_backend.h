@@ -49,6 +49,12 @@ struct CudaOptions {
   /// runtime/test/cuemu); a real driver rejects it. L4C_CUDA_IMAGE=source in
   /// the environment sets it too.
   bool sourceImages = false;
+  /// Launch the kernels whose entries wait for their predecessors
+  /// (Kernel.grid_wait) with programmatic stream serialization, so each
+  /// one's blocks are resident before the previous kernel ends (sm_90 and
+  /// newer, with a driver that has cuLaunchKernelEx). L4C_PDL=0 in the
+  /// environment turns it off, to measure what it saves.
+  bool programmaticLaunch = true;
 };
 
 /// How the kernels' code was obtained, for logs and tests.
@@ -58,6 +64,8 @@ struct LoadStats {
   size_t fromPlan = 0;  ///< modules from the plan's cubins
   size_t fromCache = 0; ///< modules from the disk cache
   size_t compiled = 0;  ///< modules compiled with NVRTC during this load
+  /// Kernels launched with programmatic stream serialization.
+  size_t programmatic = 0;
   double compileSeconds = 0;
   /// Why the disk cache could not be written (the load still succeeded).
   std::string cacheWarning;
@@ -168,7 +176,9 @@ public:
   rt::Status optUpload(size_t tensor, OptState which, const float *src);
 
   /// Runs the program once with a CUDA event between every two launches;
-  /// ms[i] receives the GPU time of prog.steps[i].
+  /// ms[i] receives the GPU time of prog.steps[i]. Launched plainly (no
+  /// programmatic launch), so that no kernel starts before the event
+  /// that ends its predecessor's time.
   rt::Status profileProgram(const rt::ProgramDesc &prog, int64_t B, int64_t T,
                             std::vector<double> &ms);
 
@@ -181,6 +191,7 @@ private:
   struct Launch {
     CUfunction fn = nullptr;
     unsigned grid = 1, threads = 1, sharedBytes = 0;
+    bool programmatic = false; ///< cuLaunchKernelEx, see CudaOptions
   };
   struct Graph {
     CUgraphExec exec = nullptr;
@@ -196,9 +207,11 @@ private:
   rt::Status encodeTensorMaps();
   /// Launches plan kernel `k` with (regions, B, T, its tensor maps...);
   /// `params` is the caller's scratch (the driver copies the values at
-  /// launch and at capture, so locals do).
+  /// launch and at capture, so locals do). `programmatic`: as the load
+  /// decided (Launch::programmatic); false launches it plainly.
   rt::Status launchKernel(uint32_t k, L4Regions &regions, long long &B,
-                          long long &T, std::vector<void *> &params);
+                          long long &T, std::vector<void *> &params,
+                          bool programmatic = true);
   rt::Status makeCurrent() const;
   rt::Status checkRange(const char *what, plan::Region r, uint64_t offset,
                         uint64_t bytes) const;
@@ -229,8 +242,10 @@ private:
   CUstream stream_ = nullptr;
   std::string deviceName_, arch_;
   int sms_ = 0, maxThreads_ = 1024, maxSharedOptin_ = 48 << 10;
+  int ccMajor_ = 0; ///< compute capability
   unsigned maxBlocks_ = kDefaultMaxBlocks;
   bool syncEachLaunch_ = false;
+  bool programmaticLaunch_ = true; ///< CudaOptions::programmaticLaunch
   CUdeviceptr base_[4] = {0, 0, 0, 0};
   uint64_t size_[4] = {0, 0, 0, 0};
   std::vector<CUmodule> modules_;

@@ -282,6 +282,8 @@ Status CudaBackend::loadKernels(const CudaOptions &opts) {
   }
 
   launches_.resize(kernels.size());
+  // Programmatic dependent launch: Hopper (compute capability 9.0) onwards.
+  const bool pdlCapable = ccMajor_ >= 9;
   for (uint32_t k = 0; k < kernels.size(); ++k) {
     const plan::Kernel *kernel = kernels.Get(k);
     std::string entry(view(kernel->entry()));
@@ -320,6 +322,11 @@ Status CudaBackend::loadKernels(const CudaOptions &opts) {
     l.grid = std::min(kernel->blocks(), maxBlocks_);
     l.threads = kernel->threads();
     l.sharedBytes = kernel->shared_bytes();
+    // The launch attribute only where the entry waits (an older plan's do
+    // not) and the device honours it: sm_90 and newer.
+    l.programmatic = programmaticLaunch_ && kernel->grid_wait() &&
+                     drv_.api().cuLaunchKernelEx && pdlCapable;
+    stats_.programmatic += l.programmatic;
   }
   stats_.kernels = kernels.size();
   return Status::success();

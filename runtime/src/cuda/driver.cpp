@@ -81,6 +81,7 @@ std::string bindAll(void *h, DriverApi &a) {
   // the backend refuses only plans whose kernels take tensor maps.
   std::string optional;
   bind(h, {"cuTensorMapEncodeTiled"}, a.cuTensorMapEncodeTiled, optional);
+  bind(h, {"cuLaunchKernelEx"}, a.cuLaunchKernelEx, optional);
   return m;
 }
 

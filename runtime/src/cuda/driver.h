@@ -69,6 +69,29 @@ struct alignas(64) CUtensorMap {
 };
 static_assert(sizeof(CUtensorMap) == 128, "CUtensorMap is 128 bytes");
 
+// cuLaunchKernelEx's launch configuration (cuda.h's CUlaunchConfig and
+// CUlaunchAttribute, CUDA 12 and 13): an attribute is its id, padding to 8
+// bytes, and a 64-byte value union, of which the backend sets one int.
+constexpr int CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6;
+struct alignas(8) CUlaunchAttribute {
+  int id;
+  char pad[4];
+  union {
+    char bytes[64];
+    int programmaticStreamSerializationAllowed;
+  } value;
+};
+static_assert(sizeof(CUlaunchAttribute) == 72, "CUlaunchAttribute is 72 bytes");
+struct CUlaunchConfig {
+  unsigned gridDimX, gridDimY, gridDimZ;
+  unsigned blockDimX, blockDimY, blockDimZ;
+  unsigned sharedMemBytes;
+  CUstream hStream;
+  CUlaunchAttribute *attrs;
+  unsigned numAttrs;
+};
+static_assert(sizeof(CUlaunchConfig) == 56, "CUlaunchConfig is 56 bytes");
+
 /// The driver entry points, under the names of the symbols they bind (the
 /// versioned ones where cuda.h maps the plain name onto a _v2).
 struct DriverApi {
@@ -125,6 +148,10 @@ struct DriverApi {
   CUresult (*cuEventElapsedTime)(float *ms, CUevent start, // _v2 or plain
                                  CUevent end);
   CUresult (*cuEventDestroy)(CUevent event); // _v2
+  // Optional: null where the driver lacks it; the backend then launches
+  // every kernel with cuLaunchKernel (no programmatic dependent launch).
+  CUresult (*cuLaunchKernelEx)(const CUlaunchConfig *config, CUfunction fn,
+                               void **params, void **extra);
   // Optional: null where the driver lacks it (older drivers, emulators);
   // only a plan whose kernels take tensor maps needs it.
   CUresult (*cuTensorMapEncodeTiled)(

@@ -416,6 +416,33 @@ CUresult cuLaunchKernel(Function *f, unsigned gx, unsigned gy, unsigned gz,
     return INVALID_VALUE;
   return launch(f, gx, bx, smem, params, s);
 }
+// cuLaunchKernelEx with cuda.h's CUlaunchConfig layout. Grids run one
+// after another here, so programmatic stream serialization (attribute 6,
+// the only one accepted) changes nothing but is checked for shape.
+struct LaunchAttribute {
+  int id;
+  char pad[4];
+  union {
+    char bytes[64];
+    int value;
+  } v;
+};
+struct LaunchConfig {
+  unsigned gx, gy, gz, bx, by, bz, smem;
+  Stream *stream;
+  LaunchAttribute *attrs;
+  unsigned numAttrs;
+};
+CUresult cuLaunchKernelEx(const LaunchConfig *c, Function *f, void **params,
+                          void **extra) {
+  if (!c || (c->numAttrs && !c->attrs))
+    return INVALID_VALUE;
+  for (unsigned i = 0; i < c->numAttrs; ++i)
+    if (c->attrs[i].id != 6 || (c->attrs[i].v.value != 0 && c->attrs[i].v.value != 1))
+      return INVALID_VALUE;
+  return cuLaunchKernel(f, c->gx, c->gy, c->gz, c->bx, c->by, c->bz, c->smem,
+                        c->stream, params, extra);
+}
 CUresult cuStreamCreate(Stream **s, unsigned) {
   *s = new Stream;
   return OK;
