@@ -246,13 +246,13 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
   using FusionPassBase::FusionPassBase;
 
   bool epilogue = false, swiglu = false, norm = false, rope = false,
-       qkv = false, cache = false;
+       qkv = false, cache = false, router = false;
 
   LogicalResult parseFusions() {
     for (StringRef f : llvm::split(fusions, ',')) {
       f = f.trim();
       if (f == "all")
-        epilogue = swiglu = norm = rope = qkv = cache = true;
+        epilogue = swiglu = norm = rope = qkv = cache = router = true;
       else if (f == "none" || f.empty())
         continue;
       else if (f == "epilogue")
@@ -267,11 +267,13 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
         qkv = true;
       else if (f == "cache")
         cache = true;
+      else if (f == "router")
+        router = true;
       else
         return emitError(UnknownLoc::get(&getContext()))
                << "l4c-fuse: unknown fusion '" << f
-               << "' (expected all, none, epilogue, swiglu, norm, rope, qkv "
-                  "or cache)";
+               << "' (expected all, none, epilogue, swiglu, norm, rope, qkv, "
+                  "cache or router)";
     }
     return success();
   }
@@ -513,6 +515,43 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
     }
   }
 
+  /// Decode-shaped MoE routing (at most kGemvMaxRows rows): the norm that
+  /// feeds the router and the experts, the router's linear, router_scores
+  /// and moe_route -> one kernel (cuda::emitRouterGroup), whose last block
+  /// scores and routes once every block has its logits. Four launches per
+  /// MoE layer become one, and the logits are never stored.
+  void fuseRouters(func::FuncOp fn) {
+    SmallVector<GroupOp> routes = groupsOf<l4::MoeRouteOp>(fn);
+    for (GroupOp r : routes) {
+      auto s = r.getInputs()[0].getDefiningOp<GroupOp>();
+      if (!s || !single<l4::RouterScoresOp>(s) || s.getNumResults() != 1)
+        continue;
+      auto lin = s.getInputs()[0].getDefiningOp<GroupOp>();
+      std::optional<GemmShape> shape = lin ? gemmShape(lin) : std::nullopt;
+      if (!shape || shape->swiglu || shape->adds || lin.getNumResults() != 1 ||
+          !onlyFeeds(lin, s))
+        continue;
+      auto x = cast<RankedTensorType>(lin.getInputs()[0].getType());
+      auto logits = cast<RankedTensorType>(lin.getResult(0).getType());
+      uint64_t rows = x.getNumElements() / x.getShape().back();
+      if (rows > l4c::kGemvMaxRows ||
+          rows * uint64_t(logits.getShape().back()) > l4c::kRouterFuseMaxLogits)
+        continue;
+      // The norm group before it: in Llama 4 the experts read the norm's
+      // result too, so it stays a result of the fused kernel.
+      GroupOp n = shape->norm ? GroupOp()
+                              : lin.getInputs()[0].getDefiningOp<GroupOp>();
+      if (!n || !single<l4::RmsNormOp>(n) || n.getNumResults() != 1)
+        continue;
+      // "...router" -> "...router+router_scores+route+post_attention_layernorm".
+      std::string name = (lin.getName() + "+" + lastSegment(s.getName()) +
+                          "+" + lastSegment(r.getName()) + "+" +
+                          lastSegment(n.getName()))
+                             .str();
+      fuseSiblings({n, lin, s, r}, n, name, "router");
+    }
+  }
+
   void runOnOperation() override {
     if (failed(parseFusions()))
       return signalPassFailure();
@@ -531,6 +570,9 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
         fuseProjections(fn);
       if (cache)
         fuseCacheUpdates(fn);
+      // After norm: a norm only the router reads is its prologue by then.
+      if (router)
+        fuseRouters(fn);
     });
   }
 };

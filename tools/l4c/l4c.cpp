@@ -73,7 +73,7 @@ static cl::opt<std::string> lossChunkOpt(
 static cl::opt<std::string> fuseOpt(
     "fuse", cl::init("all"),
     cl::desc("kernel fusions (l4c-fuse): all | none | a comma list of swiglu, "
-             "epilogue, norm, rope, qkv, cache"),
+             "epilogue, norm, rope, qkv, cache, router"),
     cl::sub(compileCmd));
 static cl::opt<std::string> tuningOpt(
     "tuning", cl::init(""),
@@ -199,10 +199,10 @@ static int runCompile() {
   for (llvm::StringRef f : llvm::split(llvm::StringRef(fuseOpt), ','))
     if (!llvm::is_contained(
             {"all", "none", "swiglu", "epilogue", "norm", "rope", "qkv",
-             "cache"},
+             "cache", "router"},
             f.trim()))
       return fail("--fuse takes all, none or a comma list of swiglu, "
-                  "epilogue, norm, rope, qkv and cache; got '" +
+                  "epilogue, norm, rope, qkv, cache and router; got '" +
                   fuseOpt + "'");
   mlir::PassManager pm(&ctx);
   l4c::LowerToKernelOptions lopts;

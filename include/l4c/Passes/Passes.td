@@ -198,7 +198,7 @@ def FusionPass : Pass<"l4c-fuse", "mlir::ModuleOp"> {
   let options = [
     Option<"fusions", "fusions", "std::string", /*default=*/"\"all\"",
            "comma-separated fusions to apply: all, none, swiglu, epilogue, "
-           "norm, rope, qkv, cache">
+           "norm, rope, qkv, cache, router">
   ];
   let dependentDialects = ["l4c::kernel::KernelDialect"];
 }

@@ -905,6 +905,93 @@ matchCacheGroup(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
   return g;
 }
 
+/// l4c-fuse's `router` kernel: [rms_norm,] linear, router_scores and
+/// moe_route in a chain; the views in the order cuda::emitRouterGroup takes
+/// them.
+llvm::Expected<cuda::RouterGroup>
+matchRouterGroup(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
+                 llvm::ArrayRef<CudaBuffer> results, OpContext &ctx) {
+  Block &block = group.getBody().front();
+  auto yield = cast<kernel::YieldOp>(block.getTerminator());
+  auto bad = [&](const llvm::Twine &why) {
+    return llvm::createStringError(
+        llvm::formatv("kernel '{0}': the CUDA target does not generate this "
+                      "router kernel: {1}",
+                      group.getName(), why.str())
+            .str());
+  };
+  auto isArg = [&](Value v) {
+    auto a = dyn_cast<BlockArgument>(v);
+    return a && a.getOwner() == &block;
+  };
+  SmallVector<Operation *> ops;
+  for (Operation &op : block.without_terminator())
+    ops.push_back(&op);
+  size_t i = 0;
+  auto norm = dyn_cast<l4::RmsNormOp>(ops[i]);
+  if (norm)
+    ++i;
+  if (ops.size() != i + 3)
+    return bad("expected [rms_norm,] linear, router_scores, moe_route");
+  auto lin = dyn_cast<l4::LinearOp>(ops[i]);
+  auto scores = dyn_cast<l4::RouterScoresOp>(ops[i + 1]);
+  auto route = dyn_cast<l4::MoeRouteOp>(ops[i + 2]);
+  if (!lin || !scores || !route)
+    return bad("expected [rms_norm,] linear, router_scores, moe_route");
+  if (norm && (!isArg(norm.getInput()) || !isArg(norm.getWeight()) ||
+               lin.getInput() != norm.getResult()))
+    return bad("the norm must read kernel inputs and feed the linear");
+  if ((!norm && !isArg(lin.getInput())) || !isArg(lin.getWeight()) ||
+      scores.getLogits() != lin.getResult() ||
+      route.getScores() != scores.getResult())
+    return bad("the ops must form one chain from kernel inputs");
+  auto yielded = [&](Value v) -> std::optional<unsigned> {
+    auto it = llvm::find(yield.getValues(), v);
+    if (it == yield.getValues().end())
+      return std::nullopt;
+    return unsigned(std::distance(yield.getValues().begin(), it));
+  };
+  std::optional<unsigned> normAt = norm ? yielded(norm.getResult()) : std::nullopt;
+  std::optional<unsigned> scoresAt = yielded(scores.getResult()),
+                          tableAt = yielded(route.getResult());
+  if (!scoresAt || !tableAt || yielded(lin.getResult()) ||
+      yield.getValues().size() != 2u + (normAt ? 1 : 0))
+    return bad("the results are [the normalised rows,] the scores and the "
+               "route table");
+  cuda::RouterGroup g;
+  g.norm = bool(norm);
+  g.storeNorm = bool(normAt);
+  auto isBf16 = [](Value v) {
+    return cast<RankedTensorType>(v.getType()).getElementType().isBF16();
+  };
+  if (norm) {
+    g.eps = norm.getEps().convertToDouble();
+    g.bf16Norm = isBf16(norm.getResult());
+  }
+  g.bf16Logits = isBf16(lin.getResult());
+  g.topK = scores.getTopK();
+  g.slots = route.getSlots();
+  ctx.op = lin;
+  Value x = norm ? norm.getInput() : lin.getInput();
+  SmallVector<std::pair<Value, llvm::StringRef>, 3> ins = {
+      {x, "x"}, {lin.getWeight(), "w"}};
+  if (norm)
+    ins.push_back({norm.getWeight(), "nw"});
+  for (auto [v, name] : ins)
+    if (llvm::Error e = addView(ctx, inputs, cast<BlockArgument>(v).getArgNumber(),
+                                name, /*result=*/false))
+      return std::move(e);
+  SmallVector<std::pair<unsigned, llvm::StringRef>, 3> outs;
+  if (normAt)
+    outs.push_back({*normAt, "xn"});
+  outs.push_back({*scoresAt, "scores"});
+  outs.push_back({*tableAt, "y"});
+  for (auto [idx, name] : outs)
+    if (llvm::Error e = addView(ctx, results, idx, name, /*result=*/true))
+      return std::move(e);
+  return g;
+}
+
 } // namespace
 
 llvm::StringRef cudaPrelude() { return kPrelude; }
@@ -959,7 +1046,13 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
   std::optional<cuda::GemmSpec> fused;
   std::optional<cuda::RopeNorm> ropeNorm;
   std::optional<cuda::CacheGroup> cacheGroup;
-  if (group.getKind() == "cache" && numOps > 1) {
+  std::optional<cuda::RouterGroup> routerGroup;
+  if (group.getKind() == "router" && numOps > 1) {
+    auto g = matchRouterGroup(group, inputs, results, ctx);
+    if (!g)
+      return g.takeError();
+    routerGroup = *g;
+  } else if (group.getKind() == "cache" && numOps > 1) {
     auto g = matchCacheGroup(group, inputs, results, ctx);
     if (!g)
       return g.takeError();
@@ -981,8 +1074,8 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
       return spec.takeError();
     fused = *spec;
   }
-  // matchFusedGemm and matchCacheGroup made the views.
-  const bool viewsMade = fused || cacheGroup;
+  // matchFusedGemm, matchCacheGroup and matchRouterGroup made the views.
+  const bool viewsMade = fused || cacheGroup || routerGroup;
   std::optional<Names> names =
       viewsMade ? std::optional<Names>(Names{}) : operandNames(ctx.op);
   if (!names)
@@ -1012,8 +1105,9 @@ llvm::Expected<CudaKernel> emitCudaKernel(kernel::GroupOp group,
     if (llvm::Error e = addView(ctx, results, idx, name, /*result=*/true))
       return std::move(e);
   }
-  if (llvm::Error e = fused        ? cuda::emitGemm(ctx, *fused)
-                      : cacheGroup ? cuda::emitCacheGroup(ctx, *cacheGroup)
+  if (llvm::Error e = fused         ? cuda::emitGemm(ctx, *fused)
+                      : cacheGroup  ? cuda::emitCacheGroup(ctx, *cacheGroup)
+                      : routerGroup ? cuda::emitRouterGroup(ctx, *routerGroup)
                       : ropeNorm   ? cuda::emitRope(ctx, &*ropeNorm)
                                    : emitOp(ctx))
     return std::move(e);

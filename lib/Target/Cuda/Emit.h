@@ -59,7 +59,10 @@ struct Body {
   /// receives `char *ws`: 256-byte aligned, private to this launch (kernels
   /// run one at a time on the plan's stream), zero at the plan's start. Its
   /// first 4 bytes are the "blocks done" counter of lastBlock(); a body that
-  /// uses it leaves it 0 again. Scratch data starts at ws + 256.
+  /// uses it leaves it 0 again. Scratch data starts at ws + 256. The split
+  /// decode attention keeps per-pair counters there, which must be zero
+  /// when it starts: another body of an inference plan that writes scratch
+  /// (the fused router's logits) zeroes those bytes again before it ends.
   uint64_t workspaceBytes = 0;
 
   /// Inline the body into each entry instead of calling it: ptxas
@@ -124,6 +127,20 @@ struct CacheGroup {
   mlir::Operation *qTemp = nullptr; ///< l4.temperature_scale or null
 };
 llvm::Error emitCacheGroup(OpContext &ctx, const CacheGroup &g);
+/// l4c-fuse's `router` kernel (decode-shaped plans, at most kGemvMaxRows
+/// rows): [rms_norm,] the router's linear, router_scores and moe_route in
+/// one launch. ctx.operands: x, w (the router's weight)[, nw (the norm's
+/// weight)]; ctx.results: [xn (the normalised rows),] scores, y (the route
+/// table). The logits live in the workspace only.
+struct RouterGroup {
+  bool norm = false;       ///< x is normalised first, with nw
+  bool storeNorm = false;  ///< ...and the normalised rows are a result
+  double eps = 0;
+  bool bf16Norm = false;   ///< the normalised rows are bf16 (rounded so)
+  bool bf16Logits = false; ///< the logits are bf16 (rounded so)
+  int64_t topK = 1, slots = 1;
+};
+llvm::Error emitRouterGroup(OpContext &ctx, const RouterGroup &g);
 llvm::Error emitKvCacheUpdate(OpContext &ctx);
 llvm::Error emitRouterScores(OpContext &ctx);
 llvm::Error emitElementwise(OpContext &ctx, llvm::StringRef expr);

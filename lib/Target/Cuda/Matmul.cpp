@@ -2611,8 +2611,12 @@ llvm::Error emitMoeDown(OpContext &ctx) {
   return llvm::Error::success();
 }
 
-llvm::Error emitMoeRoute(OpContext &ctx, int64_t slots) {
-  const View &scores = ctx.operands[0], &table = ctx.results[0];
+/// emitMoeRoute's code for `scores` and `table` (a body's `scores` and `y`):
+/// one block of 256 threads.
+static llvm::Expected<std::string> moeRouteCode(OpContext &ctx,
+                                                const View &scores,
+                                                const View &table,
+                                                int64_t slots) {
   if (!scores.hasBatch || table.hasBatch || table.ctype != "int")
     return ctx.fail("expected token-major scores and an i32 table");
   int64_t experts = scores.inner;
@@ -2620,7 +2624,8 @@ llvm::Error emitMoeRoute(OpContext &ctx, int64_t slots) {
   if (table.inner != experts + 1 + int64_t(tokens) * slots)
     return ctx.fail("table size disagrees with E, the tokens and the slots");
   Body &b = ctx.body;
-  llvm::raw_string_ostream os(b.code);
+  std::string code;
+  llvm::raw_string_ostream os(code);
   os << constant("E", experts) << constant("KS", slots, "slots per token")
      << constant("N", table.inner, "table entries")
      << stride(b, "S_S", scores.rowsPerBatch)
@@ -2715,8 +2720,194 @@ llvm::Error emitMoeRoute(OpContext &ctx, int64_t slots) {
   for (long long i = E + 1 + off[E] + threadIdx.x; i < N; i += blockDim.x)
     y[i] = -1;
 )cuda";
+  return code;
+}
+
+llvm::Error emitMoeRoute(OpContext &ctx, int64_t slots) {
+  auto code = moeRouteCode(ctx, ctx.operands[0], ctx.results[0], slots);
+  if (!code)
+    return code.takeError();
+  ctx.body.code += *code;
+  ctx.body.threads = 256;
+  ctx.body.blocks = 1;
+  return llvm::Error::success();
+}
+
+
+llvm::Error emitRouterGroup(OpContext &ctx, const RouterGroup &g) {
+  const View &x = ctx.operands[0], &w = ctx.operands[1];
+  const View *nw = g.norm ? &ctx.operands[2] : nullptr;
+  const View *xn = g.storeNorm ? &ctx.results[0] : nullptr;
+  const View &sc = ctx.results[g.storeNorm ? 1 : 0];
+  const View &table = ctx.results[g.storeNorm ? 2 : 1];
+  const int64_t K = x.inner, E = sc.inner;
+  if (w.shape().size() != 2 || w.shape()[0] != E || w.shape()[1] != K ||
+      (nw && nw->inner != K) || (xn && xn->inner != K))
+    return ctx.fail("expected x [B, S, K], a router weight [E, K] and "
+                    "scores [B, S, E]");
+  auto lt = xn ? liveRows(ctx, {&x, &sc, xn}) : liveRows(ctx, {&x, &sc});
+  if (!lt)
+    return lt.takeError();
+  const uint64_t maxM = maxRows(x);
+  if (maxM > kGemvMaxRows || maxM * uint64_t(E) > kRouterFuseMaxLogits)
+    return ctx.fail("the fused router is generated for at most " +
+                    llvm::Twine(kGemvMaxRows) + " rows and " +
+                    llvm::Twine(kRouterFuseMaxLogits) + " logits");
+  auto route = moeRouteCode(ctx, sc, table, g.slots);
+  if (!route)
+    return route.takeError();
+  Body &b = ctx.body;
+  b.globals += topkGlobals();
+  // The logits (f32, rounded as their dtype says) after the counter.
+  b.workspaceBytes = 256 + maxM * uint64_t(E) * 4;
+  const bool vec = K % 8 == 0;
+  const int mr = int(std::clamp<uint64_t>(maxM, 1, 8));
+  auto roundNorm = [&](const std::string &v) {
+    return g.bf16Norm ? "l4_round_bf16(" + v + ")" : v;
+  };
+  std::string code;
+  llvm::raw_string_ostream os(code);
+  os << constant("K", K) << constant("E", E)
+     << constant("MAXM", int64_t(maxM), "rows at the compiled maxima")
+     << "  constexpr int MR = " << mr << ", NT = 256, NWARP = NT / 32;\n"
+     << stride(b, "X_S", x.rowsPerBatch) << stride(b, "SC_S", sc.rowsPerBatch);
+  if (xn)
+    os << stride(b, "XN_S", xn->rowsPerBatch);
+  if (g.norm)
+    os << "  constexpr float EPS = " << floatLit(float(g.eps)) << ";\n";
+  os << "  const long long LT = " << *lt << ";\n"
+     << "  const long long M = B * LT;\n"
+     << "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;\n"
+     << "  __shared__ float rinv[MAXM];\n";
+  if (g.norm)
+    os << R"cuda(  // The inverse RMS of every live row, in every block.
+  for (long long m = warp; m < M; m += NWARP) {
+    const long long xo = (m / LT * X_S + m % LT) * K;
+    float ss = 0.0f;
+    for (long long k = lane; k < K; k += 32) {
+      const float a = l4_ld(x, xo + k);
+      ss += a * a;
+    }
+    ss = l4_warp_sum(ss);
+    const float var = (float)((double)ss / (double)K);
+    if (lane == 0)
+      rinv[m] = (float)(1.0 / sqrt((double)(var + EPS)));
+  }
+  __syncthreads();
+)cuda";
+  if (xn)
+    os << R"cuda(  // This block's share of the normalised rows, a result of the kernel.
+  for (long long i = blockIdx.x * (long long)NT + threadIdx.x; i < M * K;
+       i += (long long)gridDim.x * NT) {
+    const long long m = i / K, k = i - m * K;
+    l4_st(xn, (m / LT * XN_S + m % LT) * K + k,
+          (l4_ld(x, (m / LT * X_S + m % LT) * K + k) * rinv[m]) * l4_ld(nw, k));
+  }
+)cuda";
+  os << R"cuda(  // The logits: a block per expert, its threads splitting the reduction;
+  // each warp's sums, then the warps' in order (the same on every run).
+  float *const lg = reinterpret_cast<float *>(ws + 256);
+  __shared__ float part[NWARP][MR];
+  for (long long n = blockIdx.x; n < E; n += gridDim.x) {
+    for (long long m0 = 0; m0 < M; m0 += MR) {
+      long long xr[MR];
+      float acc[MR], inv[MR];
+#pragma unroll
+      for (int r = 0; r < MR; ++r) {
+        const long long m = m0 + r < M ? m0 + r : m0;
+        xr[r] = (m / LT * X_S + m % LT) * K;
+)cuda"
+     << (g.norm ? "        inv[r] = rinv[m];\n" : "        inv[r] = 1.0f;\n")
+     << "        acc[r] = 0.0f;\n      }\n";
+  if (vec) {
+    os << R"cuda(#pragma unroll 4
+      for (long long k = 8 * threadIdx.x; k < K; k += 8 * NT) {
+        float wv[8];
+        l4_ld8(w, n * K + k, wv);
+)cuda"
+       << (g.norm ? "        float gv[8];\n        l4_ld8(nw, k, gv);\n" : "")
+       << R"cuda(#pragma unroll
+        for (int r = 0; r < MR; ++r) {
+          float xv[8];
+          l4_ld8(x, xr[r] + k, xv);
+#pragma unroll
+          for (int q = 0; q < 8; ++q)
+            acc[r] = fmaf()cuda"
+       << (g.norm ? roundNorm("(xv[q] * inv[r]) * gv[q]") : "xv[q]")
+       << R"cuda(, wv[q], acc[r]);
+        }
+      }
+)cuda";
+  } else {
+    os << R"cuda(      for (long long k = threadIdx.x; k < K; k += NT) {
+        const float wv = l4_ld(w, n * K + k);
+)cuda"
+       << (g.norm ? "        const float gv = l4_ld(nw, k);\n" : "")
+       << R"cuda(#pragma unroll
+        for (int r = 0; r < MR; ++r)
+          acc[r] = fmaf()cuda"
+       << (g.norm ? roundNorm("(l4_ld(x, xr[r] + k) * inv[r]) * gv")
+                  : std::string("l4_ld(x, xr[r] + k)"))
+       << R"cuda(, wv, acc[r]);
+      }
+)cuda";
+  }
+  os << R"cuda(#pragma unroll
+      for (int r = 0; r < MR; ++r) {
+        const float v = l4_warp_sum(acc[r]);
+        if (lane == 0)
+          part[warp][r] = v;
+      }
+      __syncthreads();
+      if (threadIdx.x < MR && m0 + threadIdx.x < M) {
+        float v = 0.0f;
+        for (int q = 0; q < NWARP; ++q)
+          v += part[q][threadIdx.x];
+        lg[(m0 + threadIdx.x) * E + n] = )cuda"
+     << (g.bf16Logits ? "l4_round_bf16(v)" : "v") << R"cuda(;
+      }
+      __syncthreads(); // part is free again
+    }
+  }
+  // The last block to finish its logits scores every row and routes.
+  if (!l4_last_block(ws))
+    return;
+  // The logits to shared memory, their workspace bytes back to zero (the
+  // split decode attention keeps its counters there; see Body).
+  __shared__ float lgs[MAXM * E];
+  for (long long i = threadIdx.x; i < M * E; i += NT) {
+    lgs[i] = l4_ldcg(lg + i);
+    lg[i] = 0.0f;
+  }
+  __syncthreads();
+  {
+)cuda"
+     << "    constexpr long long TOPK = " << std::min(g.topK, E) << ";\n"
+     << R"cuda(    // One thread per row, as router_scores does.
+    for (long long m = threadIdx.x; m < M; m += NT) {
+      const long long so = (m / LT * SC_S + m % LT) * E;
+      for (long long e = 0; e < E; ++e)
+        l4_st(scores, so + e, 0.0f);
+      long long prev = -1;
+      float prevV = 0.0f;
+      for (long long k = 0; k < TOPK; ++k) {
+        float bestV = 0.0f;
+        const long long best = @B@_next(lgs, m * E, E, prev, prevV, bestV);
+        if (best < 0)
+          break;
+        l4_st(scores, so + best, 1.0f / (1.0f + expf(-bestV)));
+        prev = best;
+        prevV = bestV;
+      }
+    }
+  }
+  __syncthreads(); // the scores, for the route below
+  {
+)cuda"
+     << *route << "  }\n";
+  b.code += code;
   b.threads = 256;
-  b.blocks = 1;
+  b.blocks = uint64_t(std::min<int64_t>(E, 1024));
   return llvm::Error::success();
 }
 

@@ -4,7 +4,7 @@
 // RUN: not l4-opt %s --split-input-file --convert-l4-to-kernel --l4c-fuse=fusions=qkvo 2>&1 | FileCheck %s --check-prefix=BAD
 // RUN: l4-opt %s --split-input-file --convert-l4-to-kernel --l4c-fuse --l4c-plan-memory | FileCheck %s --check-prefix=MEM
 
-// BAD: l4c-fuse: unknown fusion 'qkvo' (expected all, none, epilogue, swiglu, norm, rope, qkv or cache)
+// BAD: l4c-fuse: unknown fusion 'qkvo' (expected all, none, epilogue, swiglu, norm, rope, qkv, cache or router)
 
 // A dense feed-forward block: the norm, both projections and SwiGLU become
 // one kernel, the down projection and the residual another.

@@ -23,6 +23,10 @@ namespace l4c {
 /// maxima) get the weight-streaming GEMV form of a GEMM (and l4c-fuse's
 /// `qkv` fusion, which only that form generates).
 constexpr uint64_t kGemvMaxRows = 32;
+/// l4c-fuse's `router` kernel (norm, router GEMV, scores and route in one
+/// launch) holds the rows' logits in shared memory: at most this many
+/// (rows x experts at the compiled maxima; 32 KiB of f32).
+constexpr uint64_t kRouterFuseMaxLogits = 8192;
 
 /// Where a kernel operand or result lives and how it is laid out: the
 /// shape is at the compiled maxima; `dims` say which extents are the
