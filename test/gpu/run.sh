@@ -8,7 +8,8 @@
 #   2a. one training step of each golden case (loss, gradients, AdamW);
 #   2b. the same in bf16, and HF's own bf16 distance from its goldens;
 #   3. a differential run of an odd-shaped model (no size a multiple of a
-#      tile) against the CPU backend on the same plan, weights and inputs;
+#      tile) against the CPU backend on the same plan, weights and inputs,
+#      and against itself launched without programmatic launch;
 #   3b. every kernel of those plans against the CPU backend, each on the
 #      same inputs (l4-run --check-kernels);
 #   3c. every tile configuration of the tunable GEMMs (wgmma's and TMA's
@@ -143,6 +144,16 @@ check "odd generate: run" odd-gen "$run" "$b/plans/odd-generate.plan" --device=c
   --out "$out/odd-generate.safetensors" &&
   check "odd generate: greedy ids vs cpu" odd-gen-cmp "$cmp" "$out/odd-generate.safetensors" \
     "$b/refs/odd-generate-cpu.safetensors" --exact greedy_ids
+# Programmatic dependent launch cannot change a result (each kernel waits
+# for its predecessor before touching memory): the same run with plain
+# launches must give the same ids. The logs' device lines say how many
+# kernels each run launched programmatically.
+check "odd generate: plain launches (L4C_PDL=0)" odd-gen-plain env L4C_PDL=0 "$run" \
+  "$b/plans/odd-generate.plan" --device=cuda --random-weights=11 --max-new-tokens=20 \
+  --inputs "$b/refs/odd-inputs.safetensors" --out "$out/odd-generate-plain.safetensors" &&
+  check "odd generate: plain = programmatic ids" odd-gen-plain-cmp "$cmp" \
+    "$out/odd-generate-plain.safetensors" "$out/odd-generate.safetensors" --exact greedy_ids
+grep -h "l4-run: device" "$out/logs/odd-gen.log" "$out/logs/odd-gen-plain.log" 2>/dev/null | sed 's/^/  /'
 fi
 
 if want 3b; then

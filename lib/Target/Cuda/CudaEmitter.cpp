@@ -927,8 +927,10 @@ matchRouterGroup(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
   SmallVector<Operation *> ops;
   for (Operation &op : block.without_terminator())
     ops.push_back(&op);
+  if (ops.size() < 3)
+    return bad("expected [rms_norm,] linear, router_scores, moe_route");
   size_t i = 0;
-  auto norm = dyn_cast<l4::RmsNormOp>(ops[i]);
+  auto norm = dyn_cast<l4::RmsNormOp>(ops.front());
   if (norm)
     ++i;
   if (ops.size() != i + 3)

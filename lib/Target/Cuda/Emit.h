@@ -327,6 +327,13 @@ bool tmaExperts(const View &v);
 /// `b` as B's operand and `maxN` columns at the compiled maxima.
 PipelinedGemm pipelinedGrouped(const TiledGemm &g, PipelinedGemm::Operand b,
                                uint64_t maxN);
+/// After emitPipelined chose TMA: operand `v` (one of ctx.operands) is read
+/// through its tensor map alone, so the body does not declare its pointer.
+inline void readByTmaOnly(OpContext &ctx, const View &v) {
+  for (View &o : ctx.operands)
+    if (&o == &v)
+      o.referenced = false;
+}
 /// Whether the views' buffers start 16-byte aligned, as emitPipelined's
 /// copies need (the caller checks the extents).
 inline bool pieceAligned(std::initializer_list<const View *> views) {

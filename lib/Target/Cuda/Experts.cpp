@@ -166,6 +166,8 @@ llvm::Error emitMoeGateUp(OpContext &ctx) {
       choosePipelined(ctx, p, /*swiglu=*/false, tmaExperts(gateUp))) {
     p.bView = &gateUp;
     ctx.body.code += emitPipelined(ctx.body, p);
+    if (p.tma)
+      readByTmaOnly(ctx, gateUp);
     return llvm::Error::success();
   }
   ctx.body.code += emitTiles(ctx.body, g);
@@ -225,6 +227,8 @@ llvm::Error emitMoeDownGrad(OpContext &ctx) {
       choosePipelined(ctx, p, /*swiglu=*/false, tmaExperts(down))) {
     p.bView = &down;
     ctx.body.code += emitPipelined(ctx.body, p);
+    if (p.tma)
+      readByTmaOnly(ctx, down);
     return llvm::Error::success();
   }
   ctx.body.code += emitTiles(ctx.body, g);
@@ -317,6 +321,8 @@ llvm::Error emitMoeGateUpGradInput(OpContext &ctx) {
       choosePipelined(ctx, p, /*swiglu=*/false, tmaExperts(gateUp))) {
     p.bView = &gateUp;
     ctx.body.code += emitPipelined(ctx.body, p);
+    if (p.tma)
+      readByTmaOnly(ctx, gateUp);
     return llvm::Error::success();
   }
   ctx.body.code += emitTiles(ctx.body, g);

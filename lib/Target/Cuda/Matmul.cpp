@@ -2551,6 +2551,8 @@ llvm::Error emitMoeDown(OpContext &ctx) {
         choosePipelined(ctx, p, /*swiglu=*/false, tmaExperts(down))) {
       p.bView = &down;
       os << emitPipelined(b, p);
+      if (p.tma)
+        readByTmaOnly(ctx, down);
       return llvm::Error::success();
     }
     os << emitTiles(b, g);
