@@ -570,7 +570,8 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
         fuseProjections(fn);
       if (cache)
         fuseCacheUpdates(fn);
-      // After norm: a norm only the router reads is its prologue by then.
+      // Last: it takes the norm group the other fusions leave standing
+      // (the experts read it too).
       if (router)
         fuseRouters(fn);
     });

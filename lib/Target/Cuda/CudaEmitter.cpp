@@ -782,25 +782,40 @@ matchFusedGemm(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
   return spec;
 }
 
+/// What matching a fused group of a fixed shape needs: the group's body,
+/// errors that name the kernel and the shape it failed to be, and whether a
+/// value is one of the kernel's inputs.
+struct FixedShape {
+  mutable kernel::GroupOp group; // op handles' accessors are not const
+  llvm::StringRef what; ///< "cache kernel"
+  Block &block() const { return group.getBody().front(); }
+  kernel::YieldOp yield() const {
+    return cast<kernel::YieldOp>(block().getTerminator());
+  }
+  llvm::Error bad(const llvm::Twine &why) const {
+    return llvm::createStringError(
+        llvm::formatv("kernel '{0}': the CUDA target does not generate this "
+                      "{1}: {2}",
+                      group.getName(), what, why.str())
+            .str());
+  }
+  bool isArg(Value v) const {
+    auto a = dyn_cast<BlockArgument>(v);
+    return a && a.getOwner() == &block();
+  }
+};
+
 /// l4c-fuse's `cache` kernel: q's RoPE (and QK norm) or temperature scale,
 /// k's RoPE (and QK norm), the two cache updates; the views in the order
 /// cuda::emitCacheGroup takes them.
 llvm::Expected<cuda::CacheGroup>
 matchCacheGroup(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
                 llvm::ArrayRef<CudaBuffer> results, OpContext &ctx) {
-  Block &block = group.getBody().front();
-  auto yield = cast<kernel::YieldOp>(block.getTerminator());
-  auto bad = [&](const llvm::Twine &why) {
-    return llvm::createStringError(
-        llvm::formatv("kernel '{0}': the CUDA target does not generate this "
-                      "cache kernel: {1}",
-                      group.getName(), why.str())
-            .str());
-  };
-  auto isArg = [&](Value v) {
-    auto a = dyn_cast<BlockArgument>(v);
-    return a && a.getOwner() == &block;
-  };
+  FixedShape shape{group, "cache kernel"};
+  Block &block = shape.block();
+  kernel::YieldOp yield = shape.yield();
+  auto bad = [&](const llvm::Twine &why) { return shape.bad(why); };
+  auto isArg = [&](Value v) { return shape.isArg(v); };
   SmallVector<l4::KvCacheUpdateOp, 2> updates;
   for (Operation &op : block.without_terminator())
     if (auto u = dyn_cast<l4::KvCacheUpdateOp>(op))
@@ -911,19 +926,11 @@ matchCacheGroup(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
 llvm::Expected<cuda::RouterGroup>
 matchRouterGroup(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
                  llvm::ArrayRef<CudaBuffer> results, OpContext &ctx) {
-  Block &block = group.getBody().front();
-  auto yield = cast<kernel::YieldOp>(block.getTerminator());
-  auto bad = [&](const llvm::Twine &why) {
-    return llvm::createStringError(
-        llvm::formatv("kernel '{0}': the CUDA target does not generate this "
-                      "router kernel: {1}",
-                      group.getName(), why.str())
-            .str());
-  };
-  auto isArg = [&](Value v) {
-    auto a = dyn_cast<BlockArgument>(v);
-    return a && a.getOwner() == &block;
-  };
+  FixedShape shape{group, "router kernel"};
+  Block &block = shape.block();
+  kernel::YieldOp yield = shape.yield();
+  auto bad = [&](const llvm::Twine &why) { return shape.bad(why); };
+  auto isArg = [&](Value v) { return shape.isArg(v); };
   SmallVector<Operation *> ops;
   for (Operation &op : block.without_terminator())
     ops.push_back(&op);

@@ -974,6 +974,26 @@ bool tmaRows(const View &v, int64_t cols) {
          (cols * bytes) % 16 == 0;
 }
 
+/// The decode kernels' norm prologue: rinv[m] = 1 / sqrt(mean(x[m]^2) + EPS)
+/// for every live row m (x's rows of K at X_S, a warp per row), then a
+/// barrier. The body declares rinv, M, LT, K, X_S and EPS.
+static std::string rowInvRms() {
+  return R"cuda(  for (long long m = threadIdx.x >> 5; m < M; m += blockDim.x >> 5) {
+    const long long xo = (m / LT * X_S + m % LT) * K;
+    float ss = 0.0f;
+    for (long long k = threadIdx.x & 31; k < K; k += 32) {
+      const float a = l4_ld(x, xo + k);
+      ss += a * a;
+    }
+    ss = l4_warp_sum(ss);
+    const float var = (float)((double)ss / (double)K);
+    if ((threadIdx.x & 31) == 0)
+      rinv[m] = (float)(1.0 / sqrt((double)(var + EPS)));
+  }
+  __syncthreads();
+)cuda";
+}
+
 bool tmaExperts(const View &v) {
   auto s = v.shape();
   int64_t bytes = v.ctype == "l4_bf16" ? 2 : 4;
@@ -1923,23 +1943,9 @@ llvm::Error emitGemm(OpContext &ctx, const GemmSpec &spec) {
       os << ", VW = " << vw << ", U = " << u;
     os << ";\n";
     if (spec.norm)
-      os << R"cuda(  // The inverse RMS of every live row, once per block.
-  __shared__ float rinv[)cuda"
-         << kGemvMaxRows << R"cuda(];
-  for (long long m = threadIdx.x >> 5; m < M; m += blockDim.x >> 5) {
-    const long long xo = (m / LT * X_S + m % LT) * K;
-    float ss = 0.0f;
-    for (long long k = threadIdx.x & 31; k < K; k += 32) {
-      const float a = l4_ld(x, xo + k);
-      ss += a * a;
-    }
-    ss = l4_warp_sum(ss);
-    const float var = (float)((double)ss / (double)K);
-    if ((threadIdx.x & 31) == 0)
-      rinv[m] = (float)(1.0 / sqrt((double)(var + EPS)));
-  }
-  __syncthreads();
-)cuda";
+      os << "  // The inverse RMS of every live row, once per block.\n"
+         << "  __shared__ float rinv[" << kGemvMaxRows << "];\n"
+         << rowInvRms();
     os << R"cuda(  const int lane = threadIdx.x & 31;
   const long long warps = blockDim.x >> 5;
   for (long long n = blockIdx.x * warps + (threadIdx.x >> 5); n < N;
@@ -2782,21 +2788,8 @@ llvm::Error emitRouterGroup(OpContext &ctx, const RouterGroup &g) {
      << "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;\n"
      << "  __shared__ float rinv[MAXM];\n";
   if (g.norm)
-    os << R"cuda(  // The inverse RMS of every live row, in every block.
-  for (long long m = warp; m < M; m += NWARP) {
-    const long long xo = (m / LT * X_S + m % LT) * K;
-    float ss = 0.0f;
-    for (long long k = lane; k < K; k += 32) {
-      const float a = l4_ld(x, xo + k);
-      ss += a * a;
-    }
-    ss = l4_warp_sum(ss);
-    const float var = (float)((double)ss / (double)K);
-    if (lane == 0)
-      rinv[m] = (float)(1.0 / sqrt((double)(var + EPS)));
-  }
-  __syncthreads();
-)cuda";
+    os << "  // The inverse RMS of every live row, in every block.\n"
+       << rowInvRms();
   if (xn)
     os << R"cuda(  // This block's share of the normalised rows, a result of the kernel.
   for (long long i = blockIdx.x * (long long)NT + threadIdx.x; i < M * K;
