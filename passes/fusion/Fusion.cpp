@@ -527,9 +527,7 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
       if (!s || !single<l4::RouterScoresOp>(s) || s.getNumResults() != 1)
         continue;
       auto lin = s.getInputs()[0].getDefiningOp<GroupOp>();
-      std::optional<GemmShape> shape = lin ? gemmShape(lin) : std::nullopt;
-      if (!shape || shape->swiglu || shape->adds || lin.getNumResults() != 1 ||
-          !onlyFeeds(lin, s))
+      if (!lin || !single<l4::LinearOp>(lin) || !onlyFeeds(lin, s))
         continue;
       auto x = cast<RankedTensorType>(lin.getInputs()[0].getType());
       auto logits = cast<RankedTensorType>(lin.getResult(0).getType());
@@ -539,9 +537,10 @@ struct FusionPass : public l4c::impl::FusionPassBase<FusionPass> {
         continue;
       // The norm group before it: in Llama 4 the experts read the norm's
       // result too, so it stays a result of the fused kernel.
-      GroupOp n = shape->norm ? GroupOp()
-                              : lin.getInputs()[0].getDefiningOp<GroupOp>();
-      if (!n || !single<l4::RmsNormOp>(n) || n.getNumResults() != 1)
+      auto n = lin.getInputs()[0].getDefiningOp<GroupOp>();
+      if (!n || !single<l4::RmsNormOp>(n) || n.getNumResults() != 1 ||
+          llvm::all_of(n->getUsers(),
+                       [&](Operation *u) { return u == lin.getOperation(); }))
         continue;
       // "...router" -> "...router+router_scores+route+post_attention_layernorm".
       std::string name = (lin.getName() + "+" + lastSegment(s.getName()) +

@@ -920,7 +920,7 @@ matchCacheGroup(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
   return g;
 }
 
-/// l4c-fuse's `router` kernel: [rms_norm,] linear, router_scores and
+/// l4c-fuse's `router` kernel: rms_norm, linear, router_scores and
 /// moe_route in a chain; the views in the order cuda::emitRouterGroup takes
 /// them.
 llvm::Expected<cuda::RouterGroup>
@@ -934,69 +934,44 @@ matchRouterGroup(kernel::GroupOp group, llvm::ArrayRef<CudaBuffer> inputs,
   SmallVector<Operation *> ops;
   for (Operation &op : block.without_terminator())
     ops.push_back(&op);
-  if (ops.size() < 3)
-    return bad("expected [rms_norm,] linear, router_scores, moe_route");
-  size_t i = 0;
-  auto norm = dyn_cast<l4::RmsNormOp>(ops.front());
-  if (norm)
-    ++i;
-  if (ops.size() != i + 3)
-    return bad("expected [rms_norm,] linear, router_scores, moe_route");
-  auto lin = dyn_cast<l4::LinearOp>(ops[i]);
-  auto scores = dyn_cast<l4::RouterScoresOp>(ops[i + 1]);
-  auto route = dyn_cast<l4::MoeRouteOp>(ops[i + 2]);
-  if (!lin || !scores || !route)
-    return bad("expected [rms_norm,] linear, router_scores, moe_route");
-  if (norm && (!isArg(norm.getInput()) || !isArg(norm.getWeight()) ||
-               lin.getInput() != norm.getResult()))
-    return bad("the norm must read kernel inputs and feed the linear");
-  if ((!norm && !isArg(lin.getInput())) || !isArg(lin.getWeight()) ||
+  if (ops.size() != 4)
+    return bad("expected rms_norm, linear, router_scores, moe_route");
+  auto norm = dyn_cast<l4::RmsNormOp>(ops[0]);
+  auto lin = dyn_cast<l4::LinearOp>(ops[1]);
+  auto scores = dyn_cast<l4::RouterScoresOp>(ops[2]);
+  auto route = dyn_cast<l4::MoeRouteOp>(ops[3]);
+  if (!norm || !lin || !scores || !route)
+    return bad("expected rms_norm, linear, router_scores, moe_route");
+  if (!isArg(norm.getInput()) || !isArg(norm.getWeight()) ||
+      !isArg(lin.getWeight()) || lin.getInput() != norm.getResult() ||
       scores.getLogits() != lin.getResult() ||
       route.getScores() != scores.getResult())
     return bad("the ops must form one chain from kernel inputs");
-  auto yielded = [&](Value v) -> std::optional<unsigned> {
-    auto it = llvm::find(yield.getValues(), v);
-    if (it == yield.getValues().end())
-      return std::nullopt;
-    return unsigned(std::distance(yield.getValues().begin(), it));
-  };
-  std::optional<unsigned> normAt = norm ? yielded(norm.getResult()) : std::nullopt;
-  std::optional<unsigned> scoresAt = yielded(scores.getResult()),
-                          tableAt = yielded(route.getResult());
-  if (!scoresAt || !tableAt || yielded(lin.getResult()) ||
-      yield.getValues().size() != 2u + (normAt ? 1 : 0))
-    return bad("the results are [the normalised rows,] the scores and the "
+  // Yielded in that order: the normalised rows, the scores, the table.
+  ValueRange ys = yield.getValues();
+  if (ys.size() != 3 || ys[0] != norm.getResult() ||
+      ys[1] != scores.getResult() || ys[2] != route.getResult())
+    return bad("the results are the normalised rows, the scores and the "
                "route table");
-  cuda::RouterGroup g;
-  g.norm = bool(norm);
-  g.storeNorm = bool(normAt);
   auto isBf16 = [](Value v) {
     return cast<RankedTensorType>(v.getType()).getElementType().isBF16();
   };
-  if (norm) {
-    g.eps = norm.getEps().convertToDouble();
-    g.bf16Norm = isBf16(norm.getResult());
-  }
+  cuda::RouterGroup g;
+  g.eps = norm.getEps().convertToDouble();
+  g.bf16Norm = isBf16(norm.getResult());
   g.bf16Logits = isBf16(lin.getResult());
   g.topK = scores.getTopK();
   g.slots = route.getSlots();
   ctx.op = lin;
-  Value x = norm ? norm.getInput() : lin.getInput();
-  SmallVector<std::pair<Value, llvm::StringRef>, 3> ins = {
-      {x, "x"}, {lin.getWeight(), "w"}};
-  if (norm)
-    ins.push_back({norm.getWeight(), "nw"});
+  std::pair<Value, llvm::StringRef> ins[] = {
+      {norm.getInput(), "x"}, {lin.getWeight(), "w"}, {norm.getWeight(), "nw"}};
   for (auto [v, name] : ins)
     if (llvm::Error e = addView(ctx, inputs, cast<BlockArgument>(v).getArgNumber(),
                                 name, /*result=*/false))
       return std::move(e);
-  SmallVector<std::pair<unsigned, llvm::StringRef>, 3> outs;
-  if (normAt)
-    outs.push_back({*normAt, "xn"});
-  outs.push_back({*scoresAt, "scores"});
-  outs.push_back({*tableAt, "y"});
-  for (auto [idx, name] : outs)
-    if (llvm::Error e = addView(ctx, results, idx, name, /*result=*/true))
+  static const char *const kOuts[] = {"xn", "scores", "y"};
+  for (unsigned i = 0; i < 3; ++i)
+    if (llvm::Error e = addView(ctx, results, i, kOuts[i], /*result=*/true))
       return std::move(e);
   return g;
 }

@@ -128,13 +128,11 @@ struct CacheGroup {
 };
 llvm::Error emitCacheGroup(OpContext &ctx, const CacheGroup &g);
 /// l4c-fuse's `router` kernel (decode-shaped plans, at most kGemvMaxRows
-/// rows): [rms_norm,] the router's linear, router_scores and moe_route in
-/// one launch. ctx.operands: x, w (the router's weight)[, nw (the norm's
-/// weight)]; ctx.results: [xn (the normalised rows),] scores, y (the route
+/// rows): rms_norm, the router's linear, router_scores and moe_route in one
+/// launch. ctx.operands: x, w (the router's weight), nw (the norm's
+/// weight); ctx.results: xn (the normalised rows), scores, y (the route
 /// table). The logits live in the workspace only.
 struct RouterGroup {
-  bool norm = false;       ///< x is normalised first, with nw
-  bool storeNorm = false;  ///< ...and the normalised rows are a result
   double eps = 0;
   bool bf16Norm = false;   ///< the normalised rows are bf16 (rounded so)
   bool bf16Logits = false; ///< the logits are bf16 (rounded so)
@@ -403,6 +401,12 @@ uint64_t maxRows(const View &v);
 /// Device helpers (for Body::globals) that pick a router's top k in
 /// torch.topk's order: @B@_before and @B@_next.
 std::string topkGlobals();
+/// One token's router scores, as statements indented for a loop body: y's
+/// E entries from yo zeroed, then the sigmoid of each of the TOPK best of
+/// the E logits from x[xo] (topkGlobals' order) at its expert. E, TOPK and
+/// topkGlobals' helpers must be in scope.
+std::string topkScoresRow(llvm::StringRef x, llvm::StringRef xo,
+                          llvm::StringRef y, llvm::StringRef yo);
 /// A block-wide double sum for Body::globals: @B@_bsum(v, red), every
 /// thread calls and gets the total; `red` is 32 doubles of shared memory.
 extern const char *const kBlockSumD;

@@ -2743,17 +2743,15 @@ llvm::Error emitMoeRoute(OpContext &ctx, int64_t slots) {
 
 
 llvm::Error emitRouterGroup(OpContext &ctx, const RouterGroup &g) {
-  const View &x = ctx.operands[0], &w = ctx.operands[1];
-  const View *nw = g.norm ? &ctx.operands[2] : nullptr;
-  const View *xn = g.storeNorm ? &ctx.results[0] : nullptr;
-  const View &sc = ctx.results[g.storeNorm ? 1 : 0];
-  const View &table = ctx.results[g.storeNorm ? 2 : 1];
+  const View &x = ctx.operands[0], &w = ctx.operands[1], &nw = ctx.operands[2];
+  const View &xn = ctx.results[0], &sc = ctx.results[1],
+             &table = ctx.results[2];
   const int64_t K = x.inner, E = sc.inner;
   if (w.shape().size() != 2 || w.shape()[0] != E || w.shape()[1] != K ||
-      (nw && nw->inner != K) || (xn && xn->inner != K))
+      nw.inner != K || xn.inner != K)
     return ctx.fail("expected x [B, S, K], a router weight [E, K] and "
                     "scores [B, S, E]");
-  auto lt = xn ? liveRows(ctx, {&x, &sc, xn}) : liveRows(ctx, {&x, &sc});
+  auto lt = liveRows(ctx, {&x, &sc, &xn});
   if (!lt)
     return lt.takeError();
   const uint64_t maxM = maxRows(x);
@@ -2777,29 +2775,25 @@ llvm::Error emitRouterGroup(OpContext &ctx, const RouterGroup &g) {
   llvm::raw_string_ostream os(code);
   os << constant("K", K) << constant("E", E)
      << constant("MAXM", int64_t(maxM), "rows at the compiled maxima")
+     << constant("TOPK", std::min(g.topK, E))
      << "  constexpr int MR = " << mr << ", NT = 256, NWARP = NT / 32;\n"
-     << stride(b, "X_S", x.rowsPerBatch) << stride(b, "SC_S", sc.rowsPerBatch);
-  if (xn)
-    os << stride(b, "XN_S", xn->rowsPerBatch);
-  if (g.norm)
-    os << "  constexpr float EPS = " << floatLit(float(g.eps)) << ";\n";
-  os << "  const long long LT = " << *lt << ";\n"
+     << stride(b, "X_S", x.rowsPerBatch) << stride(b, "SC_S", sc.rowsPerBatch)
+     << stride(b, "XN_S", xn.rowsPerBatch)
+     << "  constexpr float EPS = " << floatLit(float(g.eps)) << ";\n"
+     << "  const long long LT = " << *lt << ";\n"
      << "  const long long M = B * LT;\n"
      << "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;\n"
-     << "  __shared__ float rinv[MAXM];\n";
-  if (g.norm)
-    os << "  // The inverse RMS of every live row, in every block.\n"
-       << rowInvRms();
-  if (xn)
-    os << R"cuda(  // This block's share of the normalised rows, a result of the kernel.
+     << "  __shared__ float rinv[MAXM];\n"
+     << "  // The inverse RMS of every live row, in every block.\n"
+     << rowInvRms()
+     << R"cuda(  // This block's share of the normalised rows, a result of the kernel.
   for (long long i = blockIdx.x * (long long)NT + threadIdx.x; i < M * K;
        i += (long long)gridDim.x * NT) {
     const long long m = i / K, k = i - m * K;
     l4_st(xn, (m / LT * XN_S + m % LT) * K + k,
           (l4_ld(x, (m / LT * X_S + m % LT) * K + k) * rinv[m]) * l4_ld(nw, k));
   }
-)cuda";
-  os << R"cuda(  // The logits: a block per expert, its threads splitting the reduction;
+  // The logits: a block per expert, its threads splitting the reduction;
   // each warp's sums, then the warps' in order (the same on every run).
   float *const lg = reinterpret_cast<float *>(ws + 256);
   __shared__ float part[NWARP][MR];
@@ -2811,24 +2805,25 @@ llvm::Error emitRouterGroup(OpContext &ctx, const RouterGroup &g) {
       for (int r = 0; r < MR; ++r) {
         const long long m = m0 + r < M ? m0 + r : m0;
         xr[r] = (m / LT * X_S + m % LT) * K;
-)cuda"
-     << (g.norm ? "        inv[r] = rinv[m];\n" : "        inv[r] = 1.0f;\n")
-     << "        acc[r] = 0.0f;\n      }\n";
+        inv[r] = rinv[m];
+        acc[r] = 0.0f;
+      }
+)cuda";
   if (vec) {
     os << R"cuda(#pragma unroll 4
       for (long long k = 8 * threadIdx.x; k < K; k += 8 * NT) {
         float wv[8];
         l4_ld8(w, n * K + k, wv);
-)cuda"
-       << (g.norm ? "        float gv[8];\n        l4_ld8(nw, k, gv);\n" : "")
-       << R"cuda(#pragma unroll
+        float gv[8];
+        l4_ld8(nw, k, gv);
+#pragma unroll
         for (int r = 0; r < MR; ++r) {
           float xv[8];
           l4_ld8(x, xr[r] + k, xv);
 #pragma unroll
           for (int q = 0; q < 8; ++q)
             acc[r] = fmaf()cuda"
-       << (g.norm ? roundNorm("(xv[q] * inv[r]) * gv[q]") : "xv[q]")
+       << roundNorm("(xv[q] * inv[r]) * gv[q]")
        << R"cuda(, wv[q], acc[r]);
         }
       }
@@ -2836,13 +2831,11 @@ llvm::Error emitRouterGroup(OpContext &ctx, const RouterGroup &g) {
   } else {
     os << R"cuda(      for (long long k = threadIdx.x; k < K; k += NT) {
         const float wv = l4_ld(w, n * K + k);
-)cuda"
-       << (g.norm ? "        const float gv = l4_ld(nw, k);\n" : "")
-       << R"cuda(#pragma unroll
+        const float gv = l4_ld(nw, k);
+#pragma unroll
         for (int r = 0; r < MR; ++r)
           acc[r] = fmaf()cuda"
-       << (g.norm ? roundNorm("(l4_ld(x, xr[r] + k) * inv[r]) * gv")
-                  : std::string("l4_ld(x, xr[r] + k)"))
+       << roundNorm("(l4_ld(x, xr[r] + k) * inv[r]) * gv")
        << R"cuda(, wv, acc[r]);
       }
 )cuda";
@@ -2875,27 +2868,11 @@ llvm::Error emitRouterGroup(OpContext &ctx, const RouterGroup &g) {
     lg[i] = 0.0f;
   }
   __syncthreads();
-  {
+  // One thread per row, as router_scores does.
+  for (long long m = threadIdx.x; m < M; m += NT) {
+    const long long so = (m / LT * SC_S + m % LT) * E;
 )cuda"
-     << "    constexpr long long TOPK = " << std::min(g.topK, E) << ";\n"
-     << R"cuda(    // One thread per row, as router_scores does.
-    for (long long m = threadIdx.x; m < M; m += NT) {
-      const long long so = (m / LT * SC_S + m % LT) * E;
-      for (long long e = 0; e < E; ++e)
-        l4_st(scores, so + e, 0.0f);
-      long long prev = -1;
-      float prevV = 0.0f;
-      for (long long k = 0; k < TOPK; ++k) {
-        float bestV = 0.0f;
-        const long long best = @B@_next(lgs, m * E, E, prev, prevV, bestV);
-        if (best < 0)
-          break;
-        l4_st(scores, so + best, 1.0f / (1.0f + expf(-bestV)));
-        prev = best;
-        prevV = bestV;
-      }
-    }
-  }
+     << topkScoresRow("lgs", "m * E", "scores", "so") << R"cuda(  }
   __syncthreads(); // the scores, for the route below
   {
 )cuda"

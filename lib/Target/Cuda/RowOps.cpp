@@ -459,6 +459,26 @@ llvm::Error emitKvCacheUpdate(OpContext &ctx) {
   return llvm::Error::success();
 }
 
+std::string topkScoresRow(llvm::StringRef x, llvm::StringRef xo,
+                          llvm::StringRef y, llvm::StringRef yo) {
+  return llvm::formatv(R"cuda(    for (long long e = 0; e < E; ++e)
+      l4_st({2}, {3} + e, 0.0f);
+    long long prev = -1;
+    float prevV = 0.0f;
+    for (long long k = 0; k < TOPK; ++k) {{
+      float bestV = 0.0f;
+      const long long best = @B@_next({0}, {1}, E, prev, prevV, bestV);
+      if (best < 0)
+        break;
+      l4_st({2}, {3} + best, 1.0f / (1.0f + expf(-bestV)));
+      prev = best;
+      prevV = bestV;
+    }
+)cuda",
+                       x, xo, y, yo)
+      .str();
+}
+
 llvm::Error emitRouterScores(OpContext &ctx) {
   auto op = cast<l4::RouterScoresOp>(ctx.op);
   const View &x = ctx.operands[0], &y = ctx.results[0];
@@ -481,21 +501,8 @@ llvm::Error emitRouterScores(OpContext &ctx) {
        r += (long long)gridDim.x * blockDim.x) {
     const long long b = r / LT, t = r - b * LT;
     const long long xo = (b * X_S + t) * X_W, yo = (b * Y_S + t) * Y_W;
-    for (long long e = 0; e < E; ++e)
-      l4_st(y, yo + e, 0.0f);
-    long long prev = -1;
-    float prevV = 0.0f;
-    for (long long k = 0; k < TOPK; ++k) {
-      float bestV = 0.0f;
-      const long long best = @B@_next(x, xo, E, prev, prevV, bestV);
-      if (best < 0)
-        break;
-      l4_st(y, yo + best, 1.0f / (1.0f + expf(-bestV)));
-      prev = best;
-      prevV = bestV;
-    }
-  }
-)cuda";
+)cuda" << topkScoresRow("x", "xo", "y", "yo")
+     << "  }\n";
   b.threads = 128;
   b.blocks = gridFor(maxRows(x), b.threads);
   return llvm::Error::success();

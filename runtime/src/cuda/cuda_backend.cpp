@@ -41,9 +41,6 @@ Status CudaBackend::create(std::shared_ptr<const rt::Plan> plan, int device,
   const char *sync = std::getenv("L4C_CUDA_SYNC");
   b->syncEachLaunch_ =
       opts.syncEachLaunch || (sync && *sync && std::strcmp(sync, "0") != 0);
-  const char *pdl = std::getenv("L4C_PDL");
-  b->programmaticLaunch_ =
-      opts.programmaticLaunch && !(pdl && std::strcmp(pdl, "0") == 0);
   if (Status s = b->openDevice(device); !s.ok())
     return s;
   if (Status s = b->allocateRegions(); !s.ok())

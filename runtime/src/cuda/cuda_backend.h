@@ -245,7 +245,6 @@ private:
   int ccMajor_ = 0; ///< compute capability
   unsigned maxBlocks_ = kDefaultMaxBlocks;
   bool syncEachLaunch_ = false;
-  bool programmaticLaunch_ = true; ///< CudaOptions::programmaticLaunch
   CUdeviceptr base_[4] = {0, 0, 0, 0};
   uint64_t size_[4] = {0, 0, 0, 0};
   std::vector<CUmodule> modules_;

@@ -12,6 +12,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
 #include <cstdint>
 #include <string_view>
 #include <system_error>
@@ -282,8 +284,12 @@ Status CudaBackend::loadKernels(const CudaOptions &opts) {
   }
 
   launches_.resize(kernels.size());
-  // Programmatic dependent launch: Hopper (compute capability 9.0) onwards.
-  const bool pdlCapable = ccMajor_ >= 9;
+  // Programmatic dependent launch: Hopper (compute capability 9.0) onwards,
+  // unless the caller or L4C_PDL=0 turns it off.
+  const char *pdl = std::getenv("L4C_PDL");
+  const bool programmatic = opts.programmaticLaunch &&
+                            !(pdl && std::strcmp(pdl, "0") == 0) &&
+                            ccMajor_ >= 9 && drv_.api().cuLaunchKernelEx;
   for (uint32_t k = 0; k < kernels.size(); ++k) {
     const plan::Kernel *kernel = kernels.Get(k);
     std::string entry(view(kernel->entry()));
@@ -322,10 +328,9 @@ Status CudaBackend::loadKernels(const CudaOptions &opts) {
     l.grid = std::min(kernel->blocks(), maxBlocks_);
     l.threads = kernel->threads();
     l.sharedBytes = kernel->shared_bytes();
-    // The launch attribute only where the entry waits (an older plan's do
-    // not) and the device honours it: sm_90 and newer.
-    l.programmatic = programmaticLaunch_ && kernel->grid_wait() &&
-                     drv_.api().cuLaunchKernelEx && pdlCapable;
+    // The launch attribute only where the entry waits (an older plan's
+    // entries do not).
+    l.programmatic = programmatic && kernel->grid_wait();
     stats_.programmatic += l.programmatic;
   }
   stats_.kernels = kernels.size();
