@@ -171,6 +171,66 @@ l4rt_status l4rt_plan_info(l4rt_plan plan, l4rt_plan_summary *out) {
   });
 }
 
+l4rt_status l4rt_plan_num_programs(l4rt_plan plan, uint32_t *out) {
+  return guarded([&] {
+    if (!plan || !out)
+      return invalid("l4rt_plan_num_programs: plan and out_count must not "
+                     "be null");
+    *out = uint32_t(plan->plan->programs.size());
+    return L4RT_OK;
+  });
+}
+
+l4rt_status l4rt_plan_program(l4rt_plan plan, uint32_t index,
+                              l4rt_program_info *out) {
+  return guarded([&] {
+    if (!plan || !out)
+      return invalid("l4rt_plan_program: plan and out_info must not be null");
+    const auto &programs = plan->plan->programs;
+    if (index >= programs.size())
+      return invalid(("l4rt_plan_program: index " + std::to_string(index) +
+                      " is past the plan's " +
+                      std::to_string(programs.size()) + " programs")
+                         .c_str());
+    const l4c::rt::ProgramDesc &p = programs[index];
+    out->name = p.name.c_str();
+    out->num_steps = uint32_t(p.steps.size());
+    out->steps = p.steps.data();
+    return L4RT_OK;
+  });
+}
+
+l4rt_status l4rt_plan_kernel(l4rt_plan plan, uint32_t index,
+                             l4rt_kernel_info *out) {
+  return guarded([&] {
+    if (!plan || !out)
+      return invalid("l4rt_plan_kernel: plan and out_info must not be null");
+    const l4c::rt::Plan &p = *plan->plan;
+    if (index >= p.kernels.size())
+      return invalid(("l4rt_plan_kernel: index " + std::to_string(index) +
+                      " is past the plan's " +
+                      std::to_string(p.kernels.size()) + " kernels")
+                         .c_str());
+    const l4c::rt::KernelDesc &k = p.kernels[index];
+    // The launch fields live only in the verified FlatBuffers root, whose
+    // kernels are in the same order as Plan::kernels.
+    const l4c::plan::Kernel *fb = p.root().kernels()->Get(index);
+    out->name = k.name.c_str();
+    out->kind = k.kind.c_str();
+    out->num_ops = uint32_t(k.ops.size());
+    out->tile_config = k.tileConfig.c_str();
+    out->signature = k.signature.c_str();
+    out->alternative_of = k.alternativeOf;
+    out->blocks = fb->blocks();
+    out->threads = fb->threads();
+    out->shared_bytes = fb->shared_bytes();
+    out->cubin_bytes = fb->cubin() ? fb->cubin()->size() : 0;
+    out->num_tensor_maps = uint32_t(k.tensorMaps.size());
+    out->grid_wait = k.gridWait ? 1 : 0;
+    return L4RT_OK;
+  });
+}
+
 l4rt_session_options l4rt_session_options_default(void) {
   l4rt_session_options o;
   o.weights_dir = nullptr;

@@ -11,6 +11,7 @@
 #include "cuda/driver.h"
 #include "cuda/kernel_cache.h"
 #include "cuda/nvrtc.h"
+#include "l4c/runtime/l4rt.h"
 #include "plan.h"
 #include "test_plans.h"
 
@@ -729,8 +730,10 @@ std::vector<uint8_t> CudaPlan::serialize() const {
     ks.push_back(pl::CreateKernel(
         fbb, fbb.CreateString(ker.name), fbb.CreateString(ker.kind),
         fbb.CreateVector(ops), str(c.source), blob(c.cubin),
-        fbb.CreateString(c.entry), c.threads, c.blocks, c.shared, 0, 0, 0, -1,
-        createTensorMaps(fbb, ker), c.gridWait));
+        fbb.CreateString(c.entry), c.threads, c.blocks, c.shared,
+        ker.temps.empty() ? 0 : fbb.CreateVector(ker.temps),
+        fbb.CreateString(ker.tileConfig), fbb.CreateString(ker.signature),
+        ker.alternativeOf, createTensorMaps(fbb, ker), c.gridWait));
   }
   std::vector<flatbuffers::Offset<pl::Program>> ps;
   for (const ProgramSpec &pr : p.programs) {
@@ -1392,6 +1395,69 @@ TEST_F(CudaBackendTest, TensorMapsNeedTheDriversEncoder) {
   EXPECT_FALSE(backend);
   EXPECT_TRUE(fake.mem.empty());
   EXPECT_EQ(fake.contexts, 0);
+}
+
+TEST(CudaPlanCApi, ListsProgramsAndKernels) {
+  // What `l4-run --info --kernels` prints comes from these calls.
+  CudaPlan cp = withFakeCubin(tinyModelPlan("generate", 2, 8));
+  cp.spec.kernels[1].tileConfig = "v4";
+  cp.spec.kernels[1].signature = "l4_gemm_0123456789abcdef";
+  cp.code[2].shared = 4096;
+  cp.code[3].gridWait = true;
+  cp.code[4].cubin.clear(); // this one is compiled at load
+  cp.code[4].source = "extern \"C\" __global__ void k() {}";
+  std::vector<uint8_t> bytes = cp.serialize();
+  l4rt_plan plan = nullptr;
+  ASSERT_EQ(l4rt_plan_load_memory(bytes.data(), bytes.size(), &plan), L4RT_OK)
+      << l4rt_last_error();
+  l4rt_plan_summary s;
+  ASSERT_EQ(l4rt_plan_info(plan, &s), L4RT_OK);
+  ASSERT_EQ(s.num_kernels, cp.spec.kernels.size());
+
+  uint32_t n = 0;
+  ASSERT_EQ(l4rt_plan_num_programs(plan, &n), L4RT_OK);
+  ASSERT_EQ(n, cp.spec.programs.size());
+  for (uint32_t i = 0; i < n; ++i) {
+    l4rt_program_info p;
+    ASSERT_EQ(l4rt_plan_program(plan, i, &p), L4RT_OK);
+    EXPECT_EQ(p.name, cp.spec.programs[i].name);
+    EXPECT_EQ(std::vector<uint32_t>(p.steps, p.steps + p.num_steps),
+              cp.spec.programs[i].steps);
+  }
+  for (uint32_t i = 0; i < s.num_kernels; ++i) {
+    SCOPED_TRACE("kernel " + std::to_string(i));
+    l4rt_kernel_info k;
+    ASSERT_EQ(l4rt_plan_kernel(plan, i, &k), L4RT_OK);
+    const KernelSpec &spec = cp.spec.kernels[i];
+    EXPECT_EQ(k.name, spec.name);
+    EXPECT_EQ(k.kind, spec.kind);
+    EXPECT_EQ(k.num_ops, spec.ops.size());
+    EXPECT_EQ(k.tile_config, spec.tileConfig);
+    EXPECT_EQ(k.signature, spec.signature);
+    EXPECT_EQ(k.alternative_of, -1);
+    EXPECT_EQ(k.blocks, cp.code[i].blocks);
+    EXPECT_EQ(k.threads, cp.code[i].threads);
+    EXPECT_EQ(k.shared_bytes, cp.code[i].shared);
+    EXPECT_EQ(k.cubin_bytes, cp.code[i].cubin.size());
+    EXPECT_EQ(k.num_tensor_maps, 0u);
+    EXPECT_EQ(k.grid_wait, i == 3 ? 1 : 0);
+  }
+
+  // Past the end, and null pointers, are refused with a message.
+  l4rt_kernel_info k;
+  EXPECT_EQ(l4rt_plan_kernel(plan, s.num_kernels, &k),
+            L4RT_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(std::string(l4rt_last_error()),
+            "l4rt_plan_kernel: index " + std::to_string(s.num_kernels) +
+                " is past the plan's " + std::to_string(s.num_kernels) +
+                " kernels");
+  l4rt_program_info p;
+  EXPECT_EQ(l4rt_plan_program(plan, n, &p), L4RT_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(l4rt_plan_program(plan, 0, nullptr), L4RT_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(l4rt_plan_kernel(nullptr, 0, &k), L4RT_ERROR_INVALID_ARGUMENT);
+  EXPECT_EQ(l4rt_plan_num_programs(plan, nullptr),
+            L4RT_ERROR_INVALID_ARGUMENT);
+  l4rt_plan_free(plan);
 }
 
 TEST_F(CudaBackendTest, KernelsThatWaitAreLaunchedProgrammatically) {

@@ -26,7 +26,7 @@
 namespace {
 
 const char *kUsage =
-    "usage: l4-run --info PLAN\n"
+    "usage: l4-run --info [--kernels] PLAN\n"
     "       l4-run PLAN (--weights CKPT_DIR | --random-weights=SEED)\n"
     "              --inputs IN.safetensors --out OUT.safetensors "
     "[--max-new-tokens=G]\n"
@@ -60,6 +60,8 @@ const char *kUsage =
     "prefill\n"
     "and one decode step, slowest first, and the time per kernel kind.\n"
     "--profile-json=FILE also writes every kernel's time to FILE as JSON.\n"
+    "--info --kernels also lists each program's kernels in launch order: kind,\n"
+    "fused ops, tile configuration and, for CUDA plans, the compiled grid.\n"
     "IN holds input_ids (i64 [B, T]). OUT gets logits (f32 [B, T, V]) from a "
     "forward\n"
     "plan, and greedy_ids (i64 [B, T + G]) from a generate plan or when\n"
@@ -219,6 +221,8 @@ Options parseArgs(int argc, char **argv) {
     };
     if (flag == "--info" && !inlineValue)
       o.info = true;
+    else if (flag == "--kernels" && !inlineValue)
+      o.kernels = true;
     else if (flag == "--weights")
       o.weights = take();
     else if (flag == "--random-weights")
@@ -290,6 +294,8 @@ Options parseArgs(int argc, char **argv) {
   if (positional.size() != 1)
     usage(positional.empty() ? "no plan given" : "more than one plan given");
   o.plan = positional[0];
+  if (o.kernels && !o.info)
+    usage("--kernels goes with --info");
   if (o.info)
     return o;
   if (!o.kernelTols.empty() && !o.checkKernels)
@@ -382,6 +388,55 @@ void printInfo(const std::string &path, const l4rt_plan_summary &s) {
   std::printf("kernels:       %u\n", s.num_kernels);
   std::printf("buffers:       %u\n", s.num_buffers);
   std::printf("weights bound: %u\n", s.num_weights);
+}
+
+/// --info --kernels: each program's kernels in launch order, then how many
+/// tuning candidates the plan carries (l4c --tune-candidates).
+void printKernels(l4rt_plan plan, const l4rt_plan_summary &s) {
+  bool cuda = std::string(s.target).rfind("cuda", 0) == 0;
+  uint32_t numPrograms = 0;
+  check(l4rt_plan_num_programs(plan, &numPrograms));
+  std::vector<l4rt_kernel_info> kernels(s.num_kernels);
+  size_t nameWidth = 6, kindWidth = 4, configWidth = 6;
+  uint32_t candidates = 0;
+  for (uint32_t i = 0; i < s.num_kernels; ++i) {
+    check(l4rt_plan_kernel(plan, i, &kernels[i]));
+    const l4rt_kernel_info &k = kernels[i];
+    nameWidth = std::max(nameWidth, std::strlen(k.name));
+    kindWidth = std::max(kindWidth, std::strlen(k.kind));
+    configWidth = std::max(configWidth, std::strlen(k.tile_config));
+    candidates += k.alternative_of >= 0;
+  }
+  for (uint32_t p = 0; p < numPrograms; ++p) {
+    l4rt_program_info prog;
+    check(l4rt_plan_program(plan, p, &prog));
+    std::printf("\nprogram %s: %u kernel launches\n", prog.name,
+                prog.num_steps);
+    // The config column is the last one of a cpu plan: no padding there.
+    int configPad = cuda ? int(configWidth) : 0;
+    std::printf("  %4s %5s  %-*s  %-*s %4s  %-*s", "step", "index",
+                int(nameWidth), "kernel", int(kindWidth), "kind", "ops",
+                configPad, "config");
+    if (cuda)
+      std::printf("  %8s %7s %8s %4s %5s", "blocks", "threads", "dyn.smem",
+                  "tma", "wait");
+    std::printf("\n");
+    for (uint32_t step = 0; step < prog.num_steps; ++step) {
+      const l4rt_kernel_info &k = kernels[prog.steps[step]];
+      std::printf("  %4u %5u  %-*s  %-*s %4u  %-*s", step, prog.steps[step],
+                  int(nameWidth), k.name, int(kindWidth), k.kind, k.num_ops,
+                  configPad, *k.tile_config ? k.tile_config : "-");
+      if (cuda)
+        std::printf("  %8u %7u %8u %4u %5s", k.blocks, k.threads,
+                    k.shared_bytes, k.num_tensor_maps,
+                    k.grid_wait ? "yes" : "no");
+      std::printf("\n");
+    }
+  }
+  if (candidates)
+    std::printf("\ntuning candidates: %u kernels that no program runs "
+                "(l4-tune times them)\n",
+                candidates);
 }
 
 /// G: as asked, else 16 capped so the request fits the plan.
@@ -802,6 +857,8 @@ int main(int argc, char **argv) {
   check(l4rt_plan_info(plan, &s));
   if (o.info) {
     printInfo(o.plan, s);
+    if (o.kernels)
+      printKernels(plan, s);
     l4rt_plan_free(plan);
     return 0;
   }

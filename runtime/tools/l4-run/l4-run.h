@@ -32,6 +32,7 @@ struct Options {
   std::string profileJson;
   int64_t repeats = 5;                ///< --repeats (bench)
   bool info = false, hasPrompt = false;
+  bool kernels = false; ///< --info --kernels: every program's kernels
   std::optional<uint64_t> randomSeed;
   std::optional<int64_t> maxNewTokens;
   std::optional<double> temperature, topP;

@@ -102,6 +102,45 @@ L4RT_API void l4rt_plan_free(l4rt_plan plan);
 L4RT_API l4rt_status l4rt_plan_info(l4rt_plan plan,
                                     l4rt_plan_summary *out_info);
 
+/* The plan's programs ("forward"; "prefill" and "decode"; "train_step") and
+ * the kernels each runs, in order. The strings and the steps array belong
+ * to the plan handle. */
+typedef struct l4rt_program_info {
+  const char *name;
+  uint32_t num_steps;
+  const uint32_t *steps; /* kernel indices, as l4rt_plan_kernel takes them */
+} l4rt_program_info;
+
+/* One kernel of a plan. The launch fields are those compiled for the CUDA
+ * target, at the plan's maximum extents; a cpu plan has 0 and "" there. */
+typedef struct l4rt_kernel_info {
+  const char *name; /* "decode.l0.qkv", ... */
+  const char *kind; /* "gemm", "gemv", "attention", "router", ... */
+  uint32_t num_ops; /* semantic ops fused into it */
+  /* l4-tune: the tile configuration its code was generated with ("" when
+   * it has none) and the signature a tuning file keys its choice by. */
+  const char *tile_config;
+  const char *signature;
+  /* >= 0: a tuning candidate of that kernel (l4c --tune-candidates), which
+   * no program runs; -1 otherwise. */
+  int32_t alternative_of;
+  uint32_t blocks, threads, shared_bytes;
+  uint64_t cubin_bytes;   /* 0: compiled by NVRTC when the plan loads */
+  uint32_t num_tensor_maps; /* TMA descriptors the runtime encodes */
+  /* 1: the kernel waits for the one before it on entry, so the CUDA backend
+   * may launch it with programmatic stream serialization. */
+  int32_t grid_wait;
+} l4rt_kernel_info;
+
+L4RT_API l4rt_status l4rt_plan_num_programs(l4rt_plan plan,
+                                            uint32_t *out_count);
+/* index < l4rt_plan_num_programs; else L4RT_ERROR_INVALID_ARGUMENT. */
+L4RT_API l4rt_status l4rt_plan_program(l4rt_plan plan, uint32_t index,
+                                       l4rt_program_info *out_info);
+/* index < l4rt_plan_summary.num_kernels; else L4RT_ERROR_INVALID_ARGUMENT. */
+L4RT_API l4rt_status l4rt_plan_kernel(l4rt_plan plan, uint32_t index,
+                                      l4rt_kernel_info *out_info);
+
 /* Allocates the plan's memory and fills its weights from the checkpoint
  * `weights_dir` (a directory with model.safetensors or an index, or a single
  * .safetensors file), or, when weights_dir is NULL, from random_seed:

@@ -55,6 +55,20 @@ public:
     check(l4rt_plan_info(handle_, &s));
     return s;
   }
+  /// The programs ("forward"; "prefill", "decode"; "train_step") in order.
+  std::vector<l4rt_program_info> programs() const {
+    uint32_t n = 0;
+    check(l4rt_plan_num_programs(handle_, &n));
+    std::vector<l4rt_program_info> out(n);
+    for (uint32_t i = 0; i < n; ++i)
+      check(l4rt_plan_program(handle_, i, &out[i]));
+    return out;
+  }
+  l4rt_kernel_info kernel(uint32_t index) const {
+    l4rt_kernel_info k;
+    check(l4rt_plan_kernel(handle_, index, &k));
+    return k;
+  }
   l4rt_plan get() const { return handle_; }
 
 private:
