@@ -207,6 +207,19 @@ Error checkUnsupported(const Fields &f) {
   if (bias)
     return f.error("attention_bias: true is not supported (Llama 4 has no "
                    "projection biases)");
+  // A quantized checkpoint (Maverick's FP8 release: quant_method
+  // "fbgemm_fp8") stores fp8 weights with per-row scales and quantizes the
+  // activations inside its matmuls: different math and different tensors.
+  if (f.given("quantization_config")) {
+    std::string method = "?";
+    if (const json::Object *q = f.get("quantization_config")->getAsObject())
+      if (std::optional<StringRef> m = q->getString("quant_method"))
+        method = m->str();
+    return f.error("field '" + f.name("quantization_config") +
+                   "' (quant_method \"" + method +
+                   "\") is not supported: l4c reads unquantized checkpoints "
+                   "(bf16, f16 or f32 weights)");
+  }
   return Error::success();
 }
 
