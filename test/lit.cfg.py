@@ -16,7 +16,9 @@ config.substitutions.append(("%golden", os.path.join(config.l4c_src_root, "test"
 config.substitutions.append(("%testdata", os.path.join(config.l4c_src_root, "test", "data")))
 config.substitutions.append(("%extra", os.path.join(config.l4c_src_root, "test", "data", "golden-extra")))
 
-llvm_config.with_system_environment(["HOME", "TMPDIR"])
+# L4C_CUEMU_ORDER: the emulator's block and thread order (shim.h), so that
+# `L4C_CUEMU_ORDER=reverse lit test/cuemu` looks for races.
+llvm_config.with_system_environment(["HOME", "TMPDIR", "L4C_CUEMU_ORDER"])
 llvm_config.use_default_substitutions()
 tool_dirs = [config.l4c_tools_dir, config.llvm_tools_dir]
 llvm_config.add_tool_substitutions(["l4c", "l4-opt", "l4-run", "l4-tune", "l4-compare", "not", "count", "split-file", "FileCheck"], tool_dirs)

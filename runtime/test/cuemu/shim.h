@@ -28,6 +28,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -440,9 +441,65 @@ inline void tmaLoad(void *dst, const void *map, unsigned long long *bar, int c0,
   std::abort();
 }
 
+/// The order in which a launch runs its blocks, and each scheduler round
+/// its runnable threads: L4C_CUEMU_ORDER=forward (the default), reverse, or
+/// random[:SEED] (a fresh permutation for every launch and round, from SEED,
+/// default 1). The threads of a block run one after another between two
+/// barriers, so a thread that reads another's write with no barrier between
+/// them sees the write in one order and misses it in the other: the tests
+/// pass in every order only if no kernel relies on such a race (a missing
+/// __syncthreads), which a GPU would not keep in any order. Blocks that wait
+/// on blocks with a higher index would trap in reverse.
+struct Order {
+  enum Kind { Forward, Reverse, Random } kind = Forward;
+  unsigned long long state = 1;
+};
+inline Order &order() {
+  static Order o = [] {
+    Order r;
+    const char *e = std::getenv("L4C_CUEMU_ORDER");
+    std::string v = e ? e : "";
+    if (v.empty() || v == "forward")
+      r.kind = Order::Forward;
+    else if (v == "reverse")
+      r.kind = Order::Reverse;
+    else if (v.rfind("random", 0) == 0 &&
+             (v.size() == 6 || (v[6] == ':' && v.size() > 7))) {
+      r.kind = Order::Random;
+      if (v.size() > 7)
+        r.state = std::strtoull(v.c_str() + 7, nullptr, 10);
+    } else {
+      std::fprintf(stderr, "cuemu: L4C_CUEMU_ORDER must be forward, reverse "
+                           "or random[:SEED], got '%s'\n", v.c_str());
+      std::abort();
+    }
+    return r;
+  }();
+  return o;
+}
+/// 0 .. n-1 in the order L4C_CUEMU_ORDER asks for.
+inline void arrange(std::vector<unsigned> &idx, unsigned n) {
+  idx.resize(n);
+  for (unsigned i = 0; i < n; ++i)
+    idx[i] = i;
+  Order &o = order();
+  if (o.kind == Order::Reverse) {
+    std::reverse(idx.begin(), idx.end());
+  } else if (o.kind == Order::Random) {
+    for (unsigned i = n; i > 1; --i) { // Fisher-Yates on splitmix64
+      unsigned long long z = (o.state += 0x9e3779b97f4a7c15ULL);
+      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+      z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+      z ^= z >> 31;
+      std::swap(idx[i - 1], idx[unsigned(z % i)]);
+    }
+  }
+}
+
 /// Runs body() as `grid` blocks of `block` threads (blocks capped by
 /// L4C_CUEMU_MAX_BLOCKS, default 3: the kernels stride over their work, so
-/// any grid is correct, and a small odd one exercises the striding).
+/// any grid is correct, and a small odd one exercises the striding), in
+/// L4C_CUEMU_ORDER's order.
 template <class F>
 void launch(unsigned grid, unsigned block, unsigned smem, F body) {
   unsigned cap = 3;
@@ -464,7 +521,9 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
   for (auto &st : stacks)
     if (st.empty())
       st.resize(kStack);
-  for (unsigned b = 0; b < grid; ++b) {
+  std::vector<unsigned> blockOrder, threadOrder;
+  arrange(blockOrder, grid);
+  for (unsigned b : blockOrder) {
     bIdx = {b, 0, 0};
     blockBarrier.reset(block);
     for (Barrier &nb : namedBarriers)
@@ -480,7 +539,8 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
       // Progress: some thread that ran did more than find the mbarrier it
       // waits on still incomplete.
       bool ran = false, progress = false;
-      for (unsigned t = 0; t < block; ++t) {
+      arrange(threadOrder, block);
+      for (unsigned t : threadOrder) {
         Fiber &f = fibers[t];
         if (f.done || f.waitingOn)
           continue;
