@@ -118,8 +118,8 @@ struct RopeNorm {
 llvm::Error emitRope(OpContext &ctx, const RopeNorm *norm = nullptr);
 llvm::Error emitTemperatureScale(OpContext &ctx);
 /// l4c-fuse's `cache` kernel: q's RoPE (and QK norm) or temperature scale,
-/// k's RoPE (and QK norm), and the k and v cache updates, one block per
-/// token row. ctx.operands: [q,] positions, k, v, the k cache, the v cache;
+/// k's RoPE (and QK norm), and the k and v cache updates, a few blocks per
+/// token row (about a warp per head). ctx.operands: [q,] positions, k, v, the k cache, the v cache;
 /// ctx.results: [q's result,] the k cache, the v cache.
 struct CacheGroup {
   mlir::Operation *qRope = nullptr, *kRope = nullptr; ///< l4.rope or null

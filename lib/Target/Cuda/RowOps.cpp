@@ -192,18 +192,26 @@ std::string ropeCosSin(bool inverse) {
          "    }\n    __syncthreads();\n";
 }
 
-/// One row's heads (HEADS of D) rotated from x at xo into y at yo, and
-/// with `norm` then normalised: a warp per head rotates it twice, once for
-/// its sum of squares and once to store it normalised; the rotated values
-/// are rounded as the unfused rope would store them.
-std::string ropeHeads(const RopeNorm *norm, llvm::StringRef heads,
-                      llvm::StringRef x, llvm::StringRef xo,
-                      llvm::StringRef y, llvm::StringRef yo) {
+/// One row's heads [first, end) (of D each) rotated from x at xo into y at
+/// yo, and with `norm` then normalised: a warp per head rotates it twice,
+/// once for its sum of squares and once to store it normalised; the rotated
+/// values are rounded as the unfused rope would store them. `first` and
+/// `end` are C++ expressions ("0" and "H": all of them).
+std::string ropeHeads(const RopeNorm *norm, llvm::StringRef first,
+                      llvm::StringRef end, llvm::StringRef x,
+                      llvm::StringRef xo, llvm::StringRef y,
+                      llvm::StringRef yo) {
   std::string t;
   llvm::raw_string_ostream os(t);
+  // The first head's index plus `index` (parenthesised when it is a sum).
+  auto from = [&](llvm::StringRef index) {
+    return first == "0" ? index.str() : (first + " + (" + index + ")").str();
+  };
   if (!norm) {
-    os << "    for (long long e = threadIdx.x; e < " << heads
-       << " * HALF; e += blockDim.x) {\n"
+    os << "    for (long long e = "
+       << (first == "0" ? std::string("threadIdx.x")
+                        : (first + " * HALF + threadIdx.x").str())
+       << "; e < " << end << " * HALF; e += blockDim.x) {\n"
        << R"cuda(      const long long h = e / HALF, j = e - h * HALF, k = h * D + 2 * j;
       const float a = l4_ld(@X, @XO + k), bv = l4_ld(@X, @XO + k + 1);
       const float c = cs[2 * j], s = cs[2 * j + 1];
@@ -215,8 +223,8 @@ std::string ropeHeads(const RopeNorm *norm, llvm::StringRef heads,
     auto rot = [&](llvm::StringRef v) {
       return norm->bf16Temps ? ("l4_round_bf16(" + v + ")").str() : v.str();
     };
-    os << "    for (long long h = threadIdx.x >> 5; h < " << heads
-       << "; h += blockDim.x >> 5) {\n"
+    os << "    for (long long h = " << from("threadIdx.x >> 5") << "; h < "
+       << end << "; h += blockDim.x >> 5) {\n"
        << R"cuda(      float ss = 0.0f;
       for (long long j = lane; j < HALF; j += 32) {
         const long long k = h * D + 2 * j;
@@ -289,7 +297,7 @@ llvm::Error emitRope(OpContext &ctx, const RopeNorm *norm) {
     const float p = (float)l4_ldi(pos, b * P_S + t);
 )cuda" << ropeCosSin(rope.getInverse())
      << "    const long long xo = (b * X_S + t) * X_W, yo = (b * Y_S + t) * Y_W;\n"
-     << ropeHeads(norm, "H", "x", "xo", "y", "yo") << "  }\n";
+     << ropeHeads(norm, "0", "H", "x", "xo", "y", "yo") << "  }\n";
   b.threads = 128;
   b.blocks = gridFor(maxRows(x), 1);
   return llvm::Error::success();
@@ -347,18 +355,26 @@ llvm::Error emitCacheGroup(OpContext &ctx, const CacheGroup &g) {
   if (hasQ)
     os << constant("HQ", xq->inner / d, "query heads") << rowConstants(b, "Q", *xq)
        << rowConstants(b, "Y", *yq);
-  os << "  const long long LT = " << *lt << ";\n";
+  // A row's work is split into PARTS blocks of 4 warps, about a warp per
+  // head (q's and k's), each taking its share of q's heads, k's heads and
+  // v's elements: a decode step's few rows would otherwise leave one block
+  // to walk all of a row's heads one after another.
+  const int64_t heads = (hasQ ? xq->inner / d : 0) + ks[2];
+  const int64_t parts = std::max<int64_t>(1, (heads + 3) / 4);
+  os << "  const long long LT = " << *lt << ";\n"
+     << constant("PARTS", parts, "blocks a row");
   if (rope)
     os << "  __shared__ float cs[2 * HALF];\n";
   if (g.qNorm || g.kNorm)
     os << "  const int lane = threadIdx.x & 31;\n";
-  os << "  // One block per token row: "
+  os << "  // PARTS blocks a token row: "
      << (qRope ? "q rotated" : qTemp ? "q scaled" : "") << (hasQ ? ", " : "")
      << (kRope ? "k rotated" : "k")
      << R"cuda( and v into the caches at
   // the row's position (a position outside the cache is dropped, as the
-  // host checks them).
-  for (long long r = blockIdx.x; r < B * LT; r += gridDim.x) {
+  // host checks them), each part a slice of the heads and elements.
+  for (long long task = blockIdx.x; task < B * LT * PARTS; task += gridDim.x) {
+    const long long r = task / PARTS, part = task - r * PARTS;
     const long long b = r / LT, t = r - b * LT;
     const long long pi = l4_ldi(pos, b * P_S + t);
     const float p = (float)pi;
@@ -367,29 +383,34 @@ llvm::Error emitCacheGroup(OpContext &ctx, const CacheGroup &g) {
     os << ropeCosSin(false);
   if (qRope)
     os << "    const long long qo = (b * Q_S + t) * Q_W, yo = (b * Y_S + t) * Y_W;\n"
-       << ropeHeads(g.qNorm ? &*g.qNorm : nullptr, "HQ", "xq", "qo", "yq", "yo");
+          "    const long long q0 = part * HQ / PARTS, q1 = (part + 1) * HQ / PARTS;\n"
+       << ropeHeads(g.qNorm ? &*g.qNorm : nullptr, "q0", "q1", "xq", "qo", "yq",
+                    "yo");
   if (qTemp)
     os << temperatureScale(qTemp)
        << R"cuda(    const long long qo = (b * Q_S + t) * Q_W, yo = (b * Y_S + t) * Y_W;
-    for (long long i = threadIdx.x; i < Q_W; i += blockDim.x)
+    for (long long i = part * Q_W / PARTS + threadIdx.x; i < (part + 1) * Q_W / PARTS; i += blockDim.x)
       l4_st(yq, yo + i, l4_ld(xq, qo + i) * scale);
 )cuda";
   os << R"cuda(    if (pi < 0 || pi >= M)
       continue;
     const long long ko = (b * K_S + t) * K_W, vo = (b * V_S + t) * V_W;
     const long long co = (b * M + pi) * RW;
+    const long long e0 = part * RW / PARTS, e1 = (part + 1) * RW / PARTS;
 )cuda";
   if (kRope)
-    os << ropeHeads(g.kNorm ? &*g.kNorm : nullptr, "HK", "xk", "ko", "kc", "co");
+    os << "    const long long k0 = part * HK / PARTS, k1 = (part + 1) * HK / PARTS;\n"
+       << ropeHeads(g.kNorm ? &*g.kNorm : nullptr, "k0", "k1", "xk", "ko", "kc",
+                    "co");
   else
-    os << "    for (long long i = threadIdx.x; i < RW; i += blockDim.x)\n"
+    os << "    for (long long i = e0 + threadIdx.x; i < e1; i += blockDim.x)\n"
           "      l4_st(kc, co + i, l4_ld(xk, ko + i));\n";
-  os << R"cuda(    for (long long i = threadIdx.x; i < RW; i += blockDim.x)
+  os << R"cuda(    for (long long i = e0 + threadIdx.x; i < e1; i += blockDim.x)
       l4_st(vc, co + i, l4_ld(xv, vo + i));
   }
 )cuda";
   b.threads = 128;
-  b.blocks = gridFor(maxRows(xk), 1);
+  b.blocks = gridFor(maxRows(xk) * parts, 1);
   return llvm::Error::success();
 }
 
