@@ -67,6 +67,14 @@ l4rt_status invalid(const char *msg) {
   return L4RT_ERROR_INVALID_ARGUMENT;
 }
 
+/// An index past the end of one of the plan's lists (`what`).
+l4rt_status pastEnd(const char *fn, uint32_t index, size_t count,
+                    const char *what) {
+  return invalid((std::string(fn) + ": index " + std::to_string(index) +
+                  " is past the plan's " + std::to_string(count) + " " + what)
+                     .c_str());
+}
+
 /// Runs fn, turning any escaping exception into a status.
 template <typename F> l4rt_status guarded(F &&fn) noexcept {
   try {
@@ -188,10 +196,7 @@ l4rt_status l4rt_plan_program(l4rt_plan plan, uint32_t index,
       return invalid("l4rt_plan_program: plan and out_info must not be null");
     const auto &programs = plan->plan->programs;
     if (index >= programs.size())
-      return invalid(("l4rt_plan_program: index " + std::to_string(index) +
-                      " is past the plan's " +
-                      std::to_string(programs.size()) + " programs")
-                         .c_str());
+      return pastEnd("l4rt_plan_program", index, programs.size(), "programs");
     const l4c::rt::ProgramDesc &p = programs[index];
     out->name = p.name.c_str();
     out->num_steps = uint32_t(p.steps.size());
@@ -207,10 +212,7 @@ l4rt_status l4rt_plan_kernel(l4rt_plan plan, uint32_t index,
       return invalid("l4rt_plan_kernel: plan and out_info must not be null");
     const l4c::rt::Plan &p = *plan->plan;
     if (index >= p.kernels.size())
-      return invalid(("l4rt_plan_kernel: index " + std::to_string(index) +
-                      " is past the plan's " +
-                      std::to_string(p.kernels.size()) + " kernels")
-                         .c_str());
+      return pastEnd("l4rt_plan_kernel", index, p.kernels.size(), "kernels");
     const l4c::rt::KernelDesc &k = p.kernels[index];
     // The launch fields live only in the verified FlatBuffers root, whose
     // kernels are in the same order as Plan::kernels.
