@@ -361,6 +361,13 @@ llvm::Error emitCacheGroup(OpContext &ctx, const CacheGroup &g) {
   // to walk all of a row's heads one after another.
   const int64_t heads = (hasQ ? xq->inner / d : 0) + ks[2];
   const int64_t parts = std::max<int64_t>(1, (heads + 3) / 4);
+  // This part's share [N0, N1) of `extent` (heads or elements).
+  auto slice = [](llvm::StringRef n, llvm::StringRef extent) {
+    return llvm::formatv("    const long long {0}0 = part * {1} / PARTS, "
+                         "{0}1 = (part + 1) * {1} / PARTS;\n",
+                         n, extent)
+        .str();
+  };
   os << "  const long long LT = " << *lt << ";\n"
      << constant("PARTS", parts, "blocks a row");
   if (rope)
@@ -383,23 +390,23 @@ llvm::Error emitCacheGroup(OpContext &ctx, const CacheGroup &g) {
     os << ropeCosSin(false);
   if (qRope)
     os << "    const long long qo = (b * Q_S + t) * Q_W, yo = (b * Y_S + t) * Y_W;\n"
-          "    const long long q0 = part * HQ / PARTS, q1 = (part + 1) * HQ / PARTS;\n"
+       << slice("q", "HQ")
        << ropeHeads(g.qNorm ? &*g.qNorm : nullptr, "q0", "q1", "xq", "qo", "yq",
                     "yo");
   if (qTemp)
     os << temperatureScale(qTemp)
-       << R"cuda(    const long long qo = (b * Q_S + t) * Q_W, yo = (b * Y_S + t) * Y_W;
-    for (long long i = part * Q_W / PARTS + threadIdx.x; i < (part + 1) * Q_W / PARTS; i += blockDim.x)
+       << "    const long long qo = (b * Q_S + t) * Q_W, yo = (b * Y_S + t) * Y_W;\n"
+       << slice("q", "Q_W")
+       << R"cuda(    for (long long i = q0 + threadIdx.x; i < q1; i += blockDim.x)
       l4_st(yq, yo + i, l4_ld(xq, qo + i) * scale);
 )cuda";
   os << R"cuda(    if (pi < 0 || pi >= M)
       continue;
     const long long ko = (b * K_S + t) * K_W, vo = (b * V_S + t) * V_W;
     const long long co = (b * M + pi) * RW;
-    const long long e0 = part * RW / PARTS, e1 = (part + 1) * RW / PARTS;
-)cuda";
+)cuda" << slice("e", "RW");
   if (kRope)
-    os << "    const long long k0 = part * HK / PARTS, k1 = (part + 1) * HK / PARTS;\n"
+    os << slice("k", "HK")
        << ropeHeads(g.kNorm ? &*g.kNorm : nullptr, "k0", "k1", "xk", "ko", "kc",
                     "co");
   else

@@ -463,11 +463,12 @@ inline Order &order() {
       r.kind = Order::Forward;
     else if (v == "reverse")
       r.kind = Order::Reverse;
-    else if (v.rfind("random", 0) == 0 &&
-             (v.size() == 6 || (v[6] == ':' && v.size() > 7))) {
+    else if (v == "random")
       r.kind = Order::Random;
-      if (v.size() > 7)
-        r.state = std::strtoull(v.c_str() + 7, nullptr, 10);
+    else if (v.rfind("random:", 0) == 0 && v.size() > 7 &&
+             v.find_first_not_of("0123456789", 7) == std::string::npos) {
+      r.kind = Order::Random;
+      r.state = std::strtoull(v.c_str() + 7, nullptr, 10);
     } else {
       std::fprintf(stderr, "cuemu: L4C_CUEMU_ORDER must be forward, reverse "
                            "or random[:SEED], got '%s'\n", v.c_str());
