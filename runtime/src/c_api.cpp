@@ -304,6 +304,8 @@ l4rt_status l4rt_check_kernels(l4rt_session session, const char *program,
       v.max_abs_ref = c.maxAbsRef;
       v.mismatches = c.mismatches;
       v.elements = c.elements;
+      v.stray_bytes = c.strayBytes;
+      v.stray_at = c.strayAt.c_str();
       session->checkViews.push_back(v);
     }
     *out_checks = session->checkViews.data();

@@ -69,6 +69,11 @@ struct KernelCheck {
   double maxAbsErr = 0, maxAbsRef = 0; ///< float results, live elements
   uint64_t mismatches = 0;            ///< integer results: elements differing
   uint64_t elements = 0;              ///< live result elements compared
+  /// Bytes outside the kernel's results that are not what they were before
+  /// it (a write out of bounds or to another buffer), and the first one's
+  /// place ("arena byte N (in buffer 'x')").
+  uint64_t strayBytes = 0;
+  std::string strayAt;
   /// maxAbsErr / maxAbsRef (0 for an all-zero reference with no error).
   double relErr() const {
     return maxAbsRef > 0 ? maxAbsErr / maxAbsRef : (maxAbsErr > 0 ? 1e30 : 0);

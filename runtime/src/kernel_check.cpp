@@ -1,13 +1,15 @@
 //===- kernel_check.cpp - every GPU kernel against the CPU backend --------===//
 //
 // Session::checkKernels: a program run kernel by kernel on both backends.
-// Before each kernel the two sides hold identical regions; after it, its
-// results are compared over their live elements and the CPU's results are
-// uploaded, so an error is charged to the kernel that made it and never
-// carried into the next one. Session::profileKernels: every kernel's GPU
+// Before each kernel the two sides hold identical regions, except that the
+// GPU's copy of the bytes the kernel must not read is NaN (KernelFootprint);
+// after it, its results are compared over their live elements, every other
+// byte is checked unchanged, and the device gets the host's bytes again, so
+// an error is charged to the kernel that made it and never carried into the
+// next one. Session::profileKernels: every kernel's GPU
 // time, from CUDA events between the launches. Session::tuneKernels: the
 // time of each tile configuration of the tunable kernels (l4-tune), each
-// checked against the kernel's own results.
+// checked against the kernel's own results (with the same poison).
 //
 //===----------------------------------------------------------------------===//
 #include "cuda/cuda_backend.h"
@@ -24,20 +26,162 @@ namespace l4c::rt {
 
 namespace {
 
-/// Byte ranges of a buffer holding live data for a run of (B, T): per batch
-/// entry its first activeElems(T) elements; KV caches (whose seq extent is
-/// the cache length, not T) and buffers without a batch dim whole.
+/// A KV cache ([B, M, Hkv, d], no seq dim): live up to its run's last
+/// position, not whole.
+bool isKvCache(const BufferDesc &d) {
+  return d.region == plan::Region::Cache && d.hasBatch && !d.hasSeq &&
+         d.shape.size() == 4;
+}
+
+/// Byte ranges of a buffer holding live data for a run of (B, T) at
+/// positions pos0 + s: per batch entry its first activeElems(T) elements
+/// (a KV cache's first pos0 + T positions); buffers without a batch dim
+/// whole.
 std::vector<std::pair<uint64_t, uint64_t>>
-liveRanges(const BufferDesc &d, int64_t B, int64_t T, uint64_t elem) {
+liveRanges(const BufferDesc &d, int64_t B, int64_t T, int64_t pos0) {
+  uint64_t elem = dtypeSize(d.dtype);
   std::vector<std::pair<uint64_t, uint64_t>> r;
-  if (d.region == plan::Region::Cache || !d.hasBatch) {
+  if (!d.hasBatch || (d.region == plan::Region::Cache && !isKvCache(d))) {
     r.push_back({d.offset, d.size});
     return r;
   }
-  uint64_t live = std::min<uint64_t>(d.activeElems(uint64_t(T)), d.batchStride);
+  uint64_t live =
+      isKvCache(d)
+          ? uint64_t(pos0 + T) * uint64_t(d.shape[2] * d.shape[3])
+          : d.activeElems(uint64_t(T));
+  live = std::min<uint64_t>(live, d.batchStride);
   for (int64_t b = 0; b < B; ++b)
     r.push_back({d.offset + uint64_t(b) * d.batchStride * elem, live * elem});
   return r;
+}
+
+/// Sorted, disjoint byte spans [begin, end) of one region.
+using Spans = std::vector<std::pair<uint64_t, uint64_t>>;
+
+void normalize(Spans &s) {
+  std::sort(s.begin(), s.end());
+  Spans out;
+  for (auto [b, e] : s) {
+    if (b >= e)
+      continue;
+    if (!out.empty() && b <= out.back().second)
+      out.back().second = std::max(out.back().second, e);
+    else
+      out.push_back({b, e});
+  }
+  s = std::move(out);
+}
+
+/// a without b (both normalized).
+Spans minus(const Spans &a, const Spans &b) {
+  Spans out;
+  size_t j = 0;
+  for (auto [lo, hi] : a) {
+    while (j < b.size() && b[j].second <= lo)
+      ++j;
+    uint64_t at = lo;
+    for (size_t k = j; k < b.size() && b[k].first < hi; ++k) {
+      if (b[k].first > at)
+        out.push_back({at, b[k].first});
+      at = std::max(at, b[k].second);
+    }
+    if (at < hi)
+      out.push_back({at, hi});
+  }
+  return out;
+}
+
+/// What one kernel of a differential run may change and must not read, per
+/// region. `writes`: the whole extents of its ops' results (temps too,
+/// which only the CPU writes; the caller adds the kernels' workspace).
+/// `poison`: the bytes the GPU gets as 0xff (NaN in f32 and bf16, -1 in
+/// integers) before it runs: its results' extents and the dead parts of
+/// its inputs (rows past T, batch entries past B, cache positions from
+/// pos0 + T on), less every input's live bytes (a result may be an input's
+/// exact bytes). A kernel that reads stale bytes then shows NaN or wrong
+/// integers in its live results, where on a GPU it would have read
+/// whatever an earlier kernel left in the arena.
+struct KernelFootprint {
+  Spans writes[4], poison[4];
+};
+
+KernelFootprint footprint(const Plan &p, const KernelDesc &kd, int64_t B,
+                          int64_t T, int64_t pos0) {
+  KernelFootprint f;
+  Spans live[4];
+  std::set<uint32_t> written;
+  auto extent = [&](uint32_t bi) {
+    const BufferDesc &d = p.buffers[bi];
+    return std::make_pair(d.offset, d.offset + d.size);
+  };
+  for (const OpDesc &op : kd.ops) {
+    for (uint32_t bi : op.operands) {
+      if (written.count(bi)) // this kernel's own value
+        continue;
+      const BufferDesc &d = p.buffers[bi];
+      Spans l;
+      for (auto [at, bytes] : liveRanges(d, B, T, pos0))
+        l.push_back({at, at + bytes});
+      normalize(l);
+      Spans dead = minus({extent(bi)}, l);
+      Spans &pz = f.poison[int(d.region)];
+      pz.insert(pz.end(), dead.begin(), dead.end());
+      live[int(d.region)].insert(live[int(d.region)].end(), l.begin(),
+                                 l.end());
+    }
+    for (uint32_t bi : op.results) {
+      written.insert(bi);
+      const BufferDesc &d = p.buffers[bi];
+      f.writes[int(d.region)].push_back(extent(bi));
+      f.poison[int(d.region)].push_back(extent(bi));
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    normalize(f.writes[r]);
+    normalize(live[r]);
+    normalize(f.poison[r]);
+    f.poison[r] = minus(f.poison[r], live[r]);
+  }
+  return f;
+}
+
+/// Adds to `count` the bytes of `spans` within the chunk [lo, lo + n) whose
+/// device copy `dev` (the chunk) differs from what they must hold: the
+/// host's bytes, or 0xff where `host` is null (the poison); `first` takes
+/// the lowest such byte's offset.
+void countStrays(const Spans &spans, uint64_t lo, uint64_t n,
+                 const uint8_t *dev, const uint8_t *host, uint64_t &count,
+                 uint64_t &first) {
+  for (auto [b, e] : spans) {
+    b = std::max(b, lo);
+    e = std::min(e, lo + n);
+    if (b >= e)
+      continue;
+    const uint8_t *d = dev + (b - lo);
+    if (host && std::memcmp(d, host + b, e - b) == 0)
+      continue;
+    for (uint64_t i = 0; i < e - b; ++i)
+      if (d[i] != (host ? host[b + i] : 0xff)) {
+        first = std::min(first, b + i);
+        ++count;
+      }
+  }
+}
+
+const char *regionLabel(int r) {
+  static const char *names[] = {"arena", "weights", "cache", "io"};
+  return names[r];
+}
+
+/// "arena byte N (buffer 'x')": where a stray byte lies; several buffers
+/// may share it (the memory planner reuses bytes), the first is named.
+std::string strayLabel(const Plan &p, int r, uint64_t at) {
+  std::string s =
+      std::string(regionLabel(r)) + " byte " + std::to_string(at);
+  for (const BufferDesc &d : p.buffers)
+    if (int(d.region) == r && at >= d.offset && at < d.offset + d.size)
+      return s + " (in buffer '" + d.name + "')";
+  return s + " (in no buffer)";
 }
 
 /// Folds the comparison of `n` elements of a float or integer buffer of
@@ -130,8 +274,27 @@ Status Session::checkKernels(const std::string &program, const int64_t *ids,
   for (int r = 0; r < 4; ++r)
     bases[r] = regions_[r].base;
   std::vector<uint8_t> dev;
+  // The kernels' workspace follows the arena's last buffer: partial
+  // results any kernel may leave there (it writes them before it reads
+  // them), and counters each leaves zero.
+  uint64_t workspace = 0;
+  for (const BufferDesc &d : p.buffers)
+    if (d.region == plan::Region::Arena)
+      workspace = std::max(workspace, d.offset + d.size);
+  workspace = (workspace + 255) / 256 * 256;
   for (uint32_t k : prog->steps) {
     const KernelDesc &kd = p.kernels[k];
+    KernelFootprint fp = footprint(p, kd, B, T, pos0);
+    if (uint64_t end = regions_[int(plan::Region::Arena)].size;
+        workspace < end) {
+      fp.writes[int(plan::Region::Arena)].push_back({workspace, end});
+      normalize(fp.writes[int(plan::Region::Arena)]);
+    }
+    // The device's copy of what the kernel must not read: poison.
+    for (int r = 0; r < 4; ++r)
+      for (auto [lo, hi] : fp.poison[r])
+        if (Status s = gpu_->fill(plan::Region(r), lo, hi - lo, 0xff); !s.ok())
+          return s;
     if (Status s = runCpuKernel(p, bases, kd, size_t(B), size_t(T)); !s.ok())
       return s;
     ProgramDesc one = *prog;
@@ -148,7 +311,7 @@ Status Session::checkKernels(const std::string &program, const int64_t *ids,
       const BufferDesc &d = p.buffers[bi];
       uint64_t elem = dtypeSize(d.dtype);
       KernelCheck c;
-      for (auto [at, bytes] : liveRanges(d, B, T, elem)) {
+      for (auto [at, bytes] : liveRanges(d, B, T, pos0)) {
         dev.resize(bytes);
         if (Status s = gpu_->download(d.region, at, dev.data(), bytes); !s.ok())
           return s;
@@ -158,9 +321,6 @@ Status Session::checkKernels(const std::string &program, const int64_t *ids,
                                          d.name + "'",
                                      c);
             !s.ok())
-          return s;
-        // The GPU continues from the CPU's values.
-        if (Status s = gpu_->upload(d.region, at, host, bytes); !s.ok())
           return s;
       }
       double score = c.integer ? double(c.mismatches) * 1e9 : c.relErr();
@@ -173,6 +333,35 @@ Status Session::checkKernels(const std::string &program, const int64_t *ids,
         kc.mismatches = c.mismatches;
       }
       kc.elements += c.elements;
+    }
+    // Every other byte of every region must be as it was before the
+    // kernel (the host's bytes, or the poison); then the device gets the
+    // host's bytes wherever they differ, so the next kernel starts from the
+    // CPU's values and no error is carried into it.
+    constexpr uint64_t kChunk = uint64_t(16) << 20;
+    for (int r = 0; r < 4; ++r) {
+      const uint8_t *host = bases[r];
+      uint64_t size = regions_[r].size;
+      Spans others = minus({{0, size}}, fp.writes[r]);
+      Spans poisoned = minus(fp.poison[r], fp.writes[r]);
+      Spans kept = minus(others, poisoned);
+      uint64_t first = UINT64_MAX;
+      for (uint64_t lo = 0; host && lo < size; lo += kChunk) {
+        uint64_t n = std::min(kChunk, size - lo);
+        dev.resize(n);
+        if (Status s = gpu_->download(plan::Region(r), lo, dev.data(), n);
+            !s.ok())
+          return s;
+        countStrays(kept, lo, n, dev.data(), host, kc.strayBytes, first);
+        countStrays(poisoned, lo, n, dev.data(), nullptr, kc.strayBytes,
+                    first);
+        if (std::memcmp(dev.data(), host + lo, n) != 0)
+          if (Status s = gpu_->upload(plan::Region(r), lo, host + lo, n);
+              !s.ok())
+            return s;
+      }
+      if (first != UINT64_MAX && kc.strayAt.empty())
+        kc.strayAt = strayLabel(p, r, first);
     }
     out.push_back(std::move(kc));
   }
@@ -288,12 +477,20 @@ Status Session::tuneKernels(const std::string &program, const int64_t *ids,
       return Status::success();
     };
     std::set<uint32_t> results = gpuResults(kd);
+    KernelFootprint fp = footprint(p, kd, B, T, pos0); // within `saved`
     // One configuration: its results (live elements) after one run from the
     // saved values, then the median time of `repeats` runs.
     auto measure = [&](uint32_t kernel, std::vector<std::vector<uint8_t>> &res,
                        double &median_ms) -> Status {
       if (Status s = restore(); !s.ok())
         return s;
+      // As in checkKernels: what the kernel must not read is NaN, so a
+      // configuration that reads stale bytes disagrees with its kernel.
+      for (int r = 0; r < 4; ++r)
+        for (auto [lo, hi] : fp.poison[r])
+          if (Status s = gpu_->fill(plan::Region(r), lo, hi - lo, 0xff);
+              !s.ok())
+            return s;
       ProgramDesc run = one;
       run.steps = {kernel};
       if (Status s = gpu_->runProgram(run, B, T); !s.ok())
@@ -301,7 +498,7 @@ Status Session::tuneKernels(const std::string &program, const int64_t *ids,
       res.clear();
       for (uint32_t b : results) {
         const BufferDesc &d = p.buffers[b];
-        for (auto [at, bytes] : liveRanges(d, B, T, dtypeSize(d.dtype))) {
+        for (auto [at, bytes] : liveRanges(d, B, T, pos0)) {
           res.emplace_back(bytes);
           if (Status s = gpu_->download(d.region, at, res.back().data(), bytes);
               !s.ok())
@@ -336,7 +533,7 @@ Status Session::tuneKernels(const std::string &program, const int64_t *ids,
       size_t piece = 0;
       for (uint32_t b : results) {
         const BufferDesc &d = p.buffers[b];
-        for (size_t i = 0; i < liveRanges(d, B, T, dtypeSize(d.dtype)).size();
+        for (size_t i = 0; i < liveRanges(d, B, T, pos0).size();
              ++i, ++piece)
           if (Status s = compareValues(
                   d.dtype, got[piece].data(), ref[piece].data(),

@@ -11,6 +11,7 @@
 #include "cuda/driver.h"
 #include "cuda/kernel_cache.h"
 #include "cuda/nvrtc.h"
+#include "io/safetensors.h"
 #include "l4c/runtime/l4rt.h"
 #include "plan.h"
 #include "test_plans.h"
@@ -25,6 +26,7 @@
 #include <functional>
 #include <map>
 
+#include <sys/wait.h>
 #include <unistd.h>
 
 // These tests bring their own (fake) drivers and plans with cubins; the
@@ -2024,6 +2026,145 @@ TEST(CudaEmulator, TmaKernelRunsThroughTheBackend) {
       EXPECT_EQ(out[at / 4], weight[i] + extra) << "element " << i;
     }
   }
+}
+
+/// linearPlan's kernels (embedding, rms_norm, lm_head) as CUDA for the
+/// emulator, in the ABI l4c emits, with one bug or none: "stray" (the norm
+/// also flips the bits of its input h's first element per row, a write
+/// outside its results), "stale" (lm_head adds 0 * x's last row, dead when
+/// T < S: a harmless read until the bytes there are NaN).
+std::string linearKernels(const PlanSpec &p, const std::string &bug) {
+  std::string src = R"cuda(
+struct L4Regions { char *arena, *weights, *cache, *io; };
+#define S 4
+#define D 8
+#define V 16
+extern "C" __global__ void l4k_0(L4Regions r, long long B, long long T) {
+  const long long *ids = (const long long *)(r.io + @input_ids@);
+  const float *embed = (const float *)(r.weights + @model.embed_tokens.weight@);
+  float *h = (float *)(r.arena + @h@);
+  for (long long i = threadIdx.x; i < B * T * D; i += blockDim.x) {
+    long long row = i / D, at = row / T * S + row % T;
+    h[at * D + i % D] = embed[ids[at] * D + i % D];
+  }
+}
+extern "C" __global__ void l4k_1(L4Regions r, long long B, long long T) {
+  float *h = (float *)(r.arena + @h@);
+  const float *w = (const float *)(r.weights + @model.norm.weight@);
+  float *x = (float *)(r.arena + @x@);
+  for (long long row = threadIdx.x; row < B * T; row += blockDim.x) {
+    long long at = (row / T * S + row % T) * D;
+    float ss = 0;
+    for (int d = 0; d < D; ++d)
+      ss += h[at + d] * h[at + d];
+    float inv = 1.0f / sqrtf(ss / D + 1e-5f);
+    for (int d = 0; d < D; ++d)
+      x[at + d] = h[at + d] * inv * w[d];
+    @stray@
+  }
+}
+extern "C" __global__ void l4k_2(L4Regions r, long long B, long long T) {
+  const float *x = (const float *)(r.arena + @x@);
+  const float *head = (const float *)(r.weights + @lm_head.weight@);
+  float *logits = (float *)(r.io + @logits@);
+  for (long long i = threadIdx.x; i < B * T * V; i += blockDim.x) {
+    long long row = i / V, v = i % V, b = row / T, at = b * S + row % T;
+    float acc = 0;
+    for (int d = 0; d < D; ++d)
+      acc += x[at * D + d] * head[v * D + d] @stale@;
+    logits[at * V + v] = acc;
+  }
+}
+)cuda";
+  std::map<std::string, std::string> subst = {
+      {"stray", bug == "stray" ? "((unsigned *)h)[at] ^= 0xffffffffu;" : ""},
+      {"stale", bug == "stale" ? "+ 0.0f * x[(b * S + S - 1) * D + d]" : ""}};
+  for (const BufferSpec &b : p.buffers)
+    subst[b.name] = std::to_string(b.offset);
+  std::string out;
+  for (size_t i = 0; i < src.size(); ++i) {
+    size_t end = src[i] == '@' ? src.find('@', i + 1) : std::string::npos;
+    if (end == std::string::npos) {
+      out += src[i];
+      continue;
+    }
+    out += subst.at(src.substr(i + 1, end - i - 1));
+    i = end;
+  }
+  return out;
+}
+
+TEST(CudaEmulator, KernelCheckCatchesStrayWritesAndStaleReads) {
+  // l4-run --check-kernels through the emulator: before each kernel the
+  // device's copy of what it must not read is NaN, and after it every byte
+  // outside its results must be as it was.
+  TempDir dir;
+  ASSERT_FALSE(dir.path().empty());
+  int64_t ids[] = {3, 1, 4, 1, 5, 9}; // [2, 3]: T = 3 < S = 4
+  ASSERT_TRUE(io::writeSafetensors(dir.path() + "/in.safetensors",
+                                   {{"input_ids", io::DType::I64, {2, 3}, ids}})
+                  .ok());
+  auto run = [&](const std::string &bug) {
+    CudaPlan cp;
+    cp.spec = linearPlan(2, 4, 16, 8);
+    for (unsigned k = 0; k < 3; ++k) {
+      CudaCode c;
+      c.source = linearKernels(cp.spec, bug);
+      c.entry = "l4k_" + std::to_string(k);
+      c.threads = 32;
+      c.blocks = 1;
+      cp.code.push_back(c);
+    }
+    std::string plan = dir.path() + "/" + (bug.empty() ? "ok" : bug) + ".l4plan";
+    std::vector<uint8_t> bytes = cp.serialize();
+    std::ofstream(plan, std::ios::binary)
+        .write(reinterpret_cast<const char *>(bytes.data()),
+               std::streamsize(bytes.size()));
+    std::string cmd = "L4C_CUDA_DRIVER=" + std::string(L4CUEMU_LIB) +
+                      " L4C_CUDA_IMAGE=source L4C_CUEMU_DIR=" + dir.path() +
+                      "/emu " + L4RUN_PATH + " " + plan +
+                      " --device=cuda --random-weights=1 --inputs " +
+                      dir.path() + "/in.safetensors --check-kernels 2>&1";
+    std::string out;
+    FILE *f = ::popen(cmd.c_str(), "r");
+    if (!f)
+      return std::make_pair(-1, out);
+    char buf[4096];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0)
+      out.append(buf, n);
+    int status = ::pclose(f);
+    return std::make_pair(WIFEXITED(status) ? WEXITSTATUS(status) : -1, out);
+  };
+  auto has = [](const std::string &out, const std::string &want) {
+    return out.find(want) != std::string::npos;
+  };
+
+  auto [rc, out] = run("");
+  EXPECT_EQ(rc, 0) << out;
+  EXPECT_TRUE(has(out, "check-kernels: 3 kernels, 192 result elements, 0 "
+                       "wrote outside their results"))
+      << out;
+
+  std::tie(rc, out) = run("stray");
+  EXPECT_EQ(rc, 1) << out;
+  // 2 x 3 rows, 4 bytes each; the results themselves still match.
+  EXPECT_TRUE(has(out, "check-kernels: forward kernel 1 model.norm changed 24 "
+                       "bytes outside its results, the first at arena byte 0 "
+                       "(in buffer 'h')"))
+      << out;
+  EXPECT_TRUE(has(out, "1 wrote outside their results")) << out;
+  EXPECT_TRUE(has(out, "0 above 1.0e-03: FAIL")) << out;
+
+  std::tie(rc, out) = run("stale");
+  EXPECT_EQ(rc, 1) << out;
+  EXPECT_TRUE(has(out, "0 wrote outside their results")) << out;
+  EXPECT_TRUE(has(out, "1 above 1.0e-03: FAIL")) << out;
+  // lm_head's row: NaN where the CPU has numbers, an infinite error.
+  size_t row = out.find("forward  2     lm_head");
+  ASSERT_NE(row, std::string::npos) << out;
+  std::string line = out.substr(row, out.find('\n', row) - row);
+  EXPECT_TRUE(has(line, " inf ")) << line;
 }
 
 //===----------------------------------------------------------------------===//

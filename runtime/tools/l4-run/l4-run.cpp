@@ -756,7 +756,7 @@ int runCheckKernels(const Options &o, l4rt_session session,
   std::vector<int64_t> ids = readInputIds(o.inputs, B, T);
   struct Row {
     l4rt_kernel_check c;
-    std::string name, program, buffer;
+    std::string name, program, buffer, strayAt;
   };
   std::vector<Row> rows;
   auto runOne = [&](const char *program, const int64_t *x, int64_t t,
@@ -766,7 +766,7 @@ int runCheckKernels(const Options &o, l4rt_session session,
     check(l4rt_check_kernels(session, program, x, B, t, pos0, &checks, &n));
     for (size_t i = 0; i < n; ++i)
       rows.push_back({checks[i], checks[i].name, checks[i].program,
-                      checks[i].buffer});
+                      checks[i].buffer, checks[i].stray_at});
   };
   if (std::string(s.program_kind) == "forward") {
     runOne("forward", ids.data(), T, 0);
@@ -801,12 +801,13 @@ int runCheckKernels(const Options &o, l4rt_session session,
   std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
     return rel(rows[a].c) > rel(rows[b].c);
   });
-  size_t over = 0, elements = 0;
+  size_t over = 0, elements = 0, stray = 0;
   std::vector<double> worstOf(o.kernelTols.size(), 0.0);
   std::vector<size_t> countOf(o.kernelTols.size(), 0), overOf(countOf);
   for (const Row &r : rows) {
     over += bad(r);
     elements += r.c.elements;
+    stray += r.c.stray_bytes > 0;
     if (int i = limitOf(r).second; i >= 0) {
       worstOf[size_t(i)] = std::max(worstOf[size_t(i)], rel(r.c));
       ++countOf[size_t(i)];
@@ -829,6 +830,13 @@ int runCheckKernels(const Options &o, l4rt_session session,
                                   .c_str()
                             : "");
   }
+  for (const Row &r : rows)
+    if (r.c.stray_bytes)
+      std::printf("check-kernels: %s kernel %u %s changed %llu bytes outside "
+                  "its results, the first at %s\n",
+                  r.program.c_str(), r.c.kernel, r.name.c_str(),
+                  static_cast<unsigned long long>(r.c.stray_bytes),
+                  r.strayAt.c_str());
   // A NAME no kernel has checks nothing: that fails too.
   size_t unmatched = 0;
   for (size_t i = 0; i < o.kernelTols.size(); ++i)
@@ -840,11 +848,12 @@ int runCheckKernels(const Options &o, l4rt_session session,
                 overOf[i], o.kernelTols[i].second,
                 countOf[i] == 0 ? "none matched" : overOf[i] ? "FAIL" : "ok");
   double worst = order.empty() ? 0 : rel(rows[order[0]].c);
-  std::printf("check-kernels: %zu kernels, %zu result elements, worst rel err "
-              "%.2e, %zu above %.1e: %s\n",
-              rows.size(), elements, worst, over, *o.checkKernels,
-              over || unmatched ? "FAIL" : "ok");
-  return over || unmatched ? 1 : 0;
+  std::printf("check-kernels: %zu kernels, %zu result elements, %zu wrote "
+              "outside their results, worst rel err %.2e, %zu above %.1e: "
+              "%s\n",
+              rows.size(), elements, stray, worst, over, *o.checkKernels,
+              over || unmatched || stray ? "FAIL" : "ok");
+  return over || unmatched || stray ? 1 : 0;
 }
 
 } // namespace

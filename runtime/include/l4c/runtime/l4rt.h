@@ -23,7 +23,7 @@ extern "C" {
 #endif
 
 #define L4RT_VERSION_MAJOR 0
-#define L4RT_VERSION_MINOR 1
+#define L4RT_VERSION_MINOR 2
 
 typedef enum l4rt_status {
   L4RT_OK = 0,
@@ -199,12 +199,22 @@ typedef struct l4rt_kernel_check {
   double max_abs_ref;  /* max |cpu| there */
   uint64_t mismatches; /* integer results: elements that differ */
   uint64_t elements;   /* live result elements compared, all results */
+  /* Bytes outside the kernel's results that the GPU left different from
+   * before it ran (a write out of bounds or into another buffer), and
+   * where the first lies ("arena byte N (in buffer 'x')"; "" when none).
+   * Since 0.2. */
+  uint64_t stray_bytes;
+  const char *stray_at;
 } l4rt_kernel_check;
 
 /* The differential test of every kernel of a CUDA session: runs `program`
  * on ids [batch, seq] (positions pos0 + s) kernel by kernel on the CPU
  * backend and on the GPU, compares each kernel's results, and gives the GPU
- * the CPU's results before the next kernel. *out_checks (valid until the
+ * the CPU's results before the next kernel. Before each kernel the GPU's
+ * copy of the bytes it must not read (its results, and its inputs' rows,
+ * batch entries and cache positions past the run's) is set to 0xff (NaN),
+ * so a kernel that reads stale bytes shows wrong live results; after it,
+ * every byte of every region outside its results must be unchanged. *out_checks (valid until the
  * next call on the session) receives one entry per kernel run, in order. */
 L4RT_API l4rt_status l4rt_check_kernels(l4rt_session session,
                                         const char *program, const int64_t *ids,
