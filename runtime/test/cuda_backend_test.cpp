@@ -2032,7 +2032,8 @@ TEST(CudaEmulator, TmaKernelRunsThroughTheBackend) {
 /// emulator, in the ABI l4c emits, with one bug or none: "stray" (the norm
 /// also flips the bits of its input h's first element per row, a write
 /// outside its results), "stale" (lm_head adds 0 * x's last row, dead when
-/// T < S: a harmless read until the bytes there are NaN).
+/// T < S: a harmless read until the bytes there are NaN), "overrun"
+/// (lm_head writes the first float past the end of the io region).
 std::string linearKernels(const PlanSpec &p, const std::string &bug) {
   std::string src = R"cuda(
 struct L4Regions { char *arena, *weights, *cache, *io; };
@@ -2074,11 +2075,19 @@ extern "C" __global__ void l4k_2(L4Regions r, long long B, long long T) {
       acc += x[at * D + d] * head[v * D + d] @stale@;
     logits[at * V + v] = acc;
   }
+  @overrun@
 }
 )cuda";
   std::map<std::string, std::string> subst = {
       {"stray", bug == "stray" ? "((unsigned *)h)[at] ^= 0xffffffffu;" : ""},
-      {"stale", bug == "stale" ? "+ 0.0f * x[(b * S + S - 1) * D + d]" : ""}};
+      {"stale", bug == "stale" ? "+ 0.0f * x[(b * S + S - 1) * D + d]" : ""},
+      {"overrun",
+       bug == "overrun"
+           ? "if (threadIdx.x == 0) *(float *)(r.io + " +
+                 std::to_string((p.regionSize[int(pl::Region::Io)] + 255) /
+                                256 * 256) +
+                 ") = 1.0f;"
+           : ""}};
   for (const BufferSpec &b : p.buffers)
     subst[b.name] = std::to_string(b.offset);
   std::string out;
@@ -2094,7 +2103,7 @@ extern "C" __global__ void l4k_2(L4Regions r, long long B, long long T) {
   return out;
 }
 
-TEST(CudaEmulator, KernelCheckCatchesStrayWritesAndStaleReads) {
+TEST(CudaEmulator, KernelCheckCatchesStrayWritesStaleReadsAndOverruns) {
   // l4-run --check-kernels through the emulator: before each kernel the
   // device's copy of what it must not read is NaN, and after it every byte
   // outside its results must be as it was.
@@ -2165,6 +2174,14 @@ TEST(CudaEmulator, KernelCheckCatchesStrayWritesAndStaleReads) {
   ASSERT_NE(row, std::string::npos) << out;
   std::string line = out.substr(row, out.find('\n', row) - row);
   EXPECT_TRUE(has(line, " inf ")) << line;
+
+  // Past the end of a region: the emulator's guard page faults, and the
+  // handler names the kernel.
+  std::tie(rc, out) = run("overrun");
+  EXPECT_NE(rc, 0) << out;
+  EXPECT_TRUE(has(out, "cuemu: kernel l4k_2 touched address 0x")) << out;
+  EXPECT_TRUE(has(out, ", 0 bytes past the end of the 768-byte allocation"))
+      << out;
 }
 
 //===----------------------------------------------------------------------===//

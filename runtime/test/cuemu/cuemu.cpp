@@ -7,7 +7,9 @@
 //
 // the whole GPU path -- the backend, the session's uploads and downloads,
 // decode graphs, and above all the generated kernels -- runs on a machine
-// without a GPU. "Device" memory is host memory; each module image is a
+// without a GPU. "Device" memory is host memory, each allocation between
+// guard pages (a kernel touching past a region's end aborts, named); each
+// module image is a
 // kernel's CUDA source (L4C_CUDA_IMAGE=source), built with the host C++
 // compiler against shim.h into a shared library (all the modules a process
 // loads before it asks for a function, in one library); a launch runs its blocks
@@ -24,10 +26,15 @@
 //
 //===----------------------------------------------------------------------===//
 #include <dlfcn.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdarg>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -66,6 +73,7 @@ struct Function {
   PackFn pack;
   RunFn run;
   FreeFn free;
+  std::string name; ///< the entry, for fault messages
 };
 struct Launch {
   Function *fn;
@@ -272,6 +280,100 @@ CUresult load(const char *image, Module *&out) {
   return OK;
 }
 
+//===- Device memory: guard pages and faults --------------------------------===//
+//
+// Each allocation is its own mapping, ending at an inaccessible page (and
+// starting after one), so a kernel that reads or writes past the end of a
+// region faults at once instead of touching whatever the host heap holds
+// there; the fault handler names the kernel and the allocation and aborts.
+// Within a region nothing faults: l4-run --check-kernels covers that.
+
+struct Allocation {
+  uintptr_t map = 0, user = 0; ///< the mapping, and what cuMemAlloc returned
+  size_t mapped = 0, bytes = 0;
+};
+std::vector<Allocation> allocations; // under mu
+thread_local const Function *running = nullptr;
+
+size_t pageSize() {
+  static const size_t page = size_t(::sysconf(_SC_PAGESIZE));
+  return page;
+}
+
+/// Formats into a fixed buffer and writes to stderr (no allocation: this
+/// runs in a signal handler).
+void faultMessage(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void faultMessage(const char *fmt, ...) {
+  char buf[512];
+  va_list ap;
+  va_start(ap, fmt);
+  int n = std::vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  if (n > 0)
+    (void)!::write(2, buf, std::min<size_t>(size_t(n), sizeof buf - 1));
+}
+
+void onFault(int sig, siginfo_t *info, void *) {
+  uintptr_t at = reinterpret_cast<uintptr_t>(info->si_addr);
+  const char *kernel = running ? running->name.c_str() : "(no kernel)";
+  // Read without the lock: the faulting thread may hold it, and the
+  // process ends here anyway.
+  for (const Allocation &a : allocations) {
+    if (at < a.map || at >= a.map + a.mapped)
+      continue;
+    if (at >= a.user + a.bytes)
+      faultMessage("cuemu: kernel %s touched address 0x%llx, %llu bytes past "
+                   "the end of the %llu-byte allocation at 0x%llx\n",
+                   kernel, (unsigned long long)at,
+                   (unsigned long long)(at - (a.user + a.bytes)),
+                   (unsigned long long)a.bytes, (unsigned long long)a.user);
+    else if (at < a.user)
+      faultMessage("cuemu: kernel %s touched address 0x%llx, %llu bytes "
+                   "before the %llu-byte allocation at 0x%llx\n",
+                   kernel, (unsigned long long)at,
+                   (unsigned long long)(a.user - at),
+                   (unsigned long long)a.bytes, (unsigned long long)a.user);
+    else
+      continue;
+    std::abort();
+  }
+  faultMessage("cuemu: %s at address 0x%llx in kernel %s\n",
+               sig == SIGBUS ? "bus error" : "segmentation fault",
+               (unsigned long long)at, kernel);
+  std::signal(sig, SIG_DFL);
+  ::raise(sig);
+}
+
+/// Installs onFault for SIGSEGV and SIGBUS once, and gives the calling
+/// thread an alternate signal stack (fibers' stacks are small).
+void watchFaults() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa {};
+    sa.sa_sigaction = onFault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGSEGV, &sa, nullptr);
+    ::sigaction(SIGBUS, &sa, nullptr);
+  });
+  thread_local bool stack = [] {
+    static thread_local std::vector<char> alt(1 << 16);
+    stack_t st{};
+    st.ss_sp = alt.data();
+    st.ss_size = alt.size();
+    return ::sigaltstack(&st, nullptr) == 0;
+  }();
+  (void)stack;
+}
+
+void runLaunch(Function *f, void *packed, unsigned grid, unsigned block,
+               unsigned smem) {
+  watchFaults();
+  running = f;
+  f->run(packed, grid, block, smem);
+  running = nullptr;
+}
+
 CUresult launch(Function *f, unsigned grid, unsigned block, unsigned smem,
                 void **params, Stream *s) {
   void *packed = f->pack(params);
@@ -279,7 +381,7 @@ CUresult launch(Function *f, unsigned grid, unsigned block, unsigned smem,
     s->capture->launches.push_back({f, packed, grid, block, smem});
     return OK;
   }
-  f->run(packed, grid, block, smem);
+  runLaunch(f, packed, grid, block, smem);
   f->free(packed);
   return OK;
 }
@@ -347,18 +449,46 @@ CUresult cuDevicePrimaryCtxRelease_v2(int) { return OK; }
 CUresult cuCtxSetCurrent(void *) { return OK; }
 CUresult cuCtxSynchronize() { return OK; }
 CUresult cuMemAlloc_v2(unsigned long long *p, size_t bytes) {
-  void *m = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
-  if (!m)
+  if (bytes == 0)
+    return INVALID_VALUE;
+  // 256-byte aligned as the driver's, flush against a guard page.
+  size_t page = pageSize(), rounded = (bytes + 255) / 256 * 256;
+  size_t body = (rounded + page - 1) / page * page;
+  if (body > SIZE_MAX - 2 * page)
     return OUT_OF_MEMORY;
+  size_t mapped = body + 2 * page;
+  void *m = ::mmap(nullptr, mapped, PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED)
+    return OUT_OF_MEMORY;
+  char *base = static_cast<char *>(m);
+  if (::mprotect(base + page, body, PROT_READ | PROT_WRITE) != 0) {
+    ::munmap(m, mapped);
+    return OUT_OF_MEMORY;
+  }
+  char *user = base + page + body - rounded;
   // Poisoned, as fresh device memory is not zero: a kernel reading what
   // nothing wrote gets NaNs, not a lucky 0.
-  std::memset(m, 0xff, bytes);
-  *p = reinterpret_cast<uintptr_t>(m);
+  std::memset(user, 0xff, rounded);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    allocations.push_back({uintptr_t(base), uintptr_t(user), mapped, rounded});
+  }
+  *p = reinterpret_cast<uintptr_t>(user);
   return OK;
 }
 CUresult cuMemFree_v2(unsigned long long p) {
-  std::free(reinterpret_cast<void *>(uintptr_t(p)));
-  return OK;
+  if (p == 0)
+    return OK;
+  std::lock_guard<std::mutex> lock(mu);
+  for (size_t i = 0; i < allocations.size(); ++i)
+    if (allocations[i].user == p) {
+      ::munmap(reinterpret_cast<void *>(allocations[i].map),
+               allocations[i].mapped);
+      allocations.erase(allocations.begin() + long(i));
+      return OK;
+    }
+  return INVALID_VALUE;
 }
 CUresult cuMemcpyHtoD_v2(unsigned long long d, const void *s, size_t n) {
   std::memcpy(reinterpret_cast<void *>(uintptr_t(d)), s, n);
@@ -403,7 +533,7 @@ CUresult cuModuleGetFunction(Function **f, Module *m, const char *name) {
   auto fr = reinterpret_cast<FreeFn>(::dlsym(m->dl, ("cuemu_free_" + n).c_str()));
   if (!pack || !run || !fr)
     return NOT_FOUND;
-  *f = new Function{pack, run, fr};
+  *f = new Function{pack, run, fr, name};
   return OK;
 }
 CUresult cuModuleUnload(Module *) { return OK; } // libraries stay loaded
@@ -475,7 +605,7 @@ CUresult cuGraphInstantiateWithFlags(Graph **exec, Graph *g,
 }
 CUresult cuGraphLaunch(Graph *exec, Stream *) {
   for (Launch &l : exec->launches)
-    l.fn->run(l.packed, l.grid, l.block, l.smem);
+    runLaunch(l.fn, l.packed, l.grid, l.block, l.smem);
   return OK;
 }
 CUresult cuGraphExecDestroy(Graph *g) {
