@@ -173,15 +173,17 @@ const char *regionLabel(int r) {
   return names[r];
 }
 
-/// "arena byte N (buffer 'x')": where a stray byte lies; several buffers
-/// may share it (the memory planner reuses bytes), the first is named.
+/// "arena byte N (in buffer 'x')": where a stray byte lies. The memory
+/// planner gives bytes to several buffers over a program, so up to three
+/// are named ("in buffer 'x', also 'y'").
 std::string strayLabel(const Plan &p, int r, uint64_t at) {
-  std::string s =
-      std::string(regionLabel(r)) + " byte " + std::to_string(at);
+  std::string s = std::string(regionLabel(r)) + " byte " + std::to_string(at);
+  int named = 0;
   for (const BufferDesc &d : p.buffers)
-    if (int(d.region) == r && at >= d.offset && at < d.offset + d.size)
-      return s + " (in buffer '" + d.name + "')";
-  return s + " (in no buffer)";
+    if (int(d.region) == r && at >= d.offset && at < d.offset + d.size &&
+        named < 3)
+      s += (named++ ? ", also '" : " (in buffer '") + d.name + "'";
+  return s + (named ? ")" : " (in no buffer)");
 }
 
 /// Folds the comparison of `n` elements of a float or integer buffer of
