@@ -98,16 +98,23 @@ Spans minus(const Spans &a, const Spans &b) {
 /// integers) before it runs: its results' extents and the dead parts of
 /// its inputs (rows past T, batch entries past B, cache positions from
 /// pos0 + T on), less every input's live bytes (a result may be an input's
-/// exact bytes). A kernel that reads stale bytes then shows NaN or wrong
-/// integers in its live results, where on a GPU it would have read
-/// whatever an earlier kernel left in the arena.
+/// exact bytes). With whole[r] > 0, every byte of region r below whole[r]
+/// is poisoned, not only the kernel's buffers' (less its inputs' live
+/// bytes): a kernel that reads a buffer it does not declare, which the
+/// memory planner may have given to another, fails too. A kernel that
+/// reads stale bytes then shows NaN or wrong integers in its live results,
+/// where on a GPU it would have read whatever an earlier kernel left there.
 struct KernelFootprint {
   Spans writes[4], poison[4];
 };
 
 KernelFootprint footprint(const Plan &p, const KernelDesc &kd, int64_t B,
-                          int64_t T, int64_t pos0) {
+                          int64_t T, int64_t pos0,
+                          const uint64_t (&whole)[4] = {0, 0, 0, 0}) {
   KernelFootprint f;
+  for (int r = 0; r < 4; ++r)
+    if (whole[r])
+      f.poison[r].push_back({0, whole[r]});
   Spans live[4];
   std::set<uint32_t> written;
   auto extent = [&](uint32_t bi) {
@@ -284,9 +291,17 @@ Status Session::checkKernels(const std::string &program, const int64_t *ids,
     if (d.region == plan::Region::Arena)
       workspace = std::max(workspace, d.offset + d.size);
   workspace = (workspace + 255) / 256 * 256;
+  // Everything but the weights (which no kernel of a program writes, and
+  // which would cost a re-upload per kernel) is poisoned outside the
+  // kernel's live inputs; the device gets the host's bytes back after it.
+  uint64_t whole[4] = {};
+  whole[int(plan::Region::Arena)] =
+      std::min<uint64_t>(workspace, regions_[int(plan::Region::Arena)].size);
+  whole[int(plan::Region::Cache)] = regions_[int(plan::Region::Cache)].size;
+  whole[int(plan::Region::Io)] = regions_[int(plan::Region::Io)].size;
   for (uint32_t k : prog->steps) {
     const KernelDesc &kd = p.kernels[k];
-    KernelFootprint fp = footprint(p, kd, B, T, pos0);
+    KernelFootprint fp = footprint(p, kd, B, T, pos0, whole);
     if (uint64_t end = regions_[int(plan::Region::Arena)].size;
         workspace < end) {
       fp.writes[int(plan::Region::Arena)].push_back({workspace, end});

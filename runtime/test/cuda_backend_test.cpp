@@ -2032,7 +2032,9 @@ TEST(CudaEmulator, TmaKernelRunsThroughTheBackend) {
 /// emulator, in the ABI l4c emits, with one bug or none: "stray" (the norm
 /// also flips the bits of its input h's first element per row, a write
 /// outside its results), "stale" (lm_head adds 0 * x's last row, dead when
-/// T < S: a harmless read until the bytes there are NaN), "overrun"
+/// T < S: a harmless read until the bytes there are NaN), "undeclared"
+/// (lm_head adds 0 * h, a live buffer but not one of its operands: the
+/// memory planner could have given its bytes to another), "overrun"
 /// (lm_head writes the first float past the end of the io region).
 std::string linearKernels(const PlanSpec &p, const std::string &bug) {
   std::string src = R"cuda(
@@ -2078,9 +2080,20 @@ extern "C" __global__ void l4k_2(L4Regions r, long long B, long long T) {
   @overrun@
 }
 )cuda";
+  auto offsetOf = [&](const std::string &name) {
+    for (const BufferSpec &b : p.buffers)
+      if (b.name == name)
+        return std::to_string(b.offset);
+    ADD_FAILURE() << "no buffer " << name;
+    return std::string("0");
+  };
   std::map<std::string, std::string> subst = {
       {"stray", bug == "stray" ? "((unsigned *)h)[at] ^= 0xffffffffu;" : ""},
-      {"stale", bug == "stale" ? "+ 0.0f * x[(b * S + S - 1) * D + d]" : ""},
+      {"stale", bug == "stale" ? "+ 0.0f * x[(b * S + S - 1) * D + d]"
+                : bug == "undeclared"
+                    ? "+ 0.0f * ((const float *)(r.arena + " +
+                          offsetOf("h") + "))[at * D + d]"
+                    : ""},
       {"overrun",
        bug == "overrun"
            ? "if (threadIdx.x == 0) *(float *)(r.io + " +
@@ -2174,6 +2187,10 @@ TEST(CudaEmulator, KernelCheckCatchesStrayWritesStaleReadsAndOverruns) {
   ASSERT_NE(row, std::string::npos) << out;
   std::string line = out.substr(row, out.find('\n', row) - row);
   EXPECT_TRUE(has(line, " inf ")) << line;
+
+  std::tie(rc, out) = run("undeclared");
+  EXPECT_EQ(rc, 1) << out;
+  EXPECT_TRUE(has(out, "1 above 1.0e-03: FAIL")) << out;
 
   // Past the end of a region: the emulator's guard page faults, and the
   // handler names the kernel.

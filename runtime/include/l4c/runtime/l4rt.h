@@ -211,11 +211,13 @@ typedef struct l4rt_kernel_check {
  * on ids [batch, seq] (positions pos0 + s) kernel by kernel on the CPU
  * backend and on the GPU, compares each kernel's results, and gives the GPU
  * the CPU's results before the next kernel. Before each kernel the GPU's
- * copy of the bytes it must not read (its results, and its inputs' rows,
- * batch entries and cache positions past the run's) is set to 0xff (NaN),
- * so a kernel that reads stale bytes shows wrong live results; after it,
- * every byte of every region outside its results must be unchanged. *out_checks (valid until the
- * next call on the session) receives one entry per kernel run, in order. */
+ * copy of the bytes it must not read (all of the arena, caches and io
+ * region but its inputs' live rows, batch entries and cache positions) is
+ * set to 0xff (NaN), so a kernel that reads stale bytes shows wrong live
+ * results; after it, every byte of every region outside its results must
+ * be unchanged.
+ * *out_checks (valid until the next call on the session) receives one
+ * entry per kernel run, in order. */
 L4RT_API l4rt_status l4rt_check_kernels(l4rt_session session,
                                         const char *program, const int64_t *ids,
                                         int64_t batch, int64_t seq,
