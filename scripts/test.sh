@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test suite (lit, compiler unit tests, runtime unit tests) and
-# prints one summary; exits non-zero if any test failed.
+# Runs every test suite (lit, compiler and runtime unit tests, the emulator's,
+# a re-check of the emulator suites' plans with fewer rows) and prints one
+# summary; exits non-zero if any test failed.
 set -uo pipefail
 build=${1:-build}
 lit=/usr/lib/llvm-22/bin/lit
@@ -40,6 +41,18 @@ echo "== runtime unit tests"
 gtest_suite runtime-unit "$build/runtime/l4c_runtime_tests"
 echo "== emulator unit tests (mbarriers, TMA, named barriers)"
 gtest_suite cuemu-unit "$build/runtime/l4c_cuemu_tests"
+
+echo "== emulator plans again, with fewer rows and batch entries (cuemu-sweep.sh)"
+bash "$(dirname "$0")/cuemu-sweep.sh" "$build" >"$log/sweep.log" 2>&1
+sw=$(sed -n 's/^cuemu-sweep: \([0-9]*\) plans, \([0-9]*\) failed$/\1 \2/p' "$log/sweep.log")
+if [ -n "$sw" ]; then
+  set -- $sw
+  [ "$2" -eq 0 ] || grep -v ': ok$' "$log/sweep.log" | tail -n 60
+  count cuemu-sweep $(($1 - $2)) "$2"
+else
+  tail -n 20 "$log/sweep.log"
+  count "cuemu-sweep (did not run)" 0 1
+fi
 
 echo "== runtime package test (an outside project links libl4rt via find_package)"
 ctest --test-dir "$build" -R l4rt_find_package --output-on-failure >"$log/ctest.log" 2>&1
