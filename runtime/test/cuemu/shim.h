@@ -167,7 +167,9 @@ inline MbarState mbarLoad(const unsigned long long *bar, const char *op) {
   unsigned tx = unsigned((v >> 42) & 0x1fffff);
   s.tx = tx & 0x100000 ? int(tx) - (1 << 21) : int(tx);
   s.phase = unsigned(v >> 63);
-  if (s.count == 0) {
+  // Zero, or the poison a block's shared memory starts with: no count
+  // mbarInit accepts (1 to 2^20 - 1).
+  if (s.count == 0 || s.count > 0xfffff) {
     std::fprintf(stderr,
                  "cuemu: %s on an mbarrier at %p that mbarInit has "
                  "not initialized\n",
@@ -526,6 +528,11 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
   arrange(blockOrder, grid);
   for (unsigned b : blockOrder) {
     bIdx = {b, 0, 0};
+    // A block's shared memory holds whatever the SM's last block left: NaN
+    // here, so a kernel that reads dynamic shared memory it did not write
+    // in this block shows it (static __shared__ variables keep the
+    // previous block's values, which no emulator run can tell apart).
+    std::memset(dynamicShared, 0xff, smem);
     blockBarrier.reset(block);
     for (Barrier &nb : namedBarriers)
       nb.reset(0);
