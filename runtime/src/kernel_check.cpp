@@ -152,6 +152,15 @@ KernelFootprint footprint(const Plan &p, const KernelDesc &kd, int64_t B,
   return f;
 }
 
+/// Sets the device's copy of a footprint's poison to 0xff.
+Status poisonDevice(cuda::CudaBackend &gpu, const KernelFootprint &fp) {
+  for (int r = 0; r < 4; ++r)
+    for (auto [lo, hi] : fp.poison[r])
+      if (Status s = gpu.fill(plan::Region(r), lo, hi - lo, 0xff); !s.ok())
+        return s;
+  return Status::success();
+}
+
 /// Adds to `count` the bytes of `spans` within the chunk [lo, lo + n) whose
 /// device copy `dev` (the chunk) differs from what they must hold: the
 /// host's bytes, or 0xff where `host` is null (the poison); `first` takes
@@ -175,16 +184,12 @@ void countStrays(const Spans &spans, uint64_t lo, uint64_t n,
   }
 }
 
-const char *regionLabel(int r) {
-  static const char *names[] = {"arena", "weights", "cache", "io"};
-  return names[r];
-}
-
 /// "arena byte N (in buffer 'x')": where a stray byte lies. The memory
 /// planner gives bytes to several buffers over a program, so up to three
 /// are named ("in buffer 'x', also 'y'").
 std::string strayLabel(const Plan &p, int r, uint64_t at) {
-  std::string s = std::string(regionLabel(r)) + " byte " + std::to_string(at);
+  std::string s =
+      std::string(regionName(plan::Region(r))) + " byte " + std::to_string(at);
   int named = 0;
   for (const BufferDesc &d : p.buffers)
     if (int(d.region) == r && at >= d.offset && at < d.offset + d.size &&
@@ -308,10 +313,8 @@ Status Session::checkKernels(const std::string &program, const int64_t *ids,
       normalize(fp.writes[int(plan::Region::Arena)]);
     }
     // The device's copy of what the kernel must not read: poison.
-    for (int r = 0; r < 4; ++r)
-      for (auto [lo, hi] : fp.poison[r])
-        if (Status s = gpu_->fill(plan::Region(r), lo, hi - lo, 0xff); !s.ok())
-          return s;
+    if (Status s = poisonDevice(*gpu_, fp); !s.ok())
+      return s;
     if (Status s = runCpuKernel(p, bases, kd, size_t(B), size_t(T)); !s.ok())
       return s;
     ProgramDesc one = *prog;
@@ -503,11 +506,8 @@ Status Session::tuneKernels(const std::string &program, const int64_t *ids,
         return s;
       // As in checkKernels: what the kernel must not read is NaN, so a
       // configuration that reads stale bytes disagrees with its kernel.
-      for (int r = 0; r < 4; ++r)
-        for (auto [lo, hi] : fp.poison[r])
-          if (Status s = gpu_->fill(plan::Region(r), lo, hi - lo, 0xff);
-              !s.ok())
-            return s;
+      if (Status s = poisonDevice(*gpu_, fp); !s.ok())
+        return s;
       ProgramDesc run = one;
       run.steps = {kernel};
       if (Status s = gpu_->runProgram(run, B, T); !s.ok())

@@ -9,13 +9,12 @@
 // decode graphs, and above all the generated kernels -- runs on a machine
 // without a GPU. "Device" memory is host memory, each allocation between
 // guard pages (a kernel touching past a region's end aborts, named); each
-// module image is a
-// kernel's CUDA source (L4C_CUDA_IMAGE=source), built with the host C++
-// compiler against shim.h into a shared library (all the modules a process
-// loads before it asks for a function, in one library); a launch runs its blocks
-// one after another, each block's CUDA threads as fibers (shim.h). Streams
-// are synchronous; graphs
-// record their launches with copies of the parameters and replay them.
+// module image is a kernel's CUDA source (L4C_CUDA_IMAGE=source), built
+// with the host C++ compiler against shim.h into a shared library (all the
+// modules a process loads before it asks for a function, in one library); a
+// launch runs its blocks one after another, each block's CUDA threads as
+// fibers (shim.h). Streams are synchronous; graphs record their launches
+// with copies of the parameters and replay them.
 //
 // Tensor maps (cuTensorMapEncodeTiled) hold the emulator's own encoding, which
 // shim.h's tmaLoad reads.
