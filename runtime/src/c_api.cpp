@@ -17,6 +17,7 @@
 
 struct l4rt_plan_s {
   std::shared_ptr<const l4c::rt::Plan> plan;
+  l4c::rt::DeviceProbe probe; ///< l4rt_device_probe's strings
 };
 
 struct l4rt_session_s {
@@ -129,7 +130,7 @@ l4rt_status l4rt_plan_load(const char *path, l4rt_plan *out_plan) {
     std::shared_ptr<const l4c::rt::Plan> plan;
     if (Status s = l4c::rt::Plan::load(path, plan); !s.ok())
       return report(s);
-    *out_plan = new l4rt_plan_s{std::move(plan)};
+    *out_plan = new l4rt_plan_s{std::move(plan), {}};
     return L4RT_OK;
   });
 }
@@ -147,7 +148,7 @@ l4rt_status l4rt_plan_load_memory(const void *data, size_t size,
             std::vector<uint8_t>(bytes, bytes + size), "<memory>", plan);
         !s.ok())
       return report(s);
-    *out_plan = new l4rt_plan_s{std::move(plan)};
+    *out_plan = new l4rt_plan_s{std::move(plan), {}};
     return L4RT_OK;
   });
 }
@@ -267,6 +268,38 @@ l4rt_status l4rt_session_create_with(l4rt_plan plan,
     handle->session = std::move(session);
     handle->device = std::move(device);
     *out_session = handle;
+    return L4RT_OK;
+  });
+}
+
+l4rt_status l4rt_device_probe(l4rt_plan plan, const char *device,
+                              l4rt_device_report *out) {
+  return guarded([&] {
+    if (!plan || !device || !out)
+      return invalid("l4rt_device_probe: plan, device and out_report must "
+                     "not be null");
+    l4c::rt::DeviceProbe r;
+    if (Status s = l4c::rt::probeDevice(plan->plan, device, r); !s.ok())
+      return report(s);
+    plan->probe = std::move(r);
+    const l4c::rt::DeviceProbe &p = plan->probe;
+    *out = l4rt_device_report{};
+    out->device_name = p.deviceName.c_str();
+    out->arch = p.arch.c_str();
+    out->multiprocessors = p.multiprocessors;
+    out->free_bytes = p.freeBytes;
+    out->total_bytes = p.totalBytes;
+    out->need_bytes = p.needBytes;
+    out->need_detail = p.needDetail.c_str();
+    out->fits = p.fits;
+    out->kernels = uint32_t(p.kernels);
+    out->modules = uint32_t(p.modules);
+    out->modules_from_plan = uint32_t(p.modulesFromPlan);
+    out->modules_compiled = uint32_t(p.modulesCompiled);
+    out->max_registers = p.maxRegisters;
+    out->max_registers_kernel = p.maxRegistersKernel.c_str();
+    out->local_memory_kernels = uint32_t(p.localMemoryKernels);
+    out->max_local_bytes = p.maxLocalBytes;
     return L4RT_OK;
   });
 }

@@ -99,12 +99,6 @@ int64_t sampleRow(const float *logits, size_t V, const Sampling &s,
   return order[keep - 1];
 }
 
-std::string gib(uint64_t bytes) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.2f GiB", double(bytes) / double(1ull << 30));
-  return buf;
-}
-
 double seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since)
       .count();
@@ -149,8 +143,8 @@ Status Session::create(std::shared_ptr<const Plan> plan,
     if (Status st = cuda::CudaBackend::checkPlan(*s->plan_); !st.ok())
       return st;
   }
-  // The device first: a plan too large for it fails at once with the
-  // region it could not allocate, before any weights are read.
+  // The device first: a plan too large for it fails at once with its
+  // memory account (CudaBackend::memoryNeed), before any weights are read.
   if (ordinal >= 0)
     if (Status st = s->attachGpu(ordinal); !st.ok())
       return st;
@@ -199,6 +193,43 @@ Status Session::hostWeights() {
         !s.ok())
       return s;
   hostWeights_ = true;
+  return Status::success();
+}
+
+Status probeDevice(std::shared_ptr<const Plan> plan, const std::string &device,
+                   DeviceProbe &out) {
+  if (!plan)
+    return Status::fail(StatusCode::InvalidArgument, "no plan given");
+  int ordinal = -1;
+  if (Status st = parseDevice(device, ordinal); !st.ok())
+    return st;
+  if (ordinal < 0)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "a device probe needs a CUDA device (cuda or "
+                        "cuda:N), not '" + device + "'");
+  const cuda::Driver *drv = nullptr;
+  if (Status st = cuda::Driver::load(drv); !st.ok())
+    return st;
+  cuda::CudaBackend::DeviceReport r;
+  if (Status st = cuda::CudaBackend::probe(std::move(plan), ordinal, *drv, r);
+      !st.ok())
+    return st;
+  out.deviceName = r.deviceName;
+  out.arch = r.arch;
+  out.multiprocessors = r.multiprocessors;
+  out.freeBytes = r.freeBytes;
+  out.totalBytes = r.totalBytes;
+  out.needBytes = r.need.total();
+  out.needDetail = r.need.describe();
+  out.fits = r.fits();
+  out.kernels = r.load.kernels;
+  out.modules = r.load.modules;
+  out.modulesFromPlan = r.load.fromPlan;
+  out.modulesCompiled = r.load.compiled + r.load.fromCache;
+  out.maxRegisters = r.load.maxRegisters;
+  out.maxRegistersKernel = r.load.maxRegistersKernel;
+  out.localMemoryKernels = r.load.localMemoryKernels;
+  out.maxLocalBytes = r.load.maxLocalBytes;
   return Status::success();
 }
 
@@ -336,9 +367,9 @@ Status Session::allocate() {
     if (weights > ram + swap)
       return Status::fail(
           StatusCode::OutOfMemory,
-          plan_->label() + ": the weights need " + gib(weights) +
-              " of host memory but this machine has " + gib(ram) +
-              " (+ " + gib(swap) + " swap); the cpu backend cannot run this "
+          plan_->label() + ": the weights need " + byteSize(weights) +
+              " of host memory but this machine has " + byteSize(ram) +
+              " (+ " + byteSize(swap) + " swap); the cpu backend cannot run this "
               "plan");
   }
   // Anonymous mappings: page aligned (beyond the 64 bytes the kernels want),

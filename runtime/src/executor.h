@@ -41,6 +41,30 @@ struct SessionOptions {
 /// CPU, otherwise the CUDA device number.
 Status parseDevice(const std::string &device, int &ordinal);
 
+/// What a CUDA device makes of a plan without running it (probeDevice).
+struct DeviceProbe {
+  std::string deviceName, arch;
+  int multiprocessors = 0;
+  uint64_t freeBytes = 0, totalBytes = 0; ///< the device's memory, now
+  /// The plan's regions (rounded as allocated) plus, for a train plan, the
+  /// optimizer state on the device; and "weights 1.2 GiB, ..." of the parts.
+  uint64_t needBytes = 0;
+  std::string needDetail;
+  bool fits = false; ///< needBytes <= freeBytes
+  size_t kernels = 0, modules = 0, modulesFromPlan = 0, modulesCompiled = 0;
+  int maxRegisters = 0; ///< 0 where the driver does not say
+  std::string maxRegistersKernel;
+  size_t localMemoryKernels = 0;
+  uint64_t maxLocalBytes = 0;
+};
+/// Opens `device` ("cuda" or "cuda:N"), loads every kernel of the plan there
+/// (each checked against the device's limits as a session's load does) and
+/// compares the plan's memory with the device's free memory, allocating
+/// nothing: whether a plan's code runs on a device even where its weights
+/// do not fit.
+Status probeDevice(std::shared_ptr<const Plan> plan, const std::string &device,
+                   DeviceProbe &out);
+
 /// Temperature and nucleus sampling; the same seed gives the same tokens.
 struct Sampling {
   double temperature = 1.0; ///< > 0

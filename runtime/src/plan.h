@@ -92,6 +92,8 @@ const char *opKindName(OpKind k);
 size_t dtypeSize(plan::DType t);
 const char *dtypeName(plan::DType t); ///< "f32", "bf16", ...
 const char *regionName(plan::Region r); ///< "arena", "weights", ...
+/// "401.47 GiB", "1.22 GiB", "917.25 KiB", "512 bytes": for messages.
+std::string byteSize(uint64_t bytes);
 bool isFloat(plan::DType t);
 bool isIndex(plan::DType t);
 

@@ -46,6 +46,7 @@ using cuda::CUresult;
 using cuda::Driver;
 using cuda::DriverApi;
 using cuda::L4Regions;
+using cuda::MemoryNeed;
 namespace fs = std::filesystem;
 
 namespace {
@@ -138,6 +139,13 @@ public:
   int deviceCount = 1, major = 9, minor = 0, sms = 132, maxThreads = 1024,
       optinShared = 227 << 10;
   std::string name = "Fake H100";
+  size_t totalMemory = size_t(80) << 30; ///< cuMemGetInfo's total
+  /// What cuFuncGetAttribute reports for an entry (default: 32 registers,
+  /// 1024 threads, no local or static shared memory).
+  struct Code {
+    int maxThreads = 1024, registers = 32, localBytes = 0, staticShared = 0;
+  };
+  std::map<std::string, Code> code;
 
   // What happened.
   std::vector<std::string> calls;
@@ -262,6 +270,32 @@ struct FakeCalls {
     // Garbage, so that the backend's zeroing shows.
     f().mem[*p].assign(n, 0xcd);
     f().allocSizes.push_back(n);
+    return 0;
+  }
+  static CUresult memGetInfo(size_t *free, size_t *total) {
+    if (CUresult r = f().enter("cuMemGetInfo"))
+      return r;
+    size_t used = 0;
+    for (const auto &m : f().mem)
+      used += m.second.size();
+    *total = f().totalMemory;
+    *free = *total - std::min(*total, used);
+    return 0;
+  }
+  static CUresult getAttribute(int *v, int attrib, cuda::CUfunction fn) {
+    if (CUresult r = f().enter("cuFuncGetAttribute"))
+      return r;
+    auto *func = reinterpret_cast<FakeFunction *>(fn);
+    FakeCuda::Code c;
+    if (auto it = f().code.find(func->entry); it != f().code.end())
+      c = it->second;
+    switch (attrib) {
+    case cuda::CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *v = c.maxThreads; break;
+    case cuda::CU_FUNC_ATTRIBUTE_NUM_REGS: *v = c.registers; break;
+    case cuda::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES: *v = c.localBytes; break;
+    case cuda::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES: *v = c.staticShared; break;
+    default: return cuda::CUDA_ERROR_INVALID_VALUE;
+    }
     return 0;
   }
   static CUresult memFree(CUdeviceptr p) {
@@ -564,6 +598,7 @@ DriverApi FakeCuda::table() {
   a.cuCtxSynchronize = [] { return C::f().enter("cuCtxSynchronize"); };
   a.cuMemAlloc = C::memAlloc;
   a.cuMemFree = C::memFree;
+  a.cuMemGetInfo = C::memGetInfo;
   a.cuMemcpyHtoD = [](CUdeviceptr d, const void *s, size_t n) {
     return C::copyIn("cuMemcpyHtoD", d, s, n);
   };
@@ -594,6 +629,7 @@ DriverApi FakeCuda::table() {
     return C::f().enter("cuModuleUnload");
   };
   a.cuFuncSetAttribute = C::setAttribute;
+  a.cuFuncGetAttribute = C::getAttribute;
   a.cuLaunchKernel = C::launch;
   a.cuLaunchKernelEx = C::launchEx;
   a.cuStreamCreate = [](cuda::CUstream *s, unsigned flags) {
@@ -1664,6 +1700,124 @@ TEST_F(CudaBackendTest, MissingEntryOrBadImageNamesTheKernel) {
                            "outside [1, 1024]"),
             std::string::npos)
       << s.message;
+}
+
+TEST_F(CudaBackendTest, KernelsTheirOwnCodeCannotLaunchFailTheLoad) {
+  // Registers bound a function's block size below the device's 1024, and
+  // static shared memory adds to the plan's dynamic bytes: found when the
+  // kernel loads, with its name, not at its first launch.
+  CudaPlan cp = withFakeCubin(linearPlan());
+  fake.code[cp.code[1].entry] = {/*maxThreads=*/128, /*registers=*/255, 0, 0};
+  rt::Status s = create(parse(cp.serialize()));
+  EXPECT_EQ(s.code, rt::StatusCode::Unsupported);
+  EXPECT_EQ(s.message, "kernel 'model.norm' (#1), entry 'l4k_1_model_norm': "
+                       "launched with 160 threads a block, but its code (255 "
+                       "registers a thread) allows at most 128 on Fake H100");
+  EXPECT_FALSE(backend);
+  EXPECT_TRUE(fake.mem.empty());
+
+  fake.code.clear();
+  cp = withFakeCubin(linearPlan());
+  cp.code[2].shared = 200 << 10;
+  fake.code[cp.code[2].entry] = {1024, 64, 0, 40 << 10};
+  s = create(parse(cp.serialize()));
+  EXPECT_EQ(s.code, rt::StatusCode::Unsupported);
+  EXPECT_EQ(s.message, "kernel 'lm_head' (#2), entry 'l4k_2_lm_head': 204800 "
+                       "bytes of dynamic shared memory and 40960 of static "
+                       "exceed the 232448 of Fake H100");
+
+  // Within the limits: the load keeps the most registers and local memory.
+  fake.code.clear();
+  cp = withFakeCubin(linearPlan());
+  fake.code[cp.code[1].entry] = {1024, 96, 0, 0};
+  fake.code[cp.code[2].entry] = {1024, 40, 24, 0};
+  mustCreate(parse(cp.serialize()));
+  EXPECT_EQ(backend->loadStats().maxRegisters, 96);
+  EXPECT_EQ(backend->loadStats().maxRegistersKernel, "kernel 'model.norm' (#1)");
+  EXPECT_EQ(backend->loadStats().localMemoryKernels, 1u);
+  EXPECT_EQ(backend->loadStats().maxLocalBytes, 24u);
+}
+
+TEST_F(CudaBackendTest, PlanLargerThanTheFreeMemoryFailsBeforeAllocating) {
+  CudaPlan cp = withFakeCubin(linearPlan());
+  auto plan = parse(cp.serialize());
+  MemoryNeed need = CudaBackend::memoryNeed(*plan);
+  uint64_t regions = 0;
+  for (int r = 0; r < 4; ++r) {
+    EXPECT_EQ(need.region[r], (plan->regionSize[r] + 255) / 256 * 256);
+    regions += need.region[r];
+  }
+  EXPECT_EQ(need.optimizer, 0u); // not a train plan
+  EXPECT_EQ(need.total(), regions);
+
+  // Room for the weights but not for the rest: smaller extents help.
+  fake.totalMemory = need.region[int(plan::Region::Weights)] + 256;
+  rt::Status s = create(plan);
+  EXPECT_EQ(s.code, rt::StatusCode::OutOfMemory);
+  std::string account = "test.l4plan: needs " + rt::byteSize(need.total()) +
+                        " of device memory (" + need.describe() +
+                        "), but Fake H100 has " +
+                        rt::byteSize(fake.totalMemory) + " free of " +
+                        rt::byteSize(fake.totalMemory) + "; ";
+  EXPECT_EQ(s.message, account + "the weights fit, the rest does not; a "
+                                 "smaller --max-batch or --max-seq shrinks "
+                                 "the arena and the KV cache");
+  EXPECT_EQ(fake.counts["cuMemAlloc"], 0);
+  EXPECT_FALSE(backend);
+  EXPECT_EQ(fake.contexts, 0);
+
+  // Not even the weights fit: one device cannot hold this model.
+  fake.totalMemory = need.region[int(plan::Region::Weights)] - 256;
+  s = create(plan);
+  EXPECT_EQ(s.code, rt::StatusCode::OutOfMemory);
+  EXPECT_NE(s.message.find("; the weights alone exceed it: the model needs "
+                           "several GPUs (sharding a plan over devices is not "
+                           "implemented yet) or bf16 weights "
+                           "(--precision=bf16 halves them)"),
+            std::string::npos)
+      << s.message;
+  EXPECT_EQ(fake.counts["cuMemAlloc"], 0);
+
+  // Exactly enough.
+  fake.totalMemory = need.total();
+  mustCreate(plan);
+}
+
+TEST_F(CudaBackendTest, ProbeLoadsEveryKernelAndAllocatesNothing) {
+  CudaPlan cp = withFakeCubin(linearPlan());
+  auto plan = parse(cp.serialize());
+  fake.code[cp.code[0].entry] = {1024, 72, 0, 0};
+  // Too small for the plan: its kernels are probed all the same.
+  fake.totalMemory = CudaBackend::memoryNeed(*plan).total() - 256;
+  CudaBackend::DeviceReport r;
+  CudaOptions opts;
+  opts.diskCache = false;
+  rt::Status s = CudaBackend::probe(plan, 0, driver, r, opts);
+  ASSERT_TRUE(s.ok()) << s.message;
+  EXPECT_EQ(r.deviceName, "Fake H100");
+  EXPECT_EQ(r.arch, "sm_90a");
+  EXPECT_EQ(r.multiprocessors, 132);
+  EXPECT_EQ(r.totalBytes, fake.totalMemory);
+  EXPECT_EQ(r.freeBytes, fake.totalMemory);
+  EXPECT_EQ(r.need.total(), CudaBackend::memoryNeed(*plan).total());
+  EXPECT_FALSE(r.fits());
+  EXPECT_EQ(r.load.kernels, 3u);
+  EXPECT_EQ(r.load.modules, 1u);
+  EXPECT_EQ(r.load.fromPlan, 1u);
+  EXPECT_EQ(r.load.maxRegisters, 72);
+  EXPECT_EQ(r.load.maxRegistersKernel, "kernel 'model.embed_tokens' (#0)");
+  EXPECT_EQ(fake.counts["cuMemAlloc"], 0);
+  EXPECT_EQ(fake.counts["cuFuncGetAttribute"], 3 * 4);
+  EXPECT_EQ(fake.contexts, 0); // released on return
+  for (const auto &m : fake.modules)
+    EXPECT_TRUE(m->unloaded);
+
+  // A kernel that cannot load fails the probe as it fails a session.
+  cp.code[2].entry = "l4k_nowhere";
+  s = CudaBackend::probe(parse(cp.serialize()), 0, driver, r, opts);
+  EXPECT_EQ(s.message, "kernel 'lm_head' (#2), entry 'l4k_nowhere': "
+                       "cuModuleGetFunction failed: CUDA_ERROR_NOT_FOUND "
+                       "(named symbol not found)");
 }
 
 TEST_F(CudaBackendTest, EqualCodeIsLoadedOnce) {

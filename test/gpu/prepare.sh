@@ -121,8 +121,9 @@ compile hf-forward "$b/hf/ckpt" forward 2 16
 # costs carry bytes (the bundle must stay under the device tool's 64 MiB).
 rm -f "$b/hf/ckpt/optimizer.safetensors"
 
-echo "== llama4-scout generate plan (batch 1, seq 8192)"
+echo "== llama4-scout and llama4-maverick generate plans (batch 1, seq 8192)"
 compile scout-generate llama4-scout generate 1 8192
+compile maverick-generate llama4-maverick generate 1 8192
 
 du -sh "$b"
 # The device tool carries at most 64 MiB; the plans' cubins and sources

@@ -20,7 +20,8 @@
 #   5. HF transformers loads a checkpoint l4c trained and saved, and its
 #      logits equal l4c's (CPU and GPU);
 #   6. decode speed: l4c on the GPU and CPU, HF eager on the same config;
-#   7. the llama4-scout plan on this device with random weights.
+#   7. the llama4-scout and llama4-maverick plans on this device: every
+#      kernel loads within the device's limits, and the memory account.
 # Prints a table last; logs and the table go to $OUT (or ./gpu-results).
 # Usage: [PARTS="1 2 3b"] test/gpu/run.sh [BUNDLE]   (BUNDLE defaults to
 # build/gpu; PARTS picks sections by number, all of them by default, so
@@ -267,11 +268,21 @@ check "speed mid HF eager f32 (peer)" peer-mid python3 test/gpu/peer_decode.py \
 fi
 
 if want 7; then
-echo "== 7. llama4-scout plan (generate, batch 1, seq 8192) on this device"
-check "scout plan: --info" scout-info "$run" --info "$b/plans/scout-generate.plan"
-timeout 120 "$run" "$b/plans/scout-generate.plan" --device=cuda --random-weights=1 \
-  --prompt "hi" --max-new-tokens=4 >"$out/logs/scout-load.log" 2>&1
-row "scout plan: random weights on the GPU" INFO "rc=$?: $(tail -1 "$out/logs/scout-load.log" | cut -c1-150)"
+echo "== 7. llama4-scout and llama4-maverick plans (generate, batch 1, seq 8192) on this device"
+# Every kernel loads from the plan's cubins and passes the device's limits
+# (l4-run --info --device=cuda allocates nothing); the f32 weights (Scout
+# 401 GiB, Maverick 1.46 TiB) cannot fit one GPU, so the session is
+# expected to be refused with the memory account, not to crash.
+for m in scout maverick; do
+  [ -f "$b/plans/$m-generate.plan" ] || continue
+  check "$m plan: every kernel loads on the GPU" "$m-probe" \
+    "$run" --info --device=cuda "$b/plans/$m-generate.plan"
+  row "  $m memory" INFO "$(grep -E '^(plan needs|device memory|fits):' "$out/logs/$m-probe.log" | sed 's/  */ /g' | cut -d'(' -f1 | tr '\n' ' ' | cut -c1-150)"
+  row "  $m registers" INFO "$(grep -E '^(registers|local memory):' "$out/logs/$m-probe.log" | sed 's/  */ /g' | tr '\n' ' ' | cut -c1-150)"
+  timeout 120 "$run" "$b/plans/$m-generate.plan" --device=cuda --random-weights=1 \
+    --prompt "hi" --max-new-tokens=4 >"$out/logs/$m-load.log" 2>&1
+  row "$m plan: random weights on the GPU" INFO "rc=$?: $(tail -1 "$out/logs/$m-load.log" | cut -c1-150)"
+done
 fi
 
 echo

@@ -32,16 +32,14 @@ Status CudaBackend::create(std::shared_ptr<const rt::Plan> plan, int device,
     return s;
   // The destructor releases whatever a failed step left behind.
   std::unique_ptr<CudaBackend> b(new CudaBackend(std::move(plan), driver));
-  b->maxBlocks_ = opts.maxBlocks ? opts.maxBlocks : kDefaultMaxBlocks;
-  b->cacheDir_ = opts.cacheDir;
-  b->diskCache_ = opts.diskCache;
-  const char *image = std::getenv("L4C_CUDA_IMAGE");
-  b->sourceImages_ =
-      opts.sourceImages || (image && std::strcmp(image, "source") == 0);
-  const char *sync = std::getenv("L4C_CUDA_SYNC");
-  b->syncEachLaunch_ =
-      opts.syncEachLaunch || (sync && *sync && std::strcmp(sync, "0") != 0);
+  b->configure(opts);
   if (Status s = b->openDevice(device); !s.ok())
+    return s;
+  // Before any allocation: a plan too large for the device fails with the
+  // whole account, not with the first region the driver refuses.
+  if (Status s = b->queryMemory(); !s.ok())
+    return s;
+  if (Status s = b->checkMemory(); !s.ok())
     return s;
   if (Status s = b->allocateRegions(); !s.ok())
     return s;
@@ -53,6 +51,121 @@ Status CudaBackend::create(std::shared_ptr<const rt::Plan> plan, int device,
     return s;
   out = std::move(b);
   return Status::success();
+}
+
+Status CudaBackend::probe(std::shared_ptr<const rt::Plan> plan, int device,
+                          const Driver &driver, DeviceReport &out,
+                          const CudaOptions &opts) {
+  if (!plan)
+    return Status::fail(StatusCode::InvalidArgument, "no plan given");
+  if (Status s = checkPlan(*plan); !s.ok())
+    return s;
+  std::unique_ptr<CudaBackend> b(new CudaBackend(std::move(plan), driver));
+  b->configure(opts);
+  if (Status s = b->openDevice(device); !s.ok())
+    return s;
+  if (Status s = b->queryMemory(); !s.ok())
+    return s;
+  if (Status s = b->loadKernels(opts); !s.ok())
+    return s;
+  out.deviceName = b->deviceName_;
+  out.arch = b->arch_;
+  out.multiprocessors = b->sms_;
+  out.freeBytes = b->freeBytes_;
+  out.totalBytes = b->totalBytes_;
+  out.need = memoryNeed(*b->plan_);
+  out.load = b->stats_;
+  return Status::success();
+}
+
+void CudaBackend::configure(const CudaOptions &opts) {
+  maxBlocks_ = opts.maxBlocks ? opts.maxBlocks : kDefaultMaxBlocks;
+  cacheDir_ = opts.cacheDir;
+  diskCache_ = opts.diskCache;
+  const char *image = std::getenv("L4C_CUDA_IMAGE");
+  sourceImages_ =
+      opts.sourceImages || (image && std::strcmp(image, "source") == 0);
+  const char *sync = std::getenv("L4C_CUDA_SYNC");
+  syncEachLaunch_ =
+      opts.syncEachLaunch || (sync && *sync && std::strcmp(sync, "0") != 0);
+}
+
+uint64_t MemoryNeed::total() const {
+  return region[0] + region[1] + region[2] + region[3] + optimizer + greedy;
+}
+
+std::string MemoryNeed::describe() const {
+  std::vector<std::pair<uint64_t, std::string>> parts;
+  for (int r = 0; r < 4; ++r)
+    if (region[r])
+      parts.push_back({region[r], rt::regionName(plan::Region(r))});
+  if (optimizer)
+    parts.push_back({optimizer, "optimizer state"});
+  if (greedy)
+    parts.push_back({greedy, "greedy ids"});
+  std::stable_sort(parts.begin(), parts.end(),
+                   [](const auto &x, const auto &y) { return x.first > y.first; });
+  std::string s;
+  for (const auto &[bytes, name] : parts)
+    s += (s.empty() ? "" : ", ") + name + " " + rt::byteSize(bytes);
+  return s;
+}
+
+MemoryNeed CudaBackend::memoryNeed(const rt::Plan &plan) {
+  MemoryNeed n;
+  for (int r = 0; r < 4; ++r)
+    n.region[r] = (plan.regionSize[r] + kAlign - 1) / kAlign * kAlign;
+  if (plan.program("train_step")) {
+    std::vector<OptTensor> tensors;
+    for (const rt::WeightDesc &w : plan.weights) {
+      const rt::BufferDesc &b = plan.buffers[w.buffer];
+      OptTensor t;
+      t.numel = b.numel;
+      t.bf16 = b.dtype == plan::DType::BF16;
+      tensors.push_back(t);
+    }
+    n.optimizer = optimizerBytes(tensors);
+  }
+  // argmaxRows' output, at most one row a batch entry (allocated rounded up
+  // by the driver, as the regions are).
+  if (plan.program("decode"))
+    n.greedy = (uint64_t(plan.maxBatch) * 8 + kAlign - 1) / kAlign * kAlign;
+  return n;
+}
+
+Status CudaBackend::queryMemory() {
+  size_t freeBytes = 0, totalBytes = 0;
+  if (Status s = drv_.check(drv_->cuMemGetInfo(&freeBytes, &totalBytes),
+                            "cuMemGetInfo", deviceName_);
+      !s.ok())
+    return s;
+  freeBytes_ = freeBytes;
+  totalBytes_ = totalBytes;
+  return Status::success();
+}
+
+Status CudaBackend::checkMemory() const {
+  MemoryNeed need = memoryNeed(*plan_);
+  if (need.total() <= freeBytes_)
+    return Status::success();
+  uint64_t fixed = need.region[int(plan::Region::Weights)] + need.optimizer;
+  std::string model = need.optimizer ? "the weights and optimizer state"
+                                     : "the weights";
+  std::string why;
+  if (fixed <= freeBytes_) {
+    why = model + " fit, the rest does not; a smaller --max-batch or "
+                  "--max-seq shrinks the arena and the KV cache";
+  } else {
+    why = model + " alone exceed it: the model needs several GPUs (sharding "
+                  "a plan over devices is not implemented yet)";
+    if (plan_->precision == "f32")
+      why += " or bf16 weights (--precision=bf16 halves them)";
+  }
+  return Status::fail(StatusCode::OutOfMemory,
+                      plan_->label() + ": needs " + rt::byteSize(need.total()) +
+                          " of device memory (" + need.describe() + "), but " +
+                          deviceName_ + " has " + rt::byteSize(freeBytes_) +
+                          " free of " + rt::byteSize(totalBytes_) + "; " + why);
 }
 
 Status CudaBackend::openDevice(int device) {

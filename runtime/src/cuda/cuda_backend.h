@@ -69,6 +69,30 @@ struct LoadStats {
   double compileSeconds = 0;
   /// Why the disk cache could not be written (the load still succeeded).
   std::string cacheWarning;
+  /// The kernels' code as the driver reports it (cuFuncGetAttribute): the
+  /// most registers a thread of any kernel takes, and which kernel; how
+  /// many kernels use local memory (register spills or local arrays) and
+  /// the most a thread of one uses.
+  int maxRegisters = 0;
+  std::string maxRegistersKernel;
+  size_t localMemoryKernels = 0;
+  uint64_t maxLocalBytes = 0;
+};
+
+/// What a plan asks of a device's memory, from the plan alone: its four
+/// regions, each rounded up to 256 bytes as allocated, and for a train plan
+/// the optimizer state kept on the device (gradient sums, AdamW moments,
+/// f32 masters of bf16 weights), and for a generate plan the device's
+/// greedy choices (8 bytes a batch entry): every allocation a session makes.
+/// The driver's context and the kernels' code come on top.
+struct MemoryNeed {
+  uint64_t region[4] = {0, 0, 0, 0}; ///< by plan::Region
+  uint64_t optimizer = 0;
+  uint64_t greedy = 0;
+  uint64_t total() const;
+  /// "weights 401.47 GiB, cache 3.00 GiB, arena 1.22 GiB, io 917.25 KiB,
+  /// greedy ids 256 bytes", largest first, the parts there are.
+  std::string describe() const;
 };
 
 /// Not thread-safe: one caller at a time (the Session's lock). Every call
@@ -88,11 +112,31 @@ public:
   static std::string archFor(int major, int minor);
 
   /// Opens `device` (an ordinal), allocates and zeroes the regions, and
-  /// loads every kernel. `driver` must outlive the backend.
+  /// loads every kernel. `driver` must outlive the backend. A plan whose
+  /// memoryNeed exceeds the device's free memory fails at once, with every
+  /// figure in the message, before anything is allocated.
   static rt::Status create(std::shared_ptr<const rt::Plan> plan, int device,
                            const Driver &driver,
                            std::unique_ptr<CudaBackend> &out,
                            const CudaOptions &opts = CudaOptions());
+
+  static MemoryNeed memoryNeed(const rt::Plan &plan);
+  /// What probe() found.
+  struct DeviceReport {
+    std::string deviceName, arch;
+    int multiprocessors = 0;
+    uint64_t freeBytes = 0, totalBytes = 0; ///< device memory, cuMemGetInfo
+    MemoryNeed need;
+    bool fits() const { return need.total() <= freeBytes; }
+    LoadStats load;
+  };
+  /// Opens `device` and loads every kernel of the plan, each checked against
+  /// the device's limits as create() does, but allocates nothing: whether
+  /// the plan's code runs on this device, and whether its memory would fit
+  /// (a plan too large for one GPU can still have its kernels checked).
+  static rt::Status probe(std::shared_ptr<const rt::Plan> plan, int device,
+                          const Driver &driver, DeviceReport &out,
+                          const CudaOptions &opts = CudaOptions());
   ~CudaBackend();
   CudaBackend(const CudaBackend &) = delete;
   CudaBackend &operator=(const CudaBackend &) = delete;
@@ -159,6 +203,8 @@ public:
   /// AdamW's moments, masters of bf16 weights), zeroed; masters are set
   /// with optUpload.
   rt::Status initOptimizer(const std::vector<OptTensor> &tensors);
+  /// The bytes initOptimizer allocates for `tensors` (numel and bf16 count).
+  static uint64_t optimizerBytes(const std::vector<OptTensor> &tensors);
   bool hasOptimizer() const { return optBase_ != 0; }
   /// After a train step: the gradient sum becomes the step's gradients
   /// (`first`) or adds them.
@@ -200,7 +246,13 @@ private:
 
   CudaBackend(std::shared_ptr<const rt::Plan> plan, const Driver &driver)
       : plan_(std::move(plan)), drv_(driver) {}
+  /// The options create() and probe() share.
+  void configure(const CudaOptions &opts);
   rt::Status openDevice(int device);
+  /// Free and total device memory, into freeBytes_ and totalBytes_.
+  rt::Status queryMemory();
+  /// Fails (out of memory) where the plan's memoryNeed exceeds freeBytes_.
+  rt::Status checkMemory() const;
   rt::Status allocateRegions();
   rt::Status loadKernels(const CudaOptions &opts);
   /// Encodes every kernel's TMA tensor maps over the allocated regions.
@@ -243,6 +295,7 @@ private:
   std::string deviceName_, arch_;
   int sms_ = 0, maxThreads_ = 1024, maxSharedOptin_ = 48 << 10;
   int ccMajor_ = 0; ///< compute capability
+  uint64_t freeBytes_ = 0, totalBytes_ = 0; ///< at queryMemory()
   unsigned maxBlocks_ = kDefaultMaxBlocks;
   bool syncEachLaunch_ = false;
   CUdeviceptr base_[4] = {0, 0, 0, 0};

@@ -310,12 +310,53 @@ Status CudaBackend::loadKernels(const CudaOptions &opts) {
     if (kernel->blocks() < 1)
       return Status::fail(StatusCode::InvalidPlan,
                           what + ": a grid of 0 blocks");
-    if (kernel->shared_bytes() > unsigned(maxSharedOptin_))
+    // What the code itself needs, which the plan cannot know: registers
+    // bound the threads a block may have, static shared memory adds to the
+    // dynamic. Checked here so that a kernel that could never launch fails
+    // the load with its name, not the first run with a launch error.
+    int fnThreads = 0, regs = 0, localBytes = 0, staticShared = 0;
+    struct {
+      int attrib;
+      int *value;
+    } fnAttrs[] = {
+        {CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, &fnThreads},
+        {CU_FUNC_ATTRIBUTE_NUM_REGS, &regs},
+        {CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, &localBytes},
+        {CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, &staticShared},
+    };
+    for (auto &at : fnAttrs)
+      if (Status s = drv_.check(a.cuFuncGetAttribute(at.value, at.attrib, l.fn),
+                                "cuFuncGetAttribute", what);
+          !s.ok())
+        return s;
+    if (kernel->threads() > unsigned(fnThreads))
       return Status::fail(StatusCode::Unsupported,
-                          what + ": " + std::to_string(kernel->shared_bytes()) +
-                              " bytes of shared memory exceed the " +
-                              std::to_string(maxSharedOptin_) + " of " +
-                              deviceName_);
+                          what + ": launched with " +
+                              std::to_string(kernel->threads()) +
+                              " threads a block, but its code (" +
+                              std::to_string(regs) +
+                              " registers a thread) allows at most " +
+                              std::to_string(fnThreads) + " on " + deviceName_);
+    uint64_t shared = uint64_t(kernel->shared_bytes()) + uint64_t(staticShared);
+    if (shared > uint64_t(maxSharedOptin_))
+      return Status::fail(
+          StatusCode::Unsupported,
+          what + ": " + std::to_string(kernel->shared_bytes()) +
+              " bytes of dynamic shared memory" +
+              (staticShared ? " and " + std::to_string(staticShared) +
+                                  " of static"
+                            : std::string()) +
+              " exceed the " + std::to_string(maxSharedOptin_) + " of " +
+              deviceName_);
+    if (regs > stats_.maxRegisters) {
+      stats_.maxRegisters = regs;
+      stats_.maxRegistersKernel = kernelLabel(k);
+    }
+    if (localBytes > 0) {
+      ++stats_.localMemoryKernels;
+      stats_.maxLocalBytes =
+          std::max<uint64_t>(stats_.maxLocalBytes, uint64_t(localBytes));
+    }
     // Beyond 48 KiB of dynamic shared memory a function must opt in.
     if (kernel->shared_bytes() > (48u << 10))
       if (Status s = drv_.check(

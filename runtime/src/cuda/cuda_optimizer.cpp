@@ -107,6 +107,15 @@ constexpr uint64_t kChunk = uint64_t(1) << 16; // L4_CHUNK
 constexpr uint64_t kAlign = 256;
 uint64_t alignUp(uint64_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
 
+/// The optimizer's allocation: its two tables, then each tensor's state.
+uint64_t tablesBytes(size_t tensors, uint64_t chunks) {
+  return alignUp(tensors * sizeof(TableEntry)) +
+         alignUp(chunks * sizeof(ChunkEntry));
+}
+uint64_t stateBytes(const CudaBackend::OptTensor &t) {
+  return alignUp(t.numel * sizeof(float)) * (t.bf16 ? 4 : 3);
+}
+
 } // namespace
 
 Status CudaBackend::launchOptimizer(CUfunction fn, void **params,
@@ -128,6 +137,15 @@ CUdeviceptr CudaBackend::optState(size_t tensor, OptState which) const {
   const OptTensor &t = optTensors_[tensor];
   uint64_t bytes = alignUp(t.numel * sizeof(float));
   return optBase_ + optOffsets_[tensor] + uint64_t(which) * bytes;
+}
+
+uint64_t CudaBackend::optimizerBytes(const std::vector<OptTensor> &tensors) {
+  uint64_t chunks = 0, state = 0;
+  for (const OptTensor &t : tensors) {
+    chunks += (t.numel + kChunk - 1) / kChunk;
+    state += stateBytes(t);
+  }
+  return tablesBytes(tensors.size(), chunks) + state;
 }
 
 Status CudaBackend::initOptimizer(const std::vector<OptTensor> &tensors) {
@@ -163,12 +181,11 @@ Status CudaBackend::initOptimizer(const std::vector<OptTensor> &tensors) {
   for (size_t i = 0; i < tensors.size(); ++i)
     for (uint64_t at = 0; at < tensors[i].numel; at += kChunk)
       chunks.push_back({i, at});
-  uint64_t total = alignUp(tensors.size() * sizeof(TableEntry)) +
-                   alignUp(chunks.size() * sizeof(ChunkEntry));
+  uint64_t total = tablesBytes(tensors.size(), chunks.size());
   std::vector<uint64_t> offsets;
   for (const OptTensor &t : tensors) {
     offsets.push_back(total);
-    total += alignUp(t.numel * sizeof(float)) * (t.bf16 ? 4 : 3);
+    total += stateBytes(t);
   }
   const DriverApi &a = drv_.api();
   std::string what =

@@ -46,6 +46,7 @@ std::string bindAll(void *h, DriverApi &a) {
   bind(h, {"cuCtxSynchronize"}, a.cuCtxSynchronize, m);
   bind(h, {"cuMemAlloc_v2"}, a.cuMemAlloc, m);
   bind(h, {"cuMemFree_v2"}, a.cuMemFree, m);
+  bind(h, {"cuMemGetInfo_v2"}, a.cuMemGetInfo, m);
   bind(h, {"cuMemcpyHtoD_v2"}, a.cuMemcpyHtoD, m);
   bind(h, {"cuMemcpyDtoH_v2"}, a.cuMemcpyDtoH, m);
   bind(h, {"cuMemcpyHtoDAsync_v2"}, a.cuMemcpyHtoDAsync, m);
@@ -57,6 +58,7 @@ std::string bindAll(void *h, DriverApi &a) {
   bind(h, {"cuModuleGetFunction"}, a.cuModuleGetFunction, m);
   bind(h, {"cuModuleUnload"}, a.cuModuleUnload, m);
   bind(h, {"cuFuncSetAttribute"}, a.cuFuncSetAttribute, m);
+  bind(h, {"cuFuncGetAttribute"}, a.cuFuncGetAttribute, m);
   bind(h, {"cuLaunchKernel"}, a.cuLaunchKernel, m);
   bind(h, {"cuStreamCreate"}, a.cuStreamCreate, m);
   bind(h, {"cuStreamSynchronize"}, a.cuStreamSynchronize, m);

@@ -45,6 +45,10 @@ constexpr int CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT = 16;
 constexpr int CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75;
 constexpr int CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76;
 constexpr int CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97;
+constexpr int CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK = 0;
+constexpr int CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES = 1; // static shared memory
+constexpr int CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES = 3;  // per thread
+constexpr int CU_FUNC_ATTRIBUTE_NUM_REGS = 4;
 constexpr int CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8;
 constexpr unsigned CU_STREAM_NON_BLOCKING = 1;
 constexpr int CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1;
@@ -107,6 +111,7 @@ struct DriverApi {
   CUresult (*cuCtxSynchronize)();
   CUresult (*cuMemAlloc)(CUdeviceptr *ptr, size_t bytes);    // _v2
   CUresult (*cuMemFree)(CUdeviceptr ptr);                    // _v2
+  CUresult (*cuMemGetInfo)(size_t *free, size_t *total);     // _v2
   CUresult (*cuMemcpyHtoD)(CUdeviceptr dst, const void *src, // _v2
                            size_t bytes);
   CUresult (*cuMemcpyDtoH)(void *dst, CUdeviceptr src, size_t bytes); // _v2
@@ -126,6 +131,7 @@ struct DriverApi {
                                   const char *name);
   CUresult (*cuModuleUnload)(CUmodule mod);
   CUresult (*cuFuncSetAttribute)(CUfunction fn, int attrib, int value);
+  CUresult (*cuFuncGetAttribute)(int *value, int attrib, CUfunction fn);
   CUresult (*cuLaunchKernel)(CUfunction fn, unsigned gridX, unsigned gridY,
                              unsigned gridZ, unsigned blockX, unsigned blockY,
                              unsigned blockZ, unsigned sharedBytes,

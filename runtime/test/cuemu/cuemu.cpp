@@ -299,6 +299,29 @@ size_t pageSize() {
   return page;
 }
 
+/// The emulated device's memory: $L4C_CUEMU_MEMORY bytes (a number with an
+/// optional K, M or G suffix, powers of 1024), else the host's RAM. Past it
+/// cuMemAlloc fails with CUDA_ERROR_OUT_OF_MEMORY, and cuMemGetInfo reports
+/// what the live allocations leave free.
+size_t deviceMemory() {
+  static const size_t bytes = [] {
+    if (const char *e = std::getenv("L4C_CUEMU_MEMORY"); e && *e) {
+      char *end = nullptr;
+      unsigned long long v = std::strtoull(e, &end, 10);
+      int shift = *end == 'K' ? 10 : *end == 'M' ? 20 : *end == 'G' ? 30 : 0;
+      return size_t(v) << shift;
+    }
+    return size_t(::sysconf(_SC_PHYS_PAGES)) * pageSize();
+  }();
+  return bytes;
+}
+size_t allocatedBytes() { // under mu
+  size_t n = 0;
+  for (const Allocation &a : allocations)
+    n += a.bytes;
+  return n;
+}
+
 /// Formats into a fixed buffer and writes to stderr (no allocation: this
 /// runs in a signal handler).
 void faultMessage(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -466,14 +489,24 @@ CUresult cuMemAlloc_v2(unsigned long long *p, size_t bytes) {
     return OUT_OF_MEMORY;
   }
   char *user = base + page + body - rounded;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (rounded > deviceMemory() - std::min(deviceMemory(), allocatedBytes())) {
+      ::munmap(m, mapped);
+      return OUT_OF_MEMORY;
+    }
+    allocations.push_back({uintptr_t(base), uintptr_t(user), mapped, rounded});
+  }
   // Poisoned, as fresh device memory is not zero: a kernel reading what
   // nothing wrote gets NaNs, not a lucky 0.
   std::memset(user, 0xff, rounded);
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    allocations.push_back({uintptr_t(base), uintptr_t(user), mapped, rounded});
-  }
   *p = reinterpret_cast<uintptr_t>(user);
+  return OK;
+}
+CUresult cuMemGetInfo_v2(size_t *free, size_t *total) {
+  std::lock_guard<std::mutex> lock(mu);
+  *total = deviceMemory();
+  *free = *total - std::min(*total, allocatedBytes());
   return OK;
 }
 CUresult cuMemFree_v2(unsigned long long p) {
@@ -537,6 +570,14 @@ CUresult cuModuleGetFunction(Function **f, Module *m, const char *name) {
 }
 CUresult cuModuleUnload(Module *) { return OK; } // libraries stay loaded
 CUresult cuFuncSetAttribute(Function *, int, int) { return OK; }
+// The code's registers and local and static shared memory are the host
+// compiler's business here: reported as none, and any block size allowed.
+CUresult cuFuncGetAttribute(int *v, int attrib, Function *f) {
+  if (!f || !v)
+    return INVALID_VALUE;
+  *v = attrib == 0 ? 1024 : 0; // CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK
+  return OK;
+}
 CUresult cuLaunchKernel(Function *f, unsigned gx, unsigned gy, unsigned gz,
                         unsigned bx, unsigned by, unsigned bz, unsigned smem,
                         Stream *s, void **params, void **extra) {

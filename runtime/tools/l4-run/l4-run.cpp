@@ -26,7 +26,7 @@
 namespace {
 
 const char *kUsage =
-    "usage: l4-run --info [--kernels] PLAN\n"
+    "usage: l4-run --info [--kernels] [--device=cuda|cuda:N] PLAN\n"
     "       l4-run PLAN (--weights CKPT_DIR | --random-weights=SEED)\n"
     "              --inputs IN.safetensors --out OUT.safetensors "
     "[--max-new-tokens=G]\n"
@@ -62,6 +62,10 @@ const char *kUsage =
     "--profile-json=FILE also writes every kernel's time to FILE as JSON.\n"
     "--info --kernels also lists each program's kernels in launch order: kind,\n"
     "fused ops, tile configuration and, for CUDA plans, the compiled grid.\n"
+    "--info --device=cuda loads every kernel on the device and checks it\n"
+    "against the device's limits, and compares the memory the plan needs\n"
+    "with the device's free memory (\"fits: yes|no\"), allocating none of it;\n"
+    "it fails only where a kernel does not load.\n"
     "IN holds input_ids (i64 [B, T]). OUT gets logits (f32 [B, T, V]) from a "
     "forward\n"
     "plan, and greedy_ids (i64 [B, T + G]) from a generate plan or when\n"
@@ -365,6 +369,14 @@ Options parseArgs(int argc, char **argv) {
 }
 
 double mib(uint64_t bytes) { return double(bytes) / (1024.0 * 1024.0); }
+std::string human(uint64_t bytes) {
+  char buf[32];
+  if (bytes >= (uint64_t(1) << 30))
+    std::snprintf(buf, sizeof buf, "%.2f GiB", double(bytes) / double(1 << 30));
+  else
+    std::snprintf(buf, sizeof buf, "%.2f MiB", mib(bytes));
+  return buf;
+}
 
 void printInfo(const std::string &path, const l4rt_plan_summary &s) {
   std::printf("plan:          %s\n", path.c_str());
@@ -388,6 +400,31 @@ void printInfo(const std::string &path, const l4rt_plan_summary &s) {
   std::printf("kernels:       %u\n", s.num_kernels);
   std::printf("buffers:       %u\n", s.num_buffers);
   std::printf("weights bound: %u\n", s.num_weights);
+}
+
+/// --info --device=cuda: the device's verdict on the plan (l4rt_device_probe).
+void printDevice(l4rt_plan plan, const std::string &device) {
+  l4rt_device_report r;
+  check(l4rt_device_probe(plan, device.c_str(), &r));
+  std::printf("device:        %s, %s (%s, %d SMs)\n", device.c_str(),
+              r.device_name, r.arch, r.multiprocessors);
+  std::printf("device memory: %s free of %s\n", human(r.free_bytes).c_str(),
+              human(r.total_bytes).c_str());
+  std::printf("plan needs:    %llu bytes = %s (%s)\n",
+              (unsigned long long)r.need_bytes, human(r.need_bytes).c_str(),
+              r.need_detail);
+  std::printf("fits:          %s\n", r.fits ? "yes" : "no");
+  std::printf("loaded:        %u kernels, %u modules (%u as the plan has "
+              "them, %u compiled here)\n",
+              r.kernels, r.modules, r.modules_from_plan, r.modules_compiled);
+  if (r.max_registers > 0)
+    std::printf("registers:     at most %d a thread (%s)\n", r.max_registers,
+                r.max_registers_kernel);
+  if (r.local_memory_kernels)
+    std::printf("local memory:  %u kernels, at most %llu bytes a thread\n",
+                r.local_memory_kernels, (unsigned long long)r.max_local_bytes);
+  else
+    std::printf("local memory:  none\n");
 }
 
 /// --info --kernels: each program's kernels in launch order, then how many
@@ -868,6 +905,8 @@ int main(int argc, char **argv) {
     printInfo(o.plan, s);
     if (o.kernels)
       printKernels(plan, s);
+    if (o.device != "cpu")
+      printDevice(plan, o.device);
     l4rt_plan_free(plan);
     return 0;
   }

@@ -23,7 +23,7 @@ extern "C" {
 #endif
 
 #define L4RT_VERSION_MAJOR 0
-#define L4RT_VERSION_MINOR 2
+#define L4RT_VERSION_MINOR 3
 
 typedef enum l4rt_status {
   L4RT_OK = 0,
@@ -165,6 +165,40 @@ L4RT_API l4rt_session_options l4rt_session_options_default(void);
 L4RT_API l4rt_status l4rt_session_create_with(
     l4rt_plan plan, const l4rt_session_options *options,
     l4rt_session *out_session);
+/* What a CUDA device makes of a plan, found without running it or taking
+ * its memory (l4rt_device_probe). The strings belong to the plan handle and
+ * stay valid until the next probe of that plan. Since 0.3. */
+typedef struct l4rt_device_report {
+  const char *device_name; /* "NVIDIA H100 80GB HBM3" */
+  const char *arch;        /* what its kernels are built for: "sm_90a" */
+  int32_t multiprocessors;
+  uint64_t free_bytes;  /* the device's memory now, cuMemGetInfo */
+  uint64_t total_bytes;
+  /* What a session of the plan allocates: its regions and, for a train plan,
+   * the optimizer state on the device (the driver's context and the code
+   * come on top); need_detail names the parts ("weights 401.47 GiB, ..."). */
+  uint64_t need_bytes;
+  const char *need_detail;
+  int32_t fits; /* need_bytes <= free_bytes */
+  /* Every kernel was loaded on the device and checked against its limits
+   * (threads a block for its registers, shared memory). */
+  uint32_t kernels;
+  uint32_t modules;           /* distinct code objects */
+  uint32_t modules_from_plan; /* the plan's own code, its cubins */
+  uint32_t modules_compiled;  /* NVRTC now, or its on-disk cache */
+  int32_t max_registers;      /* a thread, the most of any kernel; 0: unknown */
+  const char *max_registers_kernel;
+  uint32_t local_memory_kernels; /* kernels with local memory (spills) */
+  uint64_t max_local_bytes;      /* a thread, the most of any kernel */
+} l4rt_device_report;
+
+/* Opens `device` ("cuda" or "cuda:N"), loads every kernel of the plan there
+ * and compares the plan's memory with the device's free memory, allocating
+ * none of it: a plan too large for the device still has its code checked
+ * (fits is then 0). Fails where a kernel does not load or exceeds a limit. */
+L4RT_API l4rt_status l4rt_device_probe(l4rt_plan plan, const char *device,
+                                       l4rt_device_report *out_report);
+
 /* "cpu", or "cuda (<device name>, <arch>)"; owned by the session. */
 L4RT_API const char *l4rt_session_device(l4rt_session session);
 L4RT_API void l4rt_session_free(l4rt_session session);
