@@ -7,6 +7,7 @@
 // A TMA kernel runs end to end through the emulator (runtime/test/cuemu).
 //
 //===----------------------------------------------------------------------===//
+#include "cpu/kernels.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/driver.h"
 #include "cuda/kernel_cache.h"
@@ -19,6 +20,7 @@
 #include <gtest/gtest.h>
 
 #include <cctype>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -2270,6 +2272,92 @@ extern "C" __global__ void l4k_2(L4Regions r, long long B, long long T) {
   return out;
 }
 
+TEST(CudaEmulator, GreedyChoiceSplitsRowsAcrossBlocksAsTheCpuChooses) {
+  // argmaxRows cuts each row into slices (768 logits a block at this V: 53)
+  // and the last slice of a row to finish merges them: the CPU's rule
+  // (first NaN, else the first index of the maximum) across slice borders.
+  std::unique_ptr<Driver> emu;
+  rt::Status s = Driver::open(L4CUEMU_LIB, emu);
+  ASSERT_TRUE(s.ok()) << s.message;
+  const int64_t B = 6, V = 40000; // 20 slices of 2048
+  CudaPlan cp;
+  cp.spec = linearPlan(B, 1, V, 2);
+  for (unsigned k = 0; k < 3; ++k) {
+    CudaCode c;
+    c.source = linearKernels(cp.spec, "");
+    c.entry = "l4k_" + std::to_string(k);
+    c.threads = 32;
+    c.blocks = 1;
+    cp.code.push_back(c);
+  }
+  auto plan = parse(cp.serialize());
+  ASSERT_TRUE(plan);
+  const rt::BufferDesc &logits =
+      plan->buffers[plan->program("forward")->logits];
+  CudaOptions opts;
+  opts.sourceImages = true;
+  opts.diskCache = false;
+  std::unique_ptr<CudaBackend> backend;
+  s = CudaBackend::create(plan, 0, *emu, backend, opts);
+  ASSERT_TRUE(s.ok()) << s.message;
+
+  std::vector<float> x(size_t(B * V));
+  uint32_t seed = 7;
+  for (float &v : x) {
+    seed = seed * 1664525u + 1013904223u;
+    v = float(seed >> 8) / float(1 << 24) - 0.5f;
+  }
+  const float nan = std::nanf(""), inf = INFINITY;
+  auto at = [&](int64_t r, int64_t i) -> float & { return x[size_t(r * V + i)]; };
+  at(1, 300) = at(1, 30000) = 2.0f;     // a tie across slices: the first
+  at(2, 100) = 3.0f;                    // a maximum before a NaN, which wins
+  at(2, 39999) = nan;
+  at(3, 25000) = nan;                   // two NaNs: the first
+  at(3, 4097) = nan;
+  for (int64_t i = 0; i < V; ++i)       // all equal: index 0
+    at(4, i) = -inf;
+  at(5, V - 1) = 9.0f;                  // the last slice's last logit
+  std::vector<int64_t> want(B), got(B);
+  cpu::argmaxRows(x.data(), size_t(B), size_t(V), want.data());
+  EXPECT_EQ(want[1], 300);
+  EXPECT_EQ(want[2], 39999);
+  EXPECT_EQ(want[3], 4097);
+  EXPECT_EQ(want[4], 0);
+  EXPECT_EQ(want[5], V - 1);
+
+  ASSERT_TRUE(backend->upload(logits.region, logits.offset, x.data(),
+                              x.size() * 4).ok());
+  s = backend->argmaxRows(logits.region, logits.offset, uint64_t(V) * 4, B,
+                          uint64_t(V), false, got.data());
+  ASSERT_TRUE(s.ok()) << s.message;
+  EXPECT_EQ(got, want);
+  // Again (the arrival counters are back at 0), over fewer rows.
+  std::fill(got.begin(), got.end(), -1);
+  s = backend->argmaxRows(logits.region, logits.offset, uint64_t(V) * 4, 3,
+                          uint64_t(V), false, got.data());
+  ASSERT_TRUE(s.ok()) << s.message;
+  EXPECT_EQ(std::vector<int64_t>(got.begin(), got.begin() + 3),
+            std::vector<int64_t>(want.begin(), want.begin() + 3));
+
+  // bf16 rows (the upper halves of the same floats), packed at V * 2.
+  std::vector<uint16_t> h(x.size());
+  std::vector<float> widened(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &x[i], 4);
+    h[i] = uint16_t(bits >> 16);
+    bits &= 0xffff0000u;
+    std::memcpy(&widened[i], &bits, 4);
+  }
+  cpu::argmaxRows(widened.data(), size_t(B), size_t(V), want.data());
+  ASSERT_TRUE(backend->upload(logits.region, logits.offset, h.data(),
+                              h.size() * 2).ok());
+  s = backend->argmaxRows(logits.region, logits.offset, uint64_t(V) * 2, B,
+                          uint64_t(V), true, got.data());
+  ASSERT_TRUE(s.ok()) << s.message;
+  EXPECT_EQ(got, want);
+}
+
 TEST(CudaEmulator, KernelCheckCatchesStrayWritesStaleReadsAndOverruns) {
   // l4-run --check-kernels through the emulator: before each kernel the
   // device's copy of what it must not read is NaN, and after it every byte
@@ -2453,6 +2541,21 @@ TEST(RandomWeights, DeterministicUnitVarianceAndOrderFree) {
   EXPECT_NEAR(var, 0.25, 3e-3); // stddev 0.5
   EXPECT_LE(maxAbs, 0.5 * 1.7320508075688772 * 2 + 1e-6); // Irwin-Hall bound
   EXPECT_GT(maxAbs, 0.5 * 2.5);                          // but has tails
+}
+
+TEST(CudaRuntimeKernels, CompileWithNvrtc) {
+  // The runtime's own kernels are compiled when first used, on the GPU
+  // machine; CI compiles them here so that one that does not build fails
+  // before any GPU run.
+  if (!nvrtc::available())
+    GTEST_SKIP() << nvrtc::loadError();
+  for (auto [file, source] : {std::pair{"l4_optimizer.cu", cuda::kOptimizerCuda},
+                              std::pair{"l4_argmax_rows.cu", cuda::kArgmaxCuda}}) {
+    nvrtc::Output out;
+    std::string err = nvrtc::compile(source, file, "sm_90a", {}, out);
+    EXPECT_EQ(err, "") << file << "\n" << out.log;
+    EXPECT_FALSE(out.cubin.empty()) << file;
+  }
 }
 
 TEST(RandomWeights, DeviceGeneratorCompiles) {

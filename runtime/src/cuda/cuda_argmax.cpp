@@ -16,12 +16,15 @@ namespace l4c::cuda {
 using rt::Status;
 using rt::StatusCode;
 
-namespace {
-
-// A block per row (blocks stride over the rows): each thread scans a
-// stride of the row, then the block merges (first NaN, maximum, its first
-// index) pairwise in shared memory.
-const char *kArgmaxCuda = R"cuda(
+// A row is cut into slices of `span` logits (up to 8 a thread, all loaded
+// before any is compared, so a thread keeps 8 loads in flight), and each
+// (row, slice) is one block's task; blocks stride over the tasks. A block
+// reduces its slice (first NaN, maximum, its first index) in shared memory
+// and stores it in `parts`; the last of a row's slices to arrive (a counter
+// a row, set back to 0 by that block) merges the row's parts. The merge is
+// associative and commutative (indices break ties), so the order the
+// slices arrive in does not matter: the CPU's answer, on every run.
+const char *const kArgmaxCuda = R"cuda(
 struct L4Best {
   long long nan, at; // first NaN's index (or -1); the maximum's first index
   float v;
@@ -35,41 +38,93 @@ __device__ L4Best l4_merge(L4Best a, L4Best b) {
   }
   return a;
 }
+// Every thread's b into red[0] (all threads call it).
+__device__ void l4_reduce(L4Best b, L4Best *red) {
+  red[threadIdx.x] = b;
+  __syncthreads();
+  for (unsigned s = blockDim.x / 2; s > 0; s /= 2) {
+    if (threadIdx.x < s)
+      red[threadIdx.x] = l4_merge(red[threadIdx.x], red[threadIdx.x + s]);
+    __syncthreads();
+  }
+}
 extern "C" __global__ void __launch_bounds__(256) l4_argmax_rows(
     const unsigned char *logits, unsigned long long rowStride,
-    unsigned long long rows, unsigned long long V, int bf16, long long *out) {
-  __shared__ L4Best part[256];
-  for (unsigned long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    unsigned long long rows, unsigned long long V, int bf16,
+    unsigned long long span, unsigned long long slices, long long *out,
+    unsigned *arrived, L4Best *parts) {
+  __shared__ L4Best red[256];
+  __shared__ int last;
+  for (unsigned long long t = blockIdx.x; t < rows * slices; t += gridDim.x) {
+    const unsigned long long r = t / slices, lo = t % slices * span;
+    const unsigned long long hi = lo + span < V ? lo + span : V;
     const unsigned char *row = logits + r * rowStride;
+    float v[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const unsigned long long i = lo + threadIdx.x + k * blockDim.x;
+      v[k] = 0.0f;
+      if (i < hi)
+        v[k] = bf16 ? __uint_as_float((unsigned)reinterpret_cast<
+                                          const unsigned short *>(row)[i]
+                                      << 16)
+                    : reinterpret_cast<const float *>(row)[i];
+    }
     L4Best b = {-1, -1, 0.0f};
-    for (unsigned long long i = threadIdx.x; i < V; i += blockDim.x) {
-      float v;
-      if (bf16)
-        v = __uint_as_float(
-            (unsigned)reinterpret_cast<const unsigned short *>(row)[i] << 16);
-      else
-        v = reinterpret_cast<const float *>(row)[i];
-      if (v != v) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const long long i = (long long)(lo + threadIdx.x + k * blockDim.x);
+      if ((unsigned long long)i >= hi)
+        continue;
+      if (v[k] != v[k]) {
         if (b.nan < 0)
-          b.nan = (long long)i;
-      } else if (b.at < 0 || v > b.v) {
-        b.at = (long long)i;
-        b.v = v;
+          b.nan = i;
+      } else if (b.at < 0 || v[k] > b.v) {
+        b.at = i;
+        b.v = v[k];
       }
     }
-    __syncthreads(); // the previous row is done with part
-    part[threadIdx.x] = b;
-    __syncthreads();
-    for (unsigned s = blockDim.x / 2; s > 0; s /= 2) {
-      if (threadIdx.x < s)
-        part[threadIdx.x] = l4_merge(part[threadIdx.x], part[threadIdx.x + s]);
-      __syncthreads();
+    __syncthreads(); // the previous task is done with red and last
+    l4_reduce(b, red);
+    if (threadIdx.x == 0) {
+      parts[t] = red[0];
+      __threadfence(); // the part before the arrival
+      last = atomicAdd(arrived + r, 1u) == slices - 1;
     }
-    if (threadIdx.x == 0)
-      out[r] = part[0].nan >= 0 ? part[0].nan : part[0].at;
+    __syncthreads();
+    if (last) {
+      __threadfence(); // then the other blocks' parts, past L1
+      L4Best m = {-1, -1, 0.0f};
+      for (unsigned long long j = threadIdx.x; j < slices; j += blockDim.x) {
+        const L4Best *p = parts + r * slices + j;
+        L4Best q = {__ldcg(&p->nan), __ldcg(&p->at), __ldcg(&p->v)};
+        m = l4_merge(m, q);
+      }
+      __syncthreads(); // every thread has its red[0] of the task
+      l4_reduce(m, red);
+      if (threadIdx.x == 0) {
+        out[r] = red[0].nan >= 0 ? red[0].nan : red[0].at;
+        arrived[r] = 0u; // for the next call
+      }
+    }
   }
 }
 )cuda";
+
+namespace {
+
+/// How argmaxRows cuts a row of V logits: `span` logits a block (256
+/// threads, up to 8 each), at least 64 slices where V allows.
+struct Slicing {
+  uint64_t span, slices;
+};
+Slicing slicing(uint64_t V) {
+  uint64_t per = std::clamp<uint64_t>((V + 256 * 64 - 1) / (256 * 64), 1, 8);
+  uint64_t span = 256 * per;
+  return {span, (V + span - 1) / span};
+}
+constexpr uint64_t kPartBytes = 24; // struct L4Best
+uint64_t align256(uint64_t v) { return (v + 255) / 256 * 256; }
 
 } // namespace
 
@@ -92,35 +147,57 @@ Status CudaBackend::argmaxRows(plan::Region r, uint64_t offset,
                                    "l4_argmax_rows", "greedy choice", argmax_);
       !s.ok())
     return s;
+  // One allocation: the ids, the rows' arrival counters (zero between
+  // calls), the slices' parts.
   const DriverApi &a = drv_.api();
-  if (uint64_t(rows) > argmaxCapacity_) {
+  const Slicing sl = slicing(V);
+  const uint64_t bytes = greedyBytes(rows, V);
+  if (bytes > argmaxCapacity_) {
     if (argmaxOut_)
       a.cuMemFree(argmaxOut_);
     argmaxOut_ = 0;
     argmaxCapacity_ = 0;
-    if (Status s = drv_.check(a.cuMemAlloc(&argmaxOut_, size_t(rows) * 8),
-                              "cuMemAlloc", "greedy choice");
+    std::string what = "greedy choice (" + std::to_string(bytes) + " bytes)";
+    if (Status s = drv_.check(a.cuMemAlloc(&argmaxOut_, size_t(bytes)),
+                              "cuMemAlloc", what);
         !s.ok())
       return s;
-    argmaxCapacity_ = uint64_t(rows);
+    if (Status s = drv_.check(a.cuMemsetD8Async(argmaxOut_, 0, size_t(bytes),
+                                                stream_),
+                              "cuMemsetD8Async", what);
+        !s.ok())
+      return streamError(s);
+    argmaxCapacity_ = bytes;
   }
   CUdeviceptr src = base_[int(r)] + offset;
-  unsigned long long stride = rowStride, nRows = uint64_t(rows), n = V;
+  CUdeviceptr ids = argmaxOut_;
+  CUdeviceptr arrived = ids + align256(uint64_t(rows) * 8);
+  CUdeviceptr parts = arrived + align256(uint64_t(rows) * 4);
+  unsigned long long stride = rowStride, nRows = uint64_t(rows), n = V,
+                     span = sl.span, slices = sl.slices;
   int half = bf16;
-  void *params[] = {&src, &stride, &nRows, &n, &half, &argmaxOut_};
-  unsigned blocks = unsigned(std::min<uint64_t>(nRows, maxBlocks_));
+  void *params[] = {&src,  &stride, &nRows, &n,   &half,
+                    &span, &slices, &ids,   &arrived, &parts};
+  unsigned blocks =
+      unsigned(std::min<uint64_t>(nRows * sl.slices, maxBlocks_));
   if (Status s = drv_.check(a.cuLaunchKernel(argmax_, blocks, 1, 1, 256, 1, 1,
                                              0, stream_, params, nullptr),
                             "cuLaunchKernel", "greedy choice");
       !s.ok())
     return streamError(s);
-  if (Status s = drv_.check(a.cuMemcpyDtoHAsync(out, argmaxOut_,
-                                                size_t(rows) * 8, stream_),
+  if (Status s = drv_.check(a.cuMemcpyDtoHAsync(out, ids, size_t(rows) * 8,
+                                                stream_),
                             "cuMemcpyDtoHAsync", "greedy choice");
       !s.ok())
     return streamError(s);
   return streamError(drv_.check(a.cuStreamSynchronize(stream_),
                                 "cuStreamSynchronize", "greedy choice"));
+}
+
+uint64_t CudaBackend::greedyBytes(int64_t rows, uint64_t V) {
+  uint64_t n = uint64_t(std::max<int64_t>(rows, 0));
+  return align256(n * 8) + align256(n * 4) +
+         align256(n * slicing(V).slices * kPartBytes);
 }
 
 } // namespace l4c::cuda

@@ -102,7 +102,7 @@ std::string MemoryNeed::describe() const {
   if (optimizer)
     parts.push_back({optimizer, "optimizer state"});
   if (greedy)
-    parts.push_back({greedy, "greedy ids"});
+    parts.push_back({greedy, "greedy choice"});
   std::stable_sort(parts.begin(), parts.end(),
                    [](const auto &x, const auto &y) { return x.first > y.first; });
   std::string s;
@@ -126,10 +126,9 @@ MemoryNeed CudaBackend::memoryNeed(const rt::Plan &plan) {
     }
     n.optimizer = optimizerBytes(tensors);
   }
-  // argmaxRows' output, at most one row a batch entry (allocated rounded up
-  // by the driver, as the regions are).
+  // argmaxRows' memory, for at most one row a batch entry.
   if (plan.program("decode"))
-    n.greedy = (uint64_t(plan.maxBatch) * 8 + kAlign - 1) / kAlign * kAlign;
+    n.greedy = greedyBytes(plan.maxBatch, uint64_t(plan.vocabSize));
   return n;
 }
 

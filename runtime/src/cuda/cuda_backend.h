@@ -22,6 +22,11 @@
 
 namespace l4c::cuda {
 
+/// The CUDA sources of the runtime's own kernels (loadRuntimeKernel), for
+/// tests that compile them: AdamW and the gradient sums, the greedy choice.
+extern const char *const kOptimizerCuda;
+extern const char *const kArgmaxCuda;
+
 /// Every kernel's first parameter, by value (plan.fbs, table Kernel):
 /// struct L4Regions { char *arena, *weights, *cache, *io; }.
 struct L4Regions {
@@ -82,8 +87,9 @@ struct LoadStats {
 /// What a plan asks of a device's memory, from the plan alone: its four
 /// regions, each rounded up to 256 bytes as allocated, and for a train plan
 /// the optimizer state kept on the device (gradient sums, AdamW moments,
-/// f32 masters of bf16 weights), and for a generate plan the device's
-/// greedy choices (8 bytes a batch entry): every allocation a session makes.
+/// f32 masters of bf16 weights), and for a generate plan what the device's
+/// greedy choice takes (CudaBackend::greedyBytes at the maximum batch):
+/// every allocation a session makes.
 /// The driver's context and the kernels' code come on top.
 struct MemoryNeed {
   uint64_t region[4] = {0, 0, 0, 0}; ///< by plan::Region
@@ -91,7 +97,7 @@ struct MemoryNeed {
   uint64_t greedy = 0;
   uint64_t total() const;
   /// "weights 401.47 GiB, cache 3.00 GiB, arena 1.22 GiB, io 917.25 KiB,
-  /// greedy ids 256 bytes", largest first, the parts there are.
+  /// greedy choice 3.00 KiB", largest first, the parts there are.
   std::string describe() const;
 };
 
@@ -184,6 +190,8 @@ public:
   /// holds them (cuda_argmax.cpp).
   rt::Status argmaxRows(plan::Region r, uint64_t offset, uint64_t rowStride,
                         int64_t rows, uint64_t V, bool bf16, int64_t *out);
+  /// The device memory argmaxRows takes for `rows` rows of V logits.
+  static uint64_t greedyBytes(int64_t rows, uint64_t V);
   /// Waits for all queued work.
   rt::Status synchronize();
 
@@ -311,8 +319,8 @@ private:
   bool sourceImages_ = false;       ///< CudaOptions::sourceImages
   CUfunction randomFill_ = nullptr; ///< fillRandom's kernel, once loaded
   CUfunction argmax_ = nullptr;     ///< argmaxRows's kernel, once loaded
-  CUdeviceptr argmaxOut_ = 0;       ///< its results, argmaxCapacity_ rows
-  uint64_t argmaxCapacity_ = 0;
+  CUdeviceptr argmaxOut_ = 0;       ///< its ids, counters and parts
+  uint64_t argmaxCapacity_ = 0;     ///< bytes at argmaxOut_
   // The optimizer (initOptimizer): one allocation holding every tensor's
   // state and, at its start, the table of tensors the kernels read.
   std::vector<OptTensor> optTensors_;

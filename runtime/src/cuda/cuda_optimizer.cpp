@@ -17,12 +17,10 @@ namespace l4c::cuda {
 using rt::Status;
 using rt::StatusCode;
 
-namespace {
-
 // Per tensor: where its weight, gradient and state live; the work is cut
 // into chunks of up to L4_CHUNK elements of one tensor (multi-tensor apply),
 // and blocks stride over the chunks.
-const char *kOptimizerCuda = R"cuda(
+const char *const kOptimizerCuda = R"cuda(
 struct L4OptTensor {
   unsigned long long weight, grad, sum, m, v, master, numel;
   unsigned long long bf16;
@@ -93,6 +91,8 @@ extern "C" __global__ void l4_adamw(const L4OptTensor *ts,
   }
 }
 )cuda";
+
+namespace {
 
 /// The table entries the kernels read (kOptimizerCuda's L4OptTensor and
 /// L4OptChunk).
