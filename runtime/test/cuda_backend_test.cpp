@@ -2244,7 +2244,12 @@ extern "C" __global__ void l4k_2(L4Regions r, long long B, long long T) {
     return std::string("0");
   };
   std::map<std::string, std::string> subst = {
-      {"stray", bug == "stray" ? "((unsigned *)h)[at] ^= 0xffffffffu;" : ""},
+      {"stray", bug == "stray" ? "((unsigned *)h)[at] ^= 0xffffffffu;"
+                : bug == "misaligned"
+                    // A 16-byte load 4 bytes past a row's start: right on
+                    // the host, a fault on a GPU.
+                    ? "x[at] += 0.0f * ((const float4 *)(h + at + 1))->x;"
+                    : ""},
       {"stale", bug == "stale" ? "+ 0.0f * x[(b * S + S - 1) * D + d]"
                 : bug == "undeclared"
                     ? "+ 0.0f * ((const float *)(r.arena + " +
@@ -2358,7 +2363,7 @@ TEST(CudaEmulator, GreedyChoiceSplitsRowsAcrossBlocksAsTheCpuChooses) {
   EXPECT_EQ(got, want);
 }
 
-TEST(CudaEmulator, KernelCheckCatchesStrayWritesStaleReadsAndOverruns) {
+TEST(CudaEmulator, KernelCheckCatchesStrayWritesStaleReadsOverrunsMisalignment) {
   // l4-run --check-kernels through the emulator: before each kernel the
   // device's copy of what it must not read is NaN, and after it every byte
   // outside its results must be as it was.
@@ -2440,6 +2445,17 @@ TEST(CudaEmulator, KernelCheckCatchesStrayWritesStaleReadsAndOverruns) {
   EXPECT_NE(rc, 0) << out;
   EXPECT_TRUE(has(out, "cuemu: kernel l4k_2 touched address 0x")) << out;
   EXPECT_TRUE(has(out, ", 0 bytes past the end of the 768-byte allocation"))
+      << out;
+
+  // The emulator compiles kernels with -fsanitize=alignment.
+  std::tie(rc, out) = run("misaligned");
+  EXPECT_NE(rc, 0) << out;
+  EXPECT_TRUE(has(out, "runtime error: member access within misaligned "
+                       "address"))
+      << out;
+  EXPECT_TRUE(has(out, "which requires 16 byte alignment")) << out;
+  EXPECT_TRUE(has(out, "cuemu: kernel l4k_1 aborted (the message above says "
+                       "why)"))
       << out;
 }
 

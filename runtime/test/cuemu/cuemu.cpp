@@ -164,6 +164,22 @@ const std::string &shimText() {
   return shim;
 }
 
+/// How modules are compiled. A misaligned access (a 16-byte load from an
+/// address that is not 16-byte aligned) works on the host but faults on a
+/// GPU, so -fsanitize=alignment checks every typed access against its
+/// type's alignment (the shim's vector types carry CUDA's) and the report
+/// aborts the run, naming the kernel (onFault). $L4C_CUEMU_CXXFLAGS adds
+/// flags (-fno-sanitize=alignment drops the check).
+const std::string &moduleFlags() {
+  static const std::string flags = [] {
+    const char *extra = std::getenv("L4C_CUEMU_CXXFLAGS");
+    return std::string("-std=c++20 -O1 -fPIC -w -fsanitize=alignment "
+                       "-fno-sanitize-recover=alignment ") +
+           (extra ? extra : "");
+  }();
+  return flags;
+}
+
 std::string hexKey(const std::string &s) {
   char key[32];
   std::snprintf(key, sizeof key, "%016llx", (unsigned long long)fnv(s));
@@ -184,9 +200,7 @@ bool compile(const std::vector<Module *> &modules, const std::string &so,
     for (Module *m : modules)
       f << withThunks(m->key, m->source);
   }
-  const char *extra = std::getenv("L4C_CUEMU_CXXFLAGS");
-  std::string flags =
-      std::string("-std=c++20 -O1 -fPIC -w ") + (extra ? extra : "");
+  const std::string &flags = moduleFlags();
   std::string cmd = std::string(L4CUEMU_CXX) + " " + flags + " -shared -include " +
                     precompiledShim(dir, shimText(), flags) + " -o " + tmp +
                     " " + cu + " -lpthread > " + log + " 2>&1";
@@ -265,7 +279,8 @@ CUresult load(const char *image, Module *&out) {
     return INVALID_IMAGE; // a cubin, or not ours
   // The key names the thunks' scheme too, so that libraries built with
   // other thunk names are not found.
-  auto *m = new Module{hexKey("thunks v2" + src + shimText() + L4CUEMU_CXX),
+  auto *m = new Module{hexKey("thunks v2" + src + shimText() + L4CUEMU_CXX +
+                              moduleFlags()),
                        std::move(src)};
   std::string so = workDir() + "/" + m->key + ".so";
   struct stat st;
@@ -335,9 +350,22 @@ void faultMessage(const char *fmt, ...) {
     (void)!::write(2, buf, std::min<size_t>(size_t(n), sizeof buf - 1));
 }
 
+volatile sig_atomic_t reported = 0; // onFault has named the kernel
+
 void onFault(int sig, siginfo_t *info, void *) {
   uintptr_t at = reinterpret_cast<uintptr_t>(info->si_addr);
   const char *kernel = running ? running->name.c_str() : "(no kernel)";
+  if (sig == SIGABRT) {
+    // A sanitizer's report (printed above: a misaligned access is one the
+    // GPU would fault on) or __trap; abort()s of our own have said more.
+    if (running && !reported)
+      faultMessage("cuemu: kernel %s aborted (the message above says why)\n",
+                   kernel);
+    std::signal(sig, SIG_DFL);
+    ::raise(sig);
+    return;
+  }
+  reported = 1;
   // Read without the lock: the faulting thread may hold it, and the
   // process ends here anyway.
   for (const Allocation &a : allocations) {
@@ -366,8 +394,8 @@ void onFault(int sig, siginfo_t *info, void *) {
   ::raise(sig);
 }
 
-/// Installs onFault for SIGSEGV and SIGBUS once, and gives the calling
-/// thread an alternate signal stack (fibers' stacks are small).
+/// Installs onFault for SIGSEGV, SIGBUS and SIGABRT once, and gives the
+/// calling thread an alternate signal stack (fibers' stacks are small).
 void watchFaults() {
   static std::once_flag once;
   std::call_once(once, [] {
@@ -377,6 +405,7 @@ void watchFaults() {
     sigemptyset(&sa.sa_mask);
     ::sigaction(SIGSEGV, &sa, nullptr);
     ::sigaction(SIGBUS, &sa, nullptr);
+    ::sigaction(SIGABRT, &sa, nullptr);
   });
   thread_local bool stack = [] {
     static thread_local std::vector<char> alt(1 << 16);

@@ -895,4 +895,12 @@ template <class T> inline T __ldg(const T *p) { return *p; }
 using std::max;
 using std::min;
 
+// Modules are compiled with -fsanitize=alignment (cuemu.cpp, moduleFlags).
+// Its runtime, loaded with the first module, takes its options from here
+// (it reads the environment the process started with, not setenv's): a
+// report aborts, and the emulator's SIGABRT handler names the kernel.
+extern "C" __attribute__((weak)) const char *__ubsan_default_options() {
+  return "abort_on_error=1:print_summary=0";
+}
+
 #endif // L4C_CUEMU_SHIM_H
