@@ -512,10 +512,28 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
   bDim = {block, 1, 1};
   gDim = {grid, 1, 1};
   // 1024-byte aligned, as a GPU's shared window is at least: the swizzle
-  // of wgmma's descriptors works on the address bits.
-  std::vector<unsigned char> dyn(smem + 1024);
+  // of wgmma's descriptors works on the address bits. The bytes around it
+  // (what is left of the first 1024, and kSharedMargin after) are NaN: a
+  // read past the kernel's shared memory, which faults on a GPU, gives NaN
+  // here, and a write there is reported when the block ends.
+  constexpr size_t kSharedMargin = 4096;
+  std::vector<unsigned char> dyn(1024 + smem + kSharedMargin);
   dynamicShared = dyn.data() + (1024 - reinterpret_cast<uintptr_t>(dyn.data()) % 1024) % 1024;
   dynamicBytes = smem;
+  auto checkMargins = [&](unsigned b) {
+    for (size_t i = 0; i < dyn.size(); ++i) {
+      const unsigned char *p = dyn.data() + i;
+      if (*p == 0xff || (p >= dynamicShared && p < dynamicShared + smem))
+        continue;
+      long long at = p - dynamicShared;
+      std::fprintf(stderr,
+                   "cuemu: block %u wrote shared memory byte %lld, outside "
+                   "the %u bytes of dynamic shared memory it was launched "
+                   "with\n",
+                   b, at, smem);
+      std::abort();
+    }
+  };
   std::function<void()> fn = body;
   blockBody = &fn;
   constexpr size_t kStack = 256 * 1024;
@@ -532,7 +550,7 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
     // here, so a kernel that reads dynamic shared memory it did not write
     // in this block shows it (static __shared__ variables keep the
     // previous block's values, which no emulator run can tell apart).
-    std::memset(dynamicShared, 0xff, smem);
+    std::memset(dyn.data(), 0xff, dyn.size());
     blockBarrier.reset(block);
     for (Barrier &nb : namedBarriers)
       nb.reset(0);
@@ -579,6 +597,7 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
       if (!progress)
         reportMbarrierDeadlock(b);
     }
+    checkMargins(b);
   }
   blockBody = nullptr;
 }

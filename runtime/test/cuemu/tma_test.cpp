@@ -387,6 +387,30 @@ TEST_F(CuemuTmaDeathTest, SpinnersBesideABarrierDeadlock) {
                "of 32 arrivals.* 32 threads wait at a bar.sync 1");
 }
 
+TEST_F(CuemuTmaDeathTest, SharedMemoryPastTheLaunchIsNaNAndWritesThereAbort) {
+  // A GPU faults on shared memory outside the block's; here reads there see
+  // NaN bytes, and a write there is reported when the block ends.
+  unsigned before = 0, after = 0;
+  l4emu::launch(1, 1, 100, [&] {
+    std::memcpy(&before, l4emu::dynamicShared - 4, 4);
+    std::memcpy(&after, l4emu::dynamicShared + 100, 4);
+    l4emu::dynamicShared[99] = 1; // the last byte is the kernel's
+  });
+  EXPECT_EQ(before, 0xffffffffu);
+  EXPECT_EQ(after, 0xffffffffu);
+  EXPECT_DEATH(l4emu::launch(2, 32, 100,
+                             [&] {
+                               if (blockIdx.x == 1 && threadIdx.x == 5)
+                                 l4emu::dynamicShared[103] = 0;
+                             }),
+               "cuemu: block 1 wrote shared memory byte 103, outside the 100 "
+               "bytes of dynamic shared memory it was launched with");
+  EXPECT_DEATH(l4emu::launch(1, 32, 64,
+                             [&] { l4emu::dynamicShared[-1] = 0; }),
+               "cuemu: block 0 wrote shared memory byte -1, outside the 64 "
+               "bytes");
+}
+
 TEST_F(CuemuTmaDeathTest, BadMapsAndDestinationsAbort) {
   L4TensorMap map;
   ASSERT_EQ(encode(map, kBf16, {64, 64}, {128}, {64, 8}, 3, data), 0);
