@@ -722,6 +722,8 @@ Status Session::generate(const int64_t *ids, int64_t B, int64_t T, int64_t G,
     return Status::success();
 
   size_t V = size_t(p.buffers[first.logits].lastDim());
+  if (gpu_ && !sampling && cached && feedable(*prefill, *decode))
+    return generateOnDevice(*prefill, *decode, outIds, B, T, G, V);
   // The host's copy of the rows the next tokens come from; greedy on the
   // GPU chooses there and needs none.
   std::vector<float> last(gpu_ && !sampling ? 0 : size_t(B) * V);
@@ -787,6 +789,94 @@ Status Session::generate(const int64_t *ids, int64_t B, int64_t T, int64_t G,
     for (int64_t b = 0; b < B; ++b)
       outIds[b * L + len] = next[b];
   }
+  timing_.decodeSeconds = seconds(t1);
+  timing_.decodeTokens = B * (G - 1);
+  return Status::success();
+}
+
+bool Session::feedable(const ProgramDesc &prefill,
+                       const ProgramDesc &decode) const {
+  // The choice is written into the decode program's inputs while other
+  // blocks still read the logits; programs share the io region, so the
+  // two must not overlap (the memory plan puts inputs first, so they do
+  // not), and the ids and positions must be in one region.
+  const Plan &p = *plan_;
+  if (decode.inputIds < 0)
+    return false;
+  std::vector<const BufferDesc *> written = {&p.buffers[decode.inputIds]};
+  if (decode.positions >= 0)
+    written.push_back(&p.buffers[decode.positions]);
+  for (const ProgramDesc *prog : {&prefill, &decode}) {
+    if (prog->logits < 0)
+      return false;
+    const BufferDesc &read = p.buffers[prog->logits];
+    for (const BufferDesc *w : written)
+      if (w->region != written[0]->region ||
+          (w->region == read.region && w->offset < read.offset + read.size &&
+           read.offset < w->offset + w->size))
+        return false;
+  }
+  return true;
+}
+
+Status Session::generateOnDevice(const ProgramDesc &prefill,
+                                 const ProgramDesc &decode, int64_t *outIds,
+                                 int64_t B, int64_t T, int64_t G, size_t V) {
+  // Greedy decoding with the host out of the loop: each step's choice is
+  // written on the device where the next decode step reads its input (its
+  // ids, and its positions), and into a history that comes back once, at
+  // the end. No step waits for the one before it to reach the host.
+  const Plan &p = *plan_;
+  const int64_t L = T + G;
+  const BufferDesc &ids = p.buffers[decode.inputIds];
+  cuda::CudaBackend::GreedyFeed feed;
+  feed.region = ids.region;
+  feed.ids = ids.offset;
+  feed.idsStride = ids.batchStride;
+  feed.idsI32 = ids.dtype == plan::DType::I32;
+  if (decode.positions >= 0) {
+    const BufferDesc &pos = p.buffers[decode.positions]; // ids' region
+    feed.positions = int64_t(pos.offset);
+    feed.posStride = pos.batchStride;
+    feed.posI32 = pos.dtype == plan::DType::I32;
+  }
+  feed.columns = uint64_t(G);
+  // The token chosen from `prog`'s logits for length `len` is the row's
+  // token `index`: the next step reads it at position `index`.
+  auto choose = [&](const ProgramDesc &prog, int64_t len,
+                    int64_t index) -> Status {
+    const BufferDesc &d = p.buffers[size_t(prog.logits)];
+    uint64_t elem = dtypeSize(d.dtype);
+    int64_t row = d.hasSeq ? len - 1 : 0;
+    feed.position = index;
+    feed.column = uint64_t(index - T);
+    return gpu_->argmaxRows(d.region, d.offset + uint64_t(row) * V * elem,
+                            d.batchStride * elem, B, V,
+                            d.dtype == plan::DType::BF16, nullptr, &feed);
+  };
+
+  auto t0 = std::chrono::steady_clock::now();
+  if (Status s = runProgram(prefill, outIds, L, B, T, 0); !s.ok())
+    return s;
+  if (Status s = choose(prefill, T, T); !s.ok())
+    return s;
+  if (Status s = gpu_->synchronize(); !s.ok()) // for the prefill's time
+    return s;
+  timing_.prefillSeconds = seconds(t0);
+  timing_.prefillTokens = B * T;
+
+  auto t1 = std::chrono::steady_clock::now();
+  for (int64_t index = T + 1; index < L; ++index) {
+    if (Status s = gpu_->runProgramGraph(decode, B, 1); !s.ok())
+      return s;
+    if (Status s = choose(decode, 1, index); !s.ok())
+      return s;
+  }
+  std::vector<int64_t> history(size_t(B * G));
+  if (Status s = gpu_->greedyHistory(B, uint64_t(G), history.data()); !s.ok())
+    return s;
+  for (int64_t b = 0; b < B; ++b)
+    std::copy_n(history.data() + b * G, G, outIds + b * L + T);
   timing_.decodeSeconds = seconds(t1);
   timing_.decodeTokens = B * (G - 1);
   return Status::success();

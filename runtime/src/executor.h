@@ -252,6 +252,14 @@ private:
   Status checkIds(const int64_t *ids, int64_t B, int64_t T, int64_t ld) const;
   Status runProgram(const ProgramDesc &prog, const int64_t *ids, int64_t ldIds,
                     int64_t B, int64_t T, int64_t pos0);
+  /// generate's greedy path on a GPU with prefill and decode programs: the
+  /// choices stay on the device until the end (outIds' prompts are set).
+  /// Taken where feedable: the decode program's ids and positions, which
+  /// the choice writes, share a region and overlap neither program's logits.
+  bool feedable(const ProgramDesc &prefill, const ProgramDesc &decode) const;
+  Status generateOnDevice(const ProgramDesc &prefill, const ProgramDesc &decode,
+                          int64_t *outIds, int64_t B, int64_t T, int64_t G,
+                          size_t V);
   /// Writes ids and positions pos0 + s into the host input buffers.
   void stageInputs(const ProgramDesc &prog, const int64_t *ids, int64_t ldIds,
                    int64_t B, int64_t T, int64_t pos0);

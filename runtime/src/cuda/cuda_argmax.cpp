@@ -52,7 +52,11 @@ extern "C" __global__ void __launch_bounds__(256) l4_argmax_rows(
     const unsigned char *logits, unsigned long long rowStride,
     unsigned long long rows, unsigned long long V, int bf16,
     unsigned long long span, unsigned long long slices, long long *out,
-    unsigned *arrived, L4Best *parts) {
+    unsigned *arrived, L4Best *parts, long long *hist,
+    unsigned long long columns, unsigned long long column,
+    unsigned char *feedIds, unsigned long long idsStride, int idsI32,
+    unsigned char *feedPos, unsigned long long posStride, int posI32,
+    long long position) {
   __shared__ L4Best red[256];
   __shared__ int last;
   for (unsigned long long t = blockIdx.x; t < rows * slices; t += gridDim.x) {
@@ -103,7 +107,23 @@ extern "C" __global__ void __launch_bounds__(256) l4_argmax_rows(
       __syncthreads(); // every thread has its red[0] of the task
       l4_reduce(m, red);
       if (threadIdx.x == 0) {
-        out[r] = red[0].nan >= 0 ? red[0].nan : red[0].at;
+        const long long id = red[0].nan >= 0 ? red[0].nan : red[0].at;
+        out[r] = id;
+        // The feed: the history, and the next decode step's inputs.
+        if (hist)
+          hist[r * columns + column] = id;
+        if (feedIds) {
+          if (idsI32)
+            reinterpret_cast<int *>(feedIds)[r * idsStride] = (int)id;
+          else
+            reinterpret_cast<long long *>(feedIds)[r * idsStride] = id;
+        }
+        if (feedPos) {
+          if (posI32)
+            reinterpret_cast<int *>(feedPos)[r * posStride] = (int)position;
+          else
+            reinterpret_cast<long long *>(feedPos)[r * posStride] = position;
+        }
         arrived[r] = 0u; // for the next call
       }
     }
@@ -130,17 +150,41 @@ uint64_t align256(uint64_t v) { return (v + 255) / 256 * 256; }
 
 Status CudaBackend::argmaxRows(plan::Region r, uint64_t offset,
                                uint64_t rowStride, int64_t rows, uint64_t V,
-                               bool bf16, int64_t *out) {
+                               bool bf16, int64_t *out,
+                               const GreedyFeed *feed) {
   if (rows <= 0)
     return Status::success();
   if (V == 0)
     return Status::fail(StatusCode::InvalidArgument,
                         "greedy choice over an empty vocabulary");
+  if (!out && !feed)
+    return Status::fail(StatusCode::InvalidArgument,
+                        "greedy choice with nowhere to put it");
   uint64_t elem = bf16 ? 2 : 4;
   if (Status s = checkRange("greedy choice", r, offset,
                             uint64_t(rows - 1) * rowStride + V * elem);
       !s.ok())
     return s;
+  const uint64_t columns = feed ? feed->columns : 0;
+  if (feed) {
+    if (feed->column >= columns)
+      return Status::fail(StatusCode::InvalidArgument,
+                          "greedy choice: history column " +
+                              std::to_string(feed->column) + " of " +
+                              std::to_string(columns));
+    if (Status s = checkRange("greedy feed ids", feed->region, feed->ids,
+                              (uint64_t(rows - 1) * feed->idsStride + 1) *
+                                  (feed->idsI32 ? 4 : 8));
+        !s.ok())
+      return s;
+    if (feed->positions >= 0)
+      if (Status s = checkRange(
+              "greedy feed positions", feed->region, uint64_t(feed->positions),
+              (uint64_t(rows - 1) * feed->posStride + 1) *
+                  (feed->posI32 ? 4 : 8));
+          !s.ok())
+        return s;
+  }
   if (Status s = makeCurrent(); !s.ok())
     return s;
   if (Status s = loadRuntimeKernel(kArgmaxCuda, "l4_argmax_rows.cu",
@@ -148,15 +192,17 @@ Status CudaBackend::argmaxRows(plan::Region r, uint64_t offset,
       !s.ok())
     return s;
   // One allocation: the ids, the rows' arrival counters (zero between
-  // calls), the slices' parts.
+  // calls), the slices' parts, the feed's history. A generation's calls
+  // share rows, V and columns, so only its first may reallocate.
   const DriverApi &a = drv_.api();
   const Slicing sl = slicing(V);
-  const uint64_t bytes = greedyBytes(rows, V);
+  const uint64_t bytes = greedyBytes(rows, V, columns);
   if (bytes > argmaxCapacity_) {
     if (argmaxOut_)
       a.cuMemFree(argmaxOut_);
     argmaxOut_ = 0;
     argmaxCapacity_ = 0;
+    greedyHist_ = 0;
     std::string what = "greedy choice (" + std::to_string(bytes) + " bytes)";
     if (Status s = drv_.check(a.cuMemAlloc(&argmaxOut_, size_t(bytes)),
                               "cuMemAlloc", what);
@@ -169,23 +215,47 @@ Status CudaBackend::argmaxRows(plan::Region r, uint64_t offset,
       return streamError(s);
     argmaxCapacity_ = bytes;
   }
+  const uint64_t n = uint64_t(rows);
   CUdeviceptr src = base_[int(r)] + offset;
   CUdeviceptr ids = argmaxOut_;
-  CUdeviceptr arrived = ids + align256(uint64_t(rows) * 8);
-  CUdeviceptr parts = arrived + align256(uint64_t(rows) * 4);
-  unsigned long long stride = rowStride, nRows = uint64_t(rows), n = V,
-                     span = sl.span, slices = sl.slices;
+  CUdeviceptr arrived = ids + align256(n * 8);
+  CUdeviceptr parts = arrived + align256(n * 4);
+  CUdeviceptr hist = feed ? parts + align256(n * sl.slices * kPartBytes) : 0;
+  CUdeviceptr feedIds = 0, feedPos = 0;
+  unsigned long long idsStride = 0, posStride = 0, column = 0;
+  long long position = 0;
+  int idsI32 = 0, posI32 = 0;
+  if (feed) {
+    feedIds = base_[int(feed->region)] + feed->ids;
+    idsStride = feed->idsStride;
+    idsI32 = feed->idsI32;
+    if (feed->positions >= 0) {
+      feedPos = base_[int(feed->region)] + uint64_t(feed->positions);
+      posStride = feed->posStride;
+      posI32 = feed->posI32;
+      position = feed->position;
+    }
+    column = feed->column;
+    greedyHist_ = hist;
+    greedyHistRows_ = n;
+    greedyHistColumns_ = columns;
+  }
+  unsigned long long stride = rowStride, nRows = n, nV = V, span = sl.span,
+                     slices = sl.slices, cols = columns;
   int half = bf16;
-  void *params[] = {&src,  &stride, &nRows, &n,   &half,
-                    &span, &slices, &ids,   &arrived, &parts};
-  unsigned blocks =
-      unsigned(std::min<uint64_t>(nRows * sl.slices, maxBlocks_));
+  void *params[] = {&src,     &stride,    &nRows,  &nV,      &half,
+                    &span,    &slices,    &ids,    &arrived, &parts,
+                    &hist,    &cols,      &column, &feedIds, &idsStride,
+                    &idsI32,  &feedPos,   &posStride, &posI32, &position};
+  unsigned blocks = unsigned(std::min<uint64_t>(n * sl.slices, maxBlocks_));
   if (Status s = drv_.check(a.cuLaunchKernel(argmax_, blocks, 1, 1, 256, 1, 1,
                                              0, stream_, params, nullptr),
                             "cuLaunchKernel", "greedy choice");
       !s.ok())
     return streamError(s);
-  if (Status s = drv_.check(a.cuMemcpyDtoHAsync(out, ids, size_t(rows) * 8,
+  if (!out)
+    return syncEachLaunch_ ? synchronize() : Status::success();
+  if (Status s = drv_.check(a.cuMemcpyDtoHAsync(out, ids, size_t(n) * 8,
                                                 stream_),
                             "cuMemcpyDtoHAsync", "greedy choice");
       !s.ok())
@@ -194,10 +264,37 @@ Status CudaBackend::argmaxRows(plan::Region r, uint64_t offset,
                                 "cuStreamSynchronize", "greedy choice"));
 }
 
-uint64_t CudaBackend::greedyBytes(int64_t rows, uint64_t V) {
+Status CudaBackend::greedyHistory(int64_t rows, uint64_t columns,
+                                  int64_t *out) {
+  const uint64_t n = uint64_t(std::max<int64_t>(rows, 0));
+  if (n == 0 || columns == 0)
+    return Status::success();
+  if (!greedyHist_ || n > greedyHistRows_ || columns != greedyHistColumns_)
+    return Status::fail(StatusCode::Internal,
+                        "greedy history of " + std::to_string(n) + " x " +
+                            std::to_string(columns) +
+                            " read, but the last greedy choice kept " +
+                            std::to_string(greedyHistRows_) + " x " +
+                            std::to_string(greedyHistColumns_));
+  if (Status s = makeCurrent(); !s.ok())
+    return s;
+  CUdeviceptr hist = greedyHist_;
+  const DriverApi &a = drv_.api();
+  if (Status s = drv_.check(a.cuMemcpyDtoHAsync(out, hist,
+                                                size_t(n * columns) * 8,
+                                                stream_),
+                            "cuMemcpyDtoHAsync", "greedy history");
+      !s.ok())
+    return streamError(s);
+  return streamError(drv_.check(a.cuStreamSynchronize(stream_),
+                                "cuStreamSynchronize", "greedy history"));
+}
+
+uint64_t CudaBackend::greedyBytes(int64_t rows, uint64_t V, uint64_t columns) {
   uint64_t n = uint64_t(std::max<int64_t>(rows, 0));
   return align256(n * 8) + align256(n * 4) +
-         align256(n * slicing(V).slices * kPartBytes);
+         align256(n * slicing(V).slices * kPartBytes) +
+         align256(n * columns * 8);
 }
 
 } // namespace l4c::cuda

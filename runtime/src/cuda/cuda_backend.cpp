@@ -126,9 +126,11 @@ MemoryNeed CudaBackend::memoryNeed(const rt::Plan &plan) {
     }
     n.optimizer = optimizerBytes(tensors);
   }
-  // argmaxRows' memory, for at most one row a batch entry.
+  // argmaxRows' memory, for at most one row a batch entry and a history
+  // as long as a generation can be.
   if (plan.program("decode"))
-    n.greedy = greedyBytes(plan.maxBatch, uint64_t(plan.vocabSize));
+    n.greedy = greedyBytes(plan.maxBatch, uint64_t(plan.vocabSize),
+                           uint64_t(plan.maxSeq));
   return n;
 }
 

@@ -97,7 +97,7 @@ struct MemoryNeed {
   uint64_t greedy = 0;
   uint64_t total() const;
   /// "weights 401.47 GiB, cache 3.00 GiB, arena 1.22 GiB, io 917.25 KiB,
-  /// greedy choice 3.00 KiB", largest first, the parts there are.
+  /// greedy choice 67.00 KiB", largest first, the parts there are.
   std::string describe() const;
 };
 
@@ -188,10 +188,32 @@ public:
   /// the first NaN if a row has one, else the first index of the maximum
   /// (cpu::argmaxRows's rule), after the queued work; returns once `out`
   /// holds them (cuda_argmax.cpp).
+  ///
+  /// With a `feed`, each row's choice also goes where the next decode step
+  /// reads it (that program's ids, and its positions set to
+  /// feed->position) and into column feed->column of a history on the
+  /// device, and `out` may be null: then nothing comes back and nothing
+  /// waits, so decode steps follow one another without the host.
+  struct GreedyFeed {
+    plan::Region region = plan::Region::Io; ///< of the ids and positions
+    uint64_t ids = 0;       ///< byte offset of the decode program's ids
+    uint64_t idsStride = 0; ///< elements from one row's id to the next
+    bool idsI32 = false;    ///< i32 ids (else i64)
+    int64_t positions = -1; ///< byte offset of its positions; -1: none
+    uint64_t posStride = 0;
+    bool posI32 = false;
+    int64_t position = 0; ///< the position the chosen tokens go in at
+    uint64_t column = 0;  ///< history column, < columns
+    uint64_t columns = 0; ///< the history's width (the same all generation)
+  };
   rt::Status argmaxRows(plan::Region r, uint64_t offset, uint64_t rowStride,
-                        int64_t rows, uint64_t V, bool bf16, int64_t *out);
-  /// The device memory argmaxRows takes for `rows` rows of V logits.
-  static uint64_t greedyBytes(int64_t rows, uint64_t V);
+                        int64_t rows, uint64_t V, bool bf16, int64_t *out,
+                        const GreedyFeed *feed = nullptr);
+  /// The feed's history, [rows, columns] ids, after the queued work.
+  rt::Status greedyHistory(int64_t rows, uint64_t columns, int64_t *out);
+  /// The device memory argmaxRows takes for `rows` rows of V logits and a
+  /// history `columns` wide.
+  static uint64_t greedyBytes(int64_t rows, uint64_t V, uint64_t columns = 0);
   /// Waits for all queued work.
   rt::Status synchronize();
 
@@ -319,8 +341,10 @@ private:
   bool sourceImages_ = false;       ///< CudaOptions::sourceImages
   CUfunction randomFill_ = nullptr; ///< fillRandom's kernel, once loaded
   CUfunction argmax_ = nullptr;     ///< argmaxRows's kernel, once loaded
-  CUdeviceptr argmaxOut_ = 0;       ///< its ids, counters and parts
+  CUdeviceptr argmaxOut_ = 0;       ///< its ids, counters, parts, history
   uint64_t argmaxCapacity_ = 0;     ///< bytes at argmaxOut_
+  CUdeviceptr greedyHist_ = 0;      ///< the last feed's history
+  uint64_t greedyHistRows_ = 0, greedyHistColumns_ = 0;
   // The optimizer (initOptimizer): one allocation holding every tensor's
   // state and, at its start, the table of tensors the kernels read.
   std::vector<OptTensor> optTensors_;
