@@ -2119,6 +2119,17 @@ extern "C" __global__ void l4k_2(L4Regions r, long long B, long long T,
 }
 )cuda";
 
+/// A backend on the emulator: each module built from its kernels' CUDA
+/// source, no disk cache.
+rt::Status createOnEmulator(std::shared_ptr<const rt::Plan> plan,
+                            const Driver &emu,
+                            std::unique_ptr<CudaBackend> &backend) {
+  CudaOptions opts;
+  opts.sourceImages = true;
+  opts.diskCache = false;
+  return CudaBackend::create(std::move(plan), 0, emu, backend, opts);
+}
+
 TEST(CudaEmulator, TmaKernelRunsThroughTheBackend) {
   std::unique_ptr<Driver> emu;
   rt::Status s = Driver::open(L4CUEMU_LIB, emu);
@@ -2154,11 +2165,8 @@ TEST(CudaEmulator, TmaKernelRunsThroughTheBackend) {
   const rt::BufferDesc &logits = plan->buffers[fwd.logits];
   ASSERT_EQ(logits.offset, 128u);
 
-  CudaOptions opts;
-  opts.sourceImages = true;
-  opts.diskCache = false;
   std::unique_ptr<CudaBackend> backend;
-  s = CudaBackend::create(plan, 0, *emu, backend, opts);
+  s = createOnEmulator(plan, *emu, backend);
   ASSERT_TRUE(s.ok()) << s.message;
   std::vector<float> weight(128);
   for (size_t i = 0; i < weight.size(); ++i)
@@ -2299,11 +2307,8 @@ TEST(CudaEmulator, GreedyChoiceSplitsRowsAcrossBlocksAsTheCpuChooses) {
   ASSERT_TRUE(plan);
   const rt::BufferDesc &logits =
       plan->buffers[plan->program("forward")->logits];
-  CudaOptions opts;
-  opts.sourceImages = true;
-  opts.diskCache = false;
   std::unique_ptr<CudaBackend> backend;
-  s = CudaBackend::create(plan, 0, *emu, backend, opts);
+  s = createOnEmulator(plan, *emu, backend);
   ASSERT_TRUE(s.ok()) << s.message;
 
   std::vector<float> x(size_t(B * V));

@@ -22,10 +22,9 @@ constexpr uint64_t kAlign = 256;
 
 } // namespace
 
-Status CudaBackend::create(std::shared_ptr<const rt::Plan> plan, int device,
-                           const Driver &driver,
-                           std::unique_ptr<CudaBackend> &out,
-                           const CudaOptions &opts) {
+Status CudaBackend::open(std::shared_ptr<const rt::Plan> plan, int device,
+                         const Driver &driver, const CudaOptions &opts,
+                         std::unique_ptr<CudaBackend> &out) {
   if (!plan)
     return Status::fail(StatusCode::InvalidArgument, "no plan given");
   if (Status s = checkPlan(*plan); !s.ok())
@@ -35,10 +34,21 @@ Status CudaBackend::create(std::shared_ptr<const rt::Plan> plan, int device,
   b->configure(opts);
   if (Status s = b->openDevice(device); !s.ok())
     return s;
-  // Before any allocation: a plan too large for the device fails with the
-  // whole account, not with the first region the driver refuses.
   if (Status s = b->queryMemory(); !s.ok())
     return s;
+  out = std::move(b);
+  return Status::success();
+}
+
+Status CudaBackend::create(std::shared_ptr<const rt::Plan> plan, int device,
+                           const Driver &driver,
+                           std::unique_ptr<CudaBackend> &out,
+                           const CudaOptions &opts) {
+  std::unique_ptr<CudaBackend> b;
+  if (Status s = open(std::move(plan), device, driver, opts, b); !s.ok())
+    return s;
+  // Before any allocation: a plan too large for the device fails with the
+  // whole account, not with the first region the driver refuses.
   if (Status s = b->checkMemory(); !s.ok())
     return s;
   if (Status s = b->allocateRegions(); !s.ok())
@@ -56,15 +66,8 @@ Status CudaBackend::create(std::shared_ptr<const rt::Plan> plan, int device,
 Status CudaBackend::probe(std::shared_ptr<const rt::Plan> plan, int device,
                           const Driver &driver, DeviceReport &out,
                           const CudaOptions &opts) {
-  if (!plan)
-    return Status::fail(StatusCode::InvalidArgument, "no plan given");
-  if (Status s = checkPlan(*plan); !s.ok())
-    return s;
-  std::unique_ptr<CudaBackend> b(new CudaBackend(std::move(plan), driver));
-  b->configure(opts);
-  if (Status s = b->openDevice(device); !s.ok())
-    return s;
-  if (Status s = b->queryMemory(); !s.ok())
+  std::unique_ptr<CudaBackend> b;
+  if (Status s = open(std::move(plan), device, driver, opts, b); !s.ok())
     return s;
   if (Status s = b->loadKernels(opts); !s.ok())
     return s;

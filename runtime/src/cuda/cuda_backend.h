@@ -276,7 +276,11 @@ private:
 
   CudaBackend(std::shared_ptr<const rt::Plan> plan, const Driver &driver)
       : plan_(std::move(plan)), drv_(driver) {}
-  /// The options create() and probe() share.
+  /// What create() and probe() share: the plan checked, the options set,
+  /// the device opened, its memory queried.
+  static rt::Status open(std::shared_ptr<const rt::Plan> plan, int device,
+                         const Driver &driver, const CudaOptions &opts,
+                         std::unique_ptr<CudaBackend> &out);
   void configure(const CudaOptions &opts);
   rt::Status openDevice(int device);
   /// Free and total device memory, into freeBytes_ and totalBytes_.
