@@ -37,6 +37,12 @@ l4c() { # NAME PLAN ARGS...
 
 }
 if part l4c; then
+  # Each kernel's registers, local memory (spills) and static shared memory
+  # as the device's driver reports them, for the prefill and decode plans.
+  for plan in scout4-b1-2k scout4-b1 train-2048; do
+    echo "== code $plan" >>"$log"
+    timeout 120 "$run" --info --kernels --device=cuda "$b/plans/$plan.plan" >>"$log" 2>&1
+  done
   l4c prefill-2048 scout4-b1-2k --batch 1 --seq 2048 --max-new-tokens 32 --repeats 5 \
     --profile-json "$out/profile-prefill-2048.json"
   l4c prefill-8192 scout4-b1-8k --batch 1 --seq 8192 --max-new-tokens 1 --repeats 3 \

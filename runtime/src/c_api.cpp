@@ -17,7 +17,8 @@
 
 struct l4rt_plan_s {
   std::shared_ptr<const l4c::rt::Plan> plan;
-  l4c::rt::DeviceProbe probe; ///< l4rt_device_probe's strings
+  l4c::rt::DeviceProbe probe; ///< l4rt_device_probe's strings and arrays
+  std::vector<l4rt_kernel_code> probeCode;
 };
 
 struct l4rt_session_s {
@@ -130,7 +131,7 @@ l4rt_status l4rt_plan_load(const char *path, l4rt_plan *out_plan) {
     std::shared_ptr<const l4c::rt::Plan> plan;
     if (Status s = l4c::rt::Plan::load(path, plan); !s.ok())
       return report(s);
-    *out_plan = new l4rt_plan_s{std::move(plan), {}};
+    *out_plan = new l4rt_plan_s{std::move(plan), {}, {}};
     return L4RT_OK;
   });
 }
@@ -148,7 +149,7 @@ l4rt_status l4rt_plan_load_memory(const void *data, size_t size,
             std::vector<uint8_t>(bytes, bytes + size), "<memory>", plan);
         !s.ok())
       return report(s);
-    *out_plan = new l4rt_plan_s{std::move(plan), {}};
+    *out_plan = new l4rt_plan_s{std::move(plan), {}, {}};
     return L4RT_OK;
   });
 }
@@ -300,6 +301,11 @@ l4rt_status l4rt_device_probe(l4rt_plan plan, const char *device,
     out->max_registers_kernel = p.maxRegistersKernel.c_str();
     out->local_memory_kernels = uint32_t(p.localMemoryKernels);
     out->max_local_bytes = p.maxLocalBytes;
+    plan->probeCode.clear();
+    for (const auto &c : p.code)
+      plan->probeCode.push_back(
+          {c.registers, c.localBytes, c.staticShared, c.maxThreads});
+    out->code = plan->probeCode.data();
     return L4RT_OK;
   });
 }

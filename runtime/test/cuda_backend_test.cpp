@@ -1808,6 +1808,10 @@ TEST_F(CudaBackendTest, ProbeLoadsEveryKernelAndAllocatesNothing) {
   EXPECT_EQ(r.load.fromPlan, 1u);
   EXPECT_EQ(r.load.maxRegisters, 72);
   EXPECT_EQ(r.load.maxRegistersKernel, "kernel 'model.embed_tokens' (#0)");
+  ASSERT_EQ(r.load.code.size(), 3u); // by plan kernel
+  EXPECT_EQ(r.load.code[0].registers, 72);
+  EXPECT_EQ(r.load.code[1].registers, 32);
+  EXPECT_EQ(r.load.code[2].maxThreads, 1024);
   EXPECT_EQ(fake.counts["cuMemAlloc"], 0);
   EXPECT_EQ(fake.counts["cuFuncGetAttribute"], 3 * 4);
   EXPECT_EQ(fake.contexts, 0); // released on return

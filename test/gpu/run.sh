@@ -276,7 +276,7 @@ echo "== 7. llama4-scout and llama4-maverick plans (generate, batch 1, seq 8192)
 for m in scout maverick; do
   [ -f "$b/plans/$m-generate.plan" ] || continue
   check "$m plan: every kernel loads on the GPU" "$m-probe" \
-    "$run" --info --device=cuda "$b/plans/$m-generate.plan"
+    "$run" --info --kernels --device=cuda "$b/plans/$m-generate.plan"
   row "  $m memory" INFO "$(grep -E '^(plan needs|device memory|fits):' "$out/logs/$m-probe.log" | sed 's/  */ /g' | cut -d'(' -f1 | tr '\n' ' ' | cut -c1-150)"
   row "  $m registers" INFO "$(grep -E '^(registers|local memory):' "$out/logs/$m-probe.log" | sed 's/  */ /g' | tr '\n' ' ' | cut -c1-150)"
   timeout 120 "$run" "$b/plans/$m-generate.plan" --device=cuda --random-weights=1 \

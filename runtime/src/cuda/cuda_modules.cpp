@@ -348,6 +348,7 @@ Status CudaBackend::loadKernels(const CudaOptions &opts) {
                             : std::string()) +
               " exceed the " + std::to_string(maxSharedOptin_) + " of " +
               deviceName_);
+    stats_.code.push_back({regs, localBytes, staticShared, fnThreads});
     if (regs > stats_.maxRegisters) {
       stats_.maxRegisters = regs;
       stats_.maxRegistersKernel = kernelLabel(k);

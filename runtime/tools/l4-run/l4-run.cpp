@@ -65,7 +65,8 @@ const char *kUsage =
     "--info --device=cuda loads every kernel on the device and checks it\n"
     "against the device's limits, and compares the memory the plan needs\n"
     "with the device's free memory (\"fits: yes|no\"), allocating none of it;\n"
-    "it fails only where a kernel does not load.\n"
+    "it fails only where a kernel does not load. With --kernels each kernel's\n"
+    "registers, local memory (spills) and static shared memory are listed.\n"
     "IN holds input_ids (i64 [B, T]). OUT gets logits (f32 [B, T, V]) from a "
     "forward\n"
     "plan, and greedy_ids (i64 [B, T + G]) from a generate plan or when\n"
@@ -403,9 +404,7 @@ void printInfo(const std::string &path, const l4rt_plan_summary &s) {
 }
 
 /// --info --device=cuda: the device's verdict on the plan (l4rt_device_probe).
-void printDevice(l4rt_plan plan, const std::string &device) {
-  l4rt_device_report r;
-  check(l4rt_device_probe(plan, device.c_str(), &r));
+void printDevice(const l4rt_device_report &r, const std::string &device) {
   std::printf("device:        %s, %s (%s, %d SMs)\n", device.c_str(),
               r.device_name, r.arch, r.multiprocessors);
   std::printf("device memory: %s free of %s\n", human(r.free_bytes).c_str(),
@@ -429,7 +428,8 @@ void printDevice(l4rt_plan plan, const std::string &device) {
 
 /// --info --kernels: each program's kernels in launch order, then how many
 /// tuning candidates the plan carries (l4c --tune-candidates).
-void printKernels(l4rt_plan plan, const l4rt_plan_summary &s) {
+void printKernels(l4rt_plan plan, const l4rt_plan_summary &s,
+                  const l4rt_kernel_code *code) {
   bool cuda = std::string(s.target).rfind("cuda", 0) == 0;
   uint32_t numPrograms = 0;
   check(l4rt_plan_num_programs(plan, &numPrograms));
@@ -457,6 +457,8 @@ void printKernels(l4rt_plan plan, const l4rt_plan_summary &s) {
     if (cuda)
       std::printf("  %8s %7s %8s %4s %5s", "blocks", "threads", "dyn.smem",
                   "tma", "wait");
+    if (code) // as the device's driver reports each kernel's code
+      std::printf("  %4s %5s %6s", "regs", "local", "s.smem");
     std::printf("\n");
     for (uint32_t step = 0; step < prog.num_steps; ++step) {
       const l4rt_kernel_info &k = kernels[prog.steps[step]];
@@ -467,6 +469,11 @@ void printKernels(l4rt_plan plan, const l4rt_plan_summary &s) {
         std::printf("  %8u %7u %8u %4u %5s", k.blocks, k.threads,
                     k.shared_bytes, k.num_tensor_maps,
                     k.grid_wait ? "yes" : "no");
+      if (code) {
+        const l4rt_kernel_code &c = code[prog.steps[step]];
+        std::printf("  %4d %5d %6d", c.registers, c.local_bytes,
+                    c.static_shared);
+      }
       std::printf("\n");
     }
   }
@@ -902,11 +909,16 @@ int main(int argc, char **argv) {
   l4rt_plan_summary s;
   check(l4rt_plan_info(plan, &s));
   if (o.info) {
+    // The device first: a probe that fails prints nothing but its error.
+    l4rt_device_report r{};
+    bool device = o.device != "cpu";
+    if (device)
+      check(l4rt_device_probe(plan, o.device.c_str(), &r));
     printInfo(o.plan, s);
     if (o.kernels)
-      printKernels(plan, s);
-    if (o.device != "cpu")
-      printDevice(plan, o.device);
+      printKernels(plan, s, device ? r.code : nullptr);
+    if (device)
+      printDevice(r, o.device);
     l4rt_plan_free(plan);
     return 0;
   }

@@ -165,6 +165,14 @@ L4RT_API l4rt_session_options l4rt_session_options_default(void);
 L4RT_API l4rt_status l4rt_session_create_with(
     l4rt_plan plan, const l4rt_session_options *options,
     l4rt_session *out_session);
+/* One kernel's code as the device's driver reports it. Since 0.3. */
+typedef struct l4rt_kernel_code {
+  int32_t registers;     /* a thread */
+  int32_t local_bytes;   /* a thread: register spills, local arrays */
+  int32_t static_shared; /* bytes, besides the plan's dynamic shared memory */
+  int32_t max_threads;   /* a block, as its registers allow */
+} l4rt_kernel_code;
+
 /* What a CUDA device makes of a plan, found without running it or taking
  * its memory (l4rt_device_probe). The strings belong to the plan handle and
  * stay valid until the next probe of that plan. Since 0.3. */
@@ -190,6 +198,7 @@ typedef struct l4rt_device_report {
   const char *max_registers_kernel;
   uint32_t local_memory_kernels; /* kernels with local memory (spills) */
   uint64_t max_local_bytes;      /* a thread, the most of any kernel */
+  const l4rt_kernel_code *code;  /* `kernels` entries, by plan kernel index */
 } l4rt_device_report;
 
 /* Opens `device` ("cuda" or "cuda:N"), loads every kernel of the plan there
