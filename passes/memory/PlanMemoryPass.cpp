@@ -43,6 +43,7 @@ struct PlanMemoryPass : public l4c::impl::PlanMemoryPassBase<PlanMemoryPass> {
     }
     module->setAttr("l4c.weights_size", b.getI64IntegerAttr(plan->weightsSize));
     module->setAttr("l4c.cache_size", b.getI64IntegerAttr(plan->cacheSize));
+    module->setAttr("l4c.io_size", b.getI64IntegerAttr(plan->ioSize));
   }
 };
 } // namespace

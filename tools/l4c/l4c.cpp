@@ -249,10 +249,17 @@ static int runCompile() {
       arena = int64_t(llvm::alignTo(uint64_t(arena), 256)) + workspace;
     int64_t weights = attr(**module, "l4c.weights_size");
     int64_t cache = attr(**module, "l4c.cache_size");
+    int64_t io = attr(**module, "l4c.io_size");
+    // As the runtime allocates the regions: each rounded up to 256 bytes.
+    uint64_t total = 0;
+    for (int64_t r : {weights, cache, arena, io})
+      total += llvm::alignTo(uint64_t(std::max<int64_t>(r, 0)), 256);
     errs() << formatv("l4c: wrote {0} ({1} program, max batch {2}, max seq "
-                      "{3}); memory: weights {4}, kv cache {5}, arena {6}\n",
+                      "{3}); memory: weights {4}, kv cache {5}, arena {6}, "
+                      "io {7}: {8} in all\n",
                       outputOpt, programOpt, int64_t(maxBatch), int64_t(maxSeq),
-                      bytesStr(weights), bytesStr(cache), bytesStr(arena));
+                      bytesStr(weights), bytesStr(cache), bytesStr(arena),
+                      bytesStr(io), bytesStr(int64_t(total)));
     if (workspace)
       errs() << formatv("l4c: the arena includes {0} of CUDA kernel "
                         "workspace\n",
