@@ -230,9 +230,7 @@ Status probeDevice(std::shared_ptr<const Plan> plan, const std::string &device,
   out.maxRegistersKernel = r.load.maxRegistersKernel;
   out.localMemoryKernels = r.load.localMemoryKernels;
   out.maxLocalBytes = r.load.maxLocalBytes;
-  out.code.clear();
-  for (const cuda::LoadStats::Code &c : r.load.code)
-    out.code.push_back({c.registers, c.localBytes, c.staticShared, c.maxThreads});
+  out.code = r.load.code;
   return Status::success();
 }
 

@@ -56,12 +56,7 @@ struct DeviceProbe {
   std::string maxRegistersKernel;
   size_t localMemoryKernels = 0;
   uint64_t maxLocalBytes = 0;
-  /// Per plan kernel, as the driver reports its code: registers and local
-  /// memory a thread, static shared memory, the most threads a block.
-  struct KernelCode {
-    int registers = 0, localBytes = 0, staticShared = 0, maxThreads = 0;
-  };
-  std::vector<KernelCode> code;
+  std::vector<KernelCode> code; ///< per plan kernel
 };
 /// Opens `device` ("cuda" or "cuda:N"), loads every kernel of the plan there
 /// (each checked against the device's limits as a session's load does) and

@@ -94,6 +94,13 @@ const char *dtypeName(plan::DType t); ///< "f32", "bf16", ...
 const char *regionName(plan::Region r); ///< "arena", "weights", ...
 /// "401.47 GiB", "1.22 GiB", "917.25 KiB", "512 bytes": for messages.
 std::string byteSize(uint64_t bytes);
+
+/// A kernel's compiled code as a GPU's driver reports it at load: registers
+/// and local memory (spills, local arrays) a thread, static shared memory,
+/// and the most threads a block its registers allow.
+struct KernelCode {
+  int registers = 0, localBytes = 0, staticShared = 0, maxThreads = 0;
+};
 bool isFloat(plan::DType t);
 bool isIndex(plan::DType t);
 

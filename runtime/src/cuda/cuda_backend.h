@@ -82,11 +82,7 @@ struct LoadStats {
   std::string maxRegistersKernel;
   size_t localMemoryKernels = 0;
   uint64_t maxLocalBytes = 0;
-  /// Each plan kernel's, by index.
-  struct Code {
-    int registers = 0, localBytes = 0, staticShared = 0, maxThreads = 0;
-  };
-  std::vector<Code> code;
+  std::vector<rt::KernelCode> code; ///< each plan kernel's, by index
 };
 
 /// What a plan asks of a device's memory, from the plan alone: its four
