@@ -174,8 +174,9 @@ typedef struct l4rt_kernel_code {
 } l4rt_kernel_code;
 
 /* What a CUDA device makes of a plan, found without running it or taking
- * its memory (l4rt_device_probe). The strings belong to the plan handle and
- * stay valid until the next probe of that plan. Since 0.3. */
+ * its memory (l4rt_device_probe). The strings and the code array belong to
+ * the plan handle and stay valid until the next probe of that plan. Since
+ * 0.3. */
 typedef struct l4rt_device_report {
   const char *device_name; /* "NVIDIA H100 80GB HBM3" */
   const char *arch;        /* what its kernels are built for: "sm_90a" */
