@@ -104,8 +104,7 @@ extern "C" __global__ void __launch_bounds__(256) l4_argmax_rows(
         L4Best q = {__ldcg(&p->nan), __ldcg(&p->at), __ldcg(&p->v)};
         m = l4_merge(m, q);
       }
-      __syncthreads(); // every thread has its red[0] of the task
-      l4_reduce(m, red);
+      l4_reduce(m, red); // red is free: the barrier above followed its read
       if (threadIdx.x == 0) {
         const long long id = red[0].nan >= 0 ? red[0].nan : red[0].at;
         out[r] = id;
@@ -172,16 +171,18 @@ Status CudaBackend::argmaxRows(plan::Region r, uint64_t offset,
                           "greedy choice: history column " +
                               std::to_string(feed->column) + " of " +
                               std::to_string(columns));
+    // rows entries `stride` elements apart, i32 or i64.
+    auto rowsAt = [&](uint64_t stride, bool i32) {
+      return (uint64_t(rows - 1) * stride + 1) * (i32 ? 4 : 8);
+    };
     if (Status s = checkRange("greedy feed ids", feed->region, feed->ids,
-                              (uint64_t(rows - 1) * feed->idsStride + 1) *
-                                  (feed->idsI32 ? 4 : 8));
+                              rowsAt(feed->idsStride, feed->idsI32));
         !s.ok())
       return s;
     if (feed->positions >= 0)
-      if (Status s = checkRange(
-              "greedy feed positions", feed->region, uint64_t(feed->positions),
-              (uint64_t(rows - 1) * feed->posStride + 1) *
-                  (feed->posI32 ? 4 : 8));
+      if (Status s = checkRange("greedy feed positions", feed->region,
+                                uint64_t(feed->positions),
+                                rowsAt(feed->posStride, feed->posI32));
           !s.ok())
         return s;
   }
@@ -255,13 +256,7 @@ Status CudaBackend::argmaxRows(plan::Region r, uint64_t offset,
     return streamError(s);
   if (!out)
     return syncEachLaunch_ ? synchronize() : Status::success();
-  if (Status s = drv_.check(a.cuMemcpyDtoHAsync(out, ids, size_t(n) * 8,
-                                                stream_),
-                            "cuMemcpyDtoHAsync", "greedy choice");
-      !s.ok())
-    return streamError(s);
-  return streamError(drv_.check(a.cuStreamSynchronize(stream_),
-                                "cuStreamSynchronize", "greedy choice"));
+  return fetch(ids, out, size_t(n) * 8, "greedy choice");
 }
 
 Status CudaBackend::greedyHistory(int64_t rows, uint64_t columns,
@@ -278,16 +273,7 @@ Status CudaBackend::greedyHistory(int64_t rows, uint64_t columns,
                             std::to_string(greedyHistColumns_));
   if (Status s = makeCurrent(); !s.ok())
     return s;
-  CUdeviceptr hist = greedyHist_;
-  const DriverApi &a = drv_.api();
-  if (Status s = drv_.check(a.cuMemcpyDtoHAsync(out, hist,
-                                                size_t(n * columns) * 8,
-                                                stream_),
-                            "cuMemcpyDtoHAsync", "greedy history");
-      !s.ok())
-    return streamError(s);
-  return streamError(drv_.check(a.cuStreamSynchronize(stream_),
-                                "cuStreamSynchronize", "greedy history"));
+  return fetch(greedyHist_, out, size_t(n * columns) * 8, "greedy history");
 }
 
 uint64_t CudaBackend::greedyBytes(int64_t rows, uint64_t V, uint64_t columns) {

@@ -405,9 +405,13 @@ Status CudaBackend::download(plan::Region r, uint64_t offset, void *dst,
   std::string what = std::string("download from region '") + rt::regionName(r) +
                      "' [" + std::to_string(offset) + ", +" +
                      std::to_string(bytes) + ")";
+  return fetch(base_[int(r)] + offset, dst, size_t(bytes), what);
+}
+
+Status CudaBackend::fetch(CUdeviceptr src, void *dst, size_t bytes,
+                          const std::string &what) {
   const DriverApi &a = drv_.api();
-  if (Status s = drv_.check(a.cuMemcpyDtoHAsync(dst, base_[int(r)] + offset,
-                                                size_t(bytes), stream_),
+  if (Status s = drv_.check(a.cuMemcpyDtoHAsync(dst, src, bytes, stream_),
                             "cuMemcpyDtoHAsync", what);
       !s.ok())
     return streamError(s);

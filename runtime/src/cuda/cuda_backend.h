@@ -306,6 +306,10 @@ private:
                           int64_t T) const;
   rt::Status launchSteps(const rt::ProgramDesc &prog, long long B, long long T,
                          bool capturing);
+  /// Copies `bytes` from device address `src` to the host after the queued
+  /// work and waits for them (download, the greedy ids, optimizer state).
+  rt::Status fetch(CUdeviceptr src, void *dst, size_t bytes,
+                   const std::string &what);
   /// Adds which program ran last to an asynchronous error.
   rt::Status streamError(rt::Status s) const;
   /// Compiles (NVRTC, through the disk cache) or takes as a source image

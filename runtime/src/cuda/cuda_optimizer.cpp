@@ -276,11 +276,11 @@ Status CudaBackend::optCopy(size_t tensor, OptState which, float *host,
   CUdeviceptr d = optState(tensor, which);
   std::string what = std::string(up ? "upload of" : "download of") +
                      " optimizer state of tensor " + std::to_string(tensor);
-  Status s = up ? drv_.check(a.cuMemcpyHtoDAsync(d, host, bytes, stream_),
-                             "cuMemcpyHtoDAsync", what)
-                : drv_.check(a.cuMemcpyDtoHAsync(host, d, bytes, stream_),
-                             "cuMemcpyDtoHAsync", what);
-  if (!s.ok())
+  if (!up)
+    return fetch(d, host, bytes, what);
+  if (Status s = drv_.check(a.cuMemcpyHtoDAsync(d, host, bytes, stream_),
+                            "cuMemcpyHtoDAsync", what);
+      !s.ok())
     return streamError(s);
   return streamError(
       drv_.check(a.cuStreamSynchronize(stream_), "cuStreamSynchronize", what));

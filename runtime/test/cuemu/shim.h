@@ -521,18 +521,21 @@ void launch(unsigned grid, unsigned block, unsigned smem, F body) {
   dynamicShared = dyn.data() + (1024 - reinterpret_cast<uintptr_t>(dyn.data()) % 1024) % 1024;
   dynamicBytes = smem;
   auto checkMargins = [&](unsigned b) {
-    for (size_t i = 0; i < dyn.size(); ++i) {
-      const unsigned char *p = dyn.data() + i;
-      if (*p == 0xff || (p >= dynamicShared && p < dynamicShared + smem))
-        continue;
-      long long at = p - dynamicShared;
-      std::fprintf(stderr,
-                   "cuemu: block %u wrote shared memory byte %lld, outside "
-                   "the %u bytes of dynamic shared memory it was launched "
-                   "with\n",
-                   b, at, smem);
-      std::abort();
-    }
+    // The bytes before the kernel's, then the bytes after them.
+    const unsigned char *ranges[2][2] = {
+        {dyn.data(), dynamicShared},
+        {dynamicShared + smem, dyn.data() + dyn.size()}};
+    for (auto &r : ranges)
+      for (const unsigned char *p = r[0]; p < r[1]; ++p) {
+        if (*p == 0xff)
+          continue;
+        std::fprintf(stderr,
+                     "cuemu: block %u wrote shared memory byte %lld, outside "
+                     "the %u bytes of dynamic shared memory it was launched "
+                     "with\n",
+                     b, (long long)(p - dynamicShared), smem);
+        std::abort();
+      }
   };
   std::function<void()> fn = body;
   blockBody = &fn;
